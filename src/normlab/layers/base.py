@@ -1,0 +1,195 @@
+"""The base every normalization layer shares: ``num_features``, ``eps``, the per-channel
+affine parameters, running buffers, the channel axis, and input validation with errors
+that name the layer, what it expected and what it got.
+
+A layer is then a few lines: declare which axes it needs, build its parameters through
+the base, and call its function in ``normlab.functional``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _moments
+from .._layout import channel_axis, stat_dims
+
+
+class Norm(nn.Module):
+    """Base class of normlab's normalization layers.
+
+    Args:
+        num_features: C, the size of the channel axis.
+        eps: added to the variance for numerical stability; must be > 0.
+        affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0).
+        channel_dim: the channel axis of the input (1 for ``(N, C, *)``, -1 for ``(N, *, C)``).
+        check_finite: raise on NaN/Inf input (costs one reduction; off by default).
+
+    Subclasses set ``min_spatial`` (how many axes besides batch and channel they need) and
+    ``batch_stat_dims`` (None, or the ``over`` name of the axes whose statistics must hold
+    more than one value in training; "batch" for batch norm, "spatial" for instance norm).
+    """
+
+    min_spatial: int = 0
+    batch_stat_dims: str | None = None
+    has_bias: bool = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = 1e-5,
+        affine: bool = True,
+        channel_dim: int = 1,
+        check_finite: bool = False,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if eps is not None and not eps > 0:
+            raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
+        if not isinstance(channel_dim, int) or channel_dim == 0:
+            raise ValueError(f"{name}: channel_dim must be a non-zero int (axis 0 is the batch), got {channel_dim!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = affine
+        self.channel_dim = channel_dim
+        self.check_finite = check_finite
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if self.has_bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------- validation
+    def _describe(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def check_input(self, x: Tensor) -> int:
+        """Validate ``x`` and return the channel axis as a non-negative index."""
+        who = self._describe()
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{who}: expected a floating-point input, got dtype {x.dtype}")
+        need = 2 + self.min_spatial
+        if x.ndim < need:
+            layout = "(N, C" + ", L" * self.min_spatial + ", ...)"
+            raise ValueError(f"{who}: expected an input of rank >= {need} {layout}, got shape {tuple(x.shape)}")
+        try:
+            cd = channel_axis(x.ndim, self.channel_dim)
+        except ValueError as err:
+            raise ValueError(f"{who}: {err} (input shape {tuple(x.shape)})") from None
+        if x.shape[cd] != self.num_features:
+            raise ValueError(
+                f"{who}: expected {self.num_features} channels along axis {cd} (channel_dim={self.channel_dim}) "
+                f"of the input, got {x.shape[cd]} (input shape {tuple(x.shape)})"
+            )
+        if self.batch_stat_dims is not None and self._uses_batch_stats():
+            dims = stat_dims(x.ndim, self.channel_dim, self.batch_stat_dims)  # type: ignore[arg-type]
+            count = 1
+            for d in dims:
+                count *= x.shape[d]
+            if count == 1:
+                raise ValueError(
+                    f"{who}: in training, statistics over axes {dims} need more than one value per channel, "
+                    f"got input shape {tuple(x.shape)} (a batch of one with no other axes); "
+                    f"use eval() or a per-sample norm"
+                )
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError(f"{who}: input holds NaN or Inf values (check_finite=True)")
+        return cd
+
+    def _uses_batch_stats(self) -> bool:
+        """Whether this call computes statistics from the input (so they must be defined)."""
+        return True
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        if self.channel_dim != 1:
+            s += f", channel_dim={self.channel_dim}"
+        return s
+
+
+class RunningStatsNorm(Norm):
+    """A norm that keeps per-channel running statistics, with torch's names and rules.
+
+    Buffers ``running_mean`` (init 0), ``running_var`` (init 1, stored unbiased) and
+    ``num_batches_tracked``; ``momentum`` is the weight of a new batch, ``None`` for the
+    cumulative average. A torch ``BatchNorm*d`` state_dict loads into it.
+    """
+
+    _version = 2  # as torch's _NormBase: version 2 added num_batches_tracked
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        channel_dim: int = 1,
+        check_finite: bool = False,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, affine, channel_dim, check_finite, device, dtype)
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            factory = {"device": device, "dtype": dtype}
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()  # type: ignore[union-attr]
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _step_factor(self) -> float | Tensor | None:
+        """Count this training batch and return the running-average weight it gets.
+
+        Call only after the input has been validated, so a bad call changes nothing.
+        """
+        if not (self.training and self.track_running_stats):
+            return None
+        self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        return _moments.running_factor(self.momentum, self.num_batches_tracked)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", momentum={self.momentum}, track_running_stats={self.track_running_stats}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # torch's BatchNorm state_dicts before version 2 have no num_batches_tracked
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
