@@ -6,9 +6,13 @@ folding and statistics recalibration.
 """
 
 from . import functional
-from .convert import convert, fold_batchnorm, recalibrate
+from .convert import convert, convert_sync, fold_batchnorm, recalibrate
 from .layers import (
+    BatchInstanceNorm,
     BatchNorm,
+    BatchRenorm,
+    MeanOnlyBatchNorm,
+    SwitchableNorm,
     ChannelLayerNorm,
     ChannelRMSNorm,
     GroupNorm,
@@ -18,12 +22,41 @@ from .layers import (
     RMSNorm,
     RunningStatsNorm,
 )
+from .layers import (
+    GeneralizedHammingConv2d,
+    GeneralizedHammingLinear,
+    InputStandardizer,
+    SPDBatchNorm,
+    WeightNorm,
+    data_dependent_init,
+    weight_norm,
+)
+from .layers import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell, OnlineNorm
+from .optim import param_groups
+from .selfnorm import self_normalizing
 from .registry import available_norms, describe_norms, make_norm, register
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormLSTM",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
+    "OnlineNorm",
+    "GeneralizedHammingConv2d",
+    "GeneralizedHammingLinear",
+    "InputStandardizer",
+    "SPDBatchNorm",
+    "WeightNorm",
+    "data_dependent_init",
+    "param_groups",
+    "self_normalizing",
+    "weight_norm",
+    "BatchInstanceNorm",
     "BatchNorm",
+    "BatchRenorm",
+    "MeanOnlyBatchNorm",
+    "SwitchableNorm",
     "ChannelLayerNorm",
     "ChannelRMSNorm",
     "GroupNorm",
@@ -34,6 +67,7 @@ __all__ = [
     "RunningStatsNorm",
     "available_norms",
     "convert",
+    "convert_sync",
     "describe_norms",
     "fold_batchnorm",
     "functional",

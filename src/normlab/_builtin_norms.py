@@ -66,3 +66,43 @@ def _rmsc(num_features: int, **kw: Any) -> nn.Module:
           paper="baseline")
 def _none(num_features: int, **kw: Any) -> nn.Module:
     return nn.Identity()
+
+
+@register("mobn", description="mean-only batch norm: subtract the batch mean per channel, learned bias, no division",
+          axes="every axis but the channel (N and all positions), per channel; mean only",
+          paper="Salimans & Kingma, NIPS 2016 (arXiv:1602.07868)", applies_to=("conv", "dense", "seq"),
+          batch_stats=True)
+def _mobn(num_features: int, **kw: Any) -> nn.Module:
+    return L.MeanOnlyBatchNorm(num_features, **kw)
+
+
+@register("brn", description="batch renorm: batch norm corrected toward running mean/std by clipped r, d",
+          axes="every axis but the channel (N and all positions), per channel",
+          paper="Ioffe, NIPS 2017 (arXiv:1702.03275)", applies_to=("conv", "dense", "seq"), batch_stats=True)
+def _brn(num_features: int, **kw: Any) -> nn.Module:
+    return L.BatchRenorm(num_features, **kw)
+
+
+# needs positions: its instance branch normalizes each (sample, channel) over them
+@register("bin", description="batch-instance norm: per-channel learned mix (rho) of batch- and instance-normalized",
+          axes="BN: per channel over N and positions; IN: per sample and channel over positions",
+          paper="Nam & Kim, NeurIPS 2018 (arXiv:1805.07925)", applies_to=("conv",), batch_stats=True)
+def _bin(num_features: int, **kw: Any) -> nn.Module:
+    return L.BatchInstanceNorm(num_features, **kw)
+
+
+# (N, C) input has no positions, so no instance term: the dense case mixes layer and batch only
+@register("sn", description="switchable norm: softmax-weighted mix of instance, layer and batch moments",
+          axes="IN over positions, LN over C and positions, BN over N and positions (LN+BN for (N, C))",
+          paper="Luo, Ren & Peng, ICLR 2019 (arXiv:1806.10779)", applies_to=("conv", "dense", "seq"),
+          batch_stats=True)
+def _sn(num_features: int, **kw: Any) -> nn.Module:
+    return L.SwitchableNorm(num_features, **kw)
+
+
+# streams over the samples in order (batch size 1 works), so nothing to synchronize across processes
+@register("on", description="online norm: per channel, mean/var streamed over past samples; control-process backward",
+          axes="per channel, over each sample's positions, averaged over the samples before it (EMA, alpha_fwd)",
+          paper="Chiley et al., NeurIPS 2019 (arXiv:1905.05894)", applies_to=("conv", "dense"), batch_stats=False)
+def _on(num_features: int, **kw: Any) -> nn.Module:
+    return L.OnlineNorm(num_features, **kw)

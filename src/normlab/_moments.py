@@ -136,19 +136,22 @@ def reduce_moments(m: Moments, dims: Sequence[int] | int) -> Moments:
     return Moments(total, mean, m2)
 
 
-def running_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float | Tensor:
+def running_factor(
+    momentum: float | None, num_batches_tracked: Tensor | None, dtype: torch.dtype = torch.float32
+) -> float | Tensor:
     """The weight of the new batch in a running average, as torch's batch norm defines it.
 
     ``momentum`` gives an exponential moving average; ``None`` gives the cumulative
     average of every batch seen, weight ``1 / num_batches_tracked`` (counted after the
-    current batch has been added).
+    current batch has been added), computed in ``dtype`` (the running buffers' dtype, so
+    float64 buffers get a float64-exact weight).
     """
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     # a tensor, not a Python float, so that torch.compile(fullgraph=True) needs no .item()
-    return 1.0 / num_batches_tracked.clamp_min(1).to(torch.float32)
+    return 1.0 / num_batches_tracked.clamp_min(1).to(dtype)
 
 
 @torch.no_grad()

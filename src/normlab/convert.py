@@ -12,7 +12,7 @@ from torch import nn
 from .layers.base import Norm, RunningStatsNorm
 from .registry import make_norm, parse_spec
 
-__all__ = ["convert", "fold_batchnorm", "recalibrate", "norm_signature"]
+__all__ = ["convert", "convert_sync", "fold_batchnorm", "recalibrate", "norm_signature"]
 
 _TORCH_CHANNEL_FIRST = (
     nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones
@@ -66,7 +66,9 @@ def _replacement(old: nn.Module, spec: str, path: str, copy_affine: bool) -> nn.
     elif entry.name in ("rms", "rmsc"):
         kwargs["eps"] = None  # torch.nn.RMSNorm's eps=None: the dtype's machine epsilon
     new = make_norm(spec, num_features, **kwargs)
-    ref = next(iter(old.parameters()), None) or next(iter(old.buffers()), None)
+    ref = next(iter(old.parameters()), None)
+    if ref is None:
+        ref = next(iter(old.buffers()), None)
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     _carry_state(old, new, copy_affine)
@@ -96,7 +98,35 @@ def convert(model: nn.Module, spec: str, copy_affine: bool = True) -> nn.Module:
                 new = _replacement(child, spec, f"{path}.{name}" if path else name, copy_affine)
                 if new is not None:
                     setattr(parent, name, new)
+    _keep_transformers_on_their_norms(model)
     return model
+
+
+def _no_fast_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook; its presence turns off torch's transformer fast path."""
+    return None
+
+
+def _keep_transformers_on_their_norms(model: nn.Module) -> None:
+    """Make torch's transformer encoder layers call their (converted) norms.
+
+    In eval under ``no_grad``, ``nn.TransformerEncoderLayer`` runs a fused kernel that
+    applies a layer norm with ``norm1.weight``/``bias`` and never calls ``norm1``: after a
+    conversion to ``bn`` it would silently compute layer norm, and to ``rmsc`` (no bias) it
+    fails. A forward pre-hook is the per-layer switch torch offers to skip that kernel; the
+    encoder's nested-tensor path (which feeds the layers nested tensors) is turned off too.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and not all(
+            type(n) is nn.LayerNorm for n in (m.norm1, m.norm2)
+        ):
+            if _no_fast_path not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_no_fast_path)
+    for m in model.modules():  # after the layers: an encoder comes before them in modules()
+        if isinstance(m, nn.TransformerEncoder) and any(
+            _no_fast_path in layer._forward_pre_hooks.values() for layer in m.layers
+        ):
+            m.use_nested_tensor = False
 
 
 # ------------------------------------------------------------------------- folding
@@ -116,20 +146,33 @@ def _bn_stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     return bn.running_mean, bn.running_var, bn.eps
 
 
+def _fits(layer: nn.Module, bn: nn.Module) -> bool:
+    """The norm's channels are the layer's output channels: axis 1 of a convolution's
+    output, the last axis of a linear layer's (axis 1 too when that output is (N, C))."""
+    if bn.running_mean.shape[0] != layer.weight.shape[0]:
+        return False
+    return getattr(bn, "channel_dim", 1) == 1 or isinstance(layer, nn.Linear)
+
+
 def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(layer, norm) module paths where the norm's only input is the layer's output and the
     layer's output goes nowhere else; found by tracing, else from ``nn.Sequential`` order."""
     try:
         import torch.fx
 
-        graph = torch.fx.symbolic_trace(model).graph
+        class _Tracer(torch.fx.Tracer):
+            # normlab's layers validate inputs with Python branches: keep them opaque, as torch's
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return isinstance(m, Norm) or super().is_leaf_module(m, qualname)
+
+        graph = _Tracer().trace(model)
     except Exception:  # untraceable (data-dependent control flow): fall back to Sequentials
         pairs = []
         for path, mod in model.named_modules():
             if isinstance(mod, nn.Sequential):
                 kids = list(mod.named_children())
                 for (a, la), (b, lb) in zip(kids, kids[1:]):
-                    if isinstance(la, _FOLDABLE) and _bn_stats(lb) is not None:
+                    if isinstance(la, _FOLDABLE) and _bn_stats(lb) is not None and _fits(la, lb):
                         pre = f"{path}." if path else ""
                         pairs.append((pre + a, pre + b))
         return pairs
@@ -144,6 +187,7 @@ def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and src.op == "call_module"
             and isinstance(modules[src.target], _FOLDABLE)
             and len(src.users) == 1
+            and _fits(modules[src.target], modules[node.target])
         ):
             pairs.append((src.target, node.target))
     return pairs
@@ -224,4 +268,52 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
             m.momentum = mom
         for m, mode in was_training.items():
             m.training = mode
+    return model
+
+
+# ------------------------------------------------------------------ synchronization
+def _sync_batchnorm(old: nn.modules.batchnorm._BatchNorm, process_group: Any) -> nn.Module:
+    """A normlab ``BatchNorm`` with ``old``'s settings, state, device, dtype and mode, synchronized."""
+    from .layers.batch import BatchNorm
+
+    if isinstance(old, nn.modules.lazy.LazyModuleMixin) and old.has_uninitialized_params():
+        raise ValueError(f"normlab.convert_sync: {old!r} is a lazy batch norm not yet initialized; "
+                         f"run one forward pass (or give num_features) before converting")
+    new = BatchNorm(old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
+                    track_running_stats=old.track_running_stats, process_group=process_group)
+    ref = next(iter(old.parameters()), None)
+    if ref is None:
+        ref = next(iter(old.buffers()), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    _carry_state(old, new, copy_affine=True)
+    new.train(old.training)
+    return new
+
+
+def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """Synchronize the batch statistics of every batch-statistic norm in ``model`` over a group.
+
+    normlab layers that take a ``process_group`` (batch norm, mean-only batch norm, batch
+    renorm, batch-instance norm, switchable norm) get it set; torch's ``BatchNorm1d/2d/3d``
+    and ``SyncBatchNorm`` are replaced by a synchronized :class:`normlab.BatchNorm` with the
+    same eps, momentum, affine parameters, running statistics, device, dtype and mode.
+    ``process_group=None`` means torch's default group, looked up at each call (so the model
+    may be converted before ``torch.distributed.init_process_group``). Training then
+    all-reduces the moments over the group; eval never communicates. Convert before wrapping
+    the model in ``DistributedDataParallel`` (replaced layers are new parameters). Returns the
+    model (the new layer if ``model`` itself is a torch batch norm).
+    """
+    from .distributed import WORLD, resolve_group
+
+    group = WORLD if process_group is None else process_group
+    resolve_group(group)  # reject a bad value before touching the model
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return _sync_batchnorm(model, group)
+    for module in list(model.modules()):
+        if isinstance(module, Norm) and hasattr(module, "process_group"):
+            module.process_group = group
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, _sync_batchnorm(child, group))
     return model

@@ -1,47 +1,106 @@
 """Synchronized batch statistics: exact, differentiable all-reduce of partial moments.
 
-Each process summarizes its local batch as per-channel ``(count, mean, M2)``; one
-``all_gather`` ships all three, and every process merges them with Chan's formula in the
-same order, so all ranks hold bit-identical moments of the global batch. The collective is
-the autograd-aware one from ``torch.distributed.nn``, so the backward pass all-reduces the
-gradient terms of the statistics and input gradients equal those of one process holding
-the whole batch. Ranks may hold different batch sizes, including zero.
+Each process summarizes its local batch as per-channel ``(count, mean, M2)``. One
+``all_gather`` ships all three; every process merges them with Chan's formula in rank
+order, so all ranks hold bit-identical moments of the global batch. Ranks may hold
+different batch sizes, including zero (a zero-count rank contributes nothing but still
+takes part in the collectives).
+
+The backward pass is one ``all_reduce`` of the gradients of the global (mean, M2), 2 values
+per statistic whatever the number of processes (as torch's SyncBatchNorm reduces its
+``sum_dy`` and ``sum_dy_xmu``). With
+
+    mean = sum_r n_r mean_r / n,      M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2
+
+and G_mean, G_M2 the gradients of every rank's loss summed over ranks,
+
+    dL/dmean_r = (n_r / n) G_mean + 2 n_r (mean_r - mean) G_M2,      dL/dM2_r = G_M2
+
+(the term through ``mean`` in M2 vanishes since sum_r n_r (mean_r - mean) = 0), so input
+and parameter gradients equal those of one process holding the whole batch (after DDP's
+averaging of parameter gradients, for a loss that is the global-batch mean).
+
+A layer's ``process_group`` is ``None`` (local statistics), a ``ProcessGroup``, or
+:data:`WORLD` (torch's default group, looked up at call time, so a model can be converted
+before ``init_process_group``). The functions here also take ``None`` for the default group.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._moments import Moments, reduce_moments
 
-__all__ = ["all_reduce_moments", "is_active"]
+__all__ = ["WORLD", "all_reduce_moments", "is_active", "resolve_group"]
+
+WORLD = "world"
+"""``process_group`` value meaning torch's default group (what ``convert_sync(model)`` sets)."""
 
 
-def is_active(process_group=None) -> bool:
+def resolve_group(process_group: Any = None) -> Any:
+    """The ``ProcessGroup`` object for ``process_group`` (``None`` or :data:`WORLD`: the default group)."""
+    if process_group is None or (isinstance(process_group, str) and process_group == WORLD):
+        return dist.group.WORLD
+    if isinstance(process_group, str):
+        raise ValueError(f"process_group must be None, {WORLD!r} or a torch.distributed ProcessGroup, "
+                         f"got {process_group!r}")
+    return process_group
+
+
+def is_active(process_group: Any = None) -> bool:
     """True if torch.distributed is initialized and the group has more than one process."""
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    return dist.get_world_size(process_group) > 1
+    group = resolve_group(process_group)
+    if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
+        return False
+    return dist.get_world_size(group) > 1
 
 
-def all_reduce_moments(local: Moments, process_group=None) -> Moments:
-    """Merge every rank's ``Moments`` into those of the union, in one collective.
+class _SyncMoments(torch.autograd.Function):
+    """(local count, mean, M2) -> global (count, mean, M2): one all_gather forward, one all_reduce backward."""
 
-    ``process_group=None`` means torch's default group. With one process (or none
-    initialized) the local moments are returned unchanged.
+    @staticmethod
+    def forward(ctx, count: Tensor, mean: Tensor, m2: Tensor, group: Any):  # type: ignore[override]
+        packed = torch.stack([count, mean, m2]).contiguous()  # one message per rank
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed, group=group)
+        counts, means, m2s = torch.stack(gathered).unbind(1)  # (world, *stat_shape) each
+        total = reduce_moments(Moments(counts, means, m2s), 0)
+        n, mean_g, m2_g = (t.squeeze(0) for t in total)
+        ctx.group = group
+        ctx.save_for_backward(count, mean, n, mean_g)
+        ctx.mark_non_differentiable(n)
+        return n, mean_g, m2_g
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _g_n: Tensor, g_mean: Tensor, g_m2: Tensor):  # type: ignore[override]
+        count, mean, n, mean_g = ctx.saved_tensors
+        g = torch.stack([g_mean, g_m2]).contiguous()
+        dist.all_reduce(g, group=ctx.group)  # the sum of every rank's gradients
+        big_g_mean, big_g_m2 = g.unbind(0)
+        grad_mean = big_g_mean * (count / n.clamp_min(1)) + big_g_m2 * (2 * count) * (mean - mean_g)
+        return None, grad_mean, big_g_m2, None
+
+
+def all_reduce_moments(local: Moments, process_group: Any = None) -> Moments:
+    """Merge every rank's ``Moments`` into those of the union: one collective forward, one backward.
+
+    ``local`` may have any shape (per-channel, per-(sample, channel), ...); every rank must
+    pass the same shape. ``count`` may be 0 (a rank with no samples). ``process_group``:
+    ``None`` or :data:`WORLD` for torch's default group. With one process (or none
+    initialized) the local moments are returned unchanged. The result's ``count`` is a tensor.
     """
     if not is_active(process_group):
         return local
-    from torch.distributed.nn.functional import all_gather
-
     mean, m2 = local.mean, local.m2
     count = local.count if isinstance(local.count, Tensor) else torch.tensor(float(local.count), device=mean.device)
-    count = count.to(mean.dtype).expand_as(mean)
-    packed = torch.stack([count, mean, m2])  # (3, *stat_shape): one message per rank
-    group = dist.group.WORLD if process_group is None else process_group
-    gathered = torch.stack(all_gather(packed, group=group))  # (world, 3, *stat_shape)
-    counts, means, m2s = gathered.unbind(1)
-    merged = reduce_moments(Moments(counts, means, m2s), 0)
-    return Moments(merged.count.squeeze(0), merged.mean.squeeze(0), merged.m2.squeeze(0))
+    count = count.to(device=mean.device, dtype=mean.dtype).expand_as(mean)
+    n, mean_g, m2_g = _SyncMoments.apply(count, mean, m2, resolve_group(process_group))
+    return Moments(n, mean_g, m2_g)

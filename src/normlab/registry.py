@@ -72,12 +72,14 @@ def parse_spec(spec: str) -> tuple[NormEntry, dict[str, Any]]:
     _ensure_builtin()
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a norm spec must be a non-empty string, got {spec!r}")
-    name, _, arg = spec.strip().partition(":")
+    name, colon, arg = spec.strip().partition(":")
     name = name.lower()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"unknown norm {name!r} in spec {spec!r}; known norms: {known}")
     entry = _REGISTRY[name]
+    if colon and not arg.strip():
+        raise ValueError(f"spec {spec!r} has a ':' but no argument after it")
     if not arg:
         return entry, {}
     if entry.arg is None:

@@ -1,7 +1,8 @@
 """One pure function per normalization, named after it; each docstring gives the paper's
 equation. Layers in ``normlab.layers`` are thin modules over these functions."""
 
-from .batch import batch_norm
+from .batch import batch_norm, batch_renorm, batch_renorm_limits, mean_only_batch_norm
+from .mixed import batch_instance_norm, switchable_norm
 from .feature import (
     channel_layer_norm,
     channel_rms_norm,
@@ -10,9 +11,30 @@ from .feature import (
     layer_norm,
     rms_norm,
 )
+from .hamming import generalized_hamming_conv2d, generalized_hamming_linear
+from .spd import karcher_mean, spd_batch_norm, spd_geodesic
+from .weight import weight_norm
+from .online import activation_clamp, layer_scaling, online_norm
+from .recurrent import batch_norm_lstm_cell, layer_norm_lstm_cell
 
 __all__ = [
+    "activation_clamp",
+    "layer_scaling",
+    "online_norm",
+    "batch_norm_lstm_cell",
+    "layer_norm_lstm_cell",
+    "generalized_hamming_conv2d",
+    "generalized_hamming_linear",
+    "karcher_mean",
+    "spd_batch_norm",
+    "spd_geodesic",
+    "weight_norm",
+    "batch_instance_norm",
     "batch_norm",
+    "batch_renorm",
+    "batch_renorm_limits",
+    "mean_only_batch_norm",
+    "switchable_norm",
     "channel_layer_norm",
     "channel_rms_norm",
     "group_norm",

@@ -79,7 +79,8 @@ def batch_statistics(
     """
     if training or running_mean is None or running_var is None:
         m = batch_moments(x, channel_dim, process_group)
-        if training and momentum is not None and (running_mean is not None or running_var is not None):
+        empty = not isinstance(m.count, Tensor) and m.count == 0  # no values: nothing to average in
+        if training and momentum is not None and not empty and (running_mean is not None or running_var is not None):
             _moments.update_running_stats(running_mean, running_var, m, momentum)
         return m.mean, m.var
     return (

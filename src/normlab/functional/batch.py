@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ._common import batch_statistics, normalize
+from .. import _moments
+from .._layout import channel_axis, per_channel
+from .._moments import Moments
+from ._common import affine, batch_moments, batch_statistics, normalize
+from ._fastpaths import batch_norm_fast
 
 
 def batch_norm(
@@ -34,5 +39,142 @@ def batch_norm(
     fixed affine map. ``process_group`` all-reduces the moments so that every process
     normalizes with those of the global batch.
     """
+    if process_group is None:  # the synchronized path stays on plain autograd (differentiable all_gather)
+        fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim)
+        if fast is not None:
+            return fast
     mean, var = batch_statistics(x, running_mean, running_var, training, momentum, channel_dim, process_group)
     return normalize(x, mean, var, eps, weight, bias, channel_dim)
+
+
+def mean_only_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float | Tensor | None = 0.1,
+    channel_dim: int = 1,
+    process_group=None,
+) -> Tensor:
+    r"""Mean-only batch normalization (Salimans & Kingma, NIPS 2016, arXiv:1602.07868, sec. 3).
+
+    Subtract the per-channel batch mean (over every axis but ``channel_dim``) and add a
+    learned bias; no division by a standard deviation (the paper pairs it with weight
+    normalization, which already fixes the scale)::
+
+        y = x - mu_c + bias_c           (backward: dx = dy - mean_c(dy))
+
+    In training the batch mean is used and, if ``running_mean`` is given, folded into it in
+    place (``running = (1 - momentum) * running + momentum * mu``; the official code's
+    0.9 / 0.1 average is ``momentum=0.1``); in eval the running mean is used.
+    ``process_group`` all-reduces the moments so that every process uses the global mean.
+    """
+    cd = channel_axis(x.ndim, channel_dim)
+    if training or running_mean is None:
+        m = batch_moments(x, cd, process_group)
+        if training and momentum is not None and running_mean is not None and _has_values(m):
+            _moments.update_running_stats(running_mean, None, m, momentum)
+        mean = m.mean
+    else:
+        mean = per_channel(running_mean, x.ndim, cd)
+    return affine(x - mean, None, bias, cd).to(x.dtype)
+
+
+def batch_renorm_limits(
+    step: Tensor | int,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 0,
+    ramp_steps: int | tuple[int, int] = 0,
+) -> tuple[Tensor, Tensor]:
+    r"""The clipping limits ``(r_max_t, d_max_t)`` batch renorm uses at training step ``step``.
+
+    ``step`` counts the training steps before this one (0 for the first). Ioffe (2017,
+    sec. 4) trains "with batchnorm alone" first, then relaxes the bounds: ``r_max_t = 1`` and
+    ``d_max_t = 0`` for ``step < warmup_steps``, then linearly to the final ``r_max`` and
+    ``d_max`` over ``ramp_steps`` steps (a pair gives separate ramps for r and d: the paper's
+    Inception run reached r_max = 3 at 40k steps and d_max = 5 at 25k after 5k steps of
+    plain batch norm, i.e. ``warmup_steps=5000, ramp_steps=(35000, 20000)``). With
+    ``warmup_steps = ramp_steps = 0`` the final limits apply from the first step. Returned
+    as 0-dim float tensors, so a tensor ``step`` needs no host synchronization.
+    """
+    r_ramp, d_ramp = ramp_steps if isinstance(ramp_steps, tuple) else (ramp_steps, ramp_steps)
+    s = torch.as_tensor(step, dtype=torch.float64) - warmup_steps
+
+    def progress(ramp: int) -> Tensor:
+        return (s >= 0).to(s.dtype) if ramp == 0 else (s / ramp).clamp(0.0, 1.0)
+
+    return 1.0 + (r_max - 1.0) * progress(r_ramp), d_max * progress(d_ramp)
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float | Tensor | None = 0.01,
+    r_max: float | Tensor = 3.0,
+    d_max: float | Tensor = 5.0,
+    eps: float = 1e-5,
+    channel_dim: int = 1,
+    process_group=None,
+) -> Tensor:
+    r"""Batch renormalization (Ioffe, NIPS 2017, arXiv:1702.03275, Algorithm 1).
+
+    Per channel, with batch moments ``mu_B``, ``sigma_B = sqrt(var_B + eps)`` (biased
+    variance) and running ``mu``, ``sigma``::
+
+        r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+        y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+
+    then ``mu += momentum * (mu_B - mu)`` and ``sigma += momentum * (sigma_B - sigma)``: the
+    paper averages the standard deviation, not the variance. In eval
+    ``y = weight * (x - mu) / sigma + bias``. With ``r_max = 1, d_max = 0`` the training
+    output and its gradients are batch norm's.
+
+    ``running_var`` keeps torch's name and meaning for the eval map: it stores
+    ``sigma^2 - eps``, so that ``sqrt(running_var + eps)`` is the running ``sigma`` and
+    eval is the same expression as batch norm's (a torch batch norm's state_dict loads and
+    evaluates identically). ``momentum`` is the weight of this batch (None: no update);
+    ``process_group`` all-reduces the batch moments.
+    """
+    cd = channel_axis(x.ndim, channel_dim)
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm: needs running_mean and running_var (r and d are measured against them)")
+    if not training:
+        return normalize(x, per_channel(running_mean, x.ndim, cd), per_channel(running_var, x.ndim, cd),
+                         eps, weight, bias, cd)
+    m = batch_moments(x, cd, process_group)
+    with torch.no_grad():
+        mu_b = m.mean.reshape(-1)
+        sigma_b = torch.sqrt(m.var.reshape(-1) + eps)
+        sigma = torch.sqrt(running_var.to(sigma_b.dtype) + eps)
+        r_max = torch.as_tensor(r_max, dtype=sigma_b.dtype, device=sigma_b.device)
+        d_max = torch.as_tensor(d_max, dtype=sigma_b.dtype, device=sigma_b.device)
+        r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mu_b - running_mean.to(mu_b.dtype)) / sigma).clamp(-d_max, d_max)
+        if momentum is not None and _has_values(m):
+            running_mean.lerp_(mu_b.to(running_mean.dtype), _as_weight(momentum, running_mean))
+            sigma = sigma.lerp(sigma_b, _as_weight(momentum, sigma))
+            running_var.copy_(sigma * sigma - eps)
+    # weight * (x_hat * r + d) + bias  ==  x_hat * (weight * r) + (weight * d + bias)
+    scale = r if weight is None else weight * r
+    shift = d if weight is None else weight * d
+    if bias is not None:
+        shift = shift + bias
+    return normalize(x, m.mean, m.var, eps, scale, shift, cd)
+
+
+def _has_values(m: Moments) -> bool:
+    """False for the moments of an empty batch (nothing to fold into running statistics)."""
+    return isinstance(m.count, Tensor) or m.count > 0
+
+
+def _as_weight(factor: float | Tensor, like: Tensor) -> float | Tensor:
+    """A lerp weight usable with ``like`` (a tensor weight must share its dtype)."""
+    return factor.to(like.dtype) if isinstance(factor, Tensor) else factor

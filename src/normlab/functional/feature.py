@@ -12,6 +12,7 @@ from .. import _moments
 from .._layout import channel_axis
 from .._moments import Moments
 from ._common import affine, dims_for, normalize
+from ._fastpaths import group_norm_fast, instance_norm_fast, layer_norm_fast, rms_norm_fast
 
 
 def layer_norm(
@@ -26,6 +27,9 @@ def layer_norm(
 
     For the transformer convention (over the channel axis alone) use ``channel_layer_norm``.
     """
+    fast = layer_norm_fast(x, weight, bias, eps, channel_dim)
+    if fast is not None:
+        return fast
     mean, var = _moments.mean_var(x, dims_for(x, channel_dim, "sample"))
     return normalize(x, mean, var, eps, weight, bias, channel_dim)
 
@@ -66,9 +70,13 @@ def instance_norm(
             bias,
             channel_dim,
         )
+    fast = instance_norm_fast(x, weight, bias, running_mean, running_var, momentum, eps, channel_dim)
+    if fast is not None:
+        return fast
     m = _moments.moments(x, dims_for(x, channel_dim, "spatial"))
-    if momentum is not None and (running_mean is not None or running_var is not None):
-        # batch average of the per-instance moments (the mean of unbiased variances)
+    if momentum is not None and x.numel() > 0 and (running_mean is not None or running_var is not None):
+        # batch average of the per-instance moments (the mean of unbiased variances);
+        # an empty batch has none to average (torch turns its running stats into NaN)
         _moments.update_running_stats(running_mean, running_var, Moments(m.count, m.mean.mean(0), m.m2.mean(0)), momentum)
     return normalize(x, m.mean, m.var, eps, weight, bias, channel_dim)
 
@@ -96,6 +104,9 @@ def group_norm(
     channels = x.shape[cd]
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(f"group_norm: num_groups={num_groups} must divide the {channels} channels")
+    fast = group_norm_fast(x, num_groups, weight, bias, eps, channel_dim)
+    if fast is not None:
+        return fast
     xg = x.unflatten(cd, (num_groups, channels // num_groups))
     dims = tuple(d for d in range(1, xg.ndim) if d != cd)
     mean, var = _moments.mean_var(xg, dims)
@@ -117,6 +128,9 @@ def rms_norm(
 
         y = weight_c * x / sqrt(mean_n(x^2) + eps)
     """
+    fast = rms_norm_fast(x, weight, _rms_eps(eps, x), channel_dim)
+    if fast is not None:
+        return fast
     dims = dims_for(x, channel_dim, "sample")
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(dims, keepdim=True)
     return normalize(x, None, ms, _rms_eps(eps, x), weight, None, channel_dim)

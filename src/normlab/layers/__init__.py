@@ -2,11 +2,33 @@
 function in ``normlab.functional``: parameters, buffers and input checks, no math."""
 
 from .base import Norm, RunningStatsNorm
-from .batch import BatchNorm
+from .batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
+from .mixed import BatchInstanceNorm, SwitchableNorm
 from .feature import ChannelLayerNorm, ChannelRMSNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .hamming import GeneralizedHammingConv2d, GeneralizedHammingLinear
+from .input import InputStandardizer
+from .spd import SPDBatchNorm
+from .weight import WeightNorm, data_dependent_init, weight_norm
+from .online import OnlineNorm
+from .recurrent import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell
 
 __all__ = [
+    "OnlineNorm",
+    "BatchNormLSTM",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
+    "GeneralizedHammingConv2d",
+    "GeneralizedHammingLinear",
+    "InputStandardizer",
+    "SPDBatchNorm",
+    "WeightNorm",
+    "data_dependent_init",
+    "weight_norm",
+    "BatchInstanceNorm",
     "BatchNorm",
+    "BatchRenorm",
+    "MeanOnlyBatchNorm",
+    "SwitchableNorm",
     "ChannelLayerNorm",
     "ChannelRMSNorm",
     "GroupNorm",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _moments
+from .. import _moments, distributed
 from .._layout import channel_axis, stat_dims
 
 
@@ -35,6 +35,7 @@ class Norm(nn.Module):
     min_spatial: int = 0
     batch_stat_dims: str | None = None
     has_bias: bool = True
+    eps_none_ok: bool = False  # RMS norms: eps=None means the input dtype's machine epsilon
 
     def __init__(
         self,
@@ -50,6 +51,8 @@ class Norm(nn.Module):
         name = type(self).__name__
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if eps is None and not self.eps_none_ok:
+            raise ValueError(f"{name}: eps must be a number > 0, got None")
         if eps is not None and not eps > 0:
             raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
         if not isinstance(channel_dim, int) or channel_dim == 0:
@@ -91,7 +94,10 @@ class Norm(nn.Module):
                 f"{who}: expected {self.num_features} channels along axis {cd} (channel_dim={self.channel_dim}) "
                 f"of the input, got {x.shape[cd]} (input shape {tuple(x.shape)})"
             )
-        if self.batch_stat_dims is not None and self._uses_batch_stats():
+        # a synchronized layer's batch statistics span every process's batch, so one sample here is fine
+        if self.batch_stat_dims is not None and self._uses_batch_stats() and not (
+            self.batch_stat_dims == "batch" and self._synchronized()
+        ):
             dims = stat_dims(x.ndim, self.channel_dim, self.batch_stat_dims)  # type: ignore[arg-type]
             count = 1
             for d in dims:
@@ -109,6 +115,11 @@ class Norm(nn.Module):
     def _uses_batch_stats(self) -> bool:
         """Whether this call computes statistics from the input (so they must be defined)."""
         return True
+
+    def _synchronized(self) -> bool:
+        """Whether this call all-reduces batch statistics over several processes (``process_group``)."""
+        group = getattr(self, "process_group", None)
+        return group is not None and self.training and distributed.is_active(group)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, affine={self.affine}"
@@ -181,7 +192,7 @@ class RunningStatsNorm(Norm):
         if not (self.training and self.track_running_stats):
             return None
         self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-        return _moments.running_factor(self.momentum, self.num_batches_tracked)
+        return _moments.running_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", momentum={self.momentum}, track_running_stats={self.track_running_stats}"

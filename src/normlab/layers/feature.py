@@ -86,6 +86,7 @@ class RMSNorm(Norm):
     """
 
     has_bias = False
+    eps_none_ok = True
 
     def __init__(self, num_features: int, eps: float | None = 1e-6, affine: bool = True, channel_dim: int = 1,
                  **kwargs) -> None:
@@ -117,6 +118,7 @@ class ChannelRMSNorm(Norm):
     """
 
     has_bias = False
+    eps_none_ok = True
 
     def __init__(self, num_features: int, eps: float | None = 1e-6, affine: bool = True, channel_dim: int = 1,
                  **kwargs) -> None:

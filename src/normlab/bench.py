@@ -1,0 +1,268 @@
+"""Micro-benchmarks: normlab's layers against torch's native ones and the memory limit.
+
+For each norm, in one process: the median time of a training forward, of a training
+forward+backward and of an eval forward; the bytes saved for backward (counted through
+``torch.autograd.graph.saved_tensors_hooks``, each storage once); and the same figures for
+torch's native equivalent where one exists. Candidates are measured in alternating order
+(ABBA: forward order on even rounds, reversed on odd ones) so that drifts of a shared
+machine hit all of them alike.
+
+The memory limit: a training step of a layer whose statistics do not fit in cache moves at
+least 8 input-sized tensors (3 forward, 5 backward); ``out.copy_(x)`` moves 2, so the limit
+is ``4 * t_copy`` and ``fraction = 4 * t_copy / t_fwd_bwd`` (1.0 = at the limit).
+
+``lnc`` and ``rmsc`` normalize over the channel axis alone (transformer style); they are
+timed on the channel-last version of the shape, ``(N, *spatial, C)`` with ``channel_dim=-1``,
+against ``torch.nn.LayerNorm(C)`` / ``torch.nn.RMSNorm(C)``: ``--shape 64,768,256`` is the
+``(64, 256, 768)`` sequence batch of the issue.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BenchRow", "DEFAULT_NORMS", "run_bench", "format_table", "saved_bytes"]
+
+DEFAULT_NORMS = ("bn", "ln", "in", "gn", "rms", "mobn", "brn", "bin", "sn", "on", "lnc", "rmsc")
+CHANNEL_LAST_SPECS = ("lnc", "rmsc")
+
+
+@dataclass
+class BenchRow:
+    """Figures for one layer (times in ms, medians over the rounds)."""
+
+    name: str
+    native: bool
+    train_fwd_ms: float
+    train_fwd_bwd_ms: float
+    eval_fwd_ms: float
+    saved_bytes: int
+    saved_T: float
+    ratio_to_native_bn: float = math.nan
+    memory_limit_fraction: float = math.nan
+    counterpart: str | None = None
+    ratio_to_counterpart: float | None = None
+    compile_s: float | None = None
+    note: str = ""
+
+
+@dataclass
+class _Case:
+    name: str
+    module: nn.Module
+    x: Tensor
+    dy: Tensor
+    native: bool
+    counterpart: str | None = None
+    times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fb": [], "eval": []})
+    compile_s: float | None = None
+
+
+def saved_bytes(fn: Callable[[], Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``fn()``."""
+    seen: dict[tuple[int, str], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            st = t.untyped_storage()
+            key = (st.data_ptr(), str(t.device))
+            seen[key] = max(seen.get(key, 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrapped numbers)
+            seen[(id(t), "")] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def _native_for(spec: str, c: int, ndim: int) -> tuple[str, nn.Module] | None:
+    spatial = ndim - 2
+    if spec == "bn":
+        cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(spatial)
+        return (cls.__name__, cls(c)) if cls else None
+    if spec == "in" and 1 <= spatial <= 3:
+        cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial]
+        return cls.__name__, cls(c, affine=True)
+    if spec.startswith("gn"):
+        g = int(spec.split(":")[1]) if ":" in spec else 32
+        return f"GroupNorm({g})", nn.GroupNorm(g, c)
+    if spec == "ln":
+        return "GroupNorm(1)", nn.GroupNorm(1, c)
+    if spec == "lnc":
+        return "LayerNorm", nn.LayerNorm(c)
+    if spec == "rmsc" and hasattr(nn, "RMSNorm"):
+        return "RMSNorm", nn.RMSNorm(c)
+    return None
+
+
+def _time(f: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _step(case: _Case, kind: str) -> Callable[[], Any]:
+    m, x, dy = case.module, case.x, case.dy
+
+    def fwd() -> Any:
+        m.train()
+        return m(x)
+
+    def fb() -> Any:
+        m.train()
+        x.grad = None
+        m(x).backward(dy)
+
+    def ev() -> Any:
+        m.eval()
+        with torch.no_grad():
+            return m(x)
+
+    return {"fwd": fwd, "fb": fb, "eval": ev}[kind]
+
+
+def run_bench(
+    shape: Sequence[int] = (32, 64, 56, 56),
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    norms: Sequence[str] = DEFAULT_NORMS,
+    threads: int | None = 2,
+    compile: bool = False,
+    repeats: int = 20,
+    warmup: int = 3,
+    natives: bool = True,
+) -> dict[str, Any]:
+    """Time every norm in ``norms`` (registry specs) and torch's native equivalents.
+
+    Returns a JSON-ready dict: the settings (torch version, threads, shape, dtype, layout),
+    the copy figures and one row per layer (see :class:`BenchRow`).
+    """
+    from .registry import make_norm
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"bench: shape needs a batch and a channel axis, got {shape}")
+    c = shape[1]
+    gen = torch.Generator().manual_seed(0)
+    x_cf = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    if channels_last:
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+        if fmt is None:
+            raise ValueError(f"bench: --channels-last needs a 4-d or 5-d shape, got {shape}")
+        x_cf = x_cf.contiguous(memory_format=fmt)
+    x_cl = x_cf.movedim(1, -1).contiguous()  # (N, *spatial, C) for the channel-axis norms
+    layout = "channels_last" if channels_last else "contiguous"
+
+    cases: list[_Case] = []
+    skipped: dict[str, str] = {}
+    for spec in norms:
+        chan = spec.split(":")[0] in CHANNEL_LAST_SPECS
+        x = x_cl if chan else x_cf
+        try:
+            kw: dict[str, Any] = {"channel_dim": -1} if chan else {}
+            mod = make_norm(spec, c, **kw).to(dtype)
+        except Exception as err:  # unknown spec, or one that cannot apply to this shape
+            skipped[spec] = f"{type(err).__name__}: {err}"
+            continue
+        nat = _native_for(spec, c, len(shape)) if natives else None
+        xg = x.detach().clone().requires_grad_()
+        dy = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
+        dy = dy.contiguous(memory_format=torch.channels_last) if channels_last and not chan and x.ndim == 4 else dy
+        if compile:
+            mod = torch.compile(mod, fullgraph=True)
+        case = _Case(spec, mod, xg, dy, False, nat[0] if nat else None)
+        if compile:
+            t0 = time.perf_counter()
+            _step(case, "fb")()
+            _step(case, "eval")()
+            case.compile_s = time.perf_counter() - t0
+        cases.append(case)
+        if nat and not any(k.name == nat[0] for k in cases):
+            cases.append(_Case(nat[0], nat[1].to(dtype), x.detach().clone().requires_grad_(), dy, True))
+    if natives and not any(k.name.startswith("BatchNorm") for k in cases):
+        nat = _native_for("bn", c, len(shape))
+        if nat:
+            cases.append(_Case(nat[0], nat[1].to(dtype), x_cf.detach().clone().requires_grad_(),
+                               torch.randn(shape, generator=gen).to(dtype), True))
+
+    # copy bandwidth on the same tensor size and layout
+    out = torch.empty_like(x_cf)
+    copy_f = lambda: out.copy_(x_cf)  # noqa: E731
+    copy_times: list[float] = []
+    for case in cases:
+        for kind in ("fwd", "fb", "eval"):
+            for _ in range(warmup):
+                _step(case, kind)()
+    for _ in range(warmup):
+        copy_f()
+    for r in range(repeats):
+        order = cases if r % 2 == 0 else cases[::-1]
+        copy_times.append(_time(copy_f))
+        for case in order:
+            for kind in ("fwd", "fb", "eval"):
+                case.times[kind].append(_time(_step(case, kind)))
+
+    nbytes = x_cf.numel() * x_cf.element_size()
+    t_copy = statistics.median(copy_times)
+    limit_ms = 4 * t_copy
+    rows: list[BenchRow] = []
+    for case in cases:
+        sb = saved_bytes(lambda: (case.module.train(), case.module(case.x))[1])
+        med = {k: statistics.median(v) for k, v in case.times.items()}
+        rows.append(BenchRow(case.name, case.native, med["fwd"], med["fb"], med["eval"], sb, sb / nbytes,
+                             counterpart=case.counterpart, compile_s=case.compile_s))
+    bn_native = next((r for r in rows if r.native and r.name.startswith("BatchNorm")), None)
+    by_name = {r.name: r for r in rows}
+    for r in rows:
+        if bn_native is not None:
+            r.ratio_to_native_bn = r.train_fwd_bwd_ms / bn_native.train_fwd_bwd_ms
+        r.memory_limit_fraction = limit_ms / r.train_fwd_bwd_ms
+        if r.counterpart and r.counterpart in by_name:
+            r.ratio_to_counterpart = r.train_fwd_bwd_ms / by_name[r.counterpart].train_fwd_bwd_ms
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "layout": layout,
+        "compile": compile,
+        "repeats": repeats,
+        "T_bytes": nbytes,
+        "copy_ms": t_copy,
+        "copy_GBps": 2 * nbytes / (t_copy * 1e-3) / 1e9,
+        "memory_limit_ms": limit_ms,
+        "rows": [asdict(r) for r in rows],
+        "skipped": skipped,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result of :func:`run_bench` as a plain-text table."""
+    head = (f"torch {result['torch']}, {result['threads']} threads, shape {tuple(result['shape'])} "
+            f"{result['dtype']} {result['layout']}{' (compiled)' if result['compile'] else ''}; "
+            f"copy {result['copy_ms']:.2f} ms ({result['copy_GBps']:.0f} GB/s), "
+            f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds")
+    cols = ("layer", "fwd ms", "fwd+bwd ms", "eval ms", "/native BN", "/counterpart", "limit frac", "saved (T)")
+    lines = [head, "  ".join(f"{c:>12}" if i else f"{c:<16}" for i, c in enumerate(cols))]
+    for r in result["rows"]:
+        name = ("torch " if r["native"] else "") + r["name"]
+        cp = f"{r['ratio_to_counterpart']:.2f}" if r.get("ratio_to_counterpart") is not None else "-"
+        cells = (f"{r['train_fwd_ms']:.2f}", f"{r['train_fwd_bwd_ms']:.2f}", f"{r['eval_fwd_ms']:.2f}",
+                 f"{r['ratio_to_native_bn']:.2f}", cp, f"{r['memory_limit_fraction']:.2f}", f"{r['saved_T']:.2f}")
+        lines.append(f"{name:<16}  " + "  ".join(f"{c:>12}" for c in cells))
+        if r.get("compile_s") is not None:
+            lines[-1] += f"  (compile {r['compile_s']:.1f} s)"
+    for spec, why in result.get("skipped", {}).items():
+        lines.append(f"skipped {spec}: {why}")
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""The fused CPU path (normlab.functional._fused): derived backward passes checked by
+gradcheck, equality with the plain autograd path and with torch's native layers, layouts,
+precision on inputs whose mean dwarfs their spread, memory saved for backward, and the
+``normlab bench`` command."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import normlab
+import normlab.functional as NF
+from normlab.bench import saved_bytes
+from normlab.cli import main
+from normlab.functional._fused import AffineFromMoments, fast_layout, fast_path, standard_stat_fn
+from normlab.functional._fused import fused_affine_norm
+
+from conftest import per_channel_np, ref_normalize
+
+CL = torch.channels_last
+# (spec, functional call with weight/bias, native reference layer or None)
+FUNCS = {
+    "bn": lambda x, w, b: NF.batch_norm(x, weight=w, bias=b),
+    "ln": lambda x, w, b: NF.layer_norm(x, w, b),
+    "in": lambda x, w, b: NF.instance_norm(x, w, b),
+    "gn": lambda x, w, b: NF.group_norm(x, 2, w, b),
+    "rms": lambda x, w, b: NF.rms_norm(x, w, eps=1e-5),
+}
+AXES = {"bn": (0, 2, 3), "ln": (1, 2, 3), "in": (2, 3), "rms": (1, 2, 3)}
+
+
+def _params(c: int, dtype=torch.float64):
+    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=dtype).requires_grad_()
+    return w, b
+
+
+# ----------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("over,groups,center,per_channel", [
+    ("batch", 1, True, True), ("batch", 1, True, False), ("sample", 1, True, False), ("spatial", 1, True, False),
+    ("group", 2, True, False), ("sample", 1, False, False)])
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
+def test_gradcheck_affine_from_moments(over, groups, center, per_channel, layout):
+    x = torch.randn(3, 4, 3, 5, dtype=torch.float64)
+    cd = 1
+    if layout == "cl":
+        x = x.contiguous(memory_format=CL)
+    elif layout == "seq":
+        x, cd = torch.randn(3, 5, 4, dtype=torch.float64), 2
+    x.requires_grad_()
+    assert fast_layout(x, cd) == ("cf" if layout == "cf" else "cl")
+    w, b = _params(4)
+    fn = standard_stat_fn(over, 1e-3, groups, center)
+    f = lambda x, w, b: AffineFromMoments.apply(x, fn, cd, per_channel, w, b)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: AffineFromMoments.apply(x, fn, cd, per_channel, None, None)[0], (x,))
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+def test_gradgradcheck_fast_path(name):
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    w, b = _params(4)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: FUNCS[name](x, w, b), (x, w, b))
+
+
+# ------------------------------------------------------------------ equality with references
+@pytest.mark.parametrize("name", list(FUNCS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_path_equals_plain_path(name, channels_last):
+    x = torch.randn(4, 6, 5, 7) * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    w, b = _params(6, torch.float32)
+    dy = torch.randn(x.shape)
+    results = []
+    for enabled in (True, False):
+        xx = x.detach().clone().requires_grad_()
+        ww, bb = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        with fast_path(enabled):
+            y = FUNCS[name](xx, ww, bb)
+        y.backward(dy)
+        results.append((y, xx.grad, ww.grad, bb.grad if name != "rms" else torch.zeros(1)))
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    if channels_last:
+        assert results[0][0].is_contiguous(memory_format=CL)
+        assert results[0][1].is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_layer_matches_torch_including_running_stats(channels_last):
+    x = torch.randn(8, 5, 6, 4) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    ours, ref = normlab.BatchNorm(5), torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(x.shape)
+    for _ in range(2):
+        ya, yb = ours(xa), ref(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, key), getattr(ref, key))
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_instance_norm_tracking_running_stats_matches_torch():
+    x = torch.randn(4, 3, 5, 5) + 1
+    ours = normlab.InstanceNorm(3, track_running_stats=True)
+    ref = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms"])
+def test_sequence_layout_channel_dim_last(name):
+    # (N, L, C) with channel_dim=-1 takes the channels-last route; equals the channel-first result
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    w, b = _params(6)
+    call = {"bn": lambda x, cd: NF.batch_norm(x, weight=w, bias=b, channel_dim=cd),
+            "ln": lambda x, cd: NF.layer_norm(x, w, b, channel_dim=cd),
+            "in": lambda x, cd: NF.instance_norm(x, w, b, channel_dim=cd),
+            "gn": lambda x, cd: NF.group_norm(x, 3, w, b, channel_dim=cd),
+            "rms": lambda x, cd: NF.rms_norm(x, w, channel_dim=cd)}[name]
+    assert fast_layout(x, 2) == "cl"
+    torch.testing.assert_close(call(x, -1), call(x.movedim(-1, 1).contiguous(), 1).movedim(1, -1))
+
+
+# ------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_small_spread_matches_float64_reference(name, channels_last):
+    # mean 1e4 x the standard deviation: E[x^2] - E[x]^2 in float32 would lose every digit
+    x = (torch.randn(4, 6, 8, 8, dtype=torch.float64) + 1e4).float()
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    w, b = _params(6, torch.float32)
+    y = FUNCS[name](x, w, b).detach()
+    xn = x.double().numpy()
+    if name == "gn":
+        ref = ref_normalize(xn.reshape(4, 2, 3, 8, 8), (2, 3, 4), 1e-5).reshape(4, 6, 8, 8)
+    else:
+        ref = ref_normalize(xn, AXES[name], 1e-5)
+    ref = ref * per_channel_np(w.detach().numpy(), 4, 1) + per_channel_np(b.detach().numpy(), 4, 1)
+    # float32 inputs near 1e4 carry absolute steps of 1e-3, i.e. 1e-3 of the spread
+    np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=5e-3)
+
+
+# --------------------------------------------------------------------- memory and strides
+@pytest.mark.parametrize("name", list(FUNCS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_saved_for_backward_is_one_input_plus_statistics(name, channels_last):
+    x = torch.randn(4, 8, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_()
+    w, b = _params(8, torch.float32)
+    nbytes = saved_bytes(lambda: FUNCS[name](x, w, b))
+    stats = 2 * 4 * 8 * 4 + 2 * 8 * 4  # per-(n, c) mean and var, weight and bias
+    assert nbytes <= x.numel() * 4 + 2 * stats
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", "in"])
+def test_channels_last_output_without_hidden_copy(name):
+    x = torch.randn(2, 4, 5, 6).contiguous(memory_format=CL).requires_grad_()
+    w, b = _params(4, torch.float32)
+    y = FUNCS[name](x, w, b)
+    assert y.is_contiguous(memory_format=CL)
+    assert y.stride() == x.stride()
+    y.backward(torch.randn(y.shape).contiguous(memory_format=CL))
+    assert x.grad.is_contiguous(memory_format=CL)
+
+
+def test_fast_path_is_taken_and_reports_moments():
+    x = torch.randn(2, 3, 4, 5)
+    y, m = fused_affine_norm(x, 1, standard_stat_fn("spatial", 1e-5), (None, None))
+    assert m.mean.shape == (2, 3) and m.count == 20
+    np.testing.assert_allclose(m.mean.numpy(), x.double().mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose((m.m2 / m.count).numpy(), x.double().numpy().var((2, 3)), rtol=1e-4, atol=1e-6)
+
+
+def test_synchronized_path_without_group_still_plain_and_correct():
+    # a process group selects the plain autograd path (its all_gather is differentiable);
+    # without torch.distributed initialized the moments stay local
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = NF.batch_norm(x, process_group=object())
+    ref = torch.nn.functional.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- no slow variance calls
+_BANNED = re.compile(r"torch\.var\b|var_mean|torch\.std\b|\.var\(|\.std\(")
+
+
+def test_no_torch_var_or_std_in_library_code():
+    root = Path(normlab.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        src = path.read_text()
+        code = []
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type not in (tokenize.COMMENT, tokenize.STRING):
+                code.append(tok.string)
+        text = " ".join(code).replace(" . ", ".").replace(" (", "(").replace(". ", ".").replace(" .", ".")
+        if _BANNED.search(text):
+            offenders.append(str(path.relative_to(root)))
+    assert not offenders, f"torch.var / var_mean / std used in {offenders}"
+
+
+# -------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["bn", "ln", "in", "gn:2", "rms"])
+def test_compile_fullgraph_equals_eager(spec):
+    layer = normlab.make_norm(spec, 4)
+    x = torch.randn(3, 4, 5, 5)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    layer.running_mean.zero_() if getattr(layer, "running_mean", None) is not None else None
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- bench CLI
+def test_bench_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "2,4,3,3", "--norms", "bn,gn:2,lnc", "--quick", "--threads", "1",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "BatchNorm2d" in table and "GroupNorm(2)" in table and "LayerNorm" in table
+    data = json.loads(out.read_text())
+    assert data["shape"] == [2, 4, 3, 3] and data["dtype"] == "float32" and data["layout"] == "contiguous"
+    assert data["threads"] == 1 and data["torch"] == torch.__version__
+    rows = {r["name"]: r for r in data["rows"]}
+    assert {"bn", "gn:2", "lnc", "BatchNorm2d", "GroupNorm(2)", "LayerNorm"} <= set(rows)
+    assert rows["BatchNorm2d"]["ratio_to_native_bn"] == pytest.approx(1.0)
+    assert rows["bn"]["counterpart"] == "BatchNorm2d"
+    # bn saves the input and per-channel statistics: about one input-sized tensor
+    assert 0.9 <= rows["bn"]["saved_T"] <= 1.5
+    assert all(r["train_fwd_bwd_ms"] > 0 for r in rows.values())

@@ -1,0 +1,235 @@
+"""`normlab study` / `normlab report` end to end through the CLI, resume after SIGKILL,
+--fresh, errors, and the pieces: cell purity, divergence, saved-bytes accounting,
+recommendations and the Pareto front."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.cli import main
+from normlab.registry import describe_norms
+from normlab.study import CellConfig, get_task, run_cell
+from normlab.study.plots import pareto_front
+from normlab.study.report import _studies_from_rows, recommendations
+from normlab.study.train import saved_bytes_per_sample
+
+TINY = ["--epochs", "1", "--train-subset", "32", "--seeds", "1", "--workers", "1", "--width", "4", "-q"]
+
+
+def _rows(db: Path) -> list[dict]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM runs")]
+    finally:
+        con.close()
+
+
+def _curve_counts(db: Path) -> dict[str, int]:
+    con = sqlite3.connect(db)
+    try:
+        return dict(con.execute("SELECT key, count(*) FROM curves GROUP BY key").fetchall())
+    finally:
+        con.close()
+
+
+def test_cli_end_to_end_rows_report_resume_fresh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, out = tmp_path / "r.sqlite", tmp_path / "rep"
+    args = ["study", "--norms", "bn,none", "--batch-sizes", "4,8", "--db", str(db), "--out", str(out), *TINY]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "4 cells: 4 run, 0 already stored, 0 failed" in text
+    table = text.split("\n\n")[0]
+    assert "bs 4" in table and "bs 8" in table and "\nbn " in table and "\nnone " in table
+
+    rows = _rows(db)
+    assert len(rows) == 4
+    assert {(r["norm"], r["batch_size"]) for r in rows} == {("bn", 4), ("bn", 8), ("none", 4), ("none", 8)}
+    for r in rows:
+        cfg = CellConfig.from_row(r)  # every config field is stored, and the key is its hash
+        assert cfg.key() == r["key"]
+        assert set(CellConfig.field_types()) <= set(r)
+        assert r["status"] == "ok" and 0 <= r["val_metric"] <= 1
+        assert r["train_size"] == 32 and r["steps"] == 32 // r["batch_size"]
+        assert r["lr"] == pytest.approx(0.1 * r["batch_size"] / 32)
+        assert r["median_step_s"] > 0 and r["saved_bytes_per_sample"] > 0 and r["param_count"] > 0
+    bn_params = {r["param_count"] for r in rows if r["norm"] == "bn"}
+    none_params = {r["param_count"] for r in rows if r["norm"] == "none"}
+    assert bn_params.pop() - none_params.pop() == 2 * (4 + 8 + 8)  # weight and bias per channel of 3 norms
+    counts = _curve_counts(db)
+    assert all(counts[r["key"]] == 1 + min(4, r["steps"]) for r in rows)  # step 0 + 4 points in the epoch
+
+    report = (out / "report.md").read_text()
+    assert "Recommendation" in report and "Batch size 4" in report and "Batch size 8" in report
+    assert "no estimate of the noise" in report  # one seed: says so plainly
+    for name in ("digits_error_vs_batch.png", "digits_error_vs_time.png", "digits_curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+
+    # the same command again: nothing to run
+    assert main(args) == 0
+    assert "4 cells: 0 run, 4 already stored" in capsys.readouterr().out
+    assert len(_rows(db)) == 4
+
+    # the report from the database alone
+    out2 = tmp_path / "rep2"
+    assert main(["report", "--db", str(db), "--out", str(out2)]) == 0
+    assert (out2 / "report.md").read_text().replace("rep2", "rep") == report.replace("rep2", "rep")
+
+    # --fresh forgets this grid's runs and redoes them
+    before = {r["key"]: r["finished_at"] for r in _rows(db)}
+    assert main(args + ["--fresh"]) == 0
+    assert "4 cells: 4 run, 0 already stored" in capsys.readouterr().out
+    assert set(before) == {r["key"] for r in _rows(db)}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "cifar"], "unknown task 'cifar'"),
+        (["--norms", "bn,nosuch"], "unknown norm 'nosuch'"),
+        (["--task", "sunspots", "--norms", "gn"], "unknown norm 'gn' for task 'sunspots'"),
+        (["--batch-sizes", "16,64", "--train-subset", "40"], "batch size 64 is larger than the training set"),
+        (["--task", "fashion-mnist", "--data-dir", "EMPTY"], "apt-get install dataset-fashion-mnist"),
+    ],
+)
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    db = tmp_path / "r.sqlite"
+    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+    base = ["study", "--db", str(db), "--out", str(tmp_path / "rep"), "--epochs", "1", "--seeds", "1", "-q"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "normlab study: error:" in err
+    assert not db.exists()  # nothing ran, nothing stored
+
+
+def test_report_without_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--db", str(tmp_path / "missing.sqlite"), "--out", str(tmp_path)]) == 2
+    assert "no study database" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    argv = [sys.executable, "-m", "normlab.cli", "study", "--norms", "bn,none", "--batch-sizes", "2,4,8",
+            "--seeds", "2", "--epochs", "2", "--train-subset", "96", "--width", "4", "--workers", "1", "-q",
+            "--db", str(db), "--out", str(tmp_path / "rep")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    n = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                n = len(_rows(db))
+            except sqlite3.OperationalError:
+                n = 0
+            if n >= 2:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the study finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rows = _rows(db)
+    assert 2 <= len(rows) < 12
+    counts = _curve_counts(db)
+    assert set(counts) == {r["key"] for r in rows}  # no curve without its run, no run without its curve
+    assert all(counts[r["key"]] == 1 + 4 * r["epochs"] for r in rows)
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"12 cells: {12 - len(rows)} run, {len(rows)} already stored" in done.stdout
+    keys = [r["key"] for r in _rows(db)]
+    assert len(keys) == 12 == len(set(keys))
+    assert {(r["norm"], r["batch_size"], r["seed"]) for r in _rows(db)} == {
+        (n, b, s) for n in ("bn", "none") for b in (2, 4, 8) for s in (0, 1)}
+
+
+# ---------------------------------------------------------------- the pieces
+def test_default_norms_are_the_registered_conv_norms() -> None:
+    task = get_task("digits")
+    want = {e.name for e in describe_norms() if "conv" in e.applies_to}
+    assert {s.split(":")[0] for s in task.default_norms()} == want
+    assert "gn:4" in task.default_norms()  # a group count that divides the model's widths
+
+
+def test_cell_is_pure_deterministic_and_picklable() -> None:
+    cfg = CellConfig(task="digits", norm="gn:2", batch_size=8, seed=3, epochs=1, base_lr=0.1, train_subset=64, width=4)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and hash(cfg) == hash(pickle.loads(pickle.dumps(cfg)))
+    a, b = run_cell(cfg), run_cell(cfg)
+    assert a.val_metric == b.val_metric and a.curve == b.curve and a.final_train_loss == b.final_train_loss
+    assert pickle.loads(pickle.dumps(a)).curve == a.curve
+    other = run_cell(CellConfig(**{**cfg.to_dict(), "seed": 4}))
+    assert other.curve != a.curve  # the seed moves the split, the init and the order
+    assert cfg.key() != CellConfig(**{**cfg.to_dict(), "sync": True}).key()
+
+
+class _BlowUp(nn.Module):
+    """A norm slot whose fourth training call returns NaN: a run that diverges."""
+
+    def __init__(self, num_features: int, **kw: object) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        return x * float("nan") if self.calls >= 4 else x  # each slot counts its own calls: the 4th step
+
+
+def test_divergence_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from normlab import registry
+
+    entry = registry.NormEntry("blowup", _BlowUp, "test", "none", "none")
+    monkeypatch.setitem(registry._REGISTRY, "blowup", entry)
+    cfg = CellConfig(task="digits", norm="blowup", batch_size=8, seed=0, epochs=2, base_lr=0.1, train_subset=64, width=4)
+    r = run_cell(cfg)
+    assert r.status == "diverged" and r.val_metric is None and r.final_train_loss is None
+    assert r.steps == 4 and r.curve[0][0] == 0.0 and r.curve[0][2] is not None
+
+
+def test_saved_bytes_counts_each_storage_once_and_skips_parameters() -> None:
+    # Linear saves its input (4 floats per sample) and its weight (a parameter: not counted);
+    # ReLU saves its output (8 floats); mul saves both operands, two views of one storage (16 floats)
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.lin(x))
+            return h[:, :8] * h[:, 8:]
+
+    got = saved_bytes_per_sample(M(), lambda out, y: out.sum(), torch.randn(5, 4), torch.zeros(5))
+    assert got == (4 + 16) * 4
+
+
+def test_recommendation_and_noise_words() -> None:
+    def row(norm: str, seed: int, err: float, step: float, bs: int = 8, status: str = "ok") -> dict:
+        cfg = CellConfig(task="digits", norm=norm, batch_size=bs, seed=seed, epochs=1, base_lr=0.1)
+        return {"key": f"{norm}{seed}{bs}", **cfg.to_dict(), "status": status, "val_metric": err,
+                "median_step_s": step, "saved_bytes_per_sample": 1.0, "param_count": 1, "metric": "error"}
+
+    rows = [row("a", 0, 0.10, 0.002), row("a", 1, 0.12, 0.002), row("b", 0, 0.11, 0.001), row("b", 1, 0.12, 0.001),
+            row("c", 0, 0.30, 0.0005), row("c", 1, 0.31, 0.0005), row("d", 0, 0.01, 0.0001),
+            row("d", 1, None, 0.0001, status="diverged")]
+    (study,) = _studies_from_rows(rows, {})
+    (text,) = recommendations(study)
+    assert "most accurate is **a** (11.00% error" in text
+    assert "cheapest norm within one standard deviation of it is **b**" in text
+    assert "b is within one standard deviation of a" in text and "within noise" in text
+    assert "Diverged: d (1 of 2 seeds)" in text
+
+
+def test_pareto_front() -> None:
+    pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (2.0, 3.0 + 1e-9)]
+    assert pareto_front(pts) == [0, 1, 3]
