@@ -1,7 +1,7 @@
 """``nn.Module`` normalization layers, grouped by family. Each is a thin shell over its
 function in ``normlab.functional``: parameters, buffers and input checks, no math."""
 
-from .base import Norm, RunningStatsNorm
+from .base import BatchStatNorm, Norm, RunningStatsNorm
 from .batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
 from .mixed import BatchInstanceNorm, SwitchableNorm
 from .feature import ChannelLayerNorm, ChannelRMSNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm

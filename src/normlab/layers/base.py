@@ -204,3 +204,32 @@ class RunningStatsNorm(Norm):
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class BatchStatNorm(RunningStatsNorm):
+    """A running-statistics norm whose training statistics come from the batch.
+
+    ``process_group`` (None: local statistics) synchronizes them across processes; see
+    :func:`normlab.convert_sync`. Eval never communicates.
+    """
+
+    batch_stat_dims = "batch"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, channel_dim: int = 1, process_group: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
+        self.process_group = process_group
+
+    def _batch_call(self) -> dict[str, Any]:
+        """The keywords every batch-statistic function takes, for this call.
+
+        Counts the training step (``_step_factor``), so call it once, after validation.
+        """
+        return {
+            "training": self._uses_batch_stats(),
+            "momentum": self._step_factor(),
+            "eps": self.eps,
+            "channel_dim": self.channel_dim,
+            "process_group": self.process_group if self.training else None,
+        }

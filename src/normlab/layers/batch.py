@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import functional as F
-from .base import RunningStatsNorm
+from .base import BatchStatNorm
 
 
-class BatchNorm(RunningStatsNorm):
+class BatchNorm(BatchStatNorm):
     r"""Batch normalization (Ioffe & Szegedy 2015) for ``(N, C, *)`` input of any rank.
 
     ``y = weight * (x - E[x]) / sqrt(Var[x] + eps) + bias`` with moments per channel over
@@ -23,30 +23,12 @@ class BatchNorm(RunningStatsNorm):
     across processes (see ``normlab.convert_sync``).
     """
 
-    batch_stat_dims = "batch"
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
-        self.process_group = process_group
-
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training=self._uses_batch_stats(),
-            momentum=self._step_factor(),
-            eps=self.eps,
-            channel_dim=self.channel_dim,
-            process_group=self.process_group if self.training else None,
-        )
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, **self._batch_call())
 
 
-class MeanOnlyBatchNorm(RunningStatsNorm):
+class MeanOnlyBatchNorm(BatchStatNorm):
     r"""Mean-only batch normalization (Salimans & Kingma 2016), usually after weight norm.
 
     ``y = x - E[x] + bias``: the per-channel batch mean (over the batch and every position)
@@ -57,14 +39,12 @@ class MeanOnlyBatchNorm(RunningStatsNorm):
     ``eps`` is accepted, so ``normlab.convert`` can pass it, and unused.
     """
 
-    batch_stat_dims = "batch"
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, process_group,
+                         **kwargs)
         self.weight = None  # the paper's layer learns a bias only
         self.running_var = None  # and normalizes with the mean alone
-        self.process_group = process_group
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -73,18 +53,12 @@ class MeanOnlyBatchNorm(RunningStatsNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.mean_only_batch_norm(
-            x,
-            self.running_mean,
-            self.bias,
-            training=self._uses_batch_stats(),
-            momentum=self._step_factor(),
-            channel_dim=self.channel_dim,
-            process_group=self.process_group if self.training else None,
-        )
+        call = self._batch_call()
+        del call["eps"]  # no division, so no eps
+        return F.mean_only_batch_norm(x, self.running_mean, self.bias, **call)
 
 
-class BatchRenorm(RunningStatsNorm):
+class BatchRenorm(BatchStatNorm):
     r"""Batch renormalization (Ioffe 2017): batch norm corrected toward the running statistics.
 
     In training ``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` with
@@ -107,13 +81,12 @@ class BatchRenorm(RunningStatsNorm):
     restarts the schedule too. Needs running statistics (``track_running_stats=True``).
     """
 
-    batch_stat_dims = "batch"
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01, r_max: float = 3.0,
                  d_max: float = 5.0, warmup_steps: int = 5000, ramp_steps: int | tuple[int, int] = 20000,
                  affine: bool = True, track_running_stats: bool = True, channel_dim: int = 1, process_group=None,
                  **kwargs) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, process_group,
+                         **kwargs)
         who = f"BatchRenorm({num_features})"
         if not track_running_stats:
             raise ValueError(f"{who}: needs running statistics (r and d are measured against them); "
@@ -130,7 +103,6 @@ class BatchRenorm(RunningStatsNorm):
             raise ValueError(f"{who}: ramp_steps must be an int or an (r_steps, d_steps) pair, got {ramp_steps!r}")
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.ramp_steps = warmup_steps, ramp_steps
-        self.process_group = process_group
 
     def limits(self) -> tuple[Tensor, Tensor]:
         """``(r_max, d_max)`` in force for the next training step (0-dim tensors)."""
@@ -140,20 +112,8 @@ class BatchRenorm(RunningStatsNorm):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         r_max, d_max = self.limits()  # before _step_factor counts this step
-        return F.batch_renorm(
-            x,
-            self.running_mean,  # type: ignore[arg-type]
-            self.running_var,  # type: ignore[arg-type]
-            self.weight,
-            self.bias,
-            training=self.training,
-            momentum=self._step_factor(),
-            r_max=r_max,
-            d_max=d_max,
-            eps=self.eps,
-            channel_dim=self.channel_dim,
-            process_group=self.process_group if self.training else None,
-        )
+        return F.batch_renorm(x, self.running_mean, self.running_var, self.weight, self.bias,  # type: ignore[arg-type]
+                              r_max=r_max, d_max=d_max, **self._batch_call())
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, "

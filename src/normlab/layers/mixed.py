@@ -8,10 +8,10 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._layout import spatial_size
-from .base import RunningStatsNorm
+from .base import BatchStatNorm
 
 
-class BatchInstanceNorm(RunningStatsNorm):
+class BatchInstanceNorm(BatchStatNorm):
     r"""Batch-instance normalization (Nam & Kim 2018) for ``(N, C, *positions)`` input.
 
     ``y = weight * (rho * x_BN + (1 - rho) * x_IN) + bias`` with a learned per-channel gate
@@ -30,14 +30,12 @@ class BatchInstanceNorm(RunningStatsNorm):
     """
 
     min_spatial = 1
-    batch_stat_dims = "batch"
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, process_group,
+                         **kwargs)
         factory = {k: kwargs[k] for k in ("device", "dtype") if k in kwargs}
         self.rho = nn.Parameter(torch.ones(num_features, **factory))
-        self.process_group = process_group
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -54,22 +52,11 @@ class BatchInstanceNorm(RunningStatsNorm):
         self.check_input(x)
         # .data: outside autograd and its version counter, so a graph still holding rho stays valid
         self.rho.data.clamp_(0.0, 1.0)
-        return F.batch_instance_norm(
-            x,
-            self.rho,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training=self._uses_batch_stats(),
-            momentum=self._step_factor(),
-            eps=self.eps,
-            channel_dim=self.channel_dim,
-            process_group=self.process_group if self.training else None,
-        )
+        return F.batch_instance_norm(x, self.rho, self.running_mean, self.running_var, self.weight, self.bias,
+                                     **self._batch_call())
 
 
-class SwitchableNorm(RunningStatsNorm):
+class SwitchableNorm(BatchStatNorm):
     r"""Switchable normalization (Luo, Ren & Peng 2019): learned mix of IN, LN and BN moments.
 
     Parameters ``mean_weight`` and ``var_weight`` (3 each, order instance, layer, batch,
@@ -85,15 +72,13 @@ class SwitchableNorm(RunningStatsNorm):
     ``running_var = E[mu_B^2 + var_B] - E[mu_B]^2``.
     """
 
-    batch_stat_dims = "batch"
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, process_group,
+                         **kwargs)
         factory = {k: kwargs[k] for k in ("device", "dtype") if k in kwargs}
         self.mean_weight = nn.Parameter(torch.ones(3, **factory))
         self.var_weight = nn.Parameter(torch.ones(3, **factory))
-        self.process_group = process_group
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -102,17 +87,5 @@ class SwitchableNorm(RunningStatsNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.switchable_norm(
-            x,
-            self.mean_weight,
-            self.var_weight,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training=self._uses_batch_stats(),
-            momentum=self._step_factor(),
-            eps=self.eps,
-            channel_dim=self.channel_dim,
-            process_group=self.process_group if self.training else None,
-        )
+        return F.switchable_norm(x, self.mean_weight, self.var_weight, self.running_mean, self.running_var,
+                                 self.weight, self.bias, **self._batch_call())
