@@ -7,7 +7,9 @@ running batch norm forward + backward on its own (N, C, H, W) batch, synchronize
 Candidates alternate within each round (ABBA order), each call starts after a barrier, and
 rank 0 prints medians. "collectives only" is the two collectives a synchronized layer adds
 (one all_gather of (count, mean, M2) forward, one all_reduce of 2C gradients backward) on
-moments alone, so "sync - local" should be close to it. One torch thread per process.
+moments alone, so "sync - local, plain path" should be close to it ("plain path": the
+autograd path synchronized layers take; local layers take a fused CPU path when they can).
+One torch thread per process.
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ def _worker(rank: int, folder: str, shape: tuple[int, ...], rounds: int, threads
         (g.mean.sum() + g.m2.sum()).backward()
 
     cands = {name: step(layer) for name, layer in layers.items()}
+    try:  # the plain autograd path that synchronized layers take (the fused CPU path is local-only)
+        from normlab.functional._fused import fast_path
+
+        def plain() -> None:
+            with fast_path(False):
+                cands["normlab bn, local"]()
+
+        cands["normlab bn, local, plain path"] = plain
+    except ImportError:
+        pass
     cands["collectives only"] = collectives
     names = list(cands)
     times: dict[str, list[float]] = {k: [] for k in names}
@@ -70,7 +82,10 @@ def _worker(rank: int, folder: str, shape: tuple[int, ...], rounds: int, threads
             med = statistics.median(times[k])
             print(f"  {k:28s} {1e3 * med:8.3f} ms")
         sync = statistics.median(times["normlab bn, synchronized"])
-        print(f"  synchronization adds {1e3 * (sync - local):.3f} ms per call ({sync / local:.2f}x local)")
+        print(f"  synchronized - local: {1e3 * (sync - local):.3f} ms per call ({sync / local:.2f}x)")
+        if "normlab bn, local, plain path" in times:
+            plain_t = statistics.median(times["normlab bn, local, plain path"])
+            print(f"  synchronized - local on the same (plain) path: {1e3 * (sync - plain_t):.3f} ms per call")
     dist.destroy_process_group()
 
 

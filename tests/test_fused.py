@@ -36,6 +36,15 @@ FUNCS = {
 AXES = {"bn": (0, 2, 3), "ln": (1, 2, 3), "in": (2, 3), "rms": (1, 2, 3)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: OpenMP barriers only add stalls on a shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _params(c: int, dtype=torch.float64):
     w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_()
     b = torch.randn(c, dtype=dtype).requires_grad_()
@@ -161,8 +170,10 @@ def test_large_mean_small_spread_matches_float64_reference(name, channels_last):
     else:
         ref = ref_normalize(xn, AXES[name], 1e-5)
     ref = ref * per_channel_np(w.detach().numpy(), 4, 1) + per_channel_np(b.detach().numpy(), 4, 1)
-    # float32 inputs near 1e4 carry absolute steps of 1e-3, i.e. 1e-3 of the spread
-    np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=5e-3)
+    # float32 inputs near 1e4 carry absolute steps of 1e-3 of the spread, and the one-pass
+    # affine form x * a + b (torch's own batch-norm kernels use it) rounds |mean| * a once more:
+    # errors of a few 1e-3 (torch's BatchNorm2d: the same); E[x^2] - E[x]^2 gives errors ~1-100
+    np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=1.5e-2)
 
 
 # --------------------------------------------------------------------- memory and strides
@@ -255,3 +266,19 @@ def test_bench_cli_smoke(tmp_path, capsys):
     # bn saves the input and per-channel statistics: about one input-sized tensor
     assert 0.9 <= rows["bn"]["saved_T"] <= 1.5
     assert all(r["train_fwd_bwd_ms"] > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("shape,fmt", [((4, 3, 5), None), ((3, 4, 3, 5), None), ((3, 4, 3, 5), CL),
+                                       ((2, 3, 2, 3, 2), torch.channels_last_3d), ((6, 3), None)])
+def test_gradcheck_batch_norm_train(shape, fmt):
+    from normlab.functional._fused import BatchNormTrain
+
+    x = torch.randn(shape, dtype=torch.float64)
+    x = (x.contiguous(memory_format=fmt) if fmt is not None else x).requires_grad_()
+    w, b = _params(shape[1])
+    assert torch.autograd.gradcheck(lambda x, w, b: BatchNormTrain.apply(x, w, b, 1e-3)[0], (x, w, b))
+    y, mean, var = BatchNormTrain.apply(x, w, b, 1e-3)
+    dims = tuple(d for d in range(x.ndim) if d != 1)
+    np.testing.assert_allclose(var.detach().numpy(), x.detach().numpy().var(dims), rtol=1e-10)
+    if fmt is not None:
+        assert y.is_contiguous(memory_format=fmt)

@@ -44,6 +44,7 @@ def _curve_counts(db: Path) -> dict[str, int]:
         con.close()
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_rows_report_resume_fresh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db, out = tmp_path / "r.sqlite", tmp_path / "rep"
     args = ["study", "--norms", "bn,none", "--batch-sizes", "4,8", "--db", str(db), "--out", str(out), *TINY]
@@ -230,6 +231,98 @@ def test_recommendation_and_noise_words() -> None:
     assert "Diverged: d (1 of 2 seeds)" in text
 
 
+def test_batch_size_sensitivity_words() -> None:
+    def row(norm: str, bs: int, seed: int, err: float) -> dict:
+        cfg = CellConfig(task="digits", norm=norm, batch_size=bs, seed=seed, epochs=1, base_lr=0.1)
+        return {"key": f"{norm}{bs}{seed}", **cfg.to_dict(), "status": "ok", "val_metric": err, "median_step_s": 1e-3,
+                "saved_bytes_per_sample": 1.0, "param_count": 1, "metric": "error"}
+
+    rows = [row("bn", 2, 0, 0.30), row("bn", 2, 1, 0.32), row("bn", 64, 0, 0.10), row("bn", 64, 1, 0.12),
+            row("gn", 2, 0, 0.10), row("gn", 2, 1, 0.14), row("gn", 64, 0, 0.11), row("gn", 64, 1, 0.12)]
+    (study,) = _studies_from_rows(rows, {})
+    from normlab.study.report import sensitivity
+
+    bn, gn = sensitivity(study)  # worst first
+    assert bn == "- bn: 11 at batch 64 -> 31 at batch 2 (+20.00 points; beyond noise)"
+    assert gn.startswith("- gn: 11.5 at batch 64 -> 12 at batch 2 (+0.50 points; within noise")
+
+
 def test_pareto_front() -> None:
     pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (2.0, 3.0 + 1e-9)]
     assert pareto_front(pts) == [0, 1, 3]
+
+
+# -------------------------------------------------------------------- the tasks
+def _write_idx(path: Path, arr: "np.ndarray") -> None:
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype("uint8").tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=50, dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    task = get_task("fashion-mnist")
+    split = task.split(5, 0.2, 2000, 0, str(tmp_path))
+    assert split.x_train.shape == (40, 1, 28, 28) and split.x_val.shape == (10, 1, 28, 28)
+    # every example is an image of the file with its own label, pixels mapped 0..255 -> -1..1
+    x = torch.cat([split.x_train, split.x_val]).numpy()
+    y = torch.cat([split.y_train, split.y_val]).numpy()
+    flat = {im.tobytes(): lab for im, lab in zip(images, labels)}
+    for xi, yi in zip(x, y):
+        raw = np.rint((xi[0] + 1) / 2 * 255).astype(np.uint8)
+        assert flat[raw.tobytes()] == yi
+    cfg = CellConfig(task="fashion-mnist", norm="gn:2", batch_size=8, seed=5, epochs=1, base_lr=0.1, width=2,
+                     data_dir=str(tmp_path))
+    r = run_cell(cfg)
+    assert r.status == "ok" and r.train_size == 40 and r.val_size == 10 and r.steps == 5
+
+
+def test_sunspots_standardizer_fit_on_training_span_and_rmse_in_original_units() -> None:
+    import numpy as np
+    from statsmodels.datasets import sunspots
+
+    raw = sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(np.float64)
+    task = get_task("sunspots")
+    split = task.split(0, 0.2, 2000, 0, "")
+    n_train = len(raw) - round(0.2 * len(raw))
+    L = task.window
+    assert split.x_train.shape == (n_train - L, L, 1) and split.x_val.shape == (len(raw) - n_train, L, 1)
+    mu, sd = raw[:n_train].mean(), raw[:n_train].std()  # the training span alone, population std
+    torch.testing.assert_close(split.y_val[:, 0].double(), torch.from_numpy((raw[n_train:] - mu) / sd),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.x_train[0, :, 0].double(), torch.from_numpy((raw[:L] - mu) / sd),
+                               rtol=1e-5, atol=1e-5)
+    pred = split.y_val + 0.5  # half a training std off everywhere: RMSE = sd / 2 in original units
+    assert task.score(pred, split.y_val, split) == pytest.approx(sd / 2, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sunspots_cells_for_each_slot() -> None:
+    specs = get_task("sunspots").default_norms()
+    assert {"ln", "bn", "none"} <= set(specs)
+    for spec in specs:
+        cfg = CellConfig(task="sunspots", norm=spec, batch_size=8, seed=0, epochs=1, base_lr=0.05, width=2,
+                         train_subset=32)
+        r = run_cell(cfg)
+        assert r.status == "ok" and r.metric == "rmse" and r.val_metric > 0 and r.steps == 4
+
+
+@pytest.mark.slow
+def test_mnist1d_generated_locally_and_a_cell_runs() -> None:
+    task = get_task("mnist1d")
+    split = task.split(0, 0.2, 2000, 0, "")
+    assert split.x_train.shape == (4000, 1, 40) and split.x_val.shape == (1000, 1, 40)
+    assert set(split.y_train.unique().tolist()) == set(range(10))
+    cfg = CellConfig(task="mnist1d", norm="bn", batch_size=16, seed=0, epochs=1, base_lr=0.1, width=4,
+                     train_subset=64)
+    r = run_cell(cfg)
+    assert r.status == "ok" and r.steps == 4 and r.val_size == 1000

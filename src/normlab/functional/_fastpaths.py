@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
-from ._fused import fast_layout, fused_affine_norm, merged, standard_stat_fn
+from ._fused import batch_norm_train, fast_layout, fused_affine_norm, merged, standard_stat_fn
 
 __all__ = ["batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast", "rms_norm_fast"]
 
@@ -46,7 +46,9 @@ def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
     if fast_layout(x, cd) is None:
         return None
     if training or running_mean is None or running_var is None:
-        y, m = fused_affine_norm(x, cd, standard_stat_fn("batch", eps), (weight, bias), per_channel=True)
+        got = batch_norm_train(x, weight, bias, eps) if cd == 1 else None
+        y, m = got if got is not None else fused_affine_norm(x, cd, standard_stat_fn("batch", eps), (weight, bias),
+                                                            per_channel=True)
         if training:
             _update(running_mean, running_var, merged(m, "batch"), momentum)
         return y

@@ -69,14 +69,19 @@ def _views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     return None
 
 
-_ENABLED = [True]
+# None: automatic (inputs of at least MIN_FAST_NUMEL values); True: always; False: never
+_ENABLED: list[bool | None] = [None]
+
+MIN_FAST_NUMEL = 1 << 16
+"""Inputs with fewer values take the plain autograd path (see :func:`fast_layout`)."""
 
 
 class fast_path:
-    """Context manager switching the fused path on or off (``with fast_path(False): ...`` runs
-    the plain autograd reference); for tests and benchmarks. Not thread-safe."""
+    """Context manager forcing the fused path on or off: ``with fast_path(False): ...`` runs
+    the plain autograd reference, ``with fast_path(True): ...`` takes the fused path even for
+    inputs below :data:`MIN_FAST_NUMEL`; for tests and benchmarks. Not thread-safe."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool | None) -> None:
         self.enabled = enabled
 
     def __enter__(self) -> None:
@@ -88,17 +93,28 @@ class fast_path:
 
 
 def fast_layout(x: Tensor, cd: int) -> str | None:
-    """The layout the fused path would use for ``x`` ("cf" or "cl"), or None if it does not apply."""
-    if not _ENABLED[0]:
+    """The layout the fused path would use for ``x`` ("cf" or "cl"), or None if it does not apply.
+
+    Small inputs (fewer than :data:`MIN_FAST_NUMEL` values, unless forced by
+    ``fast_path(True)``) go to the plain path: there the fused path's fixed costs (several
+    small kernels, the custom Function, OpenMP fork/join in the statistics kernels) outweigh
+    the passes it saves.
+    """
+    mode = _ENABLED[0]
+    if mode is False:
         return None
     if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.numel() == 0 or x.ndim < 2 or _compiling():
+        return None
+    if mode is None and x.numel() < MIN_FAST_NUMEL:
         return None
     v = _views(x, cd)
     return None if v is None else v[0]
 
 
 def _coef(t: Tensor, layout: str) -> Tensor:
-    """Per-(n, c) coefficients shaped to broadcast against the layout's 3-d view."""
+    """Per-(n, c) coefficients shaped to broadcast against the layout's 3-d view (made
+    contiguous: a broadcast operand with zero strides sends TensorIterator to a slow loop)."""
+    t = t.contiguous()
     return t.unsqueeze(-1) if layout == "cf" else t.unsqueeze(1)
 
 
@@ -157,7 +173,15 @@ def _sums(dyv: Tensor, v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
             dyv.reshape(1, n * c, length), v.view(1, n * c, length), ones, zeros, ones, None, None, False, 0.0,
             [False, True, True])
         return g.view(n, c), h.view(n, c)
-    return dyv.sum(1), torch.linalg.vecdot(dyv, v, dim=1)
+    # channels-last: the same reduction per sample, on (1, C, L, 1) channels-last views
+    n, length, c = v.shape
+    zeros = v.new_zeros(c)
+    ones = v.new_ones(c)
+    v4 = v.transpose(1, 2).unsqueeze(-1)
+    d4 = dyv.transpose(1, 2).unsqueeze(-1)
+    parts = [torch.ops.aten.native_batch_norm_backward(d4[i:i + 1], v4[i:i + 1], ones, zeros, ones, None, None,
+                                                       False, 0.0, [False, True, True]) for i in range(n)]
+    return torch.stack([p[2] for p in parts]), torch.stack([p[1] for p in parts])
 
 
 class AffineFromMoments(torch.autograd.Function):
@@ -325,9 +349,3 @@ def standard_stat_fn(over: str, eps: float, num_groups: int = 1, center: bool = 
         return scale_shift(r.mean, r.var, eps, weight, bias)
 
     return fn
-
-
-def native_layout_ok(x: Tensor, cd: int) -> bool:
-    """True if ``x.movedim(cd, 1)`` is contiguous: torch's native group-norm kernel then runs
-    on it without a copy (its channels-last kernel is avoided: it forms E[x^2] - E[x]^2)."""
-    return fast_layout(x, cd) == "cf"

@@ -53,12 +53,15 @@ def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="how the learning rate scales with the batch size (default linear)")
     p.add_argument("--width", type=_positive, default=16, help="channels of the first conv layer (default 16)")
     p.add_argument("--eval-batch-size", type=_positive, default=256)
-    p.add_argument("--train-subset", type=int, default=0, help="keep only N training examples (default: all)")
+    p.add_argument("--train-subset", type=int,
+                   help="keep only N training examples (0: all; default: the task's, all but for fashion-mnist)")
     p.add_argument("--data-dir", default="", help="folder of the data set's files (fashion-mnist's IDX files)")
     p.add_argument("--db", default=DEFAULT_DB, help=f"results database (default {DEFAULT_DB})")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
     p.add_argument("--workers", type=_positive, help="cells run in parallel processes (default: the cores)")
-    p.add_argument("--threads", type=_positive, help="torch threads per worker (default: cores // workers)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="torch threads per worker (default 1: small models gain nothing from more, and "
+                        "threads that outnumber free cores slow down many times over)")
     p.add_argument("--nproc", type=_positive, default=1,
                    help="run each cell as P data-parallel processes (gloo, DDP); --batch-sizes are then per "
                         "process and the global batch is P times larger (default 1)")
@@ -101,8 +104,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             task.name, specs, args.batch_sizes, list(range(args.seeds)), nproc=args.nproc, sync=sync,
             epochs=args.epochs or task.default_epochs, base_lr=args.lr or task.default_lr,
             base_batch=args.base_batch, lr_rule=args.lr_rule, width=args.width,
-            eval_batch_size=args.eval_batch_size, train_subset=args.train_subset, data_dir=args.data_dir,
-            threads=threads)]
+            eval_batch_size=args.eval_batch_size, data_dir=args.data_dir, threads=threads,
+            train_subset=task.default_train_subset if args.train_subset is None else args.train_subset)]
     except DataMissingError as err:
         return _error("study", str(err))
     except (ValueError, ImportError) as err:

@@ -32,6 +32,17 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": colors[order[i % 20]], "linestyle": _STYLES[i % len(_STYLES)], "marker": _MARKERS[i % len(_MARKERS)]}
 
 
+def _log_y(ax: Any) -> None:
+    """Log y axis with plain tick labels (1, 2, 5, 10, ...): small errors stay readable
+    next to a norm that fails."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both coordinates (both minimized),
     sorted by the first coordinate."""
@@ -44,7 +55,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot_error_vs_batch(st: "Study", path: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8.8, 5.5))
     for i, n in enumerate(st.norms):
         cells = [st.cells[(n, b)] for b in st.batch_sizes if (n, b) in st.cells and st.cells[(n, b)].values]
         if not cells:
@@ -61,12 +72,14 @@ def plot_error_vs_batch(st: "Study", path: Path) -> Path:
             ax.scatter(div, [st.scale(st.cells[(n, b)].mean) for b in div], marker="x", s=80, color="k", zorder=5)
     ax.set_xscale("log", base=2)
     ax.set_xticks(st.batch_sizes, [str(b) for b in st.batch_sizes])
+    if st.metric == "error":
+        _log_y(ax)
     ax.set_xlabel("batch size (per process)")
     ax.set_ylabel(st.unit)
     seeds = f"mean ± 1 std over {st.seeds} seeds" if st.seeds > 1 else "one seed"
     ax.set_title(f"{st.task}: {st.unit} vs batch size ({seeds})", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(ncol=2, fontsize=8, loc="best")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,8 +156,8 @@ def plot_curves(st: "Study", path: Path) -> Path:
         ax.set_xlabel("epoch", fontsize=8)
         if k == 0:
             ax.set_ylabel(st.unit, fontsize=8)
-        if st.metric == "error":
-            ax.set_yscale("log")
+        if st.metric == "error":  # the late, small errors matter
+            _log_y(ax)
         ax.grid(True, alpha=0.3, which="both")
         ax.tick_params(labelsize=7)
     axes[0][-1].legend(fontsize=7, ncol=2, loc="upper right")

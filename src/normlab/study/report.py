@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from .store import Store
 
-__all__ = ["Cell", "Study", "load_studies", "format_table", "recommendations", "write_report"]
+__all__ = ["Cell", "Study", "load_studies", "format_table", "recommendations", "sensitivity", "write_report"]
 
 _NOT_PROTOCOL = {"key", "norm", "batch_size", "global_batch_size", "seed", "threads", "data_dir"}
 
@@ -82,7 +82,8 @@ class Study:
         if int(p.get("nproc") or 1) > 1:  # bs columns are global batches of nproc x the per-process batch
             stats = "synchronized" if p.get("sync") else "local"
             sub += f", {p['nproc']} processes (DDP), batch statistics {stats}"
-        return f"{self.task}: {p['epochs']} epochs, {lr}, width {p['width']}{sub}"
+        epochs = f"{p['epochs']} epoch{'s' if p['epochs'] != 1 else ''}"
+        return f"{self.task}: {epochs}, {lr}, width {p['width']}{sub}"
 
     def scale(self, v: float) -> float:
         """Metric as shown: error in percent, RMSE as is."""
@@ -220,7 +221,38 @@ def recommendations(study: Study) -> list[str]:
     return out
 
 
+def sensitivity(study: Study) -> list[str]:
+    """Per norm, in plain words: how its metric moves from the largest batch size to the
+    smallest, and whether the move is beyond the seeds' noise (the two stds combined)."""
+    bss = study.batch_sizes
+    if len(bss) < 2:
+        return []
+    lo, hi = bss[0], bss[-1]
+    unit = " points" if study.metric == "error" else ""
+    items = []
+    for n in study.norms:
+        a, b = study.cells.get((n, lo)), study.cells.get((n, hi))
+        if a is None or b is None or not a.usable or not b.usable:
+            items.append((math.inf, f"- {n}: diverged at batch {lo if a is None or not a.usable else hi}"))
+            continue
+        d = study.scale(a.mean) - study.scale(b.mean)
+        noise = math.hypot(study.scale(a.std), study.scale(b.std))
+        verdict = ("one seed: noise unknown" if math.isnan(noise) else
+                   "beyond noise" if abs(d) > noise else "within noise")
+        items.append((d, f"- {n}: {study.scale(b.mean):.3g} at batch {hi} -> {study.scale(a.mean):.3g} at batch {lo} "
+                         f"({d:+.2f}{unit}; {verdict})"))
+    return [t for _, t in sorted(items, key=lambda it: -it[0])]
+
+
 # -------------------------------------------------------------------- report
+def _settings(protocol: dict[str, Any]) -> str:
+    from .config import CellConfig
+
+    types = CellConfig.field_types()
+    return ", ".join(f"{k}={types[k](v) if k in types and v is not None else v}"
+                     for k, v in sorted(protocol.items()) if k != "task")
+
+
 def write_report(db: str | Path, out: str | Path, keys: Iterable[str] | None = None) -> Path:
     """Write ``report.md`` and its PNG figures into ``out`` from the database ``db``;
     returns the path of ``report.md``."""
@@ -245,10 +277,17 @@ def write_report(db: str | Path, out: str | Path, keys: Iterable[str] | None = N
         }
         p = st.protocol
         lines += [f"## {st.title()}", "",
-                  f"Settings: {', '.join(f'{k}={v}' for k, v in sorted(p.items()) if k != 'task')}.", "",
+                  f"Settings: {_settings(p)}.", "",
                   table_caption(st).split("\n", 1)[1] + ".", "", format_table(st, markdown=True), "",
                   "### Recommendation", ""]
         lines += [r + "\n" for r in recommendations(st)]
+        moves = sensitivity(st)
+        if moves:
+            lines += [f"How each norm's {st.unit} moves from the largest batch size to the smallest "
+                      "(worst first; noise: the two standard deviations combined). Every batch size trains "
+                      "the same number of epochs, so a smaller batch takes more steps; on a small data set that "
+                      "alone can favour small batches for every norm: read a norm's move against the others', "
+                      "not against zero.", ""] + moves + [""]
         lines += ["### Figures", "",
                   f"{st.unit.capitalize()} against batch size (mean and band of ±1 std over seeds):", "",
                   f"![error vs batch size]({figs['batch'].name})", "",

@@ -20,7 +20,7 @@ import torch
 
 from .config import CellConfig
 from .store import Store
-from .tasks import Task, get_task
+from .tasks import Task
 from .train import CellResult, check_cell, run_cell
 
 __all__ = ["execute_cell", "resolve_norms", "build_grid", "run_grid", "GridOutcome", "available_cores",
@@ -138,11 +138,29 @@ class Progress:
             self.stream.flush()
 
 
+def _exit_with(pid: int) -> None:
+    """Worker initializer: leave when the study process is gone (killed, SIGKILL included);
+    a forkserver worker would otherwise wait for work forever."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, another user's (pid reused): keep going
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="normlab-exit-with-parent").start()
+
+
 def _columns() -> int:
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
-    except OSError:
-        return 120
+    import shutil
+
+    cols = shutil.get_terminal_size((120, 24)).columns
+    return cols if cols >= 40 else 120
 
 
 def _fmt(seconds: float) -> str:
@@ -197,8 +215,11 @@ def run_grid(cells: list[CellConfig], store: Store, workers: int = 1, progress: 
                     finish(c, None, f"{type(e).__name__}: {e}", todo[i + 1:i + 2])
         else:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["normlab.study.train"])
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            # workers fork from a server that has imported these once (torch._dynamo: torch's
+            # is_compiling() imports it on first use, about a second per process)
+            ctx.set_forkserver_preload(["normlab.study.train", "sklearn.datasets", "torch._dynamo"])
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with,
+                                     initargs=(os.getpid(),)) as pool:
                 queue = list(reversed(todo))
                 flying: dict[Future, CellConfig] = {}
                 while queue or flying:

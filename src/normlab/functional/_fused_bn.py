@@ -1,0 +1,127 @@
+"""Fast CPU paths of the per-channel batch-statistic norms, on torch's batch-norm kernels.
+
+Batch norm, batch renorm and mean-only batch norm normalize with one (mean, var) per
+channel, so torch's own batch-norm kernels (vectorised for contiguous and channels-last
+input) do their full-size work once they are handed the statistics:
+
+forward   per-channel moments in one vectorised pass (:func:`channel_moments`: Welford per
+          (n, c) merged exactly, or the two-pass channels-last kernel), then the eval kernel
+          ``y = (x - mean) * weight / sqrt(var + eps) + bias`` (one read, one write);
+backward  torch's training batch-norm backward given the saved mean and 1/std (one fused
+          reduction of ``dy`` and ``dy * x``, one pass writing ``dx``).
+
+Only ``x`` and per-channel statistics are saved. Batch renorm is batch norm with weight
+``weight * r`` and bias ``weight * d + bias`` (r and d are constants of the backward), so it
+runs through :class:`BatchNormTrain` with autograd handling the tiny (C,) products. Mean-only
+batch norm needs neither ``x`` nor a variance: ``dx = dy - mean_c(dy)``.
+
+Any channel axis works: the input is viewed (no copy) as ``(N, C, L)`` when the channel
+axis is outside the positions in memory (channel-first) or as ``(N * L, C)`` when it is the
+innermost axis (channels-last; torch's kernels treat an ``(M, C)`` matrix as channels-last).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .._moments import Moments, reduce_moments
+from ._fused import _moments_nc, _views, fast_layout
+
+__all__ = ["BatchNormTrain", "MeanOnlyTrain", "bn_view", "channel_moments"]
+
+
+def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+    """``(xb, back)``: a view of ``x`` with the channel axis at 1 that torch's batch-norm
+    kernels run on without a copy, and the map taking a result of ``xb``'s shape back to
+    ``x``'s; None where the fused path does not apply (see :func:`fast_layout`)."""
+    layout = fast_layout(x, cd)
+    if layout is None:
+        return None
+    _, v = _views(x, cd)  # type: ignore[misc]
+    if layout == "cf" and v.shape[2] != 1:
+        shape = x.movedim(cd, 1).shape
+        return v, lambda t: t.view(shape).movedim(1, cd)
+    shape = x.movedim(cd, -1).shape  # channels innermost (or no positions): an (M, C) matrix
+    return v.reshape(-1, x.shape[cd]), lambda t: t.view(shape).movedim(-1, cd)
+
+
+@torch.no_grad()
+def channel_moments(xb: Tensor) -> Moments:
+    """Per-channel moments of a :func:`bn_view` (``(N, C, L)`` or ``(M, C)``), shaped (C,)."""
+    if xb.ndim == 3:
+        mean, var, count, _ = _moments_nc(xb, "cf", per_channel=False)
+        r = reduce_moments(Moments(count, mean, var * count), 0)
+        return Moments(r.count, r.mean.reshape(-1), r.m2.reshape(-1))
+    mean, var = torch.ops.aten.batch_norm_update_stats(xb, None, None, 0.0)
+    return Moments(xb.shape[0], mean, var * xb.shape[0])
+
+
+class BatchNormTrain(torch.autograd.Function):
+    """Training batch norm of a :func:`bn_view` with its batch moments given.
+
+    ``apply(xb, weight, bias, mean, var, eps)``: ``mean`` and the biased ``var`` (C,) must be
+    the moments of ``xb`` over every axis but 1 (from :func:`channel_moments`); the backward
+    is the full batch-norm gradient, through the statistics too. ``weight`` and ``bias`` may
+    be None or any differentiable (C,) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, xb: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,  # type: ignore[override]
+                eps: float) -> Tensor:
+        y = torch.ops.aten._native_batch_norm_legit_no_training(xb, weight, bias, mean, var, 0.0, eps)[0]
+        ctx.eps = eps
+        ctx.save_for_backward(xb, weight, bias, mean, torch.rsqrt(var + eps))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        xb, weight, bias, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward: differentiate torch's own batch norm
+            with torch.enable_grad():
+                xs = xb if xb.requires_grad else xb.detach().requires_grad_()
+                y = torch.nn.functional.batch_norm(xs, None, None, weight, bias, True, 0.0, ctx.eps)
+                wrt = [t for t, n in zip((xs, weight, bias), need) if n]
+                grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
+            return tuple(next(grads) if n else None for n in need) + (None, None, None)
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy.contiguous(), xb, weight, None, None, mean, invstd,
+                                                               True, ctx.eps, list(need))
+        return dx, dw, db, None, None, None
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum of an ``(N, C, L)`` or ``(M, C)`` tensor, as (C,)."""
+    return t.sum(2).sum(0) if t.ndim == 3 else t.sum(0)
+
+
+class MeanOnlyTrain(torch.autograd.Function):
+    """``y = xb - mean_c + bias`` with ``mean`` the per-channel batch mean of ``xb`` (given).
+
+    Backward ``dx = dy - mean_c(dy)``, ``dbias = sum_c(dy)``: one reduction and one pass,
+    nothing input-sized saved. ``apply(xb, bias, mean)``.
+    """
+
+    @staticmethod
+    def forward(ctx, xb: Tensor, bias: Tensor | None, mean: Tensor) -> Tensor:  # type: ignore[override]
+        ones = torch.ones_like(mean)
+        # (x - mean) * rsqrt(1 + 0) + bias: the eval kernel, exact (rsqrt(1) = 1)
+        y = torch.ops.aten._native_batch_norm_legit_no_training(xb, None, bias, mean, ones, 0.0, 0.0)[0]
+        ctx.count = xb.numel() // xb.shape[1]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # double backward: the same linear map, differentiably
+            dims = (0, 2) if dy.ndim == 3 else (0,)
+            dx = dy - dy.mean(dims, keepdim=True)
+            return dx, dy.sum(dims) if ctx.needs_input_grad[1] else None, None
+        g = _channel_sum(dy)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            mean_dy = g / ctx.count
+            dx = torch.ops.aten._native_batch_norm_legit_no_training(dy.contiguous(), None, None, mean_dy,
+                                                                     torch.ones_like(mean_dy), 0.0, 0.0)[0]
+        return dx, g if ctx.needs_input_grad[1] else None, None
