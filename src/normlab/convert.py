@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .layers.base import Norm, RunningStatsNorm
+from .layers.base import BatchStatNorm, Norm, RunningStatsNorm
 from .registry import make_norm, parse_spec
 
 __all__ = ["convert", "convert_sync", "fold_batchnorm", "recalibrate", "norm_signature"]
@@ -311,7 +311,7 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
         return _sync_batchnorm(model, group)
     for module in list(model.modules()):
-        if isinstance(module, Norm) and hasattr(module, "process_group"):
+        if isinstance(module, BatchStatNorm):
             module.process_group = group
         for name, child in list(module.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):

@@ -1,10 +1,14 @@
-"""Fast CPU entry points of the standard norms, on top of :mod:`._fused`.
+"""Fast CPU entry points of the batch, per-sample and mixed norms, on :mod:`._fused` and
+:mod:`._fused_bn`.
 
-Each returns the normalized tensor, or ``None`` when the fast path does not apply (CUDA,
-half precision, strides that are neither channel-first nor channels-last dense,
-``torch.compile``, an empty batch); the public functions then take their plain autograd
-path, which stays the reference. Running statistics are updated here exactly as the
-plain path does (from the same batch moments, merged exactly).
+Each returns the normalized tensor (the mixed norms: with the batch moments, for the caller's
+running-statistics rule), or ``None`` when the fast path does not apply (CUDA, half
+precision, strides that are neither channel-first nor channels-last dense,
+``torch.compile``, an empty or small input, see :func:`._fused.fast_layout`); the public
+functions then take their plain autograd path, which stays the reference. Running
+statistics are updated exactly as the plain path does (from the same batch moments, merged
+exactly). Synchronized statistics (a process group with more than one process, see
+:func:`local_only`) take the plain path, whose all-gather is differentiable.
 """
 
 from __future__ import annotations
@@ -16,9 +20,21 @@ from torch import Tensor
 from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
-from ._fused import batch_norm_train, fast_layout, fused_affine_norm, merged, standard_stat_fn
+from ._fused import MIN_FUSED_NUMEL, fast_layout, fused_affine_norm, merged, scale_shift, standard_stat_fn
+from ._fused_bn import BatchNormTrain, MeanOnlyTrain, bn_view, channel_moments_spare
 
-__all__ = ["batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast", "rms_norm_fast"]
+__all__ = ["batch_instance_norm_fast", "batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast",
+           "local_only", "mean_only_batch_norm_fast", "rms_norm_fast", "switchable_norm_fast"]
+
+
+def local_only(process_group) -> bool:
+    """True if batch statistics stay local: no group, or one that is not active (torch.distributed
+    not initialized, or a group of one process), where the all-reduce would return them unchanged."""
+    if process_group is None:
+        return True
+    from .. import distributed
+
+    return not distributed.is_active(process_group)
 
 
 def _update(running_mean: Tensor | None, running_var: Tensor | None, m: Moments, momentum) -> None:
@@ -43,16 +59,40 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weigh
 def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                     bias: Tensor | None, training: bool, momentum, eps: float, channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
+    if training or running_mean is None or running_var is None:
+        got = bn_view(x, cd)
+        if got is None:
+            return None
+        xb, back = got
+        m, spare = channel_moments_spare(xb)
+        y = back(BatchNormTrain.apply(xb, weight, bias, m.mean, m.var, eps, spare))
+        if training:
+            _update(running_mean, running_var, m, momentum)
+        return y
     if fast_layout(x, cd) is None:
         return None
-    if training or running_mean is None or running_var is None:
-        got = batch_norm_train(x, weight, bias, eps) if cd == 1 else None
-        y, m = got if got is not None else fused_affine_norm(x, cd, standard_stat_fn("batch", eps), (weight, bias),
-                                                            per_channel=True)
-        if training:
-            _update(running_mean, running_var, merged(m, "batch"), momentum)
-        return y
     return affine_eval(x, cd, running_mean, running_var, eps, weight, bias)
+
+
+def mean_only_batch_norm_fast(x: Tensor, running_mean: Tensor | None, bias: Tensor | None, training: bool, momentum,
+                              channel_dim: int) -> Tensor | None:
+    cd = channel_axis(x.ndim, channel_dim)
+    if training or running_mean is None:
+        got = bn_view(x, cd)
+        if got is None:
+            return None
+        xb, back = got
+        count = xb.numel() // xb.shape[1]
+        with torch.no_grad():
+            mean = (xb.sum(2).sum(0) if xb.ndim == 3 else xb.sum(0)) / count
+        y = back(MeanOnlyTrain.apply(xb, bias, mean))
+        if training:
+            _update(running_mean, None, Moments(count, mean, torch.zeros_like(mean)), momentum)
+        return y
+    if fast_layout(x, cd) is None:
+        return None
+    # x - mean + bias: the eval map with variance 1 and eps 0 (exact: rsqrt(1) = 1)
+    return affine_eval(x, cd, running_mean, torch.ones_like(running_mean), 0.0, None, bias)
 
 
 def layer_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, channel_dim: int) -> Tensor | None:
@@ -64,6 +104,8 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     cd = channel_axis(x.ndim, channel_dim)
     layout = fast_layout(x, cd)
     if layout is None or x.numel() // (x.shape[0] * num_groups) == 1:  # one value per group: exact 0 there
+        return None
+    if layout == "cl" and fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     if layout == "cf":
         # torch's own kernel: one vectorised Welford pass forward, one fused backward
@@ -78,7 +120,7 @@ def instance_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     tracking = momentum is not None and (running_mean is not None or running_var is not None)
     if not tracking:
         return group_norm_fast(x, x.shape[cd], weight, bias, eps, channel_dim)
-    if fast_layout(x, cd) is None:
+    if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     y, m = fused_affine_norm(x, cd, standard_stat_fn("spatial", eps), (weight, bias))
     # batch average of the per-instance moments (the mean of unbiased variances), as the plain path
@@ -88,6 +130,84 @@ def instance_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
 
 def rms_norm_fast(x: Tensor, weight: Tensor | None, eps: float, channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
-    if fast_layout(x, cd) is None:
+    if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     return fused_affine_norm(x, cd, standard_stat_fn("sample", eps, center=False), (weight, None))[0]
+
+
+
+def _fixed(running_mean: Tensor | None, running_var: Tensor | None, batch_stats: bool) -> tuple[Tensor, Tensor] | None:
+    """The running statistics as (1, C) rows, copied (the backward reruns the statistics
+    function, and the buffers may change in place before it), or None for batch statistics."""
+    if batch_stats:
+        return None
+    return running_mean.detach().reshape(1, -1).clone(), running_var.detach().reshape(1, -1).clone()  # type: ignore[union-attr]
+
+
+def _batch_part(m: Moments, fixed: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the batch part, (1, C): merged from the per-(n, c) moments, or the running ones."""
+    if fixed is None:
+        b = merged(m, "batch")
+        return b.mean, b.var
+    return fixed[0].to(m.mean.dtype), fixed[1].to(m.mean.dtype)
+
+
+def _affine(scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``weight * (scale * x + shift) + bias`` as one (scale, shift) pair."""
+    if weight is not None:
+        w = weight.reshape(1, -1)
+        scale, shift = scale * w, shift * w
+    if bias is not None:
+        shift = shift + bias.reshape(1, -1)
+    return scale, shift
+
+
+def batch_instance_norm_fast(x: Tensor, rho: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                             weight: Tensor | None, bias: Tensor | None, batch_stats: bool, eps: float,
+                             channel_dim: int) -> tuple[Tensor, Moments | None] | None:
+    """Batch-instance norm: ``(y, per-channel batch moments or None)``. ``batch_stats``: the BN
+    branch uses the batch's moments (else the running ones)."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
+        return None
+    fixed = _fixed(running_mean, running_var, batch_stats)
+
+    def fn(m: Moments, rho: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        mu_bn, var_bn = _batch_part(m, fixed)
+        rho = rho.reshape(1, -1).to(m.mean.dtype)
+        # rho * (x - mu_BN) * rstd_BN + (1 - rho) * (x - mu_IN) * rstd_IN
+        a_bn, a_in = rho * torch.rsqrt(var_bn + eps), (1 - rho) * torch.rsqrt(m.var + eps)
+        return _affine(a_bn + a_in, -(a_bn * mu_bn + a_in * m.mean), weight, bias)
+
+    y, m = fused_affine_norm(x, cd, fn, (rho, weight, bias))
+    return y, (merged(m, "batch") if batch_stats else None)
+
+
+def switchable_norm_fast(x: Tensor, mean_weight: Tensor, var_weight: Tensor, running_mean: Tensor | None,
+                         running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, batch_stats: bool,
+                         eps: float, channel_dim: int) -> tuple[Tensor, Moments | None] | None:
+    """Switchable norm: ``(y, per-channel batch moments or None)`` (``batch_stats`` as above).
+    An input without positions mixes the layer and batch moments only."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
+        return None
+    fixed = _fixed(running_mean, running_var, batch_stats)
+    positions = x.ndim > 2
+
+    def fn(m: Moments, mean_weight: Tensor, var_weight: Tensor, weight: Tensor | None,
+           bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        ln = merged(m, "sample")
+        mu_bn, var_bn = _batch_part(m, fixed)
+        means, variances = [ln.mean, mu_bn], [ln.var, var_bn]
+        if positions:
+            means.insert(0, m.mean)
+            variances.insert(0, m.var)
+        k = len(means)
+        wm = torch.softmax(mean_weight[-k:].to(m.mean.dtype), 0)
+        wv = torch.softmax(var_weight[-k:].to(m.mean.dtype), 0)
+        mean = sum(w * t for w, t in zip(wm.unbind(0), means))
+        var = sum(w * t for w, t in zip(wv.unbind(0), variances))
+        return scale_shift(mean, var, eps, weight, bias)  # type: ignore[arg-type]
+
+    y, m = fused_affine_norm(x, cd, fn, (mean_weight, var_weight, weight, bias))
+    return y, (merged(m, "batch") if batch_stats else None)

@@ -10,12 +10,13 @@ parameters. :class:`AffineFromMoments` runs that recipe in the fewest passes tor
 kernels allow:
 
 forward  one Welford pass for the per-(n, c) moments (``native_group_norm`` with one group
-         per channel: vectorised and free of the ``E[x^2] - E[x]^2`` cancellation), the
-         O(N*C) statistics function, one ``addcmul`` pass writing ``y`` into the buffer the
-         moment pass allocated anyway;
-backward per-(n, c) sums of ``dy`` and ``dy * x`` (two reads), the O(N*C) backward of the
-         statistics function by autograd on the small graph, and ``dx = A * dy + B * x + C``
-         in two passes over one fresh buffer.
+         per channel: vectorised and free of the ``E[x^2] - E[x]^2`` cancellation; it also
+         writes ``x_hat``), the O(N*C) statistics function (its small graph kept for the
+         backward), and one in-place pass turning ``x_hat`` into ``y``
+         (``y = (scale / rstd) * x_hat + (scale * mean + shift)``);
+backward per-(n, c) sums of ``dy`` and ``dy * x`` (one fused reduction), the O(N*C) backward
+         of the statistics function by autograd on the small graph, and
+         ``dx = A * dy + B * x + C`` in two passes over one fresh buffer.
 
 Only ``x`` (one input-sized tensor) and the per-(n, c) moments are saved for backward. The
 derivation: with ``mean = sum(x) / K`` and ``var = sum((x - mean)^2) / K`` over the K values
@@ -28,8 +29,10 @@ behind each moment, ``d mean / dx = 1 / K`` and ``d var / dx = 2 (x - mean) / K`
 Channels-last tensors (the channel axis innermost in memory) take the same route on an
 ``(N, L, C)`` view, with the moments from the vectorised per-row batch-norm statistics
 kernel, and give channels-last output. Anything else (CUDA, half precision, other strides,
-``torch.compile``, synchronized statistics) goes through the plain autograd path, which the
-callers keep as their reference.
+``torch.compile``, synchronized statistics, small inputs: see :func:`fast_layout`) goes
+through the plain autograd path, which the callers keep as their reference. Per-channel
+norms (batch norm, batch renorm, mean-only batch norm) run on torch's batch-norm kernels
+instead (:mod:`._fused_bn`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from torch import Tensor
 
 from .._moments import Moments
 
-__all__ = ["AffineFromMoments", "StatFn", "fast_layout", "fast_path", "fused_affine_norm", "merged", "scale_shift", "standard_stat_fn"]
+__all__ = ["AffineFromMoments", "MIN_FAST_NUMEL", "MIN_FUSED_NUMEL", "StatFn", "fast_layout", "fast_path",
+           "fused_affine_norm", "merged", "scale_shift", "standard_stat_fn"]
 
 # stat_fn(moments, *params) -> (scale, shift), each broadcastable to (N, C)
 StatFn = Callable[..., "tuple[Tensor, Tensor]"]
@@ -72,8 +76,16 @@ def _views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
 # None: automatic (inputs of at least MIN_FAST_NUMEL values); True: always; False: never
 _ENABLED: list[bool | None] = [None]
 
-MIN_FAST_NUMEL = 1 << 16
-"""Inputs with fewer values take the plain autograd path (see :func:`fast_layout`)."""
+MIN_FAST_NUMEL = 1 << 15
+"""Inputs with fewer values take the plain path where the fast path is torch's batch- or
+group-norm kernels: those fork OpenMP threads for any size (a stall of tens of ms on a loaded
+machine), while the plain path's reductions stay on one thread below this size (torch's
+``GRAIN_SIZE``); measured, the fast path wins from about 10k values on."""
+
+MIN_FUSED_NUMEL = 1 << 18
+"""The same for :class:`AffineFromMoments` (switchable, batch-instance and RMS norm; the
+channels-last layer, instance and group norms): its fixed cost (the statistics function's
+small graph, about 0.3 ms) is repaid from about 150k-300k values on (measured, 2 threads)."""
 
 
 class fast_path:
@@ -92,20 +104,18 @@ class fast_path:
         _ENABLED[0] = self.prev
 
 
-def fast_layout(x: Tensor, cd: int) -> str | None:
+def fast_layout(x: Tensor, cd: int, min_numel: int = MIN_FAST_NUMEL) -> str | None:
     """The layout the fused path would use for ``x`` ("cf" or "cl"), or None if it does not apply.
 
-    Small inputs (fewer than :data:`MIN_FAST_NUMEL` values, unless forced by
-    ``fast_path(True)``) go to the plain path: there the fused path's fixed costs (several
-    small kernels, the custom Function, OpenMP fork/join in the statistics kernels) outweigh
-    the passes it saves.
+    Inputs with fewer than ``min_numel`` values (:data:`MIN_FAST_NUMEL` or
+    :data:`MIN_FUSED_NUMEL`) take the plain path unless ``fast_path(True)`` forces it.
     """
     mode = _ENABLED[0]
     if mode is False:
         return None
     if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.numel() == 0 or x.ndim < 2 or _compiling():
         return None
-    if mode is None and x.numel() < MIN_FAST_NUMEL:
+    if mode is None and x.numel() < min_numel:
         return None
     v = _views(x, cd)
     return None if v is None else v[0]
@@ -118,68 +128,76 @@ def _coef(t: Tensor, layout: str) -> Tensor:
     return t.unsqueeze(-1) if layout == "cf" else t.unsqueeze(1)
 
 
-def _moments_nc(v: Tensor, layout: str, per_channel: bool) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """(mean, biased var, count, spare buffer) per (n, c), or per channel if ``per_channel``.
+# the moment pass's epsilon: keeps its normalized output finite where a variance is 0, and is
+# below the rounding of any variance above ~1e-23 (float32) or ~1e-14 (float64)
+_EPS0 = 1e-30
 
-    The spare buffer (``cf`` only) is the input-sized output of the moment pass, reused for y.
+
+def _moments_nc(v: Tensor, layout: str, per_channel: bool) -> tuple[Tensor, Tensor, int, Tensor | None, Tensor | None]:
+    """(mean, biased var, count, x_hat, rstd0) per (n, c), or per channel if ``per_channel``.
+
+    ``cf`` only: ``x_hat = (x - mean) * rstd0`` is the input-sized output of the moment pass
+    (``rstd0 = 1 / sqrt(var + 1e-30)``), turned into ``y`` in place; else None.
     """
     if layout == "cf":
         n, c, length = v.shape
-        buf, mean, rstd = torch.ops.aten.native_group_norm(v, None, None, n, c, length, c, 0.0)
-        # eps=0: rstd = 1/sqrt(var) exactly as Welford left it (inf where var is 0, giving 0 back)
-        var = rstd.pow(-2)
-        return mean, var, length, buf
+        buf, mean, rstd = torch.ops.aten.native_group_norm(v, None, None, n, c, length, c, _EPS0)
+        var = (rstd.pow(-2) - _EPS0).clamp_min_(0.0)
+        return mean, var, length, buf, rstd
     n, length, c = v.shape
     if per_channel:
         mean, var = torch.ops.aten.batch_norm_update_stats(v.reshape(n * length, c), None, None, 0.0)
-        return mean.unsqueeze(0), var.unsqueeze(0), n * length, None
+        return mean.unsqueeze(0), var.unsqueeze(0), n * length, None, None
     # two-pass per-row statistics, vectorised over the contiguous channel axis, per sample
     pairs = [torch.ops.aten.batch_norm_update_stats(v[i], None, None, 0.0) for i in range(n)]
     mean = torch.stack([p[0] for p in pairs])
     var = torch.stack([p[1] for p in pairs])
-    return mean, var, length, None
+    return mean, var, length, None, None
 
 
-def _scale_shift_into(out: Tensor, v: Tensor, scale: Tensor, shift: Tensor, layout: str) -> None:
-    """``out = v * scale + shift`` with (N, C) coefficients, one pass.
+def _scale_shift_into(out: Tensor, v: Tensor, scale: Tensor, shift: Tensor, layout: str,
+                      center: Tensor | None = None) -> None:
+    """``out = (v - center) * scale + shift`` with (N, C) coefficients (``center`` default 0), one pass.
 
     Channel-first: the per-(n, c) map is batch norm's eval kernel on the (1, N*C, L) view
-    (mean 0, var 1, eps 0, so ``x * 1 * scale + shift``), which vectorises where a broadcast
-    ``addcmul`` does not. Channels-last: ``addcmul`` over the (N, L, C) view.
+    (mean ``center``, var 1, eps 0), which vectorises where a broadcast ``addcmul`` does not.
+    Channels-last: ``addcmul`` over the (N, L, C) view.
     """
+    if center is not None:
+        center = center.expand(scale.shape).to(v.dtype)
     if layout == "cf":
         n, c, length = v.shape
-        zeros = v.new_zeros(n * c)
+        mean = v.new_zeros(n * c) if center is None else center.reshape(-1)
         ones = v.new_ones(n * c)
         empty = v.new_empty(0)
         torch.ops.aten.native_batch_norm.out(
-            v.view(1, n * c, length), scale.reshape(-1).to(v.dtype), shift.reshape(-1).to(v.dtype), zeros, ones,
+            v.view(1, n * c, length), scale.reshape(-1).to(v.dtype), shift.reshape(-1).to(v.dtype), mean, ones,
             False, 0.0, 0.0, out=out.view(1, n * c, length), save_mean=empty, save_invstd=empty)
     else:
+        if center is not None:
+            shift = shift - scale * center
         torch.addcmul(_coef(shift, layout).to(v.dtype), v, _coef(scale, layout).to(v.dtype), out=out)
 
 
-def _sums(dyv: Tensor, v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) ``sum(dy)`` and ``sum(dy * x)`` as (N, C) tensors.
+def _sums(dyv: Tensor, v: Tensor, layout: str, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(dy)`` and ``sum(dy * (x - center))`` as (N, C) tensors (``center`` default 0).
 
     Channel-first: one fused pass of batch norm's backward reduction on the (1, N*C, L)
-    views (mean 0, invstd 1: its weight and bias gradients are exactly these sums).
+    views (mean ``center``, invstd 1: its weight and bias gradients are exactly these sums).
     """
+    n, c = v.shape[0], v.shape[1 if layout == "cf" else 2]
+    center = v.new_zeros(n, c) if center is None else center.expand(n, c).to(v.dtype).contiguous()
+    ones = v.new_ones(c if layout == "cl" else n * c)
     if layout == "cf":
-        n, c, length = v.shape
-        zeros = v.new_zeros(n * c)
-        ones = v.new_ones(n * c)
+        length = v.shape[2]
         _, h, g = torch.ops.aten.native_batch_norm_backward(
-            dyv.reshape(1, n * c, length), v.view(1, n * c, length), ones, zeros, ones, None, None, False, 0.0,
-            [False, True, True])
+            dyv.reshape(1, n * c, length), v.view(1, n * c, length), ones, center.reshape(-1), ones, None, None,
+            False, 0.0, [False, True, True])
         return g.view(n, c), h.view(n, c)
     # channels-last: the same reduction per sample, on (1, C, L, 1) channels-last views
-    n, length, c = v.shape
-    zeros = v.new_zeros(c)
-    ones = v.new_ones(c)
     v4 = v.transpose(1, 2).unsqueeze(-1)
     d4 = dyv.transpose(1, 2).unsqueeze(-1)
-    parts = [torch.ops.aten.native_batch_norm_backward(d4[i:i + 1], v4[i:i + 1], ones, zeros, ones, None, None,
+    parts = [torch.ops.aten.native_batch_norm_backward(d4[i:i + 1], v4[i:i + 1], ones, center[i], ones, None, None,
                                                        False, 0.0, [False, True, True]) for i in range(n)]
     return torch.stack([p[2] for p in parts]), torch.stack([p[1] for p in parts])
 
@@ -201,17 +219,21 @@ class AffineFromMoments(torch.autograd.Function):
         layout, v = _views(x, channel_dim)  # type: ignore[misc]
         n = x.shape[0]
         c = x.shape[channel_dim]
-        mean, var, count, buf = _moments_nc(v, layout, per_channel)
-        scale, shift = stat_fn(Moments(count, mean, var * count), *params)
-        scale, shift = scale.expand(n, c), shift.expand(n, c)
+        mean, var, count, buf, rstd0 = _moments_nc(v, layout, per_channel)
+        if any(ctx.needs_input_grad):
+            # the O(N*C) graph of the statistics function, built once, differentiated in backward
+            ctx.small = _small_graph(stat_fn, count, mean, var, params, n, c)
+            scale, shift = ctx.small[0].detach(), ctx.small[1].detach()
+        else:
+            scale, shift = stat_fn(Moments(count, mean, var * count), *params)
+            scale, shift = scale.expand(n, c), shift.expand(n, c)
         if buf is not None:
-            out = buf
+            # y = scale * x + shift = (scale / rstd0) * x_hat + (scale * mean + shift), in place
+            _scale_shift_into(buf, buf, scale / rstd0, torch.addcmul(shift, scale, mean), layout)
+            y = buf.view(x.movedim(channel_dim, 1).shape).movedim(1, channel_dim)
         else:
             y = torch.empty_like(x)
-            out = _views(y, channel_dim)[1]  # type: ignore[index]
-        _scale_shift_into(out, v, scale, shift, layout)
-        if buf is not None:
-            y = buf.view(x.movedim(channel_dim, 1).shape).movedim(1, channel_dim)
+            _scale_shift_into(_views(y, channel_dim)[1], v, scale, shift, layout)  # type: ignore[index]
         ctx.stat_fn, ctx.channel_dim, ctx.count, ctx.layout = stat_fn, channel_dim, count, layout
         ctx.save_for_backward(x, mean, var, *params)
         ctx.mark_non_differentiable(mean, var)
@@ -232,15 +254,10 @@ class AffineFromMoments(torch.autograd.Function):
             got = _views(dy, cd)
         dyv = got[1]  # type: ignore[index]
         g, h = _sums(dyv, v, layout)
-        with torch.enable_grad():
-            m = mean.detach().requires_grad_()
-            s2 = var.detach().requires_grad_()
-            leaves = [p.detach().requires_grad_() if (p is not None and p.requires_grad) else p for p in params]
-            scale, shift = ctx.stat_fn(Moments(count, m, s2 * count), *leaves)
-            scale, shift = scale.expand(n, c), shift.expand(n, c)
-            wrt = [m, s2] + [p for p in leaves if p is not None and p.requires_grad]
-            outs = [scale, shift] if shift.requires_grad else [scale]
-            grads = torch.autograd.grad(outs, wrt, [h, g][: len(outs)], allow_unused=True)
+        scale, shift, wrt, leaves = ctx.small
+        outs = [scale, shift] if shift.requires_grad else [scale]
+        # retain_graph: a second backward through the outer graph (retain_graph=True there) reuses it
+        grads = torch.autograd.grad(outs, wrt, [h, g][: len(outs)], retain_graph=True, allow_unused=True)
         gm = grads[0] if grads[0] is not None else torch.zeros_like(mean)
         gv = grads[1] if grads[1] is not None else torch.zeros_like(var)
         dx = None
@@ -255,6 +272,19 @@ class AffineFromMoments(torch.autograd.Function):
         it = iter(grads[2:])
         pgrads = [next(it) if (p is not None and p.requires_grad) else None for p in leaves]
         return (dx, None, None, None, *pgrads)
+
+
+def _small_graph(stat_fn: StatFn, count: int, mean: Tensor, var: Tensor, params: Sequence[Tensor | None], n: int,
+                 c: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor | None]]:
+    """``(scale, shift, wrt, leaves)``: the statistics function on fresh leaves (the moments and
+    the parameters that require grad), with its graph; ``wrt`` lists the leaves to differentiate."""
+    with torch.enable_grad():
+        m = mean.detach().requires_grad_()
+        s2 = var.detach().requires_grad_()
+        leaves = [p.detach().requires_grad_() if (p is not None and p.requires_grad) else p for p in params]
+        scale, shift = stat_fn(Moments(count, m, s2 * count), *leaves)
+        scale, shift = scale.expand(n, c), shift.expand(n, c)
+    return scale, shift, [m, s2] + [p for p in leaves if p is not None and p.requires_grad], leaves
 
 
 def _backward_differentiable(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:

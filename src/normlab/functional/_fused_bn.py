@@ -4,9 +4,11 @@ Batch norm, batch renorm and mean-only batch norm normalize with one (mean, var)
 channel, so torch's own batch-norm kernels (vectorised for contiguous and channels-last
 input) do their full-size work once they are handed the statistics:
 
-forward   per-channel moments in one vectorised pass (:func:`channel_moments`: Welford per
-          (n, c) merged exactly, or the two-pass channels-last kernel), then the eval kernel
-          ``y = (x - mean) * weight / sqrt(var + eps) + bias`` (one read, one write);
+forward   per-channel moments in one vectorised pass (:func:`channel_moments_spare`: Welford
+          per (n, c) merged exactly, which also writes ``x_hat`` per (n, c); or the two-pass
+          channels-last kernel), then the eval kernel
+          ``y = (x - mean) * weight / sqrt(var + eps) + bias`` (channel-first: in place on
+          ``x_hat``, re-scaled per (n, c));
 backward  torch's training batch-norm backward given the saved mean and 1/std (one fused
           reduction of ``dy`` and ``dy * x``, one pass writing ``dx``).
 
@@ -28,9 +30,9 @@ import torch
 from torch import Tensor
 
 from .._moments import Moments, reduce_moments
-from ._fused import _moments_nc, _views, fast_layout
+from ._fused import _moments_nc, _scale_shift_into, _views, fast_layout
 
-__all__ = ["BatchNormTrain", "MeanOnlyTrain", "bn_view", "channel_moments"]
+__all__ = ["BatchNormTrain", "MeanOnlyTrain", "bn_view", "channel_moments", "channel_moments_spare"]
 
 
 def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
@@ -49,14 +51,21 @@ def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | N
 
 
 @torch.no_grad()
+def channel_moments_spare(xb: Tensor) -> tuple[Moments, tuple[Tensor, Tensor, Tensor] | None]:
+    """Per-channel moments of a :func:`bn_view` (``(N, C, L)`` or ``(M, C)``), shaped (C,), and
+    for ``(N, C, L)`` the spare output of the moment pass, ``(x_hat, mean_nc, rstd0)`` with
+    ``x_hat = (x - mean_nc) * rstd0`` per (n, c), into which :class:`BatchNormTrain` writes ``y``."""
+    if xb.ndim == 3:
+        mean, var, count, buf, rstd0 = _moments_nc(xb, "cf", per_channel=False)
+        r = reduce_moments(Moments(count, mean, var * count), 0)
+        return Moments(r.count, r.mean.reshape(-1), r.m2.reshape(-1)), (buf, mean, rstd0)  # type: ignore[return-value]
+    mean, var = torch.ops.aten.batch_norm_update_stats(xb, None, None, 0.0)
+    return Moments(xb.shape[0], mean, var * xb.shape[0]), None
+
+
 def channel_moments(xb: Tensor) -> Moments:
     """Per-channel moments of a :func:`bn_view` (``(N, C, L)`` or ``(M, C)``), shaped (C,)."""
-    if xb.ndim == 3:
-        mean, var, count, _ = _moments_nc(xb, "cf", per_channel=False)
-        r = reduce_moments(Moments(count, mean, var * count), 0)
-        return Moments(r.count, r.mean.reshape(-1), r.m2.reshape(-1))
-    mean, var = torch.ops.aten.batch_norm_update_stats(xb, None, None, 0.0)
-    return Moments(xb.shape[0], mean, var * xb.shape[0])
+    return channel_moments_spare(xb)[0]
 
 
 class BatchNormTrain(torch.autograd.Function):
@@ -70,8 +79,14 @@ class BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xb: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,  # type: ignore[override]
-                eps: float) -> Tensor:
-        y = torch.ops.aten._native_batch_norm_legit_no_training(xb, weight, bias, mean, var, 0.0, eps)[0]
+                eps: float, spare: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        if spare is None:
+            y = torch.ops.aten._native_batch_norm_legit_no_training(xb, weight, bias, mean, var, 0.0, eps)[0]
+        else:  # y = a (x - mean) + bias = (a / rstd0) x_hat + a (mean_nc - mean) + bias, in place on x_hat
+            y, mean_nc, rstd0 = spare
+            a = torch.rsqrt(var + eps) if weight is None else torch.rsqrt(var + eps) * weight
+            shift = a * (mean_nc - mean)
+            _scale_shift_into(y, y, a / rstd0, shift if bias is None else shift + bias, "cf")
         ctx.eps = eps
         ctx.save_for_backward(xb, weight, bias, mean, torch.rsqrt(var + eps))
         return y
@@ -86,10 +101,10 @@ class BatchNormTrain(torch.autograd.Function):
                 y = torch.nn.functional.batch_norm(xs, None, None, weight, bias, True, 0.0, ctx.eps)
                 wrt = [t for t, n in zip((xs, weight, bias), need) if n]
                 grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
-            return tuple(next(grads) if n else None for n in need) + (None, None, None)
+            return tuple(next(grads) if n else None for n in need) + (None, None, None, None)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy.contiguous(), xb, weight, None, None, mean, invstd,
                                                                True, ctx.eps, list(need))
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _channel_sum(t: Tensor) -> Tensor:

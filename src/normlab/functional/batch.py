@@ -9,7 +9,8 @@ from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._common import affine, batch_moments, batch_statistics, normalize
-from ._fastpaths import batch_norm_fast
+from ._fastpaths import batch_norm_fast, local_only, mean_only_batch_norm_fast
+from ._fused_bn import BatchNormTrain, bn_view, channel_moments_spare
 
 
 def batch_norm(
@@ -39,7 +40,7 @@ def batch_norm(
     fixed affine map. ``process_group`` all-reduces the moments so that every process
     normalizes with those of the global batch.
     """
-    if process_group is None:  # the synchronized path stays on plain autograd (differentiable all_gather)
+    if local_only(process_group):  # synchronized statistics stay on plain autograd (differentiable all_gather)
         fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim)
         if fast is not None:
             return fast
@@ -71,6 +72,10 @@ def mean_only_batch_norm(
     ``process_group`` all-reduces the moments so that every process uses the global mean.
     """
     cd = channel_axis(x.ndim, channel_dim)
+    if local_only(process_group):
+        fast = mean_only_batch_norm_fast(x, running_mean, bias, training, momentum, cd)
+        if fast is not None:
+            return fast
     if training or running_mean is None:
         m = batch_moments(x, cd, process_group)
         if training and momentum is not None and running_mean is not None and _has_values(m):
@@ -146,10 +151,10 @@ def batch_renorm(
     cd = channel_axis(x.ndim, channel_dim)
     if running_mean is None or running_var is None:
         raise ValueError("batch_renorm: needs running_mean and running_var (r and d are measured against them)")
-    if not training:
-        return normalize(x, per_channel(running_mean, x.ndim, cd), per_channel(running_var, x.ndim, cd),
-                         eps, weight, bias, cd)
-    m = batch_moments(x, cd, process_group)
+    if not training:  # batch norm's eval map
+        return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, channel_dim=cd)
+    fast = bn_view(x, cd) if local_only(process_group) else None
+    m, spare = channel_moments_spare(fast[0]) if fast is not None else (batch_moments(x, cd, process_group), None)
     with torch.no_grad():
         mu_b = m.mean.reshape(-1)
         sigma_b = torch.sqrt(m.var.reshape(-1) + eps)
@@ -167,6 +172,9 @@ def batch_renorm(
     shift = d if weight is None else weight * d
     if bias is not None:
         shift = shift + bias
+    if fast is not None:  # batch norm with that weight and bias: torch's kernels, x and (C,) stats saved
+        xb, back = fast
+        return back(BatchNormTrain.apply(xb, scale, shift, m.mean, m.var, eps, spare))
     return normalize(x, m.mean, m.var, eps, scale, shift, cd)
 
 

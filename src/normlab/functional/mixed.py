@@ -11,6 +11,7 @@ from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from .._moments import Moments
 from ._common import batch_statistics, normalize
+from ._fastpaths import batch_instance_norm_fast, local_only, switchable_norm_fast
 
 
 def batch_instance_norm(
@@ -48,6 +49,14 @@ def batch_instance_norm(
     if not positions:
         raise ValueError(f"batch_instance_norm: the instance branch needs positions (rank >= 3), "
                          f"got shape {tuple(x.shape)}")
+    batch_stats = training or running_mean is None or running_var is None
+    if local_only(process_group):
+        fast = batch_instance_norm_fast(x, rho, running_mean, running_var, weight, bias, batch_stats, eps, cd)
+        if fast is not None:
+            y, m_bn = fast
+            if training and momentum is not None and m_bn is not None:
+                _moments.update_running_stats(running_mean, running_var, m_bn, momentum)
+            return y
     mu_bn, var_bn = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
     mu_in, var_in = _moments.mean_var(x, positions)
     rho = per_channel(rho, x.ndim, cd)
@@ -109,10 +118,19 @@ def switchable_norm(
     what makes biased batch variances estimate the population variance).
     """
     cd = channel_axis(x.ndim, channel_dim)
+    batch_stats = training or running_mean is None or running_var is None
+    if local_only(process_group):
+        fast = switchable_norm_fast(x, mean_weight, var_weight, running_mean, running_var, weight, bias, batch_stats,
+                                    eps, cd)
+        if fast is not None:
+            y, m_bn = fast
+            if training and momentum is not None and m_bn is not None:
+                _merge_into_running(running_mean, running_var, m_bn.mean, m_bn.var, momentum)
+            return y
     positions = stat_dims(x.ndim, cd, "spatial")
     m_in = _moments.moments(x, positions) if positions else _points(x)
     m_ln = _moments.reduce_moments(m_in, cd)
-    if training or running_mean is None or running_var is None:
+    if batch_stats:
         m_bn = _moments.reduce_moments(m_in, 0)
         if process_group is not None:
             from .. import distributed

@@ -25,6 +25,9 @@ from torch.autograd.function import once_differentiable
 from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
+from ._fastpaths import affine_eval
+from ._fused import MIN_FUSED_NUMEL, fast_layout
+from ._online_stream import OnlineTrain, decayed_cumsum, scan
 
 ECMS = ("ls", "ac", None)
 
@@ -32,15 +35,6 @@ ECMS = ("ls", "ac", None)
 def _spatial_mean(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Mean over the positions (kept as size-1 axes); a dense input has one position."""
     return t.mean(dims, keepdim=True) if dims else t
-
-
-def _scan(n: int, state: Tensor, step: Callable[[int, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """``before[t]`` = the state before step t, for t = 0..n-1, and the state after the last."""
-    before = []
-    for t in range(n):
-        before.append(state)
-        state = step(t, state)
-    return torch.stack(before), state
 
 
 class _OnlineNormalize(torch.autograd.Function):
@@ -63,11 +57,12 @@ class _OnlineNormalize(torch.autograd.Function):
         shape = mu.shape
         mu, var = mu.to(work).reshape(n, c), var.to(work).reshape(n, c)
         a = alpha_fwd
-        means, mean_after = _scan(n, stream_mean.to(work), lambda t, m: m + (1 - a) * (mu[t] - m))
+        # mu_t = a mu_{t-1} + (1-a) mu(x_t): a decay-weighted cumulative sum over the batch
+        means, mean_after = decayed_cumsum(stream_mean.to(work), (1 - a) * mu, a)
         delta = mu - means
         # sigma2_t = a sigma2_{t-1} + (1-a) var(x_t) + a(1-a) (mu(x_t) - mu_{t-1})^2
         fresh = (1 - a) * var + a * (1 - a) * delta * delta
-        variances, var_after = _scan(n, stream_var.to(work), lambda t, s: a * s + fresh[t])
+        variances, var_after = decayed_cumsum(stream_var.to(work), fresh, a)
         stream_mean.copy_(mean_after)
         stream_var.copy_(var_after)
         rstd = torch.rsqrt(variances + eps)
@@ -111,7 +106,7 @@ class _OnlineNormalize(torch.autograd.Function):
         # 1. g~_t = g_t - (1-a_b) v_{t-1} y_t;  v_t = v_{t-1} + mean(g~_t y_t)
         #    i.e. v_t = v_{t-1} + mean(g_t y_t) - (1-a_b) v_{t-1} mean(y_t^2): a scan on (C,)
         yy = ctx.y_sq_mean
-        v_before, v_after = _scan(n, control_v.to(work), lambda t, v: v + gy_mean[t] - b * v * yy[t])
+        v_before, v_after = scan(n, control_v.to(work), lambda t, v: v + gy_mean[t] - b * v * yy[t])
         if weight is not None:
             g_tilde = dz * per_channel(w, y.ndim, ctx.cd)
             g_tilde.addcmul_(yw, v_before.reshape(shape), value=-b)
@@ -120,7 +115,7 @@ class _OnlineNormalize(torch.autograd.Function):
         # 2. g''_t = g~_t / sqrt(sigma2_{t-1} + eps)
         # 3. dx_t = g''_t - (1-a_b) u_{t-1};  u_t = u_{t-1} + mean(dx_t) = a_b u_{t-1} + mean(g''_t)
         g2_mean = (g_mean - b * v_before * ctx.y_mean) * rstd.reshape(n, c)
-        u_before, u_after = _scan(n, control_u.to(work), lambda t, u: u + g2_mean[t] - b * u)
+        u_before, u_after = decayed_cumsum(control_u.to(work), g2_mean, 1 - b)
         dx = g_tilde.mul_(rstd).sub_(u_before.reshape(shape), alpha=b)
         control_v.copy_(v_after)
         control_u.copy_(u_after)
@@ -252,8 +247,14 @@ def online_norm(
     if training:
         if control_u is None or control_v is None:
             raise ValueError("online_norm: training needs the control buffers control_u and control_v")
+        if fast_layout(x, cd, MIN_FUSED_NUMEL) is not None:  # fused CPU path, layer scaling folded in
+            z = OnlineTrain.apply(x, weight, bias, stream_mean, stream_var, control_u, control_v, float(alpha_fwd),
+                                  float(alpha_bkw), float(eps), cd, float(ls_eps) if ecm == "ls" else None)
+            return activation_clamp(z, clamp_value) if ecm == "ac" else z
         z = _OnlineNormalize.apply(x, weight, bias, stream_mean, stream_var, control_u, control_v,
                                    float(alpha_fwd), float(alpha_bkw), float(eps), cd)
+    elif fast_layout(x, cd) is not None and stream_mean.dtype == x.dtype and stream_var.dtype == x.dtype:
+        z = affine_eval(x, cd, stream_mean, stream_var, eps, weight, bias)  # the same map, one pass
     else:
         work = torch.promote_types(_moments.accumulation_dtype(x.dtype), stream_mean.dtype)
         mean = per_channel(stream_mean, x.ndim, cd).to(work)

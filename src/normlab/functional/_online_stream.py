@@ -1,0 +1,154 @@
+"""Online normalization's streams, vectorized over the batch, and its fused CPU training path.
+
+The streams of :func:`normlab.functional.online_norm` run over the samples of a batch in
+order. Those with a constant coefficient (the forward mean and variance, decay
+``alpha_fwd``; the backward control ``u``, decay ``alpha_bkw``) are decay-weighted cumulative
+sums, computed for the whole batch at once by :func:`decayed_cumsum` (one small matrix
+product); only the control ``v``, whose coefficient ``1 - (1 - alpha_bkw) mean(y_t^2)``
+changes with t, keeps a loop of (C,)-vector steps.
+
+:class:`OnlineTrain` is the training map with the full-size work in the fewest passes, in
+the manner of :class:`._fused.AffineFromMoments`: the output (streaming normalization,
+affine map and, optionally, layer scaling, whose per-sample RMS follows from the
+per-(sample, channel) moments) is one per-(n, c) affine map of ``x``, so the forward is one
+moment pass and one in-place pass; the backward is the paper's control process written as
+``dx = P * dz + Q * (x - mu) + R`` per (n, c), from two per-(n, c) sums (one reduction pass)
+and two passes for ``dx``. Only ``x`` and (N, C) statistics are saved.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._fused import _coef, _moments_nc, _scale_shift_into, _sums, _views
+
+__all__ = ["OnlineTrain", "decayed_cumsum", "scan"]
+
+_BLOCK = 256  # samples per block of decayed_cumsum: the (block x block) weight matrix stays small
+
+
+def decayed_cumsum(first: Tensor, inc: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+    """States of ``s_t = decay * s_{t-1} + inc[t]`` from ``s_{-1} = first``: ``(before, last)``
+    with ``before[t] = s_{t-1}`` (N, C) and ``last = s_{N-1}``.
+
+    Closed form ``s_{t-1} = decay^t first + sum_{k<t} decay^(t-1-k) inc[k]``: a lower-triangular
+    (N x N) matrix product, in blocks of 256 samples carrying the state across blocks.
+    """
+    n = inc.shape[0]
+    outs = []
+    state = first
+    for start in range(0, n, _BLOCK):
+        blk = inc[start:start + _BLOCK]
+        m = blk.shape[0]
+        idx = torch.arange(m, dtype=inc.dtype, device=inc.device)
+        e = idx[:, None] - 1 - idx[None, :]  # decay exponent t-1-k, used where k < t
+        w = torch.where(e >= 0, torch.full_like(e, decay).pow(e.clamp_min(0)), torch.zeros_like(e))
+        powers = torch.full((m, 1), decay, dtype=inc.dtype, device=inc.device).pow(idx[:, None])
+        before = powers * state + w @ blk
+        outs.append(before)
+        state = decay * before[-1] + blk[-1]
+    return torch.cat(outs), state
+
+
+def scan(n: int, state: Tensor, step: Callable[[int, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``before[t]`` = the state before step t, for t = 0..n-1, and the state after the last."""
+    before = []
+    for t in range(n):
+        before.append(state)
+        state = step(t, state)
+    return torch.stack(before), state
+
+
+class OnlineTrain(torch.autograd.Function):
+    """Training online normalization + affine map (+ layer scaling if ``ls_eps`` is not None)
+    on a channel-first or channels-last dense CPU input; see :func:`online_norm` for the
+    equations. ``apply(x, weight, bias, stream_mean, stream_var, control_u, control_v,
+    alpha_fwd, alpha_bkw, eps, cd, ls_eps)``; updates the stream buffers in forward and the
+    control buffers in backward, in place, exactly as the plain path does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stream_mean, stream_var, control_u, control_v, alpha_fwd, alpha_bkw, eps, cd,
+                ls_eps):
+        layout, v = _views(x, cd)
+        n = x.shape[0]
+        work = torch.promote_types(x.dtype, stream_mean.dtype)
+        mu, var, length, buf, rstd0 = _moments_nc(v, layout, per_channel=False)
+        mu, var = mu.to(work), var.to(work)
+        a = alpha_fwd
+        means, mean_after = decayed_cumsum(stream_mean.to(work), (1 - a) * mu, a)
+        delta = mu - means
+        variances, var_after = decayed_cumsum(stream_var.to(work), (1 - a) * var + a * (1 - a) * delta * delta, a)
+        stream_mean.copy_(mean_after)
+        stream_var.copy_(var_after)
+        r = torch.rsqrt(variances + eps)
+        # y = r (x - means) = r (x - mu) + r delta;  z = w y + b = A (x - mu) + B0
+        w = weight.to(work).reshape(1, -1) if weight is not None else None
+        big_a = r * w if w is not None else r
+        b0 = big_a * delta
+        if bias is not None:
+            b0 = b0 + bias.to(work).reshape(1, -1)
+        rms = None
+        if ls_eps is not None:  # mean over (C, positions) of z^2, from the moments
+            rms = torch.sqrt((big_a * big_a * var + b0 * b0).mean(1, keepdim=True) + ls_eps)
+            big_a, b0 = big_a / rms, b0 / rms
+        if buf is not None:  # channel-first: out = (S / rstd0) x_hat + T0 in place on the moment pass's output
+            _scale_shift_into(buf, buf, big_a / rstd0.to(work), b0, layout)
+            out = buf.view(x.movedim(cd, 1).shape).movedim(1, cd)
+        else:
+            out = torch.empty_like(x)
+            _scale_shift_into(_views(out, cd)[1], v, big_a, b0, layout, center=mu)
+        ctx.save_for_backward(x, weight, mu, var, r, delta, big_a, b0, rms)
+        ctx.control = (control_u, control_v)
+        ctx.alpha_bkw, ctx.cd, ctx.layout, ctx.length, ctx.n = alpha_bkw, cd, layout, length, n
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, weight, mu, var, r, delta, s, t0, rms = ctx.saved_tensors
+        control_u, control_v = ctx.control
+        b, cd, layout, length = 1 - ctx.alpha_bkw, ctx.cd, ctx.layout, ctx.length
+        work = mu.dtype
+        v = _views(x, cd)[1]
+        got = _views(dout, cd)
+        if got is None or got[0] != layout:
+            dout = torch.empty_like(x).copy_(dout)
+            got = _views(dout, cd)
+        dv = got[1]
+        g_sum, h_sum = (t.to(work) for t in _sums(dv, v, layout, center=mu))  # sum(dout), sum(dout (x - mu))
+        if rms is not None:
+            # layer scaling: dz = (dout - proj o) / rms with o = s (x - mu) + t0, proj = mean(dout o)
+            proj = (s * h_sum + t0 * g_sum).mean(1, keepdim=True) / length
+            alpha, beta, gamma = 1 / rms, -proj * s / rms, -proj * t0 / rms
+            dz_sum = alpha * g_sum + gamma * length
+            dzc_sum = alpha * h_sum + beta * length * var
+        else:
+            alpha, beta, gamma = torch.ones_like(r), torch.zeros_like(r), torch.zeros_like(r)
+            dz_sum, dzc_sum = g_sum, h_sum
+        dzy_sum = r * (dzc_sum + delta * dz_sum)  # sum(dz * y)
+        grad_w = dzy_sum.sum(0).to(weight.dtype) if weight is not None else None
+        grad_b = dz_sum.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        w = weight.to(work).reshape(1, -1) if weight is not None else torch.ones_like(r[:1])
+        g_mean, gy_mean = w * dz_sum / length, w * dzy_sum / length
+        yy, y_mean = (var + delta * delta) * r * r, delta * r
+        # the control process (see online_norm): v has a t-dependent coefficient, u does not
+        v_before, v_after = scan(ctx.n, control_v.to(work), lambda t, vv: vv + gy_mean[t] - b * vv * yy[t])
+        g2_mean = (g_mean - b * v_before * y_mean) * r
+        u_before, u_after = decayed_cumsum(control_u.to(work), g2_mean, 1 - b)
+        control_v.copy_(v_after)
+        control_u.copy_(u_after)
+        # dx = r (w dz - b v y) - b u,  dz = alpha dout + beta (x - mu) + gamma,  y = r (x - mu) + r delta
+        bvr2 = b * v_before * r * r
+        p_coef = r * w * alpha
+        q_coef = r * w * beta - bvr2
+        r_coef = r * w * gamma - bvr2 * delta - b * u_before
+        dx = torch.empty_like(x)
+        dxv = _views(dx, cd)[1]
+        _scale_shift_into(dxv, v, q_coef, r_coef, layout, center=mu)
+        dxv.addcmul_(dv, _coef(p_coef.to(x.dtype), layout))
+        return dx, grad_w, grad_b, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,380 @@
+"""The fused CPU path of mean-only batch norm, batch renorm, batch-instance norm and
+switchable norm (normlab.functional._fastpaths / _fused_bn): equality with the plain autograd
+path (outputs, every gradient, running statistics), gradcheck, float64 references written
+from the papers' equations on inputs whose mean dwarfs their spread, layouts, memory saved
+for backward; and the routing rules shared by every fast entry point (size threshold,
+process groups)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normlab
+import normlab.functional as NF
+from normlab.bench import saved_bytes
+from normlab.functional import _fastpaths
+from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
+
+CL = torch.channels_last
+FAST_NODES = {"BatchNormTrainBackward", "MeanOnlyTrainBackward", "AffineFromMomentsBackward",
+              "NativeGroupNormBackward0"}
+NAMES = ("mobn", "brn", "bin", "sn")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _forced_fast_path():
+    # the tests' tensors are below the size threshold: force the fused path; the tests of
+    # the threshold and of the plain reference switch it explicitly
+    with fast_path(True):
+        yield
+
+
+def _nodes(y: torch.Tensor) -> set[str]:
+    """Class names of every node in ``y``'s autograd graph."""
+    seen, stack, names = set(), [y.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        stack.extend(g for g, _ in f.next_functions)
+    return names
+
+
+def _fast(y: torch.Tensor) -> bool:
+    return bool(_nodes(y) & FAST_NODES)
+
+
+def _state(name: str, c: int, dtype=torch.float64, seed: int = 1, far: bool = False) -> dict:
+    """Parameters (requiring grad) and running buffers of one norm; ``far``: running statistics
+    far from a unit batch (batch renorm's r and d then clip on every channel)."""
+    g = torch.Generator().manual_seed(seed)
+    p = {"weight": torch.rand(c, generator=g, dtype=dtype) + 0.5, "bias": torch.randn(c, generator=g, dtype=dtype),
+         "rho": torch.rand(c, generator=g, dtype=dtype), "mw": torch.randn(3, generator=g, dtype=dtype),
+         "vw": torch.randn(3, generator=g, dtype=dtype)}
+    p = {k: v.requires_grad_() for k, v in p.items()}
+    if far:
+        p["rm"], p["rv"] = torch.full((c,), 50.0, dtype=dtype), torch.full((c,), 100.0, dtype=dtype)
+    else:
+        p["rm"], p["rv"] = torch.randn(c, generator=g, dtype=dtype), torch.rand(c, generator=g, dtype=dtype) * 3 + 0.2
+    return p
+
+
+def _call(name: str, x: torch.Tensor, p: dict, training: bool = True, cd: int = 1, momentum=0.1) -> torch.Tensor:
+    if name == "mobn":
+        return NF.mean_only_batch_norm(x, p["rm"], p["bias"], training=training, momentum=momentum, channel_dim=cd)
+    if name == "brn":
+        return NF.batch_renorm(x, p["rm"], p["rv"], p["weight"], p["bias"], training=training, momentum=momentum,
+                               r_max=1.5, d_max=0.5, eps=1e-3, channel_dim=cd)
+    if name == "bin":
+        return NF.batch_instance_norm(x, p["rho"], p["rm"], p["rv"], p["weight"], p["bias"], training=training,
+                                      momentum=momentum, eps=1e-3, channel_dim=cd)
+    return NF.switchable_norm(x, p["mw"], p["vw"], p["rm"], p["rv"], p["weight"], p["bias"], training=training,
+                              momentum=momentum, eps=1e-3, channel_dim=cd)
+
+
+PARAMS = {"mobn": ("bias",), "brn": ("weight", "bias"), "bin": ("rho", "weight", "bias"),
+          "sn": ("mw", "vw", "weight", "bias")}
+
+
+def _input(layout: str, dtype=torch.float64) -> tuple[torch.Tensor, int]:
+    if layout == "seq":  # (N, L, C), channel_dim=-1
+        return torch.randn(4, 9, 6, dtype=dtype) * 1.5 + 0.7, -1
+    if layout == "2d":
+        return torch.randn(8, 6, dtype=dtype) * 1.5 + 0.7, 1
+    x = torch.randn(4, 6, 5, 7, dtype=dtype) * 1.5 + 0.7
+    return (x.contiguous(memory_format=CL) if layout == "cl" else x), 1
+
+
+# ------------------------------------------------------------------ fast path == plain path
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq", "2d"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_path_equals_plain_path(name, layout, training):
+    if name == "bin" and layout == "2d":
+        pytest.skip("batch-instance norm needs positions")
+    x, cd = _input(layout)
+    dy = torch.randn(x.shape, dtype=x.dtype)
+    results = []
+    for enabled in (True, False):
+        p = _state(name, x.shape[cd])
+        xx = x.detach().clone().requires_grad_()
+        with fast_path(enabled):
+            y = _call(name, xx, p, training, cd)
+            y2 = _call(name, xx, p, training, cd)  # a second step, from the updated running statistics
+        assert _fast(y) == (enabled and (training or name in ("bin", "sn")))
+        (y * dy + y2).sum().backward()
+        results.append([y, y2, xx.grad, p["rm"], p["rv"]] + [p[k].grad for k in PARAMS[name]])
+        if enabled and layout == "cl":
+            assert y.is_contiguous(memory_format=CL) and xx.grad.is_contiguous(memory_format=CL)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_fast_path(name, layout, training):
+    x, cd = _input(layout)
+    x = x[:3, :4] if layout != "seq" else x[:3, :5, :4]
+    x = x.contiguous(memory_format=CL) if layout == "cl" else x.contiguous()
+    x.requires_grad_()
+    # batch renorm: r and d are constants of the backward; with running statistics far from
+    # the batch they clip on every channel, so the forward is locally their function too
+    p = _state(name, 4, far=name == "brn")
+    params = [p[k] for k in PARAMS[name]]
+
+    def f(x, *ps):
+        q = dict(p, **dict(zip(PARAMS[name], ps)))
+        return _call(name, x, q, training, cd, momentum=None)
+
+    assert _fast(f(x, *params)) == (training or name in ("bin", "sn"))
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradgradcheck_fast_path(name):
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    p = _state(name, 4, far=name == "brn")
+    params = [p[k] for k in PARAMS[name]]
+
+    def f(x, *ps):
+        return _call(name, x, dict(p, **dict(zip(PARAMS[name], ps))), True, 1, momentum=None)
+
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+# ------------------------------------------------------- float64 references from the papers
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_small_spread_matches_float64_reference(name, channels_last):
+    # mean 1e4 x the spread: a float32 E[x^2] - E[x]^2 would lose every digit
+    x = (torch.randn(4, 6, 8, 8, dtype=torch.float64) + 1e4).float()
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    p = _state(name, 6, torch.float32)
+    p["rm"], p["rv"] = p["rm"] + 1e4, p["rv"]
+    rm0, rv0 = _np(p["rm"]).reshape(1, -1, 1, 1), _np(p["rv"]).reshape(1, -1, 1, 1)
+    with fast_path(True):
+        y = _call(name, x, p, True, 1)
+    assert _fast(y)
+    xn, eps = _np(x), 1e-3
+    w, b = _np(p["weight"]).reshape(1, -1, 1, 1), _np(p["bias"]).reshape(1, -1, 1, 1)
+    mu_b, var_b = xn.mean((0, 2, 3), keepdims=True), xn.var((0, 2, 3), keepdims=True)
+    mu_i, var_i = xn.mean((2, 3), keepdims=True), xn.var((2, 3), keepdims=True)
+    mu_l, var_l = xn.mean((1, 2, 3), keepdims=True), xn.var((1, 2, 3), keepdims=True)
+    if name == "mobn":  # x - mu_B + bias (Salimans & Kingma 2016)
+        ref = xn - mu_b + b
+    elif name == "brn":  # Ioffe 2017, Algorithm 1
+        sigma_b, sigma = np.sqrt(var_b + eps), np.sqrt(rv0 + eps)
+        r = np.clip(sigma_b / sigma, 1 / 1.5, 1.5)
+        d = np.clip((mu_b - rm0) / sigma, -0.5, 0.5)
+        ref = w * ((xn - mu_b) / sigma_b * r + d) + b
+    elif name == "bin":  # Nam & Kim 2018, eq. 4-5
+        rho = _np(p["rho"]).reshape(1, -1, 1, 1)
+        ref = w * (rho * (xn - mu_b) / np.sqrt(var_b + eps) + (1 - rho) * (xn - mu_i) / np.sqrt(var_i + eps)) + b
+    else:  # Luo et al. 2019, eq. 3-5 (order: instance, layer, batch)
+        wm, wv = [np.exp(_np(p[k])) / np.exp(_np(p[k])).sum() for k in ("mw", "vw")]
+        mu = wm[0] * mu_i + wm[1] * mu_l + wm[2] * mu_b
+        var = wv[0] * var_i + wv[1] * var_l + wv[2] * var_b
+        ref = w * (xn - mu) / np.sqrt(var + eps) + b
+    # float32 inputs near 1e4 are spaced 1e-3 apart and the one-pass affine form rounds once
+    # more at that size (torch's BatchNorm2d: the same); E[x^2] - E[x]^2 gives errors of 1-100
+    np.testing.assert_allclose(_np(y), ref, rtol=0, atol=1.5e-2)
+
+
+# ---------------------------------------------------------------------- memory and strides
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_saved_for_backward_is_at_most_one_input_plus_statistics(name, channels_last):
+    x = torch.randn(4, 8, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_()
+    p = _state(name, 8, torch.float32)
+    with fast_path(True):
+        nbytes = saved_bytes(lambda: _call(name, x, p))
+    # statistics: per-(n, c) moments and the statistics function's small graph (a few dozen
+    # (N, C) tensors, here 128 bytes each; an extra input-sized tensor is 32 kB)
+    stats = 32 * 4 * 8 * 4
+    limit = (0 if name == "mobn" else x.numel() * 4) + stats  # mean-only: dx = dy - mean(dy) needs no x
+    assert nbytes <= limit
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_channels_last_output_and_gradient_without_copy(name):
+    x = torch.randn(2, 4, 5, 6).contiguous(memory_format=CL).requires_grad_()
+    p = _state(name, 4, torch.float32)
+    with fast_path(True):
+        y = _call(name, x, p)
+    assert y.stride() == x.stride()
+    y.backward(torch.randn(y.shape).contiguous(memory_format=CL))
+    assert x.grad.stride() == x.stride()
+
+
+@pytest.mark.parametrize("cls", [normlab.MeanOnlyBatchNorm, normlab.BatchRenorm, normlab.BatchInstanceNorm,
+                                 normlab.SwitchableNorm])
+def test_layers_take_the_fast_path_on_large_inputs(cls):
+    layer = cls(8)
+    x = torch.randn(4, 8, 96, 96, requires_grad=True)  # above both size thresholds
+    assert x.numel() >= MIN_FUSED_NUMEL
+    with fast_path(None):  # automatic
+        assert _fast(layer(x))
+        layer.eval()
+        y = layer(x)
+    assert _fast(y) == (cls in (normlab.BatchInstanceNorm, normlab.SwitchableNorm))
+
+
+# ----------------------------------------------------------------------------- routing
+ENTRY = {
+    "bn": lambda x: NF.batch_norm(x, weight=torch.ones(x.shape[1])),
+    "ln": lambda x: NF.layer_norm(x),
+    "in": lambda x: NF.instance_norm(x),
+    "gn": lambda x: NF.group_norm(x, 2),
+    "rms": lambda x: NF.rms_norm(x),
+    "mobn": lambda x: NF.mean_only_batch_norm(x),
+    "brn": lambda x: NF.batch_renorm(x, torch.zeros(x.shape[1]), torch.ones(x.shape[1])),
+    "bin": lambda x: NF.batch_instance_norm(x, torch.full((x.shape[1],), 0.5)),
+    "sn": lambda x: NF.switchable_norm(x, torch.ones(3), torch.ones(3)),
+}
+
+
+# entry points whose fast path is torch's batch- or group-norm kernels (threshold
+# MIN_FAST_NUMEL); the others (and layer/instance/group norm on channels-last input) run
+# AffineFromMoments, whose fixed cost needs MIN_FUSED_NUMEL values
+NATIVE = {"bn", "mobn", "brn", "ln", "in", "gn"}
+
+
+@pytest.mark.parametrize("name", list(ENTRY))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_inputs_take_the_plain_path(name, channels_last):
+    small = torch.randn(3, 4, 5, 5)
+    middle = torch.randn(4, 4, 64, 72)
+    large = torch.randn(4, 4, 128, 136)
+    assert small.numel() < MIN_FAST_NUMEL <= middle.numel() < MIN_FUSED_NUMEL <= large.numel()
+    fmt = CL if channels_last else torch.contiguous_format
+    small, middle, large = (t.contiguous(memory_format=fmt).requires_grad_() for t in (small, middle, large))
+    native = name in NATIVE and not (channels_last and name in ("ln", "in", "gn"))
+    with fast_path(None):  # automatic
+        assert not _fast(ENTRY[name](small))
+        assert _fast(ENTRY[name](middle)) == native
+        assert _fast(ENTRY[name](large))
+    with fast_path(True):
+        assert _fast(ENTRY[name](small))
+    with fast_path(False):
+        assert not _fast(ENTRY[name](large))
+
+
+@pytest.mark.parametrize("name", ["bn", "mobn", "brn", "bin", "sn"])
+def test_process_group_routing(name, monkeypatch):
+    # a group that is not active (one process, or torch.distributed not initialized) keeps the
+    # statistics local and takes the fast path; an active one takes the plain, synchronized path
+    import normlab.distributed as dist_mod
+
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    call = {"bn": lambda g: NF.batch_norm(x, process_group=g),
+            "mobn": lambda g: NF.mean_only_batch_norm(x, process_group=g),
+            "brn": lambda g: NF.batch_renorm(x, torch.zeros(4), torch.ones(4), process_group=g),
+            "bin": lambda g: NF.batch_instance_norm(x, torch.full((4,), 0.5), process_group=g),
+            "sn": lambda g: NF.switchable_norm(x, torch.ones(3), torch.ones(3), process_group=g)}[name]
+    with fast_path(True):
+        assert _fast(call(None))
+        assert _fast(call(dist_mod.WORLD))  # torch.distributed is not initialized here
+        monkeypatch.setattr(dist_mod, "is_active", lambda group=None: True)
+        monkeypatch.setattr(dist_mod, "all_reduce_moments", lambda local, group=None: local)  # no collective here
+        assert not _fast(call(dist_mod.WORLD))
+    assert _fastpaths.local_only(None)
+
+
+# -------------------------------------------------------------------------- online norm
+@pytest.mark.parametrize("decay", [0.0, 0.37, 0.999, 1.0])
+def test_decayed_cumsum_equals_the_recurrence(decay):
+    from normlab.functional._online_stream import decayed_cumsum
+
+    inc, first = torch.randn(600, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)  # > one block
+    before, last = decayed_cumsum(first, inc, decay)
+    s, want = first.clone(), []
+    for t in range(600):
+        want.append(s.clone())
+        s = decay * s + inc[t]
+    torch.testing.assert_close(before, torch.stack(want), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, s, rtol=1e-10, atol=1e-10)
+
+
+def _online(x, cd, bufs, w, b, ecm):
+    return NF.online_norm(x, *bufs, w, b, ecm=ecm, channel_dim=cd, alpha_fwd=0.9, alpha_bkw=0.8)
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq", "2d"])
+@pytest.mark.parametrize("ecm", ["ls", "ac", None])
+@pytest.mark.parametrize("affine", [(True, True), (False, True), (False, False)])
+def test_online_fast_path_equals_plain_path(layout, ecm, affine):
+    # two steps: forward output, input and parameter gradients, stream and control buffers
+    x, cd = _input(layout)
+    c = x.shape[cd]
+    results = []
+    for enabled in (True, False):
+        g = torch.Generator().manual_seed(3)
+        w = (torch.rand(c, generator=g, dtype=x.dtype) + 0.5).requires_grad_() if affine[0] else None
+        b = torch.randn(c, generator=g, dtype=x.dtype).requires_grad_() if affine[1] else None
+        bufs = [torch.randn(c, generator=g) * 0.3, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.1,
+                torch.randn(c, generator=g) * 0.1]
+        bufs = [t.double() for t in bufs]
+        xx = x.detach().clone().requires_grad_()
+        out = []
+        for _ in range(2):
+            with fast_path(enabled):
+                y = _online(xx, cd, bufs, w, b, ecm)
+            assert ("OnlineTrainBackward" in _nodes(y)) == enabled
+            y.backward(torch.randn(y.shape, generator=g, dtype=x.dtype))
+            out.append(y.detach().clone())
+        results.append(out + [xx.grad] + [t.clone() for t in bufs] + [p.grad for p in (w, b) if p is not None])
+        if enabled and layout == "cl":
+            assert y.is_contiguous(memory_format=CL) and xx.grad.is_contiguous(memory_format=CL)
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_online_saves_one_input_plus_statistics(channels_last):
+    layer = normlab.OnlineNorm(8)  # affine + layer scaling, the paper's default
+    x = torch.randn(4, 8, 16, 16)
+    x = (x.contiguous(memory_format=CL) if channels_last else x).requires_grad_()
+    nbytes = saved_bytes(lambda: layer(x))
+    assert nbytes <= x.numel() * 4 + 32 * 4 * 8 * 4
+    with fast_path(None):  # above the threshold too
+        big = torch.randn(4, 8, 96, 96, requires_grad=True)
+        assert "OnlineTrainBackward" in _nodes(layer(big))
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
+def test_online_eval_fast_path_equals_plain_path(layout):
+    x, cd = _input(layout)
+    c = x.shape[cd]
+    g = torch.Generator().manual_seed(5)
+    bufs = [torch.randn(c, generator=g, dtype=x.dtype), torch.rand(c, generator=g, dtype=x.dtype) + 0.5, None, None]
+    w, b = torch.rand(c, generator=g, dtype=x.dtype) + 0.5, torch.randn(c, generator=g, dtype=x.dtype)
+    with fast_path(True):
+        fast = NF.online_norm(x, *bufs, w, b, training=False, ecm=None, channel_dim=cd)
+    with fast_path(False):
+        plain = NF.online_norm(x, *bufs, w, b, training=False, ecm=None, channel_dim=cd)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    shape = [1] * x.ndim
+    shape[cd] = c
+    ref = (x - bufs[0].view(shape)) / torch.sqrt(bufs[1].view(shape) + 1e-5) * w.view(shape) + b.view(shape)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
