@@ -14,7 +14,7 @@ from normlab import cli
 
 
 def _listed_names(text: str) -> list[str]:
-    return [line.split()[0] for line in text.splitlines() if line and not line[0].isspace()]
+    return [line.split()[0] for line in text.splitlines() if line and not line[0].isspace() and line[0] != "#"]
 
 
 def test_list_prints_every_registered_norm(capsys):
@@ -25,6 +25,23 @@ def test_list_prints_every_registered_norm(capsys):
     for name, desc in avail.items():
         assert any(line.startswith(name) and desc in line for line in out.splitlines()), name
     assert "(:num_groups)" in out  # gn says it takes an argument
+    for e in normlab.describe_norms():  # each spec with its paper on its line
+        assert any(line.startswith(e.name) and e.paper in line for line in out.splitlines()), e.name
+
+
+def test_list_names_the_methods_that_are_not_specs(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name, _, paper in cli.OTHER_METHODS:
+        assert f"{name}:" in out and paper in out
+        # every object it names exists in the package
+        for part in name.replace("normlab.", "").replace("(Cell)", "").split(" / "):
+            base = part.split("{")[0]
+            if "{" in part:
+                for suffix in part.split("{")[1].rstrip("}").split(","):
+                    assert hasattr(normlab, base + suffix), base + suffix
+            else:
+                assert hasattr(normlab, base), base
 
 
 def test_list_verbose_gives_axes_and_paper(capsys):

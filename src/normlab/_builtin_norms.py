@@ -63,7 +63,7 @@ def _rmsc(num_features: int, **kw: Any) -> nn.Module:
 
 
 @register("none", description="no normalization (identity)", axes="nothing",
-          paper="baseline")
+          paper="(no paper: the baseline)")
 def _none(num_features: int, **kw: Any) -> nn.Module:
     return nn.Identity()
 
@@ -84,7 +84,7 @@ def _brn(num_features: int, **kw: Any) -> nn.Module:
 
 
 # needs positions: its instance branch normalizes each (sample, channel) over them
-@register("bin", description="batch-instance norm: per-channel learned mix (rho) of batch- and instance-normalized",
+@register("bin", description="batch-instance norm: learned per-channel mix (rho) of the BN and IN outputs",
           axes="BN: per channel over N and positions; IN: per sample and channel over positions",
           paper="Nam & Kim, NeurIPS 2018 (arXiv:1805.07925)", applies_to=("conv",), batch_stats=True)
 def _bin(num_features: int, **kw: Any) -> nn.Module:

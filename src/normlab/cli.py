@@ -1,5 +1,5 @@
-"""The ``normlab`` command: ``list`` the norms (``study``, ``report`` and ``bench`` join as
-their subsystems land)."""
+"""The ``normlab`` command: ``list`` the methods, ``study`` and ``report`` (which norm for my
+network and batch size), ``bench`` (speed against PyTorch's native kernels)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,41 @@ import sys
 from typing import Sequence
 
 
+# Methods that are not a drop-in norm layer for one channel count, so not ``make_norm`` specs:
+# (how to use it, what it is, paper).
+OTHER_METHODS = [
+    ("normlab.weight_norm / data_dependent_init", "weight normalization w = g v/||v|| and its data-dependent init",
+     "Salimans & Kingma, NIPS 2016 (arXiv:1602.07868)"),
+    ("normlab.SPDBatchNorm", "Riemannian batch norm for SPD matrices (Karcher mean, transport, SPD bias)",
+     "Brooks et al., NeurIPS 2019 (arXiv:1909.02414)"),
+    ("normlab.LayerNormLSTM(Cell)", "LSTM with layer norm on both projections and the cell readout",
+     "Ba, Kiros & Hinton 2016 (arXiv:1607.06450)"),
+    ("normlab.BatchNormLSTM", "LSTM with per-time-step batch statistics, gamma 0.1",
+     "Cooijmans et al., ICLR 2017 (arXiv:1603.09025)"),
+    ("normlab.self_normalizing", "SELU network: LeCun-normal init, SELU, alpha dropout",
+     "Klambauer et al., NIPS 2017 (arXiv:1706.02515)"),
+    ("normlab.GeneralizedHamming{Linear,Conv2d}", "bias fixed analytically by the generalized Hamming distance",
+     "Fan, NIPS 2017 (arXiv:1710.10328)"),
+    ("normlab.InputStandardizer", "input-feature standardization (or min-max) with exact streaming moments",
+     "standard practice; exact merges of Chan, Golub & LeVeque 1979"),
+]
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .registry import describe_norms
 
     entries = describe_norms()
     width = max(len(e.name) for e in entries)
+    print("# norm specs for make_norm / convert / study (spec[:arg])")
     for e in entries:
         arg = f" (:{e.arg})" if e.arg else ""
-        print(f"{e.name:<{width}}  {e.description}{arg}")
+        print(f"{e.name:<{width}}  {e.description}{arg} -- {e.paper}")
         if args.verbose:
             print(f"{'':<{width}}    normalizes over: {e.axes}")
             print(f"{'':<{width}}    paper: {e.paper}")
+    print("# other methods (layers and model transforms)")
+    for name, what, paper in OTHER_METHODS:
+        print(f"  {name}: {what} -- {paper}")
     return 0
 
 
