@@ -44,3 +44,21 @@ def per_channel_np(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 def assert_close(actual: torch.Tensor, expected, rtol: float = 1e-5, atol: float = 1e-5) -> None:
     expected_t = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected)
     torch.testing.assert_close(actual.detach().double(), expected_t.double(), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module with one torch thread, restoring the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def forced_fast_path():
+    """Force normlab's fused fast path on, whatever the input size."""
+    from normlab.functional._fused import fast_path
+
+    with fast_path(True):
+        yield

@@ -36,21 +36,10 @@ FUNCS = {
 AXES = {"bn": (0, 2, 3), "ln": (1, 2, 3), "in": (2, 3), "rms": (1, 2, 3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP barriers only add stalls on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _forced_fast_path():
-    # the tests' tensors are below the size threshold: force the fused path (tests that
-    # compare with the plain path switch it off explicitly)
-    with fast_path(True):
-        yield
+# one torch thread (tiny tensors: OpenMP barriers only add stalls on a shared 2-core machine),
+# and the fused path forced on although these tensors are below its size threshold (tests
+# that compare with the plain path switch it off explicitly)
+pytestmark = pytest.mark.usefixtures("one_thread", "forced_fast_path")
 
 
 def _params(c: int, dtype=torch.float64):

@@ -23,20 +23,10 @@ FAST_NODES = {"BatchNormTrainBackward", "MeanOnlyTrainBackward", "AffineFromMome
 NAMES = ("mobn", "brn", "bin", "sn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _forced_fast_path():
-    # the tests' tensors are below the size threshold: force the fused path; the tests of
-    # the threshold and of the plain reference switch it explicitly
-    with fast_path(True):
-        yield
+# one torch thread (tiny tensors: OpenMP barriers only add stalls on a shared 2-core machine),
+# and the fused path forced on although these tensors are below its size threshold (tests
+# that compare with the plain path switch it off explicitly)
+pytestmark = pytest.mark.usefixtures("one_thread", "forced_fast_path")
 
 
 def _nodes(y: torch.Tensor) -> set[str]:
