@@ -18,8 +18,8 @@ from normlab.functional import _fastpaths
 from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
 
 CL = torch.channels_last
-FAST_NODES = {"BatchNormTrainBackward", "MeanOnlyTrainBackward", "AffineFromMomentsBackward",
-              "NativeGroupNormBackward0"}
+FAST_NODES = {"BatchNormTrainBackward", "InstanceNormChannelsLastBackward", "MeanOnlyTrainBackward",
+              "AffineFromMomentsBackward", "NativeGroupNormBackward0"}
 NAMES = ("mobn", "brn", "bin", "sn")
 
 

@@ -21,7 +21,7 @@ from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._fused import MIN_FUSED_NUMEL, fast_layout, fused_affine_norm, merged, scale_shift, standard_stat_fn
-from ._fused_bn import BatchNormTrain, MeanOnlyTrain, bn_view, channel_moments_spare
+from ._fused_bn import BatchNormTrain, InstanceNormChannelsLast, MeanOnlyTrain, bn_view, channel_moments_spare
 
 __all__ = ["batch_instance_norm_fast", "batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast",
            "local_only", "mean_only_batch_norm_fast", "rms_norm_fast", "switchable_norm_fast"]
@@ -111,6 +111,9 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
         # torch's own kernel: one vectorised Welford pass forward, one fused backward
         return F.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps).movedim(1, cd)
     over = "sample" if num_groups == 1 else "spatial" if num_groups == x.shape[cd] else "group"
+    if over == "spatial" and x.ndim > 2 and all(p is None or p.dtype == x.dtype for p in (weight, bias)):
+        # instance norm: per sample on torch's channels-last batch-norm kernels, straight into y and dx
+        return InstanceNormChannelsLast.apply(x, weight, bias, eps, cd)
     return fused_affine_norm(x, cd, standard_stat_fn(over, eps, num_groups), (weight, bias))[0]
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from .._moments import Moments, reduce_moments
 from ._fused import _moments_nc, _scale_shift_into, _views, fast_layout
 
-__all__ = ["BatchNormTrain", "MeanOnlyTrain", "bn_view", "channel_moments", "channel_moments_spare"]
+__all__ = ["BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "bn_view", "channel_moments", "channel_moments_spare"]
 
 
 def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
@@ -140,3 +140,61 @@ class MeanOnlyTrain(torch.autograd.Function):
             dx = torch.ops.aten._native_batch_norm_legit_no_training(dy.contiguous(), None, None, mean_dy,
                                                                      torch.ones_like(mean_dy), 0.0, 0.0)[0]
         return dx, g if ctx.needs_input_grad[1] else None, None
+
+
+class InstanceNormChannelsLast(torch.autograd.Function):
+    """Instance norm (one group per channel) of a channels-last tensor, per sample on torch's
+    training batch-norm kernels.
+
+    Sample ``n`` of the ``(N, L, C)`` view is an ``(L, C)`` matrix, which torch's batch-norm
+    kernels treat as channels-last (vectorised along C); its per-channel statistics are the
+    per-(n, c) statistics of instance norm. Forward: per sample, the two-pass statistics and
+    ``y = weight * (x - mean) * rstd + bias`` written straight into the output (the second
+    statistics pass and the normalizing pass read the sample from cache). Backward: per
+    sample, torch's training backward (its ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)``)
+    written straight into ``dx``. Nothing input-sized is allocated but ``y`` and ``dx``;
+    ``x`` and the (N, C) mean and 1/std are saved. ``apply(x, weight, bias, eps, channel_dim)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,  # type: ignore[override]
+                channel_dim: int) -> Tensor:
+        v = _views(x, channel_dim)[1]  # type: ignore[index]
+        n, c = v.shape[0], v.shape[2]
+        y = torch.empty_like(x)
+        yv = _views(y, channel_dim)[1]  # type: ignore[index]
+        mean, rstd = x.new_empty(n, c), x.new_empty(n, c)
+        for i in range(n):
+            torch.ops.aten.native_batch_norm.out(v[i], weight, bias, None, None, True, 0.0, eps, out=yv[i],
+                                                 save_mean=mean[i], save_invstd=rstd[i])
+        ctx.eps, ctx.channel_dim = eps, channel_dim
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        cd = ctx.channel_dim
+        need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward: differentiate torch's own group norm
+            with torch.enable_grad():
+                xs = x if x.requires_grad else x.detach().requires_grad_()
+                c = x.shape[cd]
+                y = torch.nn.functional.group_norm(xs.movedim(cd, 1), c, weight, bias, ctx.eps).movedim(1, cd)
+                wrt = [t for t, k in zip((xs, weight, bias), need) if k]
+                grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
+            return tuple(next(grads) if k else None for k in need) + (None, None)
+        v = _views(x, cd)[1]  # type: ignore[index]
+        got = _views(dy, cd)
+        if got is None or got[0] != "cl":
+            got = _views(torch.empty_like(x).copy_(dy), cd)
+        dyv = got[1]  # type: ignore[index]
+        n, c = v.shape[0], v.shape[2]
+        dx = torch.empty_like(x)
+        dxv = _views(dx, cd)[1]  # type: ignore[index]
+        dw, db = x.new_empty(n, c), x.new_empty(n, c)
+        for i in range(n):
+            torch.ops.aten.native_batch_norm_backward.out(dyv[i], v[i], weight, None, None, mean[i], rstd[i], True,
+                                                          ctx.eps, [True, True, True], out0=dxv[i], out1=dw[i],
+                                                          out2=db[i])
+        return (dx if need[0] else None, dw.sum(0) if need[1] else None, db.sum(0) if need[2] else None, None, None)
