@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import normlab
+from _helpers import assert_channels_last_preserved, assert_layouts_agree
 from normlab import functional as NF
 
 AXES = (0, 2, 3)  # batch-statistic axes of an (N, C, H, W) input
@@ -295,29 +296,12 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_channel_dim_last_equals_channel_first(name):
-    first, last = LAYERS[name](), LAYERS[name]()
-    last.channel_dim = -1
-    for _ in range(3):
-        x = _x(dtype=torch.float32)
-        torch.testing.assert_close(last(x.movedim(1, -1)), first(x).movedim(1, -1))
-    for k, v in first.state_dict().items():
-        torch.testing.assert_close(last.state_dict()[k], v)
-    first.eval(), last.eval()
-    x = _x(dtype=torch.float32)
-    torch.testing.assert_close(last(x.movedim(1, -1)), first(x).movedim(1, -1))
+    assert_layouts_agree(LAYERS[name](), LAYERS[name](), lambda: _x(dtype=torch.float32), steps=3)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_channels_last_memory_preserved(name):
-    layer = LAYERS[name]()
-    x = _x(dtype=torch.float32)
-    xc = x.to(memory_format=torch.channels_last)
-    ref = LAYERS[name]()
-    for training in (True, False):
-        layer.train(training), ref.train(training)
-        y = layer(xc)
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(y, ref(x))
+    assert_channels_last_preserved(LAYERS[name](), LAYERS[name](), _x(dtype=torch.float32))
 
 
 @pytest.mark.parametrize("spec", ["mobn", "brn"])

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normlab
+from _helpers import randomize_affine
 from normlab import ChannelLayerNorm, ChannelRMSNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 SPECS = ["ln", "in", "gn:2", "rms", "lnc", "rmsc"]
@@ -47,13 +48,7 @@ def reference(spec: str, x: np.ndarray, w, b, eps: float, channel_dim: int = 1) 
     return y
 
 
-def _randomize(m: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        if getattr(m, "weight", None) is not None:
-            m.weight.uniform_(0.5, 1.5)
-        if getattr(m, "bias", None) is not None:
-            m.bias.uniform_(-0.5, 0.5)
-    return m
+_randomize = randomize_affine
 
 
 def _wb(m: nn.Module):

@@ -12,19 +12,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normlab
+from _helpers import assert_matches_torch_layer, randomize_affine
 from normlab import ChannelLayerNorm, ChannelRMSNorm
 from normlab._layout import channel_axis, per_channel, spatial_size, stat_dims
 
 SPECS = ["bn", "ln", "in", "gn:2", "rms", "lnc", "rmsc"]
 
 
-def _randomize(m: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        if getattr(m, "weight", None) is not None:
-            m.weight.uniform_(0.5, 1.5)
-        if getattr(m, "bias", None) is not None:
-            m.bias.uniform_(-0.5, 0.5)
-    return m
+_randomize = randomize_affine
 
 
 # ------------------------------------------------------------------ _layout
@@ -141,14 +136,7 @@ def test_lnc_loads_torch_layer_norm_and_matches_output_and_gradients():
     ours.load_state_dict(ref.state_dict())
     assert isinstance(ours, ChannelLayerNorm)
     x = torch.randn(3, 5, 12) * 3 + 1
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa), ref(xb)
-    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(ya)
-    ya.backward(g), yb.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+    ya = assert_matches_torch_layer(ours, ref, x)  # output, input and weight/bias gradients
     # and back into torch's layer
     back = nn.LayerNorm(12)
     back.load_state_dict(ours.state_dict())
@@ -163,13 +151,7 @@ def test_rmsc_loads_torch_rms_norm_and_matches_output_and_gradients(eps):
     ours.load_state_dict(ref.state_dict())
     assert isinstance(ours, ChannelRMSNorm)
     x = torch.randn(3, 5, 12) + 0.5
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa), ref(xb)
-    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(ya)
-    ya.backward(g), yb.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    ya = assert_matches_torch_layer(ours, ref, x)  # output, input and weight gradients
     back = nn.RMSNorm(12, eps=eps)
     back.load_state_dict(ours.state_dict())
     torch.testing.assert_close(back(x), ya)

@@ -12,6 +12,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 import normlab
+from _helpers import assert_channels_last_preserved, assert_layouts_agree
 from normlab import functional as NF
 
 BN_AXES, IN_AXES, LN_AXES = (0, 2, 3), (2, 3), (1, 2, 3)
@@ -315,27 +316,14 @@ def test_channel_dim_last_equals_channel_first(name):
     first = _randomize(LAYERS[name]())
     last = LAYERS[name]()
     last.load_state_dict(first.state_dict())
-    last.channel_dim = -1
-    for _ in range(2):
-        x = _x(dtype=torch.float32)
-        torch.testing.assert_close(last(x.movedim(1, -1)), first(x).movedim(1, -1))
-    for k, v in first.state_dict().items():
-        torch.testing.assert_close(last.state_dict()[k], v)
-    first.eval(), last.eval()
-    x = _x(dtype=torch.float32)
-    torch.testing.assert_close(last(x.movedim(1, -1)), first(x).movedim(1, -1))
+    assert_layouts_agree(first, last, lambda: _x(dtype=torch.float32))
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_channels_last_memory_preserved(name):
     layer, ref = _randomize(LAYERS[name]()), LAYERS[name]()
     ref.load_state_dict(layer.state_dict())
-    x = _x(dtype=torch.float32)
-    for training in (True, False):
-        layer.train(training), ref.train(training)
-        y = layer(x.to(memory_format=torch.channels_last))
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(y, ref(x))
+    assert_channels_last_preserved(layer, ref, _x(dtype=torch.float32))
 
 
 @pytest.mark.parametrize("spec", ["bin", "sn"])

@@ -1,0 +1,53 @@
+"""Small helpers shared by the test modules (import as ``from _helpers import ...``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_affine(m: nn.Module) -> nn.Module:
+    """Give a norm's affine parameters values away from their 1/0 initialization."""
+    with torch.no_grad():
+        if getattr(m, "weight", None) is not None:
+            m.weight.uniform_(0.5, 1.5)
+        if getattr(m, "bias", None) is not None:
+            m.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def assert_matches_torch_layer(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Output, input gradient and every parameter gradient of ``ours`` equal ``ref``'s on ``x``."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(ours.named_parameters())[name].grad, p.grad, rtol=1e-5, atol=1e-5)
+    return ya
+
+
+def assert_layouts_agree(first: nn.Module, last: nn.Module, make_x, steps: int = 2) -> None:
+    """A channel-first layer and its ``channel_dim=-1`` twin (same state) agree after ``movedim``
+    in training (outputs and running statistics) and then in eval; and channels_last memory
+    in gives channels_last out with the channel-first values."""
+    last.channel_dim = -1
+    for _ in range(steps):
+        x = make_x()
+        torch.testing.assert_close(last(x.movedim(1, -1)), first(x).movedim(1, -1))
+    for k, v in first.state_dict().items():
+        torch.testing.assert_close(last.state_dict()[k], v)
+    first.eval(), last.eval()
+    x = make_x()
+    torch.testing.assert_close(last(x.movedim(1, -1)), first(x).movedim(1, -1))
+
+
+def assert_channels_last_preserved(layer: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    """``layer`` on channels_last memory returns channels_last memory equal to ``ref`` on ``x``."""
+    for training in (True, False):
+        layer.train(training), ref.train(training)
+        y = layer(x.to(memory_format=torch.channels_last))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref(x))
