@@ -62,3 +62,15 @@ def forced_fast_path():
 
     with fast_path(True):
         yield
+
+
+@pytest.fixture(params=["c-kernels", "torch-kernels"])
+def kernel_mode(request):
+    """Run a test on normlab's compiled CPU kernels and again on torch's kernels (the fallback
+    where no C compiler is found). The first is skipped, with the reason, where they did not build."""
+    from normlab import _kernels
+
+    if request.param == "c-kernels" and not _kernels.available():
+        pytest.skip(_kernels.status())
+    with _kernels.enabled(request.param == "c-kernels"):
+        yield request.param

@@ -43,6 +43,17 @@ def sync_specs() -> list[str]:
     return [n for n in available_norms() if get_entry(n).batch_stats]
 
 
+# Batch norm and batch renorm also synchronize on the compiled kernels (fast path): "fast" runs
+# both ranks there (the zero split's empty rank still takes the plain path), "mixed" runs rank 0
+# on the kernels and rank 1 on plain autograd; the two paths exchange the same messages.
+KERNEL_SYNC_SPECS = ("bn", "brn")
+PATHS = {"fast": (True, True), "mixed": (True, False)}
+
+
+def fast_scenarios() -> list[tuple[str, str, str]]:
+    return [(spec, split, path) for spec in KERNEL_SYNC_SPECS for split in SPLITS for path in PATHS]
+
+
 def scenarios() -> list[tuple[str, str, str]]:
     out = [(spec, "conv", split) for spec in sync_specs() for split in SPLITS]
     out += [(spec, "dense", split) for spec in sync_specs() if "dense" in get_entry(spec).applies_to
@@ -157,6 +168,16 @@ def _worker(rank: int, store_dir: str) -> None:
                 local = make_model(spec, kind)
                 ddp = nn.parallel.DistributedDataParallel(local)
                 results[spec, kind, "local"] = run_steps(ddp, kind, splits[split], rank)
+        from normlab import _kernels
+        from normlab.functional import fast_path
+
+        for spec, split, path in fast_scenarios() if _kernels.available() else []:
+            model = normlab.convert_sync(make_model(spec, "conv"))
+            ddp = nn.parallel.DistributedDataParallel(model)
+            with fast_path(PATHS[path][rank]), CountCollectives() as counter:
+                res = run_steps(ddp, "conv", SPLITS[split], rank)
+            res["collectives"] = counter.calls
+            results[spec, "conv", split, path] = res
         # the functional API with an explicit group, and convert_sync of torch's layers
         x = torch.randn(3 + 2 * rank, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
         results["functional"] = normlab.functional.batch_norm(x, process_group=dist.group.WORLD)
@@ -223,6 +244,30 @@ def test_one_collective_each_way_and_none_in_eval(ranks: list[dict[Any, Any]], s
         # gradient all-reduce runs in C++ and is not counted)
         assert calls == ["all_gather", "all_reduce"] * STEPS, calls
         assert r[spec, kind, split]["eval_collectives"] == []
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,split,path", fast_scenarios())
+def test_synchronized_on_the_kernels_equals_one_process(ranks: list[dict[Any, Any]], spec: str, split: str,
+                                                        path: str) -> None:
+    from normlab import _kernels
+
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    ref = reference(spec, "conv", split)
+    got = [r[spec, "conv", split, path] for r in ranks]
+    for step, ref_step in enumerate(ref["steps"]):
+        steps = [g["steps"][step] for g in got]
+        assert close(torch.cat([s["y"] for s in steps]), ref_step["y"]), f"output, step {step}"
+        assert close(torch.cat([s["x_grad"] for s in steps]), ref_step["x_grad"]), f"input gradient, step {step}"
+        for s in steps:
+            for k, v in ref_step["grads"].items():
+                assert close(s["grads"][k], v), f"gradient of {k}, step {step}"
+            for k, v in ref_step["buffers"].items():
+                assert close(s["buffers"][k].double(), v.double()), f"buffer {k}, step {step}"
+    for g in got:
+        assert g["collectives"] == ["all_gather", "all_reduce"] * STEPS, g["collectives"]
 
 
 @pytest.mark.distributed

@@ -19,14 +19,15 @@ from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
 
 CL = torch.channels_last
 FAST_NODES = {"BatchNormTrainBackward", "InstanceNormChannelsLastBackward", "MeanOnlyTrainBackward",
-              "AffineFromMomentsBackward", "NativeGroupNormBackward0"}
+              "AffineFromMomentsBackward", "NativeGroupNormBackward0", "BatchNormKernelBackward",
+              "GroupNormKernelBackward"}
 NAMES = ("mobn", "brn", "bin", "sn")
 
 
 # one torch thread (tiny tensors: OpenMP barriers only add stalls on a shared 2-core machine),
 # and the fused path forced on although these tensors are below its size threshold (tests
 # that compare with the plain path switch it off explicitly)
-pytestmark = pytest.mark.usefixtures("one_thread", "forced_fast_path")
+pytestmark = pytest.mark.usefixtures("one_thread", "forced_fast_path", "kernel_mode")
 
 
 def _nodes(y: torch.Tensor) -> set[str]:
@@ -252,7 +253,7 @@ NATIVE = {"bn", "mobn", "brn", "ln", "in", "gn"}
 
 @pytest.mark.parametrize("name", list(ENTRY))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_small_inputs_take_the_plain_path(name, channels_last):
+def test_small_inputs_take_the_plain_path(name, channels_last, kernel_mode):
     small = torch.randn(3, 4, 5, 5)
     middle = torch.randn(4, 4, 64, 72)
     large = torch.randn(4, 4, 128, 136)
@@ -260,6 +261,8 @@ def test_small_inputs_take_the_plain_path(name, channels_last):
     fmt = CL if channels_last else torch.contiguous_format
     small, middle, large = (t.contiguous(memory_format=fmt).requires_grad_() for t in (small, middle, large))
     native = name in NATIVE and not (channels_last and name in ("ln", "in", "gn"))
+    if kernel_mode == "c-kernels":  # the compiled per-sample kernels have no graph to amortize
+        native = native or name == "rms" or (channels_last and name in ("ln", "in", "gn"))
     with fast_path(None):  # automatic
         assert not _fast(ENTRY[name](small))
         assert _fast(ENTRY[name](middle)) == native
@@ -271,9 +274,10 @@ def test_small_inputs_take_the_plain_path(name, channels_last):
 
 
 @pytest.mark.parametrize("name", ["bn", "mobn", "brn", "bin", "sn"])
-def test_process_group_routing(name, monkeypatch):
+def test_process_group_routing(name, monkeypatch, kernel_mode):
     # a group that is not active (one process, or torch.distributed not initialized) keeps the
-    # statistics local and takes the fast path; an active one takes the plain, synchronized path
+    # statistics local and takes the fast path; an active one takes the plain, synchronized
+    # path, except batch norm and batch renorm on the compiled kernels (which synchronize there)
     import normlab.distributed as dist_mod
 
     x = torch.randn(3, 4, 5, 5, requires_grad=True)
@@ -287,7 +291,7 @@ def test_process_group_routing(name, monkeypatch):
         assert _fast(call(dist_mod.WORLD))  # torch.distributed is not initialized here
         monkeypatch.setattr(dist_mod, "is_active", lambda group=None: True)
         monkeypatch.setattr(dist_mod, "all_reduce_moments", lambda local, group=None: local)  # no collective here
-        assert not _fast(call(dist_mod.WORLD))
+        assert _fast(call(dist_mod.WORLD)) == (name in ("bn", "brn") and kernel_mode == "c-kernels")
     assert _fastpaths.local_only(None)
 
 

@@ -19,6 +19,7 @@ against ``torch.nn.LayerNorm(C)`` / ``torch.nn.RMSNorm(C)``: ``--shape 64,768,25
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -54,6 +55,8 @@ class BenchRow:
     counterpart: str | None = None
     ratio_to_counterpart: float | None = None
     compile_s: float | None = None
+    ratio_to_contiguous: float | None = None
+    page_faults_per_step: float = math.nan
     note: str = ""
 
 
@@ -66,7 +69,9 @@ class _Case:
     native: bool
     counterpart: str | None = None
     times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fb": [], "eval": []})
+    faults: list[int] = field(default_factory=list)
     compile_s: float | None = None
+    layout_of: str | None = None  # a contiguous twin of this channels-last case: its name
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> int:
@@ -114,6 +119,32 @@ def _time(f: Callable[[], Any]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):  # not on this platform
+        return 0
+
+
+def steady_malloc() -> bool:
+    """Stop glibc from handing freed input-sized blocks back to the OS (``mallopt``: mmap
+    threshold 1 GiB, trim threshold 2 GiB), so that a fresh output buffer is not one page
+    fault per 4 kB. On the machines this was measured on a fault costs about 0.7 us, i.e.
+    2-3 ms for a (32, 64, 56, 56) float32 tensor: more than the normalization itself. For
+    the process that calls it; returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _step(case: _Case, kind: str) -> Callable[[], Any]:
     m, x, dy = case.module, case.x, case.dy
 
@@ -144,13 +175,25 @@ def run_bench(
     repeats: int = 20,
     warmup: int = 3,
     natives: bool = True,
+    malloc: str = "default",
 ) -> dict[str, Any]:
     """Time every norm in ``norms`` (registry specs) and torch's native equivalents.
 
-    Returns a JSON-ready dict: the settings (torch version, threads, shape, dtype, layout),
-    the copy figures and one row per layer (see :class:`BenchRow`).
+    With ``channels_last``, every normlab layer is also timed on the contiguous copy of the
+    input in the same rounds (``ratio_to_contiguous``). ``malloc="steady"`` calls
+    :func:`steady_malloc` first (the default keeps the allocator users run with).
+    Returns a JSON-ready dict: the settings (torch version, threads, shape, dtype, layout,
+    allocator, whether normlab's compiled kernels are in use), the copy figures and one row
+    per layer (see :class:`BenchRow`).
     """
+    from . import _kernels
     from .registry import make_norm
+
+    if malloc not in ("default", "steady"):
+        raise ValueError(f"bench: malloc must be 'default' or 'steady', got {malloc!r}")
+    allocator = "default"
+    if malloc == "steady":
+        allocator = "steady (glibc trim/mmap thresholds raised)" if steady_malloc() else "default (no glibc)"
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -165,6 +208,7 @@ def run_bench(
         if fmt is None:
             raise ValueError(f"bench: --channels-last needs a 4-d or 5-d shape, got {shape}")
         x_cf = x_cf.contiguous(memory_format=fmt)
+    x_contig = x_cf.contiguous()
     x_cl = x_cf.movedim(1, -1).contiguous()  # (N, *spatial, C) for the channel-axis norms
     layout = "channels_last" if channels_last else "contiguous"
 
@@ -192,6 +236,12 @@ def run_bench(
             _step(case, "eval")()
             case.compile_s = time.perf_counter() - t0
         cases.append(case)
+        if channels_last and not chan:  # the same layer on the contiguous layout, for the ratio
+            twin = copy.deepcopy(case.module) if not compile else torch.compile(make_norm(spec, c).to(dtype),
+                                                                                fullgraph=True)
+            cases.append(_Case(f"{spec} (contiguous)", twin, x_contig.detach().clone().requires_grad_(),
+                               dy.contiguous(), False))
+            case.layout_of = f"{spec} (contiguous)"
         if nat and not any(k.name == nat[0] for k in cases):
             cases.append(_Case(nat[0], nat[1].to(dtype), x.detach().clone().requires_grad_(), dy, True))
     if natives and not any(k.name.startswith("BatchNorm") for k in cases):
@@ -215,7 +265,10 @@ def run_bench(
         copy_times.append(_time(copy_f))
         for case in order:
             for kind in ("fwd", "fb", "eval"):
+                f0 = _minor_faults() if kind == "fb" else 0
                 case.times[kind].append(_time(_step(case, kind)))
+                if kind == "fb":
+                    case.faults.append(_minor_faults() - f0)
 
     nbytes = x_cf.numel() * x_cf.element_size()
     t_copy = statistics.median(copy_times)
@@ -226,7 +279,7 @@ def run_bench(
         med = {k: statistics.median(v) for k, v in case.times.items()}
         rows.append(BenchRow(case.name, case.native, med["fwd"], med["fb"], med["eval"], sb, sb / nbytes,
                              train_fwd_bwd_best_ms=min(case.times["fb"]), counterpart=case.counterpart,
-                             compile_s=case.compile_s))
+                             compile_s=case.compile_s, page_faults_per_step=statistics.median(case.faults)))
     bn_native = next((r for r in rows if r.native and r.name.startswith("BatchNorm")), None)
     by_name = {r.name: r for r in rows}
     for r in rows:
@@ -235,6 +288,10 @@ def run_bench(
         r.memory_limit_fraction = limit_ms / r.train_fwd_bwd_ms
         if r.counterpart and r.counterpart in by_name:
             r.ratio_to_counterpart = r.train_fwd_bwd_ms / by_name[r.counterpart].train_fwd_bwd_ms
+    for case in cases:
+        if case.layout_of in by_name:
+            by_name[case.name].ratio_to_contiguous = (by_name[case.name].train_fwd_bwd_ms
+                                                      / by_name[case.layout_of].train_fwd_bwd_ms)
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -243,6 +300,8 @@ def run_bench(
         "layout": layout,
         "compile": compile,
         "repeats": repeats,
+        "allocator": allocator,
+        "kernels": _kernels.status(),
         "T_bytes": nbytes,
         "copy_ms": t_copy,
         "copy_GBps": 2 * nbytes / (t_copy * 1e-3) / 1e9,
@@ -257,16 +316,22 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"torch {result['torch']}, {result['threads']} threads, shape {tuple(result['shape'])} "
             f"{result['dtype']} {result['layout']}{' (compiled)' if result['compile'] else ''}; "
             f"copy {result['copy_ms']:.2f} ms ({result['copy_GBps']:.0f} GB/s), "
-            f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds")
+            f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds; "
+            f"allocator {result.get('allocator', 'default')}; {result.get('kernels', '')}")
     cols = ("layer", "fwd ms", "fwd+bwd ms", "eval ms", "/native BN", "/counterpart", "limit frac", "saved (T)",
-            "best f+b ms")
+            "best f+b ms", "faults/step")
+    if any(r.get("ratio_to_contiguous") is not None for r in result["rows"]):
+        cols += ("/contiguous",)
     lines = [head, "  ".join(f"{c:>12}" if i else f"{c:<16}" for i, c in enumerate(cols))]
     for r in result["rows"]:
         name = ("torch " if r["native"] else "") + r["name"]
         cp = f"{r['ratio_to_counterpart']:.2f}" if r.get("ratio_to_counterpart") is not None else "-"
         cells = (f"{r['train_fwd_ms']:.2f}", f"{r['train_fwd_bwd_ms']:.2f}", f"{r['eval_fwd_ms']:.2f}",
                  f"{r['ratio_to_native_bn']:.2f}", cp, f"{r['memory_limit_fraction']:.2f}", f"{r['saved_T']:.2f}",
-                 f"{r.get('train_fwd_bwd_best_ms', math.nan):.2f}")
+                 f"{r.get('train_fwd_bwd_best_ms', math.nan):.2f}", f"{r.get('page_faults_per_step', math.nan):.0f}")
+        if "/contiguous" in cols:
+            rc = r.get("ratio_to_contiguous")
+            cells += (f"{rc:.2f}" if rc is not None else "-",)
         lines.append(f"{name:<16}  " + "  ".join(f"{c:>12}" for c in cells))
         if r.get("compile_s") is not None:
             lines[-1] += f"  (compile {r['compile_s']:.1f} s)"

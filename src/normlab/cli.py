@@ -60,7 +60,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     norms = [n for n in args.norms.split(",") if n] if args.norms else list(DEFAULT_NORMS)
     repeats = 3 if args.quick else args.repeats
     result = run_bench(shape, dtype, args.channels_last, norms, args.threads, args.compile, repeats,
-                       warmup=1 if args.quick else 3)
+                       warmup=1 if args.quick else 3, malloc=args.malloc)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as fh:
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="time torch.compile(fullgraph=True) layers; reports compile time")
     p.add_argument("--repeats", type=int, default=20, help="alternating rounds per figure (default 20)")
     p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up: a smoke test, not a measurement")
+    p.add_argument("--malloc", choices=("default", "steady"), default="default",
+                   help="steady: keep freed blocks in the process (glibc mallopt), so that page faults of fresh "
+                        "buffers do not swamp the kernels' time; default: the allocator users run with")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_cmd_bench)
     from .study.command import add_subcommands as _add_study_commands  # study, report

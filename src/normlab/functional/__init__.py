@@ -1,6 +1,7 @@
 """One pure function per normalization, named after it; each docstring gives the paper's
 equation. Layers in ``normlab.layers`` are thin modules over these functions."""
 
+from ._fused import fast_path
 from .batch import batch_norm, batch_renorm, batch_renorm_limits, mean_only_batch_norm
 from .mixed import batch_instance_norm, switchable_norm
 from .feature import (
@@ -18,6 +19,7 @@ from .online import activation_clamp, layer_scaling, online_norm
 from .recurrent import batch_norm_lstm_cell, layer_norm_lstm_cell
 
 __all__ = [
+    "fast_path",
     "activation_clamp",
     "layer_scaling",
     "online_norm",

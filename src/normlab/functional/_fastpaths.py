@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _moments
+from .. import _kernels, _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._fused import MIN_FUSED_NUMEL, fast_layout, fused_affine_norm, merged, scale_shift, standard_stat_fn
-from ._fused_bn import BatchNormTrain, InstanceNormChannelsLast, MeanOnlyTrain, bn_view, channel_moments_spare
+from ._fused_group import group_norm_kernel
+from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)
 
 __all__ = ["batch_instance_norm_fast", "batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast",
-           "local_only", "mean_only_batch_norm_fast", "rms_norm_fast", "switchable_norm_fast"]
+           "local_only", "mean_only_batch_norm_fast", "stat_shape", "sync_group", "rms_norm_fast", "switchable_norm_fast"]
 
 
 def local_only(process_group) -> bool:
@@ -56,16 +57,34 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weigh
     return torch.addcmul(per_channel(shift, x.ndim, cd), x, per_channel(scale, x.ndim, cd))  # type: ignore[arg-type]
 
 
+def sync_group(process_group):
+    """The group to synchronize over (None: local statistics), or False if this call must take
+    the plain path (a synchronized call without the compiled kernels)."""
+    if local_only(process_group):
+        return None
+    return process_group if _kernels.available() else False
+
+
+def stat_shape(ndim: int, cd: int, c: int) -> tuple[int, ...]:
+    """The shape of per-channel statistics kept broadcastable (the plain path's message shape)."""
+    shape = [1] * ndim
+    shape[cd] = c
+    return tuple(shape)
+
+
 def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-                    bias: Tensor | None, training: bool, momentum, eps: float, channel_dim: int) -> Tensor | None:
+                    bias: Tensor | None, training: bool, momentum, eps: float, channel_dim: int,
+                    process_group=None) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
     if training or running_mean is None or running_var is None:
-        got = bn_view(x, cd)
+        group = sync_group(process_group)
+        got = bn_view(x, cd) if group is not False else None
         if got is None:
             return None
         xb, back = got
-        m, spare = channel_moments_spare(xb)
-        y = back(BatchNormTrain.apply(xb, weight, bias, m.mean, m.var, eps, spare))
+        shape = stat_shape(x.ndim, cd, x.shape[cd])
+        m, spare = batch_moments_fast(xb, group, shape)
+        y = back(batch_norm_train(xb, weight, bias, m, eps, spare, group, shape))
         if training:
             _update(running_mean, running_var, m, momentum)
         return y
@@ -105,6 +124,9 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     layout = fast_layout(x, cd)
     if layout is None or x.numel() // (x.shape[0] * num_groups) == 1:  # one value per group: exact 0 there
         return None
+    if layout == "cl" and _kernels.available():
+        # compiled kernels: one pass per sample forward, closed-form backward
+        return group_norm_kernel(x, cd, num_groups, eps, True, weight, bias)[0]
     if layout == "cl" and fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     if layout == "cf":
@@ -123,6 +145,11 @@ def instance_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     tracking = momentum is not None and (running_mean is not None or running_var is not None)
     if not tracking:
         return group_norm_fast(x, x.shape[cd], weight, bias, eps, channel_dim)
+    if _kernels.available() and fast_layout(x, cd) is not None:
+        y, mean, var = group_norm_kernel(x, cd, x.shape[cd], eps, True, weight, bias)
+        count = x.numel() // max(mean.numel(), 1)
+        _update(running_mean, running_var, Moments(count, mean.mean(0), (var * count).mean(0)), momentum)
+        return y
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     y, m = fused_affine_norm(x, cd, standard_stat_fn("spatial", eps), (weight, bias))
@@ -133,6 +160,8 @@ def instance_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
 
 def rms_norm_fast(x: Tensor, weight: Tensor | None, eps: float, channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
+    if _kernels.available() and fast_layout(x, cd) is not None:
+        return group_norm_kernel(x, cd, 1, eps, False, weight, None)[0]
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     return fused_affine_norm(x, cd, standard_stat_fn("sample", eps, center=False), (weight, None))[0]

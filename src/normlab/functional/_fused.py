@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import _kernels
 from .._moments import Moments
 
 __all__ = ["AffineFromMoments", "MIN_FAST_NUMEL", "MIN_FUSED_NUMEL", "StatFn", "fast_layout", "fast_path",
@@ -219,7 +220,15 @@ class AffineFromMoments(torch.autograd.Function):
         layout, v = _views(x, channel_dim)  # type: ignore[misc]
         n = x.shape[0]
         c = x.shape[channel_dim]
-        mean, var, count, buf, rstd0 = _moments_nc(v, layout, per_channel)
+        ctx.kernels = not per_channel and _kernels.available()
+        if ctx.kernels:
+            # compiled kernels: float64 moments, the small graph in float64, one centred pass
+            mean, m2 = _kernels.moments(v, layout)
+            count = v.numel() // max(n * c, 1)
+            var = m2 / count
+            buf = rstd0 = None
+        else:
+            mean, var, count, buf, rstd0 = _moments_nc(v, layout, per_channel)
         if any(ctx.needs_input_grad):
             # the O(N*C) graph of the statistics function, built once, differentiated in backward
             ctx.small = _small_graph(stat_fn, count, mean, var, params, n, c)
@@ -227,7 +236,12 @@ class AffineFromMoments(torch.autograd.Function):
         else:
             scale, shift = stat_fn(Moments(count, mean, var * count), *params)
             scale, shift = scale.expand(n, c), shift.expand(n, c)
-        if buf is not None:
+        if ctx.kernels:
+            # y = scale * x + shift = (x - mean) * scale + (scale * mean + shift): centred, so a
+            # large |mean| / std costs no digits (the shift is formed in float64)
+            y = torch.empty_like(x)
+            _kernels.affine(v, _views(y, channel_dim)[1], layout, mean, scale, torch.addcmul(shift, scale, mean))  # type: ignore[index]
+        elif buf is not None:
             # y = scale * x + shift = (scale / rstd0) * x_hat + (scale * mean + shift), in place
             _scale_shift_into(buf, buf, scale / rstd0, torch.addcmul(shift, scale, mean), layout)
             y = buf.view(x.movedim(channel_dim, 1).shape).movedim(1, channel_dim)
@@ -236,8 +250,9 @@ class AffineFromMoments(torch.autograd.Function):
             _scale_shift_into(_views(y, channel_dim)[1], v, scale, shift, layout)  # type: ignore[index]
         ctx.stat_fn, ctx.channel_dim, ctx.count, ctx.layout = stat_fn, channel_dim, count, layout
         ctx.save_for_backward(x, mean, var, *params)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        mean_out, var_out = mean.to(x.dtype), var.to(x.dtype)
+        ctx.mark_non_differentiable(mean_out, var_out)
+        return y, mean_out, var_out
 
     @staticmethod
     def backward(ctx, dy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
@@ -253,8 +268,12 @@ class AffineFromMoments(torch.autograd.Function):
             dy = torch.empty_like(x).copy_(dy)
             got = _views(dy, cd)
         dyv = got[1]  # type: ignore[index]
-        g, h = _sums(dyv, v, layout)
         scale, shift, wrt, leaves = ctx.small
+        if ctx.kernels:
+            g, h = _kernels.reduce(dyv, v, layout, mean)  # sum(dy), sum(dy * (x - mean)), float64
+            h = torch.addcmul(h, mean, g)  # dL/dscale = sum(dy * x)
+        else:
+            g, h = _sums(dyv, v, layout)
         outs = [scale, shift] if shift.requires_grad else [scale]
         # retain_graph: a second backward through the outer graph (retain_graph=True there) reuses it
         grads = torch.autograd.grad(outs, wrt, [h, g][: len(outs)], retain_graph=True, allow_unused=True)
@@ -262,13 +281,16 @@ class AffineFromMoments(torch.autograd.Function):
         gv = grads[1] if grads[1] is not None else torch.zeros_like(var)
         dx = None
         if ctx.needs_input_grad[0]:
-            b = (2.0 / count) * gv
-            const = (gm - 2.0 * gv * mean) / count
             dx = torch.empty_like(x)
             dxv = _views(dx, cd)[1]  # type: ignore[index]
-            # dx = b * x + const (one pass into the fresh buffer), then += scale * dy in place
-            _scale_shift_into(dxv, v, b.expand(n, c), const.expand(n, c), layout)
-            dxv.addcmul_(dyv, _coef(scale.detach(), layout))
+            if ctx.kernels:  # dx = scale * dy + (2 gv / K) (x - mean) + gm / K, one pass
+                _kernels.dx(dyv, v, dxv, layout, mean, scale.detach(), (2.0 / count) * gv, gm / count)
+            else:
+                b = (2.0 / count) * gv
+                const = (gm - 2.0 * gv * mean) / count
+                # dx = b * x + const (one pass into the fresh buffer), then += scale * dy in place
+                _scale_shift_into(dxv, v, b.expand(n, c), const.expand(n, c), layout)
+                dxv.addcmul_(dyv, _coef(scale.detach(), layout))
         it = iter(grads[2:])
         pgrads = [next(it) if (p is not None and p.requires_grad) else None for p in leaves]
         return (dx, None, None, None, *pgrads)
@@ -313,11 +335,28 @@ def _backward_differentiable(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:
     return (dx, None, None, None, *pgrads)
 
 
+class _NoGraph:
+    """A stand-in for the autograd context when :class:`AffineFromMoments` runs without grad."""
+
+    def __init__(self, n_inputs: int) -> None:
+        self.needs_input_grad = (False,) * n_inputs
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Tensor) -> None:
+        pass
+
+
 def fused_affine_norm(
     x: Tensor, channel_dim: int, stat_fn: StatFn, params: Sequence[Tensor | None], per_channel: bool = False
 ) -> tuple[Tensor, Moments]:
     """Run :class:`AffineFromMoments`; returns ``y`` and the detached moments it used."""
-    y, mean, var = AffineFromMoments.apply(x, stat_fn, channel_dim % x.ndim, per_channel, *params)
+    if torch.is_grad_enabled():
+        y, mean, var = AffineFromMoments.apply(x, stat_fn, channel_dim % x.ndim, per_channel, *params)
+    else:  # nothing to differentiate (eval, inference): skip the statistics function's graph
+        y, mean, var = AffineFromMoments.forward(_NoGraph(len(params) + 4), x, stat_fn, channel_dim % x.ndim,
+                                                 per_channel, *params)
     count = x.numel() // (mean.numel()) if mean.numel() else 0
     return y, Moments(count, mean, var * count)
 

@@ -29,10 +29,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._moments import Moments, reduce_moments
+from .. import _kernels
+from .._moments import Moments, accumulation_dtype, reduce_moments
 from ._fused import _moments_nc, _scale_shift_into, _views, fast_layout
 
-__all__ = ["BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "bn_view", "channel_moments", "channel_moments_spare"]
+__all__ = ["BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "batch_moments_fast",
+           "batch_norm_train", "bn_view", "channel_moments", "channel_moments_spare"]
 
 
 def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
@@ -61,6 +63,55 @@ def channel_moments_spare(xb: Tensor) -> tuple[Moments, tuple[Tensor, Tensor, Te
         return Moments(r.count, r.mean.reshape(-1), r.m2.reshape(-1)), (buf, mean, rstd0)  # type: ignore[return-value]
     mean, var = torch.ops.aten.batch_norm_update_stats(xb, None, None, 0.0)
     return Moments(xb.shape[0], mean, var * xb.shape[0]), None
+
+
+def _kernel_view(xb: Tensor) -> tuple[Tensor, str]:
+    """A :func:`bn_view` as the compiled kernels' 3-d view: (N, C, L) "cf", or (M, C) as (1, M, C) "cl"."""
+    return (xb, "cf") if xb.ndim == 3 else (xb.unsqueeze(0), "cl")
+
+
+@torch.no_grad()
+def batch_moments_fast(xb: Tensor, process_group=None, stat_shape: tuple[int, ...] | None = None
+                       ) -> tuple[Moments, tuple[Tensor, Tensor, Tensor] | None]:
+    """Per-channel moments ((C,) mean and M2) of a :func:`bn_view`, and the spare output
+    :func:`batch_norm_train` may reuse.
+
+    On the compiled kernels (float64 moments, no spare) the moments can be synchronized over
+    ``process_group``: one all-gather of ``(count, mean, M2)`` shaped ``stat_shape`` in the
+    accumulation dtype, the same message the plain path's differentiable all-gather sends (so
+    ranks on either path interoperate). Without the kernels ``process_group`` must be None.
+    """
+    if not _kernels.available():
+        if process_group is not None:
+            raise RuntimeError("batch_moments_fast: synchronized statistics need the compiled kernels")
+        return channel_moments_spare(xb)
+    v, layout = _kernel_view(xb)
+    mean_nc, m2_nc = _kernels.moments(v, layout)
+    r = reduce_moments(Moments(xb.numel() // (mean_nc.numel() or 1), mean_nc, m2_nc), 0)
+    m = Moments(r.count, r.mean.reshape(-1), r.m2.reshape(-1))
+    if process_group is not None:
+        from .. import distributed
+
+        acc = accumulation_dtype(xb.dtype)
+        shape = stat_shape or (-1,)
+        g = distributed.all_reduce_moments(Moments(m.count, m.mean.to(acc).reshape(shape), m.m2.to(acc).reshape(shape)),
+                                           process_group)
+        count = g.count.reshape(-1)[0].item() if isinstance(g.count, Tensor) else g.count
+        m = Moments(count, g.mean.reshape(-1).double(), g.m2.reshape(-1).double())
+    return m, None
+
+
+def batch_norm_train(xb: Tensor, weight: Tensor | None, bias: Tensor | None, m: Moments, eps: float,
+                     spare: tuple[Tensor, Tensor, Tensor] | None = None, process_group=None,
+                     stat_shape: tuple[int, ...] | None = None) -> Tensor:
+    """Training batch norm of a :func:`bn_view` given its moments from :func:`batch_moments_fast`:
+    on the compiled kernels (:class:`BatchNormKernel`) or torch's (:class:`BatchNormTrain`)."""
+    if _kernels.available():
+        v, layout = _kernel_view(xb)
+        y = BatchNormKernel.apply(v, weight, bias, m.mean, m.var, eps, float(m.count), layout,
+                                  process_group, stat_shape)
+        return y.view(xb.shape)
+    return BatchNormTrain.apply(xb, weight, bias, m.mean, m.var, eps, spare)
 
 
 def channel_moments(xb: Tensor) -> Moments:
@@ -105,6 +156,82 @@ class BatchNormTrain(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy.contiguous(), xb, weight, None, None, mean, invstd,
                                                                True, ctx.eps, list(need))
         return dx, dw, db, None, None, None, None
+
+
+class BatchNormKernel(torch.autograd.Function):
+    """Training batch norm on normlab's compiled kernels, its batch moments given.
+
+    ``apply(v, weight, bias, mean, var, eps, count, layout, process_group, stat_shape)``:
+    ``v`` is the kernels' 3-d view ("cf" (N, C, L) or "cl" (N, L, C)); ``mean`` and the
+    biased ``var`` (C,) are the moments of the (global, if synchronized) batch of ``count``
+    values per channel. Forward, one pass: ``y = (x - mean) * weight * rstd + bias``.
+    Backward: one fused reduction (per channel ``g = sum dy``, ``h = sum dy (x - mean)``)
+    and one pass::
+
+        dx = weight * rstd * (dy - g / count - (x - mean) * rstd^2 * h / count)
+        dweight = h * rstd,   dbias = g
+
+    Synchronized (``process_group`` given), the gradients of the loss with respect to the
+    global mean and M2 are all-reduced (the same message as the plain path's), so ``g`` and
+    ``h`` in ``dx`` are those of the global batch; ``dweight`` and ``dbias`` stay local, for
+    DDP to average. Saves ``x`` and (C,) statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,  # type: ignore[override]
+                eps: float, count: float, layout: str, process_group, stat_shape) -> Tensor:
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight.detach()
+        shift = torch.zeros_like(rstd) if bias is None else bias.detach()
+        y = torch.empty_like(v)
+        _kernels.affine(v, y, layout, mean, scale, shift)
+        ctx.eps, ctx.count, ctx.layout, ctx.group, ctx.stat_shape = eps, count, layout, process_group, stat_shape
+        ctx.save_for_backward(v, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        v, weight, bias, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        nones = (None,) * 7
+        if torch.is_grad_enabled():  # double backward: differentiate torch's own batch norm
+            if ctx.group is not None:
+                raise NotImplementedError("double backward through synchronized batch norm: run it under "
+                                          "normlab.functional.fast_path(False)")
+            with torch.enable_grad():
+                xs = v if v.requires_grad else v.detach().requires_grad_()
+                cm = 1 if ctx.layout == "cf" else -1
+                y = torch.nn.functional.batch_norm(xs.movedim(cm, 1), None, None, weight, bias, True, 0.0, ctx.eps)
+                wrt = [t for t, n in zip((xs, weight, bias), need) if n]
+                grads = iter(torch.autograd.grad(y.movedim(1, cm), wrt, dy, create_graph=True))
+            return tuple(next(grads) if n else None for n in need) + nones
+        dy = dy if dy.is_contiguous() else dy.contiguous()
+        g_nc, h_nc = _kernels.reduce(dy, v, ctx.layout, mean)
+        g, h = g_nc.sum(0), h_nc.sum(0)
+        w = torch.ones_like(rstd) if weight is None else weight.detach().to(rstd.dtype)
+        dx = None
+        if need[0]:
+            # gradients of the loss with respect to the batch mean and M2 (var = M2 / count)
+            g_mean, g_m2 = -w * rstd * g, -0.5 * w * rstd ** 3 * h / ctx.count
+            if ctx.group is not None:
+                g_mean, g_m2 = _all_reduce_pair(g_mean, g_m2, ctx.group, ctx.stat_shape, v.dtype)
+            dx = torch.empty_like(v)
+            _kernels.dx(dy, v, dx, ctx.layout, mean, w * rstd, 2.0 * g_m2, g_mean / ctx.count)
+        dw = (h * rstd).to(weight.dtype) if need[1] else None
+        db = g.to(bias.dtype) if need[2] else None
+        return (dx, dw, db) + nones
+
+
+def _all_reduce_pair(a: Tensor, b: Tensor, group, stat_shape, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Sum ``(a, b)`` over the group as one message shaped like the plain path's (2, *stat_shape)."""
+    import torch.distributed as dist
+
+    from ..distributed import resolve_group
+
+    acc = accumulation_dtype(dtype)
+    packed = torch.stack([a.to(acc).reshape(stat_shape), b.to(acc).reshape(stat_shape)]).contiguous()
+    dist.all_reduce(packed, group=resolve_group(group))
+    return packed[0].reshape(-1).double(), packed[1].reshape(-1).double()
 
 
 def _channel_sum(t: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._common import affine, batch_moments, batch_statistics, normalize
-from ._fastpaths import batch_norm_fast, local_only, mean_only_batch_norm_fast
-from ._fused_bn import BatchNormTrain, bn_view, channel_moments_spare
+from ._fastpaths import batch_norm_fast, local_only, mean_only_batch_norm_fast, stat_shape, sync_group
+from ._fused_bn import batch_moments_fast, batch_norm_train, bn_view
 
 
 def batch_norm(
@@ -40,10 +40,11 @@ def batch_norm(
     fixed affine map. ``process_group`` all-reduces the moments so that every process
     normalizes with those of the global batch.
     """
-    if local_only(process_group):  # synchronized statistics stay on plain autograd (differentiable all_gather)
-        fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim)
-        if fast is not None:
-            return fast
+    # the fast path synchronizes on the compiled kernels; without them, plain autograd does
+    fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim,
+                           process_group)
+    if fast is not None:
+        return fast
     mean, var = batch_statistics(x, running_mean, running_var, training, momentum, channel_dim, process_group)
     return normalize(x, mean, var, eps, weight, bias, channel_dim)
 
@@ -153,8 +154,11 @@ def batch_renorm(
         raise ValueError("batch_renorm: needs running_mean and running_var (r and d are measured against them)")
     if not training:  # batch norm's eval map
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, channel_dim=cd)
-    fast = bn_view(x, cd) if local_only(process_group) else None
-    m, spare = channel_moments_spare(fast[0]) if fast is not None else (batch_moments(x, cd, process_group), None)
+    group = sync_group(process_group)
+    fast = bn_view(x, cd) if group is not False else None
+    shape = stat_shape(x.ndim, cd, x.shape[cd])
+    m, spare = batch_moments_fast(fast[0], group, shape) if fast is not None else (
+        batch_moments(x, cd, process_group), None)
     with torch.no_grad():
         mu_b = m.mean.reshape(-1)
         sigma_b = torch.sqrt(m.var.reshape(-1) + eps)
@@ -172,9 +176,9 @@ def batch_renorm(
     shift = d if weight is None else weight * d
     if bias is not None:
         shift = shift + bias
-    if fast is not None:  # batch norm with that weight and bias: torch's kernels, x and (C,) stats saved
+    if fast is not None:  # batch norm with that weight and bias: x and (C,) stats saved
         xb, back = fast
-        return back(BatchNormTrain.apply(xb, scale, shift, m.mean, m.var, eps, spare))
+        return back(batch_norm_train(xb, scale, shift, m, eps, spare, group, shape))
     return normalize(x, m.mean, m.var, eps, scale, shift, cd)
 
 

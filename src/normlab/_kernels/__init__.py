@@ -1,0 +1,252 @@
+"""normlab's four CPU kernels (``kernels.c``, ``kernels_impl.h``), compiled on first use and called through ctypes.
+
+Every batch, per-sample and mixed norm is, per (sample n, channel c), an affine map of ``x``
+whose coefficients come from per-(n, c) moments. On a tensor viewed as ``(N, C, L)``
+("cf") or ``(N, L, C)`` ("cl", channels-last) the kernels are:
+
+=========  ====================================================  =========
+moments    per (n, c): mean and M2 = sum (x - mean)^2             1T read
+affine     y = (x - center) * scale + shift                      2T
+reduce     per (n, c): sum dy and sum dy * (x - center)           2T
+dx         dx = a * dy + b * (x - center) + k                     3T
+=========  ====================================================  =========
+
+That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
+layout, where torch's own kernels for channels-last group and instance norm make many
+more passes. Moments are two-pass inside cache-sized blocks (x is read from memory once),
+merged exactly across blocks in double precision.
+
+The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``,
+``-O3 -march=native -fopenmp``: about a second) into a cache directory
+(``$NORMLAB_CACHE``, else ``~/.cache/normlab``, else a temporary directory) keyed by the
+source, the compiler and the CPU, and reused by later processes. Where no compiler is found
+or the build fails, :func:`available` is False (the reason is in :func:`status`) and the
+fast paths fall back to torch's kernels; ``NORMLAB_KERNELS=0`` turns them off, and
+:func:`enabled` does so in a ``with`` block (for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward"]
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_SOURCES = (_SOURCE, Path(__file__).with_name("kernels_impl.h"))
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_LIBS = ["-lm"]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "tried": False, "reason": "not loaded yet", "on": [True]}
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and flags (a shared cache dir must not
+    hand one machine's build to another CPU)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    for base in (os.environ.get("NORMLAB_CACHE"), Path.home() / ".cache" / "normlab"):
+        if base:
+            try:
+                path = Path(base)
+                path.mkdir(parents=True, exist_ok=True)
+                if os.access(path, os.W_OK):
+                    return path
+            except OSError:
+                pass
+    return Path(tempfile.gettempdir()) / f"normlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    src = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib_path = out_dir / f"normlab_kernels_{key}.so"
+    if not lib_path.exists():
+        # build into a private name, then rename: concurrent processes never load half a file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS], capture_output=True, text=True,
+                                 timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
+            os.replace(tmp, lib_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(lib_path))
+    _declare(lib)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for s in _SUFFIX.values():
+        for layout in ("cf", "cl"):
+            getattr(lib, f"nl_moments_{layout}_{s}").argtypes = [p, i, i, i, p, p, n]
+            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n]
+            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n]
+            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, n]
+            for kind in ("moments", "affine", "reduce", "dx"):
+                getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
+        fn = getattr(lib, f"nl_group_fwd_cl_{s}")
+        fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, p, p, n]
+        fn.restype = ctypes.c_int
+
+
+def _lib() -> ctypes.CDLL | None:
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                if os.environ.get("NORMLAB_KERNELS", "1") == "0":
+                    _state["reason"] = "turned off by NORMLAB_KERNELS=0"
+                else:
+                    try:
+                        _state["lib"] = _build()
+                        _state["reason"] = "loaded"
+                    except Exception as exc:  # any build or load failure: fall back to torch's kernels
+                        _state["reason"] = f"unavailable: {exc}"
+                _state["tried"] = True
+    return _state["lib"]
+
+
+def available() -> bool:
+    """True if the compiled kernels are loaded and switched on (compiles them on first call)."""
+    return _state["on"][-1] and _lib() is not None
+
+
+def status() -> str:
+    """One line: whether the kernels are in use, and why not."""
+    lib = _lib()
+    if lib is None:
+        return f"normlab CPU kernels {_state['reason']}"
+    return "normlab CPU kernels loaded" + ("" if _state["on"][-1] else " (switched off in this block)")
+
+
+@contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """``with enabled(False): ...`` runs the fast paths on torch's kernels instead (not thread-safe)."""
+    _state["on"].append(on)
+    try:
+        yield
+    finally:
+        _state["on"].pop()
+
+
+def _fn(kind: str, layout: str, dtype: torch.dtype):
+    return getattr(_lib(), f"nl_{kind}_{layout}_{_SUFFIX[dtype]}")
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _dims(v: Tensor) -> tuple[int, int, int]:
+    if v.ndim != 3 or not v.is_contiguous():
+        raise ValueError(f"normlab kernels expect a contiguous 3-d view, got shape {tuple(v.shape)}")
+    return tuple(v.shape)  # type: ignore[return-value]
+
+
+def _nc(t: Tensor, n: int, c: int) -> Tensor:
+    """A per-(n, c) coefficient as a contiguous float64 (N, C) tensor."""
+    return t.detach().to(torch.float64).expand(n, c).contiguous()
+
+
+def _check(rc: int | None, kind: str) -> None:
+    if rc:
+        raise MemoryError(f"normlab kernel {kind}: could not allocate its work arrays")
+
+
+def _nc_shape(v: Tensor, layout: str) -> tuple[int, int]:
+    return (v.shape[0], v.shape[1]) if layout == "cf" else (v.shape[0], v.shape[2])
+
+
+def moments(v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and M2 (sum of squared deviations) of ``v``, float64 (N, C)."""
+    n, c = _nc_shape(v, layout)
+    mean = torch.empty(n, c, dtype=torch.float64)
+    m2 = torch.empty(n, c, dtype=torch.float64)
+    _check(_fn("moments", layout, v.dtype)(_ptr(v), *_dims(v), _ptr(mean), _ptr(m2), torch.get_num_threads()), "moments")
+    return mean, m2
+
+
+def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor) -> None:
+    """``out = (v - center) * scale + shift`` with per-(n, c) coefficients (``out`` may be ``v``)."""
+    n, c = _nc_shape(v, layout)
+    _dims(out)
+    args = [_nc(t, n, c) for t in (center, scale, shift)]
+    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), torch.get_num_threads()),
+           "affine")
+
+
+def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(dy)`` and ``sum(dy * (x - center))``, float64 (N, C)."""
+    n, c = _nc_shape(v, layout)
+    _dims(dyv)
+    ctr = _nc(center, n, c)
+    g = torch.empty(n, c, dtype=torch.float64)
+    h = torch.empty(n, c, dtype=torch.float64)
+    _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), _ptr(ctr), _ptr(g), _ptr(h),
+                                          torch.get_num_threads()), "reduce")
+    return g, h
+
+
+def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tensor, b: Tensor, k: Tensor) -> None:
+    """``out = a * dy + b * (x - center) + k`` with per-(n, c) coefficients."""
+    n, c = _nc_shape(v, layout)
+    _dims(dyv), _dims(out)
+    args = [_nc(t, n, c) for t in (center, a, b, k)]
+    _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *map(_ptr, args),
+                                      torch.get_num_threads()), "dx")
+
+
+def group_forward(v: Tensor, out: Tensor, num_groups: int, eps: float, center: bool, weight: Tensor | None,
+                  bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A per-sample norm of a channels-last ``(N, L, C)`` view in one pass from cache: group
+    (``num_groups`` groups of consecutive channels; 1 = layer norm, C = instance norm) or, with
+    ``center=False``, RMS norm; ``out = (x - center) * weight * rstd + bias``. Returns the
+    per-(n, c) mean and M2, float64 (N, C)."""
+    n, length, c = _dims(v)
+    _dims(out)
+    mean = torch.empty(n, c, dtype=torch.float64)
+    m2 = torch.empty(n, c, dtype=torch.float64)
+    w = None if weight is None else weight.detach().to(torch.float64).contiguous()
+    b = None if bias is None else bias.detach().to(torch.float64).contiguous()
+    _check(_fn("group_fwd", "cl", v.dtype)(_ptr(v), _ptr(out), n, length, c, num_groups, float(eps), int(center),
+                                           None if w is None else _ptr(w), None if b is None else _ptr(b),
+                                           _ptr(mean), _ptr(m2), torch.get_num_threads()), "group_fwd")
+    return mean, m2

@@ -1,0 +1,305 @@
+/* The kernels for one element type T (accumulator A, channel block CB, names S(...)); included
+ * by kernels.c, which documents them. */
+
+/* ---- channel-first (N, C, L): one (n, c) row at a time, its coefficients in registers ---- */
+
+void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        double na = 0.0, ma = 0.0, qa = 0.0;
+        for (i64 s = 0; s < L; s += CF_CHUNK) {
+            const T *p = x + r * L + s;
+            i64 k = MIN(CF_CHUNK, L - s);
+            A sum = 0, e = 0, q = 0;
+#pragma omp simd reduction(+ : sum)
+            for (i64 i = 0; i < k; i++) sum += p[i];
+            const A mu = sum / (A)k;
+#pragma omp simd reduction(+ : e, q)
+            for (i64 i = 0; i < k; i++) {
+                A d = p[i] - mu;
+                e += d;
+                q += d * d;
+            }
+            /* corrected two-pass: q is about mu; the exact chunk mean is mu + e / k */
+            merge(&na, &ma, &qa, (double)k, (double)mu + (double)e / k, (double)q - (double)e * e / k);
+        }
+        mean[r] = ma;
+        m2[r] = qa;
+    }
+}
+
+void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
+                     const double *shift, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        const T *p = x + r * L;
+        T *o = y + r * L;
+        const T m = (T)center[r], s = (T)scale[r], b = (T)shift[r];
+#pragma omp simd
+        for (i64 i = 0; i < L; i++) o[i] = (p[i] - m) * s + b;
+    }
+}
+
+void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
+                     int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        const T m = (T)center[r];
+        double sg = 0.0, sh = 0.0;
+        for (i64 s = 0; s < L; s += CF_CHUNK) {
+            const T *d = dy + r * L + s, *p = x + r * L + s;
+            i64 k = MIN(CF_CHUNK, L - s);
+            A cg = 0, ch = 0;
+#pragma omp simd reduction(+ : cg, ch)
+            for (i64 i = 0; i < k; i++) {
+                cg += d[i];
+                ch += d[i] * (p[i] - m);
+            }
+            sg += cg;
+            sh += ch;
+        }
+        g[r] = sg;
+        h[r] = sh;
+    }
+}
+
+void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
+                 const double *b, const double *k, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        const T *d = dy + r * L, *p = x + r * L;
+        T *o = dx + r * L;
+        const T m = (T)center[r], ar = (T)a[r], br = (T)b[r], kr = (T)k[r];
+#pragma omp simd
+        for (i64 i = 0; i < L; i++) o[i] = ar * d[i] + br * (p[i] - m) + kr;
+    }
+}
+
+/* ---- channels-last (N, L, C): work items are (sample, block of rows); inside one, CB
+ * channels at a time so that accumulators and coefficients stay in registers ---- */
+
+/* moments of rows [0, k) of a block, channels [0, w) of a channel block */
+static inline __attribute__((always_inline)) void S(block_moments)(const T *p0, i64 k, i64 C, i64 w, A *mu, A *e,
+                                                                   A *q) {
+    for (i64 c = 0; c < w; c++) mu[c] = e[c] = q[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const T *p = p0 + l * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; c++) mu[c] += p[c];
+    }
+    for (i64 c = 0; c < w; c++) mu[c] /= (A)k;
+    for (i64 l = 0; l < k; l++) {
+        const T *p = p0 + l * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; c++) {
+            A d = p[c] - mu[c];
+            e[c] += d;
+            q[c] += d * d;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
+                                                                  const A *m, A *sg, A *sh) {
+    for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const T *d = d0 + l * C, *p = p0 + l * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; c++) {
+            sg[c] += d[c];
+            sh[c] += d[c] * (p[c] - m[c]);
+        }
+    }
+}
+
+/* merge per-(item, c) partial moments over the blocks of each sample */
+static void S(merge_blocks)(const double *pm, const double *pq, i64 N, i64 L, i64 C, i64 R, i64 nb, double *mean,
+                            double *m2, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        i64 n = r / C, c = r % C;
+        double na = 0.0, ma = 0.0, qa = 0.0;
+        for (i64 b = 0; b < nb; b++) {
+            i64 at = (n * nb + b) * C + c;
+            merge(&na, &ma, &qa, (double)MIN(R, L - b * R), pm[at], pq[at]);
+        }
+        mean[r] = ma;
+        m2[r] = qa;
+    }
+}
+
+int S(nl_moments_cl)(const T *x, i64 N, i64 L, i64 C, double *mean, double *m2, int nt) {
+    i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R;
+    double *pm = malloc(sizeof(double) * N * nb * C * 2);
+    if (!pm) return 1;
+    double *pq = pm + N * nb * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 it = 0; it < N * nb; it++) {
+        i64 n = it / nb, l0 = (it % nb) * R, k = MIN(R, L - l0);
+        for (i64 c0 = 0; c0 < C; c0 += CB) {
+            A mu[CB], e[CB], q[CB];
+            i64 w = MIN(CB, C - c0);
+            const T *p0 = x + (n * L + l0) * C + c0;
+            if (w == CB)
+                S(block_moments)(p0, k, C, CB, mu, e, q);
+            else
+                S(block_moments)(p0, k, C, w, mu, e, q);
+            for (i64 c = 0; c < w; c++) {
+                pm[it * C + c0 + c] = (double)mu[c] + (double)e[c] / k;
+                pq[it * C + c0 + c] = (double)q[c] - (double)e[c] * e[c] / k;
+            }
+        }
+    }
+    S(merge_blocks)(pm, pq, N, L, C, R, nb, mean, m2, nt);
+    free(pm);
+    return 0;
+}
+
+int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *center, double *g, double *h,
+                    int nt) {
+    i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R;
+    double *pg = malloc(sizeof(double) * N * nb * C * 2);
+    if (!pg) return 1;
+    double *ph = pg + N * nb * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 it = 0; it < N * nb; it++) {
+        i64 n = it / nb, l0 = (it % nb) * R, k = MIN(R, L - l0);
+        for (i64 c0 = 0; c0 < C; c0 += CB) {
+            A m[CB], sg[CB], sh[CB];
+            i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
+            for (i64 c = 0; c < w; c++) m[c] = (A)center[n * C + c0 + c];
+            if (w == CB)
+                S(block_reduce)(dy + at, x + at, k, C, CB, m, sg, sh);
+            else
+                S(block_reduce)(dy + at, x + at, k, C, w, m, sg, sh);
+            for (i64 c = 0; c < w; c++) {
+                pg[it * C + c0 + c] = sg[c];
+                ph[it * C + c0 + c] = sh[c];
+            }
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        i64 n = r / C, c = r % C;
+        double sg = 0.0, sh = 0.0;
+        for (i64 b = 0; b < nb; b++) {
+            sg += pg[(n * nb + b) * C + c];
+            sh += ph[(n * nb + b) * C + c];
+        }
+        g[r] = sg;
+        h[r] = sh;
+    }
+    free(pg);
+    return 0;
+}
+
+/* the elementwise passes go row by row over all C channels, with the sample's coefficients
+ * as T rows (converted once): faster here than channel blocks */
+static T *S(coef_rows)(const double *const *src, int count, i64 NC) {
+    T *co = malloc(sizeof(T) * NC * count);
+    if (co)
+        for (int j = 0; j < count; j++)
+            for (i64 i = 0; i < NC; i++) co[j * NC + i] = (T)src[j][i];
+    return co;
+}
+
+int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
+                    const double *shift, int nt) {
+    const double *src[3] = {center, scale, shift};
+    T *co = S(coef_rows)(src, 3, N * C);
+    if (!co) return 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * L; r++) {
+        i64 n = r / L;
+        const T *p = x + r * C, *m = co + n * C, *s = co + (N + n) * C, *b = co + (2 * N + n) * C;
+        T *o = y + r * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) o[c] = (p[c] - m[c]) * s[c] + b[c];
+    }
+    free(co);
+    return 0;
+}
+
+int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
+                const double *b, const double *k, int nt) {
+    const double *src[4] = {center, a, b, k};
+    T *co = S(coef_rows)(src, 4, N * C);
+    if (!co) return 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * L; r++) {
+        i64 n = r / L;
+        const T *d = dy + r * C, *p = x + r * C;
+        const T *m = co + n * C, *ar = co + (N + n) * C, *br = co + (2 * N + n) * C, *kr = co + (3 * N + n) * C;
+        T *o = dx + r * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) o[c] = ar[c] * d[c] + br[c] * (p[c] - m[c]) + kr[c];
+    }
+    free(co);
+    return 0;
+}
+
+/* ---- per-sample norms (group, instance, layer, RMS norm) in one forward pass from cache:
+ * one sample per work item: its moments block by block (two-pass in L1, merged in double),
+ * its groups' coefficients, then its output while the sample is still in L2. With center,
+ * y = (x - group mean) * weight * rstd + bias; without (RMS), rstd comes from the mean
+ * square and nothing is subtracted. Per-(n, c) mean and M2 are returned for the backward and
+ * running statistics. Parallel over samples: the caller uses it when N is at least twice the
+ * thread count. ---- */
+int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps, int center, const double *weight,
+                       const double *bias, double *mean, double *m2, int nt) {
+    i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        double *na = malloc(sizeof(double) * C * 3), *ma = na + C, *qa = na + 2 * C;
+        T *cm = malloc(sizeof(T) * C * 3), *cs = cm + C, *cb = cm + 2 * C;
+        if (!na || !cm) failed = 1;
+#pragma omp for schedule(static)
+        for (i64 n = 0; n < N; n++) {
+            if (!na || !cm) continue;
+            const T *xs = x + n * L * C;
+            T *ys = y + n * L * C;
+            for (i64 c = 0; c < C; c++) na[c] = ma[c] = qa[c] = 0.0;
+            for (i64 l0 = 0; l0 < L; l0 += R) {
+                i64 k = MIN(R, L - l0);
+                for (i64 c0 = 0; c0 < C; c0 += CB) {
+                    A mu[CB], e[CB], q[CB];
+                    i64 w = MIN(CB, C - c0);
+                    if (w == CB)
+                        S(block_moments)(xs + l0 * C + c0, k, C, CB, mu, e, q);
+                    else
+                        S(block_moments)(xs + l0 * C + c0, k, C, w, mu, e, q);
+                    for (i64 c = 0; c < w; c++)
+                        merge(&na[c0 + c], &ma[c0 + c], &qa[c0 + c], (double)k, (double)mu[c] + (double)e[c] / k,
+                              (double)q[c] - (double)e[c] * e[c] / k);
+                }
+            }
+            for (i64 g = 0; g < G; g++) { /* the group's moments, then its coefficients */
+                double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
+                for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
+                    merge(&gn, &gm, &gq, na[c], ma[c], qa[c]);
+                    ms += qa[c] + na[c] * ma[c] * ma[c];
+                }
+                double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
+                for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
+                    cm[c] = center ? (T)gm : (T)0;
+                    cs[c] = (T)(weight ? weight[c] * rstd : rstd);
+                    cb[c] = (T)(bias ? bias[c] : 0.0);
+                }
+            }
+            for (i64 c = 0; c < C; c++) {
+                mean[n * C + c] = ma[c];
+                m2[n * C + c] = qa[c];
+            }
+            for (i64 l = 0; l < L; l++) {
+                const T *p = xs + l * C;
+                T *o = ys + l * C;
+#pragma omp simd
+                for (i64 c = 0; c < C; c++) o[c] = (p[c] - cm[c]) * cs[c] + cb[c];
+            }
+        }
+        free(na);
+        free(cm);
+    }
+    return failed;
+}
