@@ -42,7 +42,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward"]
+__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward", "group_backward"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _SOURCES = (_SOURCE, Path(__file__).with_name("kernels_impl.h"))
@@ -123,9 +123,13 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, n]
             for kind in ("moments", "affine", "reduce", "dx"):
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
-        fn = getattr(lib, f"nl_group_fwd_cl_{s}")
-        fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, p, p, n]
-        fn.restype = ctypes.c_int
+        for layout in ("cf", "cl"):
+            fn = getattr(lib, f"nl_group_fwd_{layout}_{s}")
+            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, p, p, n]
+            fn.restype = ctypes.c_int
+            fn = getattr(lib, f"nl_group_bwd_{layout}_{s}")
+            fn.argtypes = [p, p, p, i, i, i, i, n, p, p, p, p, p, n]
+            fn.restype = ctypes.c_int
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -234,19 +238,40 @@ def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tens
                                       torch.get_num_threads()), "dx")
 
 
-def group_forward(v: Tensor, out: Tensor, num_groups: int, eps: float, center: bool, weight: Tensor | None,
-                  bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """A per-sample norm of a channels-last ``(N, L, C)`` view in one pass from cache: group
-    (``num_groups`` groups of consecutive channels; 1 = layer norm, C = instance norm) or, with
-    ``center=False``, RMS norm; ``out = (x - center) * weight * rstd + bias``. Returns the
-    per-(n, c) mean and M2, float64 (N, C)."""
-    n, length, c = _dims(v)
+def _opt(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64).contiguous()
+
+
+def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: float, center: bool,
+                  weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A per-sample norm in one pass from cache: group norm (``num_groups`` groups of
+    consecutive channels; 1 = layer norm, C = instance norm) or, with ``center=False``, RMS
+    norm; ``out = (x - center) * weight * rstd + bias``. Channels-last, one sample per work
+    item (use it for N at least twice the thread count); channel-first, one (sample, group).
+    Returns the per-(n, c) mean and M2, float64 (N, C)."""
+    n, c = _nc_shape(v, layout)
     _dims(out)
     mean = torch.empty(n, c, dtype=torch.float64)
     m2 = torch.empty(n, c, dtype=torch.float64)
-    w = None if weight is None else weight.detach().to(torch.float64).contiguous()
-    b = None if bias is None else bias.detach().to(torch.float64).contiguous()
-    _check(_fn("group_fwd", "cl", v.dtype)(_ptr(v), _ptr(out), n, length, c, num_groups, float(eps), int(center),
-                                           None if w is None else _ptr(w), None if b is None else _ptr(b),
-                                           _ptr(mean), _ptr(m2), torch.get_num_threads()), "group_fwd")
+    w, b = _opt(weight), _opt(bias)
+    _check(_fn("group_fwd", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), num_groups, float(eps), int(center),
+                                             None if w is None else _ptr(w), None if b is None else _ptr(b),
+                                             _ptr(mean), _ptr(m2), torch.get_num_threads()), "group_fwd")
     return mean, m2
+
+
+def group_backward(dyv: Tensor, v: Tensor, out: Tensor, layout: str, num_groups: int, center: bool,
+                   weight: Tensor | None, ctr: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The input gradient of :func:`group_forward`'s norm into ``out``, from cache (same work
+    items), given the forward's per-(n, c) group centre and 1/std; returns the per-(n, c)
+    ``sum dy`` and ``sum dy (x - centre)`` (for the weight and bias gradients)."""
+    n, c = _nc_shape(v, layout)
+    _dims(dyv), _dims(out)
+    g = torch.empty(n, c, dtype=torch.float64)
+    h = torch.empty(n, c, dtype=torch.float64)
+    w = _opt(weight)
+    ctr64, rstd64 = _nc(ctr, n, c), _nc(rstd, n, c)
+    _check(_fn("group_bwd", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), num_groups, int(center),
+                                             None if w is None else _ptr(w), _ptr(ctr64), _ptr(rstd64), _ptr(g),
+                                             _ptr(h), torch.get_num_threads()), "group_bwd")
+    return g, h

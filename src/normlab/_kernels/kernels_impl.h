@@ -1,30 +1,95 @@
 /* The kernels for one element type T (accumulator A, channel block CB, names S(...)); included
  * by kernels.c, which documents them. */
 
+/* ---- row reductions with LANES independent accumulators: a single vector accumulator
+ * would wait on the add latency at every step ---- */
+#define LANES 64
+
+static inline A S(row_sum)(const T *p, i64 k) {
+    A acc[LANES] = {0}, s = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += p[i + j];
+    for (; i < k; i++) s += p[i];
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    return s;
+}
+
+/* *e = sum (p - mu), *q = sum (p - mu)^2 */
+static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
+    A ae[LANES] = {0}, aq[LANES] = {0}, se = 0, sq = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            A d = p[i + j] - mu;
+            ae[j] += d;
+            aq[j] += d * d;
+        }
+    for (; i < k; i++) {
+        A d = p[i] - mu;
+        se += d;
+        sq += d * d;
+    }
+    for (int j = 0; j < LANES; j++) {
+        se += ae[j];
+        sq += aq[j];
+    }
+    *e = se;
+    *q = sq;
+}
+
+/* *g = sum d, *h = sum d (p - m) */
+static inline void S(row_dot)(const T *d, const T *p, i64 k, T m, A *g, A *h) {
+    A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            ag[j] += d[i + j];
+            ah[j] += d[i + j] * (p[i + j] - m);
+        }
+    for (; i < k; i++) {
+        sg += d[i];
+        sh += d[i] * (p[i] - m);
+    }
+    for (int j = 0; j < LANES; j++) {
+        sg += ag[j];
+        sh += ah[j];
+    }
+    *g = sg;
+    *h = sh;
+}
+
+/* moments of one channel-first row, chunk by chunk (corrected two-pass, merged in double) */
+static inline void S(row_moments)(const T *row, i64 L, double *na, double *ma, double *qa) {
+    *na = *ma = *qa = 0.0;
+    for (i64 s = 0; s < L; s += CF_CHUNK) {
+        i64 k = MIN(CF_CHUNK, L - s);
+        const A mu = S(row_sum)(row + s, k) / (A)k;
+        A e, q;
+        S(row_dev)(row + s, k, mu, &e, &q);
+        /* q is about mu; the exact chunk mean is mu + e / k */
+        merge(na, ma, qa, (double)k, (double)mu + (double)e / k, (double)q - (double)e * e / k);
+    }
+}
+
+/* sum dy and sum dy (x - m) of one channel-first row */
+static inline void S(row_sums)(const T *d, const T *p, i64 L, T m, double *sg, double *sh) {
+    *sg = *sh = 0.0;
+    for (i64 s = 0; s < L; s += CF_CHUNK) {
+        A g, h;
+        S(row_dot)(d + s, p + s, MIN(CF_CHUNK, L - s), m, &g, &h);
+        *sg += g;
+        *sh += h;
+    }
+}
+
 /* ---- channel-first (N, C, L): one (n, c) row at a time, its coefficients in registers ---- */
 
 void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
-        double na = 0.0, ma = 0.0, qa = 0.0;
-        for (i64 s = 0; s < L; s += CF_CHUNK) {
-            const T *p = x + r * L + s;
-            i64 k = MIN(CF_CHUNK, L - s);
-            A sum = 0, e = 0, q = 0;
-#pragma omp simd reduction(+ : sum)
-            for (i64 i = 0; i < k; i++) sum += p[i];
-            const A mu = sum / (A)k;
-#pragma omp simd reduction(+ : e, q)
-            for (i64 i = 0; i < k; i++) {
-                A d = p[i] - mu;
-                e += d;
-                q += d * d;
-            }
-            /* corrected two-pass: q is about mu; the exact chunk mean is mu + e / k */
-            merge(&na, &ma, &qa, (double)k, (double)mu + (double)e / k, (double)q - (double)e * e / k);
-        }
-        mean[r] = ma;
-        m2[r] = qa;
+        double na;
+        S(row_moments)(x + r * L, L, &na, &mean[r], &m2[r]);
     }
 }
 
@@ -43,24 +108,7 @@ void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center
 void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
                      int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        const T m = (T)center[r];
-        double sg = 0.0, sh = 0.0;
-        for (i64 s = 0; s < L; s += CF_CHUNK) {
-            const T *d = dy + r * L + s, *p = x + r * L + s;
-            i64 k = MIN(CF_CHUNK, L - s);
-            A cg = 0, ch = 0;
-#pragma omp simd reduction(+ : cg, ch)
-            for (i64 i = 0; i < k; i++) {
-                cg += d[i];
-                ch += d[i] * (p[i] - m);
-            }
-            sg += cg;
-            sh += ch;
-        }
-        g[r] = sg;
-        h[r] = sh;
-    }
+    for (i64 r = 0; r < N * C; r++) S(row_sums)(dy + r * L, x + r * L, L, (T)center[r], &g[r], &h[r]);
 }
 
 void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
@@ -300,6 +348,136 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
         }
         free(na);
         free(cm);
+    }
+    return failed;
+}
+
+/* Channel-first version: work items are (sample, group) blocks of C/G * L contiguous values
+ * (a group's channels are consecutive), small enough to stay in cache between the moments
+ * and the output. */
+int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps, int center, const double *weight,
+                       const double *bias, double *mean, double *m2, int nt) {
+    i64 cpg = C / G;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 it = 0; it < N * G; it++) {
+        i64 n = it / G, g = it % G;
+        double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
+        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* per-channel moments */
+            double na, ma, qa;
+            S(row_moments)(x + (n * C + c) * L, L, &na, &ma, &qa);
+            mean[n * C + c] = ma;
+            m2[n * C + c] = qa;
+            merge(&gn, &gm, &gq, na, ma, qa);
+            ms += qa + na * ma * ma;
+        }
+        double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
+        const T m = center ? (T)gm : (T)0;
+        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* the output, from cache */
+            const T *p = x + (n * C + c) * L;
+            T *o = y + (n * C + c) * L;
+            const T s = (T)(weight ? weight[c] * rstd : rstd), b = (T)(bias ? bias[c] : 0.0);
+#pragma omp simd
+            for (i64 i = 0; i < L; i++) o[i] = (p[i] - m) * s + b;
+        }
+    }
+    return 0;
+}
+
+/* Backward of the per-sample norms, channel-first, per (sample, group) block from cache:
+ * g_c = sum dy, h_c = sum dy (x - mu); A = sum_c w_c g_c, B = sum_c w_c h_c over the group;
+ * dx = w_c rstd dy - rstd^3 B / K (x - mu) - rstd A / K (RMS: mu = 0, no A term). The
+ * per-(n, c) g and h are returned for the weight and bias gradients. ctr and rstd are the
+ * per-(n, c) group centre and 1/std from the forward. */
+int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 G, int center, const double *weight,
+                       const double *ctr, const double *rstd, double *g, double *h, int nt) {
+    i64 cpg = C / G;
+    double K = (double)(cpg * L);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 it = 0; it < N * G; it++) {
+        i64 n = it / G, gi = it % G;
+        double big_a = 0.0, big_b = 0.0;
+        const T m = (T)ctr[n * C + gi * cpg];
+        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+            double sg, sh;
+            S(row_sums)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, &sg, &sh);
+            g[n * C + c] = sg;
+            h[n * C + c] = sh;
+            double w = weight ? weight[c] : 1.0;
+            big_a += w * sg;
+            big_b += w * sh;
+        }
+        double r = rstd[n * C + gi * cpg];
+        const T bcoef = (T)(-r * r * r * big_b / K), kcoef = (T)(center ? -r * big_a / K : 0.0);
+        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+            const T *d = dy + (n * C + c) * L, *p = x + (n * C + c) * L;
+            T *o = dx + (n * C + c) * L;
+            const T a = (T)((weight ? weight[c] : 1.0) * r);
+#pragma omp simd
+            for (i64 i = 0; i < L; i++) o[i] = a * d[i] + bcoef * (p[i] - m) + kcoef;
+        }
+    }
+    return 0;
+}
+
+/* The same, channels-last, one sample per work item (callers use it when N is at least twice
+ * the thread count). */
+int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 G, int center, const double *weight,
+                       const double *ctr, const double *rstd, double *g, double *h, int nt) {
+    i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
+    double K = (double)(cpg * L);
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        T *co = malloc(sizeof(T) * C * 4), *cm = co + C, *ca = co + 2 * C, *cb = co + 3 * C;
+        double *ab = malloc(sizeof(double) * G * 2);
+        if (!co || !ab) failed = 1;
+#pragma omp for schedule(static)
+        for (i64 n = 0; n < N; n++) {
+            if (!co || !ab) continue;
+            const T *ds = dy + n * L * C, *xs = x + n * L * C;
+            T *os = dx + n * L * C;
+            double *gs = g + n * C, *hs = h + n * C;
+            for (i64 c = 0; c < C; c++) {
+                gs[c] = hs[c] = 0.0;
+                cm[c] = (T)ctr[n * C + c];
+            }
+            for (i64 l0 = 0; l0 < L; l0 += R) {
+                i64 k = MIN(R, L - l0);
+                for (i64 c0 = 0; c0 < C; c0 += CB) {
+                    A m[CB], sg[CB], sh[CB];
+                    i64 w = MIN(CB, C - c0), at = l0 * C + c0;
+                    for (i64 c = 0; c < w; c++) m[c] = cm[c0 + c];
+                    if (w == CB)
+                        S(block_reduce)(ds + at, xs + at, k, C, CB, m, sg, sh);
+                    else
+                        S(block_reduce)(ds + at, xs + at, k, C, w, m, sg, sh);
+                    for (i64 c = 0; c < w; c++) {
+                        gs[c0 + c] += sg[c];
+                        hs[c0 + c] += sh[c];
+                    }
+                }
+            }
+            for (i64 gi = 0; gi < G; gi++) ab[gi] = ab[G + gi] = 0.0;
+            for (i64 c = 0; c < C; c++) {
+                double w = weight ? weight[c] : 1.0;
+                ab[c / cpg] += w * gs[c];
+                ab[G + c / cpg] += w * hs[c];
+            }
+            for (i64 c = 0; c < C; c++) {
+                double r = rstd[n * C + c];
+                co[c] = (T)((weight ? weight[c] : 1.0) * r);
+                ca[c] = (T)(-r * r * r * ab[G + c / cpg] / K);
+                cb[c] = (T)(center ? -r * ab[c / cpg] / K : 0.0);
+            }
+            for (i64 l = 0; l < L; l++) {
+                const T *d = ds + l * C, *p = xs + l * C;
+                T *o = os + l * C;
+#pragma omp simd
+                for (i64 c = 0; c < C; c++) o[c] = co[c] * d[c] + ca[c] * (p[c] - cm[c]) + cb[c];
+            }
+        }
+        free(co);
+        free(ab);
     }
     return failed;
 }

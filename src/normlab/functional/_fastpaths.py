@@ -124,8 +124,9 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     layout = fast_layout(x, cd)
     if layout is None or x.numel() // (x.shape[0] * num_groups) == 1:  # one value per group: exact 0 there
         return None
-    if layout == "cl" and _kernels.available():
-        # compiled kernels: one pass per sample forward, closed-form backward
+    if _kernels.available():
+        # compiled kernels: moments and output in one pass per (sample, group) block from cache,
+        # and the same for the closed-form backward
         return group_norm_kernel(x, cd, num_groups, eps, True, weight, bias)[0]
     if layout == "cl" and fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None

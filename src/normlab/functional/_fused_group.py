@@ -35,16 +35,32 @@ __all__ = ["GroupNormKernel", "group_norm_kernel"]
 def _group_stats(mean: Tensor, m2: Tensor, count: int, groups: int, eps: float, center: bool) -> tuple[Tensor, Tensor]:
     """Per-(n, c) group centre (0 for RMS) and rstd, float64 (N, C), from per-(n, c) moments."""
     n, c = mean.shape
-    mg, qg = mean.view(n, groups, c // groups), m2.view(n, groups, c // groups)
-    mu = mg.mean(2, keepdim=True)  # equal counts per channel: the exact merge
+    mg, qg = mean.view(n, groups, -1), m2.view(n, groups, -1)
     if center:
-        var = (qg.sum(2, keepdim=True) + count * ((mg - mu) ** 2).sum(2, keepdim=True)) / (count * (c // groups))
+        mu = mg.mean(2, keepdim=True)  # equal counts per channel: the exact merge
+        var = (qg.sum(2, keepdim=True) / count + ((mg - mu) ** 2).sum(2, keepdim=True)) / (c // groups)
         ctr = mu.expand_as(mg).reshape(n, c)
     else:
         var = (qg / count + mg * mg).mean(2, keepdim=True)  # the mean square
         ctr = torch.zeros_like(mean)
-    rstd = torch.rsqrt(var + eps).expand_as(mg).reshape(n, c)
-    return ctr, rstd
+    return ctr, var.add_(eps).rsqrt_().expand_as(mg).reshape(n, c)
+
+
+def _one_pass(layout: str, n: int) -> bool:
+    """Whether the one-pass kernels apply: always channel-first (work items are (sample, group)
+    blocks); channels-last with at least two samples a thread (work items are samples)."""
+    return layout == "cf" or n >= 2 * torch.get_num_threads()
+
+
+def _two_pass_forward(v: Tensor, yv: Tensor, layout: str, count: int, groups: int, eps: float, center: bool,
+                      weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Moments over every sample split across the threads, then the output: (mean, m2, ctr, rstd)."""
+    mean, m2 = _kernels.moments(v, layout)
+    ctr, rstd = _group_stats(mean, m2, count, groups, eps, center)
+    scale = rstd if weight is None else rstd * weight.detach().to(rstd.dtype)
+    shift = torch.zeros_like(rstd) if bias is None else bias.detach().to(rstd.dtype).expand_as(rstd)
+    _kernels.affine(v, yv, layout, ctr, scale, shift)
+    return mean, m2, ctr, rstd
 
 
 class GroupNormKernel(torch.autograd.Function):
@@ -59,22 +75,18 @@ class GroupNormKernel(torch.autograd.Function):
         count = v.numel() // max(n * c, 1)
         y = torch.empty_like(x)
         yv = _views(y, channel_dim)[1]  # type: ignore[index]
-        if layout == "cl" and n >= 2 * torch.get_num_threads():
-            # moments and output in one pass per sample, from cache
-            mean, m2 = _kernels.group_forward(v, yv, num_groups, eps, center, weight, bias)
+        if _one_pass(layout, n):
+            # moments and output in one pass per (sample, group) or per sample, from cache
+            mean, m2 = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)
             ctr, rstd = _group_stats(mean, m2, count, num_groups, eps, center)
-        else:
-            mean, m2 = _kernels.moments(v, layout)
-            ctr, rstd = _group_stats(mean, m2, count, num_groups, eps, center)
-            scale = rstd if weight is None else rstd * weight.detach().to(rstd.dtype)
-            shift = torch.zeros_like(rstd) if bias is None else bias.detach().to(rstd.dtype).expand_as(rstd)
-            _kernels.affine(v, yv, layout, ctr, scale, shift)
+        else:  # channels-last with few samples: split every sample over the threads instead
+            mean, m2, ctr, rstd = _two_pass_forward(v, yv, layout, count, num_groups, eps, center, weight, bias)
         ctx.channel_dim, ctx.groups, ctx.eps, ctx.center, ctx.count = channel_dim, num_groups, eps, center, count
         ctx.layout = layout
         ctx.save_for_backward(x, weight, bias, ctr, rstd)
-        mean_out, var_out = mean.to(x.dtype), (m2 / count).to(x.dtype)
-        ctx.mark_non_differentiable(mean_out, var_out)
-        return y, mean_out, var_out
+        var = m2 / count
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
@@ -90,16 +102,19 @@ class GroupNormKernel(torch.autograd.Function):
         if got is None or got[0] != layout:
             got = _views(torch.empty_like(x).copy_(dy), cd)
         dyv = got[1]  # type: ignore[index]
-        g, h = _kernels.reduce(dyv, v, layout, ctr)  # sum dy, sum dy (x - mu_ng)
-        w = torch.ones(c, dtype=rstd.dtype) if weight is None else weight.detach().to(rstd.dtype)
-        dx = None
-        if need[0]:
-            k = ctx.count * (c // groups)  # values per group
-            big_a = (g * w).view(n, groups, -1).sum(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
-            big_b = (h * w).view(n, groups, -1).sum(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
-            const = -rstd * big_a / k if ctx.center else torch.zeros_like(rstd)
-            dx = torch.empty_like(x)
-            _kernels.dx(dyv, v, _views(dx, cd)[1], layout, ctr, w * rstd, -rstd ** 3 * big_b / k, const)  # type: ignore[index]
+        dx = torch.empty_like(x) if need[0] else None
+        if need[0] and _one_pass(layout, n):
+            # both passes per (sample, group) or per sample, the second from cache
+            g, h = _kernels.group_backward(dyv, v, _views(dx, cd)[1], layout, groups, ctx.center, weight, ctr, rstd)  # type: ignore[index]
+        else:
+            g, h = _kernels.reduce(dyv, v, layout, ctr)  # sum dy, sum dy (x - mu_ng)
+            if need[0]:
+                w = torch.ones(c, dtype=rstd.dtype) if weight is None else weight.detach().to(rstd.dtype)
+                k = ctx.count * (c // groups)  # values per group
+                big_a = (g * w).view(n, groups, -1).sum(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
+                big_b = (h * w).view(n, groups, -1).sum(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
+                const = -rstd * big_a / k if ctx.center else torch.zeros_like(rstd)
+                _kernels.dx(dyv, v, _views(dx, cd)[1], layout, ctr, w * rstd, -rstd ** 3 * big_b / k, const)  # type: ignore[index]
         dw = (rstd * h).sum(0).to(weight.dtype) if need[1] else None
         db = g.sum(0).to(bias.dtype) if need[2] else None
         return (dx, dw, db) + nones
@@ -131,5 +146,17 @@ def _double_backward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
 def group_norm_kernel(x: Tensor, channel_dim: int, num_groups: int, eps: float, center: bool,
                       weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, var)``: the norm on the compiled kernels (callers check availability and
-    layout first); ``mean``/``var`` are the per-(n, c) moments, (N, C)."""
-    return GroupNormKernel.apply(x, weight, bias, channel_dim % x.ndim, num_groups, eps, center)
+    layout first); ``mean``/``var`` are the per-(n, c) moments, float64 (N, C)."""
+    cd = channel_dim % x.ndim
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return GroupNormKernel.apply(x, weight, bias, cd, num_groups, eps, center)
+    # nothing to differentiate (eval, inference): the forward alone
+    layout, v = _views(x, cd)  # type: ignore[misc]
+    y = torch.empty_like(x)
+    yv = _views(y, cd)[1]  # type: ignore[index]
+    count = v.numel() // max(x.shape[0] * x.shape[cd], 1)
+    if _one_pass(layout, x.shape[0]):
+        mean, m2 = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)
+    else:
+        mean, m2 = _two_pass_forward(v, yv, layout, count, num_groups, eps, center, weight, bias)[:2]
+    return y, mean, m2 / count

@@ -1,0 +1,226 @@
+"""normlab's compiled CPU kernels (normlab._kernels) against float64 references computed here
+with torch ops, on both layouts, both dtypes and awkward shapes (one channel, channel counts
+that are not a multiple of the register block, one position, blocks that do not divide the
+positions, one sample, a mean 1e4 times the spread); and the build: cached across processes,
+switched off by NORMLAB_KERNELS=0, and a clean fallback when no compiler works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from normlab import _kernels
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason=_kernels.status())
+
+SHAPES = [(3, 5, 7), (1, 1, 1), (2, 1, 600), (4, 3, 1), (2, 70, 33), (3, 200, 9), (1, 16, 4099), (5, 64, 130)]
+
+
+def _data(shape, dtype, layout, far=False, seed=0):
+    """A (N, C, L) reference tensor and its kernel view ((N, C, L) cf or (N, L, C) cl)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 0.7 + 0.3
+    if far:
+        x = x + 1e4 * 0.7  # mean 1e4 times the standard deviation
+    ref = x.to(dtype).double()  # the values the kernel sees
+    v = x.to(dtype) if layout == "cf" else x.to(dtype).transpose(1, 2).contiguous()
+    return ref, v
+
+
+def _as_ref(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.double() if layout == "cf" else t.transpose(1, 2).double()
+
+
+def _tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("far", [False, True])
+def test_moments_match_a_float64_two_pass_reference(layout, dtype, shape, far):
+    ref, v = _data(shape, dtype, layout, far)
+    mean, m2 = _kernels.moments(v, layout)
+    want_mean = ref.mean(2)
+    want_m2 = ((ref - want_mean.unsqueeze(2)) ** 2).sum(2)
+    # the mean to a float32 rounding of the spread (std 0.7), not of the mean itself
+    atol = (1e-12 if not far else 1e-9) if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(mean, want_mean, rtol=1e-13, atol=atol)
+    # M2 relative to its own size: the float32 accumulators keep ~1e-6 of it even at mean = 1e4 std
+    scale = want_m2.abs() + 1e-30
+    rel = 1e-12 if dtype == torch.float64 else 3e-6
+    assert ((m2 - want_m2).abs() <= rel * scale + 1e-12).all(), ((m2 - want_m2).abs() / scale).max()
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_affine_reduce_and_dx_match_their_formulas(layout, dtype, shape):
+    ref, v = _data(shape, dtype, layout, seed=1)
+    dref, dv = _data(shape, dtype, layout, seed=2)
+    n, c, _ = shape
+    g = torch.Generator().manual_seed(3)
+    center, scale, shift, a, b, k = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6))
+    cast = lambda t: t.to(dtype).double().unsqueeze(2)  # noqa: E731 - the kernels apply the coefficients in x's type
+
+    y = torch.empty_like(v)
+    _kernels.affine(v, y, layout, center, scale, shift)
+    torch.testing.assert_close(_as_ref(y, layout), (ref - cast(center)) * cast(scale) + cast(shift), **_tol(dtype))
+
+    gs, hs = _kernels.reduce(dv, v, layout, center)
+    torch.testing.assert_close(gs, dref.sum(2), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4)
+    torch.testing.assert_close(hs, (dref * (ref - cast(center))).sum(2), rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-4)
+
+    dx = torch.empty_like(v)
+    _kernels.dx(dv, v, dx, layout, center, a, b, k)
+    want = cast(a) * dref + cast(b) * (ref - cast(center)) + cast(k)
+    torch.testing.assert_close(_as_ref(dx, layout), want, **_tol(dtype))
+
+
+def test_affine_in_place():
+    ref, v = _data((3, 4, 50), torch.float32, "cf")
+    ones = torch.ones(3, 4, dtype=torch.float64)
+    _kernels.affine(v, v, "cf", ones, 2 * ones, ones)
+    torch.testing.assert_close(v.double(), (ref - 1) * 2 + 1)
+
+
+GROUP_CASES = [((4, 6, 50), 1), ((4, 6, 50), 2), ((4, 6, 50), 6), ((6, 70, 33), 7), ((4, 1, 9), 1),
+               ((4, 200, 5), 50), ((2, 4, 5000), 2)]
+
+
+def _group_ref(ref, groups, center, w, b):
+    """Group (or RMS) norm of a float64 (N, C, L) tensor, written out."""
+    n, c, length = ref.shape
+    xg = ref.reshape(n, groups, -1)
+    if center:
+        mu = xg.mean(2, keepdim=True)
+        out = ((xg - mu) / torch.sqrt(((xg - mu) ** 2).mean(2, keepdim=True) + 1e-5)).reshape(n, c, length)
+    else:
+        out = (xg / torch.sqrt((xg * xg).mean(2, keepdim=True) + 1e-5)).reshape(n, c, length)
+    if w is not None:
+        out = out * w.view(1, -1, 1)
+    return out + b.view(1, -1, 1) if b is not None else out
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,groups", GROUP_CASES)
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_forward_matches_group_and_rms_norm(layout, dtype, shape, groups, center, affine):
+    ref, v = _data(shape, dtype, layout, far=center)  # centred: mean 1e4 x std as well
+    c = shape[1]
+    w = torch.rand(c, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(c, dtype=torch.float64) if affine and center else None
+    y = torch.empty_like(v)
+    mean, m2 = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
+    # float32 at mean = 1e4 x std: x itself is quantized to 4.9e-4 (7e-4 of a std) and the
+    # float32 centre to half that, so the normalized output is good to about 1e-3 there
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3 if center else 1e-5)
+    torch.testing.assert_close(_as_ref(y, layout), _group_ref(ref, groups, center, w, b), **tol)
+    torch.testing.assert_close(mean, ref.mean(2), rtol=1e-12, atol=1e-9 if dtype == torch.float64 else 1e-6)
+    want_m2 = ((ref - ref.mean(2, keepdim=True)) ** 2).sum(2)
+    torch.testing.assert_close(m2, want_m2, rtol=3e-6 if dtype == torch.float32 else 1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("shape,groups", GROUP_CASES)
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_backward_matches_autograd_of_the_reference(layout, shape, groups, center, affine):
+    ref, v = _data(shape, torch.float64, layout, seed=4)
+    dref, dv = _data(shape, torch.float64, layout, seed=5)
+    c = shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine and center else None
+    xr = ref.clone().requires_grad_()
+    want = _group_ref(xr, groups, center, w, b)
+    wrt = [xr] + [t for t in (w, b) if t is not None]
+    grads = torch.autograd.grad(want, wrt, dref)
+    # the forward's statistics, as the layer passes them
+    y = torch.empty_like(v)
+    mean, m2 = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
+    from normlab.functional._fused_group import _group_stats
+
+    ctr, rstd = _group_stats(mean, m2, shape[2], groups, 1e-5, center)
+    dx = torch.empty_like(v)
+    g, h = _kernels.group_backward(dv, v, dx, layout, groups, center, w, ctr, rstd)
+    torch.testing.assert_close(_as_ref(dx, layout), grads[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(g, dref.sum(2), rtol=1e-10, atol=1e-10)
+    if w is not None:
+        torch.testing.assert_close((rstd * h).sum(0), grads[1], rtol=1e-9, atol=1e-10)
+
+
+def test_kernels_use_every_thread_count_alike():
+    # the work split changes with the thread count; the results may not (fixed summation order
+    # within a block, and blocks merged in the same order)
+    ref, v = _data((6, 64, 1000), torch.float32, "cl")
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out.append(_kernels.moments(v, "cl"))
+    finally:
+        torch.set_num_threads(before)
+    for mean, m2 in out[1:]:
+        assert torch.equal(mean, out[0][0]) and torch.equal(m2, out[0][1])
+
+
+def test_rejects_a_view_that_is_not_contiguous():
+    v = torch.randn(3, 4, 5).transpose(1, 2)
+    with pytest.raises(ValueError, match="contiguous 3-d view"):
+        _kernels.moments(v, "cf")
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                          timeout=300)
+
+
+CHECK = """
+    import torch, normlab
+    from normlab import _kernels
+    from normlab.functional import fast_path
+    x = torch.randn(8, 6, 20, 20, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with fast_path(True):
+        y = normlab.functional.group_norm(x, 3)
+    ref = torch.nn.functional.group_norm(x.contiguous(), 3)
+    assert torch.allclose(y, ref, atol=1e-10), (y - ref).abs().max()
+    print(_kernels.available(), _kernels.status())
+"""
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_fast_paths_fall_back(tmp_path):
+    res = _run(CHECK, CC="/nonexistent/cc", PATH="/nonexistent", NORMLAB_CACHE=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("False normlab CPU kernels unavailable: no C compiler found"), res.stdout
+
+
+@pytest.mark.slow
+def test_switched_off_by_the_environment(tmp_path):
+    res = _run(CHECK, NORMLAB_KERNELS="0", NORMLAB_CACHE=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("False normlab CPU kernels turned off by NORMLAB_KERNELS=0"), res.stdout
+    assert not list(tmp_path.iterdir())  # nothing built
+
+
+@pytest.mark.slow
+def test_built_once_and_reused_by_later_processes(tmp_path):
+    first = _run(CHECK, NORMLAB_CACHE=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.startswith("True"), first.stderr
+    built = list(tmp_path.glob("normlab_kernels_*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+    stamp = built[0].stat().st_mtime_ns
+    second = _run(CHECK, NORMLAB_CACHE=str(tmp_path))
+    assert second.returncode == 0 and second.stdout.startswith("True"), second.stderr
+    assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("normlab_kernels_*.so")) == built
