@@ -120,7 +120,12 @@ def test_group_forward_matches_group_and_rms_norm(layout, dtype, shape, groups, 
     w = torch.rand(c, dtype=torch.float64) + 0.5 if affine else None
     b = torch.randn(c, dtype=torch.float64) if affine and center else None
     y = torch.empty_like(v)
-    mean, m2 = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
+    mean, m2, ctr, rstd = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
+    from normlab.functional._fused_group import _group_stats
+
+    want_ctr, want_rstd = _group_stats(mean, m2, shape[2], groups, 1e-5, center)
+    torch.testing.assert_close(ctr, want_ctr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rstd, want_rstd, rtol=1e-10, atol=0)
     # float32 at mean = 1e4 x std: x itself is quantized to 4.9e-4 (7e-4 of a std) and the
     # float32 centre to half that, so the normalized output is good to about 1e-3 there
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3 if center else 1e-5)
@@ -146,10 +151,7 @@ def test_group_backward_matches_autograd_of_the_reference(layout, shape, groups,
     grads = torch.autograd.grad(want, wrt, dref)
     # the forward's statistics, as the layer passes them
     y = torch.empty_like(v)
-    mean, m2 = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
-    from normlab.functional._fused_group import _group_stats
-
-    ctr, rstd = _group_stats(mean, m2, shape[2], groups, 1e-5, center)
+    ctr, rstd = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)[2:]
     dx = torch.empty_like(v)
     g, h = _kernels.group_backward(dv, v, dx, layout, groups, center, w, ctr, rstd)
     torch.testing.assert_close(_as_ref(dx, layout), grads[0], rtol=1e-9, atol=1e-10)

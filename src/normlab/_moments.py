@@ -120,6 +120,14 @@ def reduce_moments(m: Moments, dims: Sequence[int] | int) -> Moments:
     give the per-channel moments of the whole batch. Slots with count 0 contribute nothing.
     """
     dims = _dims(m.mean, dims)
+    if not isinstance(m.count, Tensor) and m.count > 0 and all(m.mean.shape[d] > 0 for d in dims):
+        # equal counts (the common case): the mean of the means, and M2 plus their spread
+        mean = m.mean.mean(dims, keepdim=True)
+        m2 = m.m2.sum(dims, keepdim=True) + m.count * ((m.mean - mean) ** 2).sum(dims, keepdim=True)
+        n = m.count
+        for d in dims:
+            n *= m.mean.shape[d]
+        return Moments(n, mean, m2)
     count = m.count if isinstance(m.count, Tensor) else torch.tensor(float(m.count), device=m.mean.device)
     count = count.to(m.mean.dtype).expand_as(m.mean)
     total = count.sum(dims, keepdim=True)

@@ -125,7 +125,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
         for layout in ("cf", "cl"):
             fn = getattr(lib, f"nl_group_fwd_{layout}_{s}")
-            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, p, p, n]
+            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, p, p, p, p, n]
             fn.restype = ctypes.c_int
             fn = getattr(lib, f"nl_group_bwd_{layout}_{s}")
             fn.argtypes = [p, p, p, i, i, i, i, n, p, p, p, p, p, n]
@@ -243,21 +243,22 @@ def _opt(t: Tensor | None) -> Tensor | None:
 
 
 def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: float, center: bool,
-                  weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+                  weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A per-sample norm in one pass from cache: group norm (``num_groups`` groups of
     consecutive channels; 1 = layer norm, C = instance norm) or, with ``center=False``, RMS
     norm; ``out = (x - center) * weight * rstd + bias``. Channels-last, one sample per work
     item (use it for N at least twice the thread count); channel-first, one (sample, group).
-    Returns the per-(n, c) mean and M2, float64 (N, C)."""
+    Returns the per-(n, c) mean and M2 and, for the backward, the per-(n, c) group centre (0
+    for RMS) and 1/std, all float64 (N, C)."""
     n, c = _nc_shape(v, layout)
     _dims(out)
-    mean = torch.empty(n, c, dtype=torch.float64)
-    m2 = torch.empty(n, c, dtype=torch.float64)
+    mean, m2, ctr, rstd = torch.empty(4, n, c, dtype=torch.float64).unbind(0)
     w, b = _opt(weight), _opt(bias)
     _check(_fn("group_fwd", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), num_groups, float(eps), int(center),
                                              None if w is None else _ptr(w), None if b is None else _ptr(b),
-                                             _ptr(mean), _ptr(m2), torch.get_num_threads()), "group_fwd")
-    return mean, m2
+                                             _ptr(mean), _ptr(m2), _ptr(ctr), _ptr(rstd), torch.get_num_threads()),
+           "group_fwd")
+    return mean, m2, ctr, rstd
 
 
 def group_backward(dyv: Tensor, v: Tensor, out: Tensor, layout: str, num_groups: int, center: bool,

@@ -294,7 +294,7 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
  * running statistics. Parallel over samples: the caller uses it when N is at least twice the
  * thread count. ---- */
 int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps, int center, const double *weight,
-                       const double *bias, double *mean, double *m2, int nt) {
+                       const double *bias, double *mean, double *m2, double *ctr, double *rstd_out, int nt) {
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     int failed = 0;
 #pragma omp parallel num_threads(nt)
@@ -330,6 +330,8 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                 }
                 double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
                 for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
+                    ctr[n * C + c] = center ? gm : 0.0;
+                    rstd_out[n * C + c] = rstd;
                     cm[c] = center ? (T)gm : (T)0;
                     cs[c] = (T)(weight ? weight[c] * rstd : rstd);
                     cb[c] = (T)(bias ? bias[c] : 0.0);
@@ -356,7 +358,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
  * (a group's channels are consecutive), small enough to stay in cache between the moments
  * and the output. */
 int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps, int center, const double *weight,
-                       const double *bias, double *mean, double *m2, int nt) {
+                       const double *bias, double *mean, double *m2, double *ctr, double *rstd_out, int nt) {
     i64 cpg = C / G;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * G; it++) {
@@ -372,6 +374,10 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
         }
         double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
         const T m = center ? (T)gm : (T)0;
+        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
+            ctr[n * C + c] = center ? gm : 0.0;
+            rstd_out[n * C + c] = rstd;
+        }
         for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* the output, from cache */
             const T *p = x + (n * C + c) * L;
             T *o = y + (n * C + c) * L;

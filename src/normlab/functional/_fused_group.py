@@ -77,8 +77,7 @@ class GroupNormKernel(torch.autograd.Function):
         yv = _views(y, channel_dim)[1]  # type: ignore[index]
         if _one_pass(layout, n):
             # moments and output in one pass per (sample, group) or per sample, from cache
-            mean, m2 = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)
-            ctr, rstd = _group_stats(mean, m2, count, num_groups, eps, center)
+            mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)
         else:  # channels-last with few samples: split every sample over the threads instead
             mean, m2, ctr, rstd = _two_pass_forward(v, yv, layout, count, num_groups, eps, center, weight, bias)
         ctx.channel_dim, ctx.groups, ctx.eps, ctx.center, ctx.count = channel_dim, num_groups, eps, center, count
@@ -156,7 +155,7 @@ def group_norm_kernel(x: Tensor, channel_dim: int, num_groups: int, eps: float, 
     yv = _views(y, cd)[1]  # type: ignore[index]
     count = v.numel() // max(x.shape[0] * x.shape[cd], 1)
     if _one_pass(layout, x.shape[0]):
-        mean, m2 = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)
+        mean, m2 = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)[:2]
     else:
         mean, m2 = _two_pass_forward(v, yv, layout, count, num_groups, eps, center, weight, bias)[:2]
     return y, mean, m2 / count
