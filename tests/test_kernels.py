@@ -226,3 +226,29 @@ def test_built_once_and_reused_by_later_processes(tmp_path):
     second = _run(CHECK, NORMLAB_CACHE=str(tmp_path))
     assert second.returncode == 0 and second.stdout.startswith("True"), second.stderr
     assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("normlab_kernels_*.so")) == built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,c", [(1, 1), (7, 10), (130, 768), (3, 5000)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_row_rms_forward_and_backward_match_autograd(dtype, rows, c, affine):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, c, generator=g, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(rows, c, generator=g, dtype=torch.float64)
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5 if affine else None
+    xr = x.to(dtype).double().requires_grad_()
+    wr = w.clone().requires_grad_() if affine else None
+    want = xr * torch.rsqrt((xr * xr).mean(1, keepdim=True) + 1e-6)
+    want = want * wr if affine else want
+    grads = torch.autograd.grad(want, [xr] + ([wr] if affine else []), dy.to(dtype).double())
+    xv, dv = x.to(dtype), dy.to(dtype)
+    y, dx = torch.empty_like(xv), torch.empty_like(xv)
+    rstd = _kernels.rowrms_forward(xv, y, 1e-6, w)
+    dw = _kernels.rowrms_backward(dv, xv, dx, w, rstd, affine)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.double(), want.detach(), **tol)
+    torch.testing.assert_close(dx.double(), grads[0], **tol)
+    if affine:
+        torch.testing.assert_close(dw, grads[1], rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=1e-6)
+    else:
+        assert dw is None

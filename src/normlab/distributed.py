@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from ._moments import Moments, reduce_moments
 
-__all__ = ["WORLD", "all_reduce_moments", "is_active", "resolve_group"]
+__all__ = ["WORLD", "all_reduce_moment_grads", "all_reduce_moments", "is_active", "resolve_group"]
 
 WORLD = "world"
 """``process_group`` value meaning torch's default group (what ``convert_sync(model)`` sets)."""
@@ -104,3 +104,18 @@ def all_reduce_moments(local: Moments, process_group: Any = None) -> Moments:
     count = count.to(device=mean.device, dtype=mean.dtype).expand_as(mean)
     n, mean_g, m2_g = _SyncMoments.apply(count, mean, m2, resolve_group(process_group))
     return Moments(n, mean_g, m2_g)
+
+
+def all_reduce_moment_grads(g_mean: Tensor, g_m2: Tensor, process_group: Any, stat_shape: Any,
+                            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Sum every rank's gradients with respect to the global (mean, M2): the backward message of
+    :func:`all_reduce_moments`, for fast paths that differentiate by hand (the compiled batch
+    norm kernels). Sent exactly as the autograd path sends it (shape ``(2, *stat_shape)``, the
+    accumulation dtype of ``dtype``), so ranks on either path interoperate; returned as float64
+    vectors."""
+    from ._moments import accumulation_dtype
+
+    acc = accumulation_dtype(dtype)
+    packed = torch.stack([g_mean.to(acc).reshape(stat_shape), g_m2.to(acc).reshape(stat_shape)]).contiguous()
+    dist.all_reduce(packed, group=resolve_group(process_group))
+    return packed[0].reshape(-1).double(), packed[1].reshape(-1).double()

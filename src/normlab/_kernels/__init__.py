@@ -42,7 +42,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward", "group_backward"]
+__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward", "group_backward",
+           "rowrms_forward", "rowrms_backward"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _SOURCES = (_SOURCE, Path(__file__).with_name("kernels_impl.h"))
@@ -130,6 +131,9 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"nl_group_bwd_{layout}_{s}")
             fn.argtypes = [p, p, p, i, i, i, i, n, p, p, p, p, p, n]
             fn.restype = ctypes.c_int
+        getattr(lib, f"nl_rowrms_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n]
+        getattr(lib, f"nl_rowrms_bwd_{s}").argtypes = [p, p, p, i, i, p, p, p, n]
+        getattr(lib, f"nl_rowrms_fwd_{s}").restype = getattr(lib, f"nl_rowrms_bwd_{s}").restype = ctypes.c_int
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -276,3 +280,35 @@ def group_backward(dyv: Tensor, v: Tensor, out: Tensor, layout: str, num_groups:
                                              None if w is None else _ptr(w), _ptr(ctr64), _ptr(rstd64), _ptr(g),
                                              _ptr(h), torch.get_num_threads()), "group_bwd")
     return g, h
+
+
+def _rows(t: Tensor) -> tuple[int, int]:
+    if t.ndim != 2 or not t.is_contiguous():
+        raise ValueError(f"normlab kernels expect a contiguous (rows, C) matrix, got shape {tuple(t.shape)}")
+    return tuple(t.shape)  # type: ignore[return-value]
+
+
+def rowrms_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None) -> Tensor:
+    """RMS norm of each row of a contiguous (M, C) matrix into ``out``; returns the rows' 1/rms, float64 (M,)."""
+    m, c = _rows(x)
+    _rows(out)
+    rstd = torch.empty(m, dtype=torch.float64)
+    w = _opt(weight)
+    _check(getattr(_lib(), f"nl_rowrms_fwd_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(out), m, c, float(eps),
+                                                       None if w is None else _ptr(w), _ptr(rstd),
+                                                       torch.get_num_threads()), "rowrms_fwd")
+    return rstd
+
+
+def rowrms_backward(dy: Tensor, x: Tensor, out: Tensor, weight: Tensor | None, rstd: Tensor,
+                    weight_grad: bool) -> Tensor | None:
+    """The input gradient of :func:`rowrms_forward` into ``out``; returns the weight's, float64 (C,), if asked."""
+    m, c = _rows(x)
+    _rows(dy), _rows(out)
+    w = _opt(weight)
+    dw = torch.empty(c, dtype=torch.float64) if weight_grad else None
+    _check(getattr(_lib(), f"nl_rowrms_bwd_{_SUFFIX[x.dtype]}")(_ptr(dy), _ptr(x), _ptr(out), m, c,
+                                                       None if w is None else _ptr(w), _ptr(rstd),
+                                                       None if dw is None else _ptr(dw), torch.get_num_threads()),
+           "rowrms_bwd")
+    return dw

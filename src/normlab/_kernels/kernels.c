@@ -19,6 +19,7 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 typedef int64_t i64;

@@ -487,3 +487,82 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
     }
     return failed;
 }
+
+/* ---- RMS norm over the channel axis alone (transformer RMSNorm): the rows of an (M, C)
+ * matrix, one row per position, y = w * x * rstd with rstd = 1/sqrt(mean(x^2) + eps) per row.
+ * Forward and backward each read every row once (a row stays in L1 between its two uses). ---- */
+static inline A S(row_sumsq)(const T *p, i64 k) {
+    A acc[LANES] = {0}, s = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += p[i + j] * p[i + j];
+    for (; i < k; i++) s += p[i] * p[i];
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    return s;
+}
+
+int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *weight, double *rstd, int nt) {
+    T *w = malloc(sizeof(T) * C);
+    if (!w) return 1;
+    for (i64 c = 0; c < C; c++) w[c] = (T)(weight ? weight[c] : 1.0);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < M; r++) {
+        const T *p = x + r * C;
+        T *o = y + r * C;
+        double ms = 0.0;
+        for (i64 s = 0; s < C; s += CF_CHUNK) ms += S(row_sumsq)(p + s, MIN(CF_CHUNK, C - s));
+        double rs = 1.0 / sqrt(ms / C + eps);
+        rstd[r] = rs;
+        const T t = (T)rs;
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) o[c] = p[c] * t * w[c];
+    }
+    free(w);
+    return 0;
+}
+
+/* dx = rstd * w * dy - x * rstd^3 * sum(w dy x) / C;  dweight = sum over rows of dy x rstd
+ * (per-thread partial sums, added in thread order: deterministic for a thread count) */
+int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double *weight, const double *rstd,
+                     double *dw, int nt) {
+    T *w = malloc(sizeof(T) * C);
+    double *part = calloc((size_t)nt * C, sizeof(double));
+    if (!w || !part) {
+        free(w);
+        free(part);
+        return 1;
+    }
+    for (i64 c = 0; c < C; c++) w[c] = (T)(weight ? weight[c] : 1.0);
+#pragma omp parallel num_threads(nt)
+    {
+        double *mine = part + (i64)omp_get_thread_num() * C;
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < M; r++) {
+            const T *d = dy + r * C, *p = x + r * C;
+            T *o = dx + r * C;
+            A acc[LANES] = {0}, b = 0;
+            i64 i = 0;
+            for (; i + LANES <= C; i += LANES)
+                for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * d[i + j] * p[i + j];
+            for (; i < C; i++) b += w[i] * d[i] * p[i];
+            for (int j = 0; j < LANES; j++) b += acc[j];
+            const double rs = rstd[r];
+            const T a = (T)rs, k = (T)(rs * rs * rs * (double)b / C);
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) o[c] = a * w[c] * d[c] - k * p[c];
+            if (dw) {
+#pragma omp simd
+                for (i64 c = 0; c < C; c++) mine[c] += (double)d[c] * (double)p[c] * rs;
+            }
+        }
+    }
+    if (dw)
+        for (i64 c = 0; c < C; c++) {
+            double s = 0.0;
+            for (int t = 0; t < nt; t++) s += part[(i64)t * C + c];
+            dw[c] = s;
+        }
+    free(w);
+    free(part);
+    return 0;
+}

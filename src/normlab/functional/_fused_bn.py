@@ -216,24 +216,14 @@ class BatchNormKernel(torch.autograd.Function):
             # gradients of the loss with respect to the batch mean and M2 (var = M2 / count)
             g_mean, g_m2 = -w * rstd * g, -0.5 * w * rstd ** 3 * h / ctx.count
             if ctx.group is not None:
-                g_mean, g_m2 = _all_reduce_pair(g_mean, g_m2, ctx.group, ctx.stat_shape, v.dtype)
+                from ..distributed import all_reduce_moment_grads
+
+                g_mean, g_m2 = all_reduce_moment_grads(g_mean, g_m2, ctx.group, ctx.stat_shape, v.dtype)
             dx = torch.empty_like(v)
             _kernels.dx(dy, v, dx, ctx.layout, mean, w * rstd, 2.0 * g_m2, g_mean / ctx.count)
         dw = (h * rstd).to(weight.dtype) if need[1] else None
         db = g.to(bias.dtype) if need[2] else None
         return (dx, dw, db) + nones
-
-
-def _all_reduce_pair(a: Tensor, b: Tensor, group, stat_shape, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Sum ``(a, b)`` over the group as one message shaped like the plain path's (2, *stat_shape)."""
-    import torch.distributed as dist
-
-    from ..distributed import resolve_group
-
-    acc = accumulation_dtype(dtype)
-    packed = torch.stack([a.to(acc).reshape(stat_shape), b.to(acc).reshape(stat_shape)]).contiguous()
-    dist.all_reduce(packed, group=resolve_group(group))
-    return packed[0].reshape(-1).double(), packed[1].reshape(-1).double()
 
 
 def _channel_sum(t: Tensor) -> Tensor:

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _moments
+from .. import _kernels, _moments
 from .._layout import channel_axis
 from .._moments import Moments
 from ._common import affine, dims_for, normalize
 from ._fastpaths import group_norm_fast, instance_norm_fast, layer_norm_fast, rms_norm_fast
+from ._fused import fast_layout
+from ._fused_row import RowRMSKernel
 
 
 def layer_norm(
@@ -174,6 +176,11 @@ def channel_rms_norm(
     """
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
+    if view is not None and fast_layout(x, cd) == "cl" and _kernels.available():
+        # compiled kernels: one read of each row forward and backward (torch's CPU RMSNorm is a
+        # composite with several full-size temporaries)
+        rows = RowRMSKernel.apply(view.reshape(-1, x.shape[cd]), weight, _rms_eps(eps, x))
+        return rows.view(view.shape).movedim(-1, cd)
     if view is not None:
         return F.rms_norm(view, (x.shape[cd],), weight, eps).movedim(-1, cd)
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(cd, keepdim=True)
