@@ -147,7 +147,7 @@ def instance_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     if not tracking:
         return group_norm_fast(x, x.shape[cd], weight, bias, eps, channel_dim)
     if _kernels.available() and fast_layout(x, cd) is not None:
-        y, mean, var = group_norm_kernel(x, cd, x.shape[cd], eps, True, weight, bias)
+        y, mean, var = group_norm_kernel(x, cd, x.shape[cd], eps, True, weight, bias, need_moments=True)
         count = x.numel() // max(mean.numel(), 1)
         _update(running_mean, running_var, Moments(count, mean.mean(0), (var * count).mean(0)), momentum)
         return y
