@@ -316,3 +316,4 @@ def test_channels_last_instance_norm_kernel_path(layout, affine, kernel_mode):
     g = (lambda x, w, b: f(x, w, b)) if affine else (lambda x: f(x, None, None))
     assert torch.autograd.gradcheck(g, inputs)
     assert torch.autograd.gradgradcheck(g, inputs)
+

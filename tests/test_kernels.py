@@ -252,3 +252,39 @@ def test_row_rms_forward_and_backward_match_autograd(dtype, rows, c, affine):
         torch.testing.assert_close(dw, grads[1], rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=1e-6)
     else:
         assert dw is None
+
+
+# ----------------------------------------------- the per-sample norms on the compiled kernels
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
+@pytest.mark.parametrize("center,need_moments", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("n", [1, 5])  # channels-last: split over threads, or one sample per item
+def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center, need_moments, n):
+    from normlab.functional._fused_group import group_norm_kernel
+
+    x = torch.randn(n, 6, 3, 5, dtype=torch.float64) * 2 + 1
+    cd = 1
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "seq":
+        x, cd = torch.randn(n, 7, 6, dtype=torch.float64) * 2 + 1, -1
+    x.requires_grad_()
+    w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64).requires_grad_()
+    b = b if center else None
+    f = lambda x, w, b: group_norm_kernel(x, cd, groups, 1e-5, center, w, b, need_moments)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b) if center else (x, w, None))
+    xm = x.detach().movedim(cd, 1)
+    if center:
+        ref = torch.nn.functional.group_norm(xm, groups, w.detach(), b.detach(), 1e-5)
+    else:
+        xg = xm.reshape(n, groups, -1)
+        ref = (xg * torch.rsqrt((xg * xg).mean(2, keepdim=True) + 1e-5)).reshape(xm.shape)
+        ref = ref * w.detach().view([1, -1] + [1] * (xm.ndim - 2))
+    y, mean, var = group_norm_kernel(x, cd, groups, 1e-5, center, w, b, need_moments)
+    torch.testing.assert_close(y.movedim(cd, 1), ref, rtol=1e-10, atol=1e-10)
+    assert y.stride() == x.stride()
+    if need_moments:  # per-(n, c) moments, for instance norm's running statistics
+        dims = tuple(d for d in range(2, xm.ndim))
+        torch.testing.assert_close(mean, xm.mean(dims), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, ((xm - xm.mean(dims, keepdim=True)) ** 2).mean(dims), rtol=1e-10, atol=1e-12)

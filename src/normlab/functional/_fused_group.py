@@ -74,16 +74,15 @@ class GroupNormKernel(torch.autograd.Function):
         n, c = x.shape[0], x.shape[channel_dim]
         count = v.numel() // max(n * c, 1)
         ctx.channel_dim, ctx.groups, ctx.eps, ctx.center, ctx.count = channel_dim, num_groups, eps, center, count
-        ctx.layout = layout
+        ctx.layout, ctx.group_stats = layout, False
         if (layout == "cf" and center and not need_moments
                 and all(p is None or p.dtype == x.dtype for p in (weight, bias))):
             # torch's own group-norm forward (one vectorised Welford pass per group, then the
             # output from cache) is a little faster than ours; the backward below is ours
+            # (its per-(n, g) statistics are expanded to per-(n, c) in the backward)
             y3, mg, rg = torch.ops.aten.native_group_norm(v, weight, bias, n, c, count, num_groups, eps)
-            cpg = c // num_groups
-            ctr = mg.double().unsqueeze(2).expand(n, num_groups, cpg).reshape(n, c)
-            rstd = rg.double().unsqueeze(2).expand(n, num_groups, cpg).reshape(n, c)
-            ctx.save_for_backward(x, weight, bias, ctr, rstd)
+            ctx.save_for_backward(x, weight, bias, mg, rg)
+            ctx.group_stats = True
             return y3.view(x.movedim(channel_dim, 1).shape).movedim(1, channel_dim), None, None
         y = torch.empty_like(x)
         yv = _views(y, channel_dim)[1]  # type: ignore[index]
@@ -105,7 +104,9 @@ class GroupNormKernel(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: differentiate a plain recomputation
             return _double_backward(ctx, x, weight, bias, dy) + nones
         cd, layout, groups = ctx.channel_dim, ctx.layout, ctx.groups
-        n, c = ctr.shape
+        n, c = x.shape[0], x.shape[cd]
+        if ctx.group_stats:  # per-(n, g) statistics of torch's forward
+            ctr, rstd = (t.double().unsqueeze(2).expand(n, groups, c // groups).reshape(n, c) for t in (ctr, rstd))
         v = _views(x, cd)[1]  # type: ignore[index]
         got = _views(dy, cd)
         if got is None or got[0] != layout:
