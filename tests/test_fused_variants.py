@@ -20,7 +20,8 @@ from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
 CL = torch.channels_last
 FAST_NODES = {"BatchNormTrainBackward", "InstanceNormChannelsLastBackward", "MeanOnlyTrainBackward",
               "AffineFromMomentsBackward", "NativeGroupNormBackward0", "BatchNormKernelBackward",
-              "GroupNormKernelBackward"}
+              "GroupNormKernelBackward", "SwitchableKernelBackward",
+              "BatchInstanceKernelBackward"}
 NAMES = ("mobn", "brn", "bin", "sn")
 
 
@@ -262,7 +263,7 @@ def test_small_inputs_take_the_plain_path(name, channels_last, kernel_mode):
     small, middle, large = (t.contiguous(memory_format=fmt).requires_grad_() for t in (small, middle, large))
     native = name in NATIVE and not (channels_last and name in ("ln", "in", "gn"))
     if kernel_mode == "c-kernels":  # the compiled per-sample kernels have no graph to amortize
-        native = native or name == "rms" or (channels_last and name in ("ln", "in", "gn"))
+        native = native or name in ("rms", "sn", "bin") or (channels_last and name in ("ln", "in", "gn"))
     with fast_path(None):  # automatic
         assert not _fast(ENTRY[name](small))
         assert _fast(ENTRY[name](middle)) == native

@@ -22,6 +22,7 @@ from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._fused import MIN_FUSED_NUMEL, fast_layout, fused_affine_norm, merged, scale_shift, standard_stat_fn
 from ._fused_group import group_norm_kernel
+from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
 from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)
 
 __all__ = ["batch_instance_norm_fast", "batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast",
@@ -201,6 +202,13 @@ def batch_instance_norm_fast(x: Tensor, rho: Tensor, running_mean: Tensor | None
     """Batch-instance norm: ``(y, per-channel batch moments or None)``. ``batch_stats``: the BN
     branch uses the batch's moments (else the running ones)."""
     cd = channel_axis(x.ndim, channel_dim)
+    if _kernels.available() and fast_layout(x, cd) is not None:
+        # compiled kernels and the statistics function differentiated by hand
+        fixed = _fixed(running_mean, running_var, batch_stats)
+        fixed = None if fixed is None else (fixed[0].double(), fixed[1].double())
+        y, mean, var = BatchInstanceKernel.apply(x, rho, weight, bias, cd, eps, fixed)
+        count = x.numel() // max(mean.numel(), 1)
+        return y, (merged(Moments(count, mean, var * count), "batch") if batch_stats else None)
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     fixed = _fixed(running_mean, running_var, batch_stats)
@@ -222,6 +230,13 @@ def switchable_norm_fast(x: Tensor, mean_weight: Tensor, var_weight: Tensor, run
     """Switchable norm: ``(y, per-channel batch moments or None)`` (``batch_stats`` as above).
     An input without positions mixes the layer and batch moments only."""
     cd = channel_axis(x.ndim, channel_dim)
+    if _kernels.available() and fast_layout(x, cd) is not None:
+        # compiled kernels and the statistics function differentiated by hand
+        fixed = _fixed(running_mean, running_var, batch_stats)
+        fixed = None if fixed is None else (fixed[0].double(), fixed[1].double())
+        y, mean, var = SwitchableKernel.apply(x, mean_weight, var_weight, weight, bias, cd, eps, fixed)
+        count = x.numel() // max(mean.numel(), 1)
+        return y, (merged(Moments(count, mean, var * count), "batch") if batch_stats else None)
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None:
         return None
     fixed = _fixed(running_mean, running_var, batch_stats)
