@@ -288,3 +288,22 @@ def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center,
         dims = tuple(d for d in range(2, xm.ndim))
         torch.testing.assert_close(mean, xm.mean(dims), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(var, ((xm - xm.mean(dims, keepdim=True)) ** 2).mean(dims), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compile_in_a_fresh_process_before_any_eager_call(tmp_path):
+    # the first use of the kernels may come from inside torch.compile's tracing: it must not
+    # load (a lock) or call them there, but take the traceable plain path
+    code = """
+        import torch, normlab
+        x = torch.randn(4, 8, 16, 16)
+        for spec in ("bn", "gn:2", "sn", "bin", "rmsc"):
+            kw = {"channel_dim": -1} if spec == "rmsc" else {}
+            m = normlab.make_norm(spec, 8, **kw)
+            xx = x.movedim(1, -1).contiguous() if kw else x
+            y = torch.compile(m, fullgraph=True)(xx)
+            assert torch.allclose(y, m(xx), atol=1e-5), spec
+        print("ok")
+    """
+    res = _run(code, NORMLAB_CACHE=str(tmp_path))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

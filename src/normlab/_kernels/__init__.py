@@ -153,8 +153,18 @@ def _lib() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """True if the compiled kernels are loaded and switched on (compiles them on first call)."""
+    """True if the compiled kernels are loaded and switched on (compiles them on first call).
+    False while torch.compile traces: compiled graphs take the plain path, which it fuses."""
+    if _compiling():
+        return False
     return _state["on"][-1] and _lib() is not None
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 def status() -> str:
