@@ -221,6 +221,13 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_synchronized_equals_one_process(ranks: list[dict[Any, Any]], spec: str, kind: str, split: str) -> None:
     ref = reference(spec, kind, split)
     got = [r[spec, kind, split] for r in ranks]
+    _assert_training_matches(got, ref)
+    assert close(torch.cat([g["eval_y"] for g in got]), ref["eval_y"]), "eval output"
+
+
+def _assert_training_matches(got: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    """Every step's outputs and input gradients (concatenated over ranks), parameter gradients
+    and buffers (on every rank) equal the one-process reference."""
     for step, ref_step in enumerate(ref["steps"]):
         steps = [g["steps"][step] for g in got]
         assert close(torch.cat([s["y"] for s in steps]), ref_step["y"]), f"output, step {step}"
@@ -230,7 +237,6 @@ def test_synchronized_equals_one_process(ranks: list[dict[Any, Any]], spec: str,
                 assert close(s["grads"][k], v), f"gradient of {k}, step {step}"
             for k, v in ref_step["buffers"].items():
                 assert close(s["buffers"][k].double(), v.double()), f"buffer {k}, step {step}"
-    assert close(torch.cat([g["eval_y"] for g in got]), ref["eval_y"]), "eval output"
 
 
 @pytest.mark.distributed
@@ -257,15 +263,7 @@ def test_synchronized_on_the_kernels_equals_one_process(ranks: list[dict[Any, An
         pytest.skip(_kernels.status())
     ref = reference(spec, "conv", split)
     got = [r[spec, "conv", split, path] for r in ranks]
-    for step, ref_step in enumerate(ref["steps"]):
-        steps = [g["steps"][step] for g in got]
-        assert close(torch.cat([s["y"] for s in steps]), ref_step["y"]), f"output, step {step}"
-        assert close(torch.cat([s["x_grad"] for s in steps]), ref_step["x_grad"]), f"input gradient, step {step}"
-        for s in steps:
-            for k, v in ref_step["grads"].items():
-                assert close(s["grads"][k], v), f"gradient of {k}, step {step}"
-            for k, v in ref_step["buffers"].items():
-                assert close(s["buffers"][k].double(), v.double()), f"buffer {k}, step {step}"
+    _assert_training_matches(got, ref)
     for g in got:
         assert g["collectives"] == ["all_gather", "all_reduce"] * STEPS, g["collectives"]
 

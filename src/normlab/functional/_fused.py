@@ -74,6 +74,15 @@ def _views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     return None
 
 
+def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str) -> Tensor:
+    """The incoming gradient as the same 3-d view as ``x`` (copied into ``x``'s layout if it
+    arrives in another one, e.g. contiguous for a channels-last input)."""
+    got = _views(dy, cd)
+    if got is None or got[0] != layout:
+        got = _views(torch.empty_like(x).copy_(dy), cd)
+    return got[1]  # type: ignore[index]
+
+
 # None: automatic (inputs of at least MIN_FAST_NUMEL values); True: always; False: never
 _ENABLED: list[bool | None] = [None]
 
@@ -263,11 +272,7 @@ class AffineFromMoments(torch.autograd.Function):
             return _backward_differentiable(ctx, x, params, dy)
         n, c = x.shape[0], x.shape[cd]
         v = _views(x, cd)[1]  # type: ignore[index]
-        got = _views(dy, cd)
-        if got is None or got[0] != layout:
-            dy = torch.empty_like(x).copy_(dy)
-            got = _views(dy, cd)
-        dyv = got[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout)
         scale, shift, wrt, leaves = ctx.small
         if ctx.kernels:
             g, h = _kernels.reduce(dyv, v, layout, mean)  # sum(dy), sum(dy * (x - mean)), float64
@@ -326,8 +331,7 @@ def _backward_differentiable(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:
         scale, shift = ctx.stat_fn(Moments(ctx.count, sq(mean), sq(var) * ctx.count), *leaves)
         y = v * _coef(scale.expand(n, c), layout) + _coef(shift.expand(n, c), layout)
         wrt = ([xs] if ctx.needs_input_grad[0] else []) + [p for p in leaves if p is not None and p.requires_grad]
-        dyv = _views(dy, cd)
-        dyv = dyv[1] if dyv is not None and dyv[0] == layout else _views(torch.empty_like(x).copy_(dy), cd)[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout)
         grads = list(torch.autograd.grad(y, wrt, dyv, create_graph=True, allow_unused=True))
     dx = grads.pop(0) if ctx.needs_input_grad[0] else None
     it = iter(grads)

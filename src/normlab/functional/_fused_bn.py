@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _kernels
 from .._moments import Moments, accumulation_dtype, reduce_moments
-from ._fused import _moments_nc, _scale_shift_into, _views, fast_layout
+from ._fused import _moments_nc, _scale_shift_into, _views, dy_view, fast_layout
 
 __all__ = ["BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "batch_moments_fast",
            "batch_norm_train", "bn_view", "channel_moments", "channel_moments_spare"]
@@ -304,10 +304,7 @@ class InstanceNormChannelsLast(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
             return tuple(next(grads) if k else None for k in need) + (None, None)
         v = _views(x, cd)[1]  # type: ignore[index]
-        got = _views(dy, cd)
-        if got is None or got[0] != "cl":
-            got = _views(torch.empty_like(x).copy_(dy), cd)
-        dyv = got[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, "cl")
         n, c = v.shape[0], v.shape[2]
         dx = torch.empty_like(x)
         dxv = _views(dx, cd)[1]  # type: ignore[index]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._fused import _views
+from ._fused import _views, dy_view
 
 __all__ = ["GroupNormKernel", "group_norm_kernel"]
 
@@ -108,10 +108,7 @@ class GroupNormKernel(torch.autograd.Function):
         if ctx.group_stats:  # per-(n, g) statistics of torch's forward
             ctr, rstd = (t.double().unsqueeze(2).expand(n, groups, c // groups).reshape(n, c) for t in (ctr, rstd))
         v = _views(x, cd)[1]  # type: ignore[index]
-        got = _views(dy, cd)
-        if got is None or got[0] != layout:
-            got = _views(torch.empty_like(x).copy_(dy), cd)
-        dyv = got[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout)
         dx = torch.empty_like(x) if need[0] else None
         if need[0] and _one_pass(layout, n):
             # both passes per (sample, group) or per sample, the second from cache

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._fused import _views
+from ._fused import _views, dy_view
 
 __all__ = ["SwitchableKernel"]
 
@@ -87,10 +87,7 @@ class SwitchableKernel(torch.autograd.Function):
         cd, layout, length = ctx.channel_dim, ctx.layout, ctx.length
         n, c = mu_in.shape
         v = _views(x, cd)[1]  # type: ignore[index]
-        got = _views(dy, cd)
-        if got is None or got[0] != layout:
-            got = _views(torch.empty_like(x).copy_(dy), cd)
-        dyv = got[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout)
         g, h = _kernels.reduce(dyv, v, layout, mu_in)
         h = h + (mu_in - mu) * g  # sum dy (x - mu)
         w, wm, wv, stats = ctx.w, ctx.wm, ctx.wv, ctx.stats
@@ -199,10 +196,7 @@ class BatchInstanceKernel(torch.autograd.Function):
         mu_b, r_b, r_i, p, w = ctx.small
         n = mu_i.shape[0]
         v = _views(x, cd)[1]  # type: ignore[index]
-        got = _views(dy, cd)
-        if got is None or got[0] != layout:
-            got = _views(torch.empty_like(x).copy_(dy), cd)
-        dyv = got[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout)
         g, h = _kernels.reduce(dyv, v, layout, mu_i)
         big_g = g.sum(0, keepdim=True)
         big_h = (h + (mu_i - mu_b) * g).sum(0, keepdim=True)
