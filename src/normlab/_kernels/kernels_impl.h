@@ -5,14 +5,21 @@
  * would wait on the add latency at every step ---- */
 #define LANES 64
 
+/* the sum of the LANES accumulators as a tree of vector adds (a plain loop would be 64
+ * dependent scalar adds: most of the work on short rows) */
+static inline A S(lanes_total)(A *acc) {
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
+}
+
 static inline A S(row_sum)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += p[i + j];
     for (; i < k; i++) s += p[i];
-    for (int j = 0; j < LANES; j++) s += acc[j];
-    return s;
+    return s + S(lanes_total)(acc);
 }
 
 /* *e = sum (p - mu), *q = sum (p - mu)^2 */
@@ -30,12 +37,8 @@ static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
         se += d;
         sq += d * d;
     }
-    for (int j = 0; j < LANES; j++) {
-        se += ae[j];
-        sq += aq[j];
-    }
-    *e = se;
-    *q = sq;
+    *e = se + S(lanes_total)(ae);
+    *q = sq + S(lanes_total)(aq);
 }
 
 /* *g = sum d, *h = sum d (p - m) */
@@ -51,12 +54,8 @@ static inline void S(row_dot)(const T *d, const T *p, i64 k, T m, A *g, A *h) {
         sg += d[i];
         sh += d[i] * (p[i] - m);
     }
-    for (int j = 0; j < LANES; j++) {
-        sg += ag[j];
-        sh += ah[j];
-    }
-    *g = sg;
-    *h = sh;
+    *g = sg + S(lanes_total)(ag);
+    *h = sh + S(lanes_total)(ah);
 }
 
 /* moments of one channel-first row, chunk by chunk (corrected two-pass, merged in double) */
@@ -497,8 +496,7 @@ static inline A S(row_sumsq)(const T *p, i64 k) {
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += p[i + j] * p[i + j];
     for (; i < k; i++) s += p[i] * p[i];
-    for (int j = 0; j < LANES; j++) s += acc[j];
-    return s;
+    return s + S(lanes_total)(acc);
 }
 
 int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *weight, double *rstd, int nt) {
@@ -545,7 +543,7 @@ int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double 
             for (; i + LANES <= C; i += LANES)
                 for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * d[i + j] * p[i + j];
             for (; i < C; i++) b += w[i] * d[i] * p[i];
-            for (int j = 0; j < LANES; j++) b += acc[j];
+            b += S(lanes_total)(acc);
             const double rs = rstd[r];
             const T a = (T)rs, k = (T)(rs * rs * rs * (double)b / C);
 #pragma omp simd

@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import _kernels, _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
-from ._fused import MIN_FUSED_NUMEL, fast_layout, fused_affine_norm, merged, scale_shift, standard_stat_fn
+from ._fused import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, fused_affine_norm,
+                     kernels_for, merged, scale_shift, standard_stat_fn)
 from ._fused_group import group_norm_kernel
 from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
 from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)
@@ -58,12 +59,12 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weigh
     return torch.addcmul(per_channel(shift, x.ndim, cd), x, per_channel(scale, x.ndim, cd))  # type: ignore[arg-type]
 
 
-def sync_group(process_group):
+def sync_group(process_group, x: Tensor):
     """The group to synchronize over (None: local statistics), or False if this call must take
-    the plain path (a synchronized call without the compiled kernels)."""
+    the plain path (a synchronized call where the compiled kernels do not run)."""
     if local_only(process_group):
         return None
-    return process_group if _kernels.available() else False
+    return process_group if kernels_for(x, MIN_KERNEL_NUMEL) else False
 
 
 def stat_shape(ndim: int, cd: int, c: int) -> tuple[int, ...]:
@@ -78,7 +79,7 @@ def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
                     process_group=None) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
     if training or running_mean is None or running_var is None:
-        group = sync_group(process_group)
+        group = sync_group(process_group, x)
         got = bn_view(x, cd) if group is not False else None
         if got is None:
             return None
@@ -125,7 +126,7 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     layout = fast_layout(x, cd)
     if layout is None or x.numel() // (x.shape[0] * num_groups) == 1:  # one value per group: exact 0 there
         return None
-    if _kernels.available():
+    if kernels_for(x, MIN_KERNEL_GROUP_NUMEL if layout == "cf" else 0):
         # compiled kernels: moments and output in one pass per (sample, group) block from cache,
         # and the same for the closed-form backward
         return group_norm_kernel(x, cd, num_groups, eps, True, weight, bias)[0]

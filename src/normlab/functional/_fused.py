@@ -45,7 +45,8 @@ from torch import Tensor
 from .. import _kernels
 from .._moments import Moments
 
-__all__ = ["AffineFromMoments", "MIN_FAST_NUMEL", "MIN_FUSED_NUMEL", "StatFn", "fast_layout", "fast_path",
+__all__ = ["AffineFromMoments", "MIN_FAST_NUMEL", "MIN_FUSED_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
+           "StatFn", "fast_layout", "fast_path", "kernels_for",
            "fused_affine_norm", "merged", "scale_shift", "standard_stat_fn"]
 
 # stat_fn(moments, *params) -> (scale, shift), each broadcastable to (N, C)
@@ -96,6 +97,23 @@ MIN_FUSED_NUMEL = 1 << 18
 """The same for :class:`AffineFromMoments` (switchable, batch-instance and RMS norm; the
 channels-last layer, instance and group norms): its fixed cost (the statistics function's
 small graph, about 0.3 ms) is repaid from about 150k-300k values on (measured, 2 threads)."""
+
+
+MIN_KERNEL_NUMEL = 1 << 17
+"""Batch norm and batch renorm use normlab's compiled kernels from this many values on, and
+torch's batch-norm kernels below (where the kernels' fixed cost, about 0.1 ms of Python
+around them, is not repaid; measured, 1 and 2 threads)."""
+
+MIN_KERNEL_GROUP_NUMEL = 1 << 22
+"""The same for channel-first group, layer and instance norm, whose alternative (torch's own
+group-norm kernels, one pass per group from cache) is only beaten once the input no longer
+fits in the last-level cache (measured: about even at 3M values, 10% faster at 6M)."""
+
+
+def kernels_for(x: Tensor, min_numel: int) -> bool:
+    """Whether a fast path should run on the compiled kernels: available, and ``x`` has at
+    least ``min_numel`` values (always under ``fast_path(True)``, so tests cover both)."""
+    return _kernels.available() and (_ENABLED[0] is True or x.numel() >= min_numel)
 
 
 class fast_path:

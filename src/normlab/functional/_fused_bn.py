@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _kernels
 from .._moments import Moments, accumulation_dtype, reduce_moments
-from ._fused import _moments_nc, _scale_shift_into, _views, dy_view, fast_layout
+from ._fused import MIN_KERNEL_NUMEL, _moments_nc, _scale_shift_into, _views, dy_view, fast_layout, kernels_for
 
 __all__ = ["BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "batch_moments_fast",
            "batch_norm_train", "bn_view", "channel_moments", "channel_moments_spare"]
@@ -81,7 +81,7 @@ def batch_moments_fast(xb: Tensor, process_group=None, stat_shape: tuple[int, ..
     accumulation dtype, the same message the plain path's differentiable all-gather sends (so
     ranks on either path interoperate). Without the kernels ``process_group`` must be None.
     """
-    if not _kernels.available():
+    if not kernels_for(xb, MIN_KERNEL_NUMEL):
         if process_group is not None:
             raise RuntimeError("batch_moments_fast: synchronized statistics need the compiled kernels")
         return channel_moments_spare(xb)
@@ -108,7 +108,7 @@ def batch_norm_train(xb: Tensor, weight: Tensor | None, bias: Tensor | None, m: 
                      stat_shape: tuple[int, ...] | None = None) -> Tensor:
     """Training batch norm of a :func:`bn_view` given its moments from :func:`batch_moments_fast`:
     on the compiled kernels (:class:`BatchNormKernel`) or torch's (:class:`BatchNormTrain`)."""
-    if _kernels.available():
+    if kernels_for(xb, MIN_KERNEL_NUMEL):
         v, layout = _kernel_view(xb)
         y = BatchNormKernel.apply(v, weight, bias, m.mean, m.var, eps, float(m.count), layout,
                                   process_group, stat_shape)

@@ -154,7 +154,7 @@ def batch_renorm(
         raise ValueError("batch_renorm: needs running_mean and running_var (r and d are measured against them)")
     if not training:  # batch norm's eval map
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, channel_dim=cd)
-    group = sync_group(process_group)
+    group = sync_group(process_group, x)
     fast = bn_view(x, cd) if group is not False else None
     shape = stat_shape(x.ndim, cd, x.shape[cd])
     m, spare = batch_moments_fast(fast[0], group, shape) if fast is not None else (
