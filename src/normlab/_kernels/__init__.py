@@ -1,20 +1,25 @@
-"""normlab's four CPU kernels (``kernels.c``, ``kernels_impl.h``), compiled on first use and called through ctypes.
+"""normlab's CPU kernels (``kernels.c``, ``kernels_impl.h``), compiled on first use and called through ctypes.
 
 Every batch, per-sample and mixed norm is, per (sample n, channel c), an affine map of ``x``
 whose coefficients come from per-(n, c) moments. On a tensor viewed as ``(N, C, L)``
-("cf") or ``(N, L, C)`` ("cl", channels-last) the kernels are:
+("cf") or ``(N, L, C)`` ("cl", channels-last) the primitives are:
 
-=========  ====================================================  =========
-moments    per (n, c): mean and M2 = sum (x - mean)^2             1T read
-affine     y = (x - center) * scale + shift                      2T
-reduce     per (n, c): sum dy and sum dy * (x - center)           2T
-dx         dx = a * dy + b * (x - center) + k                     3T
-=========  ====================================================  =========
+==============  ===============================================  =========
+moments         per (n, c): mean and M2 = sum (x - mean)^2        1T read
+affine          y = (x - center) * scale + shift                 2T
+reduce          per (n, c): sum dy and sum dy * (x - center)      2T
+dx              dx = a * dy + b * (x - center) + k                3T
+==============  ===============================================  =========
 
 That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
 layout, where torch's own kernels for channels-last group and instance norm make many
 more passes. Moments are two-pass inside cache-sized blocks (x is read from memory once),
-merged exactly across blocks in double precision.
+merged exactly across blocks in double precision. Two fused pairs serve the per-sample norms
+(group, instance, layer, RMS): :func:`group_forward` (moments, group statistics and output
+per (sample, group) block, or per sample channels-last, while it is in cache) and
+:func:`group_backward` (the closed-form input gradient the same way); and
+:func:`rowrms_forward` / :func:`rowrms_backward` normalize the rows of an (M, C) matrix
+(the transformer's RMSNorm over the channel axis).
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``,
 ``-O3 -march=native -fopenmp``: about a second) into a cache directory
