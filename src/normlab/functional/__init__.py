@@ -1,6 +1,7 @@
 """One pure function per normalization, named after it; each docstring gives the paper's
 equation. Layers in ``normlab.layers`` are thin modules over these functions."""
 
+from .._kernels import status as kernel_status
 from ._fused import fast_path
 from .batch import batch_norm, batch_renorm, batch_renorm_limits, mean_only_batch_norm
 from .mixed import batch_instance_norm, switchable_norm
@@ -20,6 +21,7 @@ from .recurrent import batch_norm_lstm_cell, layer_norm_lstm_cell
 
 __all__ = [
     "fast_path",
+    "kernel_status",
     "activation_clamp",
     "layer_scaling",
     "online_norm",
