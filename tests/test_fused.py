@@ -266,6 +266,23 @@ def test_bench_cli_smoke(tmp_path, capsys):
     # bn saves the input and per-channel statistics: about one input-sized tensor
     assert 0.9 <= rows["bn"]["saved_T"] <= 1.5
     assert all(r["train_fwd_bwd_ms"] > 0 for r in rows.values())
+    assert data["allocator"] == "default" and data["kernels"].startswith("normlab CPU kernels")
+
+
+def test_bench_channels_last_ratios_and_norms_that_do_not_apply(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "2,4,3,3", "--norms", "bn,in", "--channels-last", "--quick", "--threads", "1",
+                 "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"bn", "bn (contiguous)", "in", "in (contiguous)"} <= set(rows)
+    assert rows["bn"]["ratio_to_contiguous"] == pytest.approx(
+        rows["bn"]["train_fwd_bwd_ms"] / rows["bn (contiguous)"]["train_fwd_bwd_ms"])
+    assert "/contiguous" in capsys.readouterr().out
+    # instance norm on an input without positions: reported as skipped, the rest still measured
+    assert main(["bench", "--shape", "4,6", "--norms", "bn,in", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "in" in data["skipped"] and "rank" in data["skipped"]["in"]
+    assert "bn" in {r["name"] for r in data["rows"]}
 
 
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5), None), ((3, 4, 3, 5), None), ((3, 4, 3, 5), CL),

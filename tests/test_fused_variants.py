@@ -373,3 +373,16 @@ def test_online_eval_fast_path_equals_plain_path(layout):
     shape[cd] = c
     ref = (x - bufs[0].view(shape)) / torch.sqrt(bufs[1].view(shape) + 1e-5) * w.view(shape) + b.view(shape)
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(ENTRY))
+def test_inputs_without_positions_take_the_plain_path_for_per_sample_statistics(name):
+    # an (N, C) input has one value per (sample, channel): per-(n, c) statistics would be as
+    # large as the input (measured 7-20x slower), so the automatic routing keeps those norms on
+    # plain autograd; batch norm (per-channel statistics) keeps its fast path
+    x = torch.randn(128, 4096, requires_grad=True)
+    assert x.numel() >= MIN_FUSED_NUMEL
+    if name in ("in", "bin"):
+        pytest.skip("needs positions")
+    with fast_path(None):
+        assert _fast(ENTRY[name](x)) == (name in ("bn", "mobn", "brn"))

@@ -220,6 +220,8 @@ def run_bench(
         try:
             kw: dict[str, Any] = {"channel_dim": -1} if chan else {}
             mod = make_norm(spec, c, **kw).to(dtype)
+            with torch.no_grad():
+                mod(x)  # e.g. instance norm on an input without positions: the layer says why
         except Exception as err:  # unknown spec, or one that cannot apply to this shape
             skipped[spec] = f"{type(err).__name__}: {err}"
             continue

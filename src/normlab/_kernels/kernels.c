@@ -27,12 +27,15 @@ typedef int64_t i64;
 #define BLOCK_BYTES 32768 /* rows of one channels-last block: stay in L1 for the second pass */
 #define CF_CHUNK 4096     /* channel-first rows are summed in chunks of this many values */
 #define MAX_ROWS 512      /* single-precision accumulators sum at most this many terms */
+#define MIN_ROWS 32
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 static i64 rows_per_block(i64 c, i64 size) {
     i64 r = BLOCK_BYTES / (c * size);
-    return r < 1 ? 1 : MIN(r, MAX_ROWS);
+    /* wide rows: at least MIN_ROWS a block anyway (the second pass then reads L2), so that
+     * the per-block partial sums stay few */
+    return r < MIN_ROWS ? MIN_ROWS : MIN(r, MAX_ROWS);
 }
 
 /* merge (nb, mb, qb) into (*na, *ma, *qa): Chan's exact pairwise update */

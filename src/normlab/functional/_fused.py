@@ -75,12 +75,25 @@ def _views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     return None
 
 
-def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str) -> Tensor:
+def kernel_views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
+    """:func:`_views` for the compiled kernels: an input without positions ((N, C), one value
+    per (n, c)) is taken as channels-last (N, 1, C), whose kernels vectorise over C, rather
+    than as N * C rows of one value."""
+    got = _views(x, cd)
+    if got is not None and got[0] == "cf" and got[1].shape[2] == 1:
+        v = got[1]
+        return "cl", v.view(v.shape[0], 1, v.shape[1])
+    return got
+
+
+def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str, kernel: bool = False) -> Tensor:
     """The incoming gradient as the same 3-d view as ``x`` (copied into ``x``'s layout if it
-    arrives in another one, e.g. contiguous for a channels-last input)."""
-    got = _views(dy, cd)
+    arrives in another one, e.g. contiguous for a channels-last input); ``kernel``: the view
+    of :func:`kernel_views`."""
+    views = kernel_views if kernel else _views
+    got = views(dy, cd)
     if got is None or got[0] != layout:
-        got = _views(torch.empty_like(x).copy_(dy), cd)
+        got = views(torch.empty_like(x).copy_(dy), cd)
     return got[1]  # type: ignore[index]
 
 
@@ -108,6 +121,11 @@ MIN_KERNEL_GROUP_NUMEL = 1 << 22
 """The same for channel-first group, layer and instance norm, whose alternative (torch's own
 group-norm kernels, one pass per group from cache) is only beaten once the input no longer
 fits in the last-level cache (measured: about even at 3M values, 10% faster at 6M)."""
+
+
+def forced() -> bool:
+    """True inside ``fast_path(True)`` (tests take the fast paths on small inputs too)."""
+    return _ENABLED[0] is True
 
 
 def kernels_for(x: Tensor, min_numel: int) -> bool:

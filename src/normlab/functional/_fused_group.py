@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._fused import _views, dy_view
+from ._fused import dy_view, kernel_views
 
 __all__ = ["GroupNormKernel", "group_norm_kernel"]
 
@@ -46,10 +46,12 @@ def _group_stats(mean: Tensor, m2: Tensor, count: int, groups: int, eps: float, 
     return ctr, var.add_(eps).rsqrt_().expand_as(mg).reshape(n, c)
 
 
-def _one_pass(layout: str, n: int) -> bool:
-    """Whether the one-pass kernels apply: always channel-first (work items are (sample, group)
-    blocks); channels-last with at least two samples a thread (work items are samples)."""
-    return layout == "cf" or n >= 2 * torch.get_num_threads()
+def _one_pass(layout: str, n: int, groups: int) -> bool:
+    """Whether the one-pass kernels apply: their work items ((sample, group) blocks
+    channel-first, samples channels-last) must number at least two a thread; otherwise the
+    two-kernel route, which splits every sample over the threads, is faster."""
+    items = n * groups if layout == "cf" else n
+    return items >= 2 * torch.get_num_threads()
 
 
 def _two_pass_forward(v: Tensor, yv: Tensor, layout: str, count: int, groups: int, eps: float, center: bool,
@@ -70,12 +72,13 @@ class GroupNormKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int,  # type: ignore[override]
                 num_groups: int, eps: float, center: bool, need_moments: bool = True):
-        layout, v = _views(x, channel_dim)  # type: ignore[misc]
+        layout, v = kernel_views(x, channel_dim)  # type: ignore[misc]
         n, c = x.shape[0], x.shape[channel_dim]
         count = v.numel() // max(n * c, 1)
         ctx.channel_dim, ctx.groups, ctx.eps, ctx.center, ctx.count = channel_dim, num_groups, eps, center, count
         ctx.layout, ctx.group_stats = layout, False
-        if (layout == "cf" and center and not need_moments
+        one_pass = _one_pass(layout, n, num_groups)
+        if (one_pass and layout == "cf" and center and not need_moments
                 and all(p is None or p.dtype == x.dtype for p in (weight, bias))):
             # torch's own group-norm forward (one vectorised Welford pass per group, then the
             # output from cache) is a little faster than ours; the backward below is ours
@@ -85,11 +88,11 @@ class GroupNormKernel(torch.autograd.Function):
             ctx.group_stats = True
             return y3.view(x.movedim(channel_dim, 1).shape).movedim(1, channel_dim), None, None
         y = torch.empty_like(x)
-        yv = _views(y, channel_dim)[1]  # type: ignore[index]
-        if _one_pass(layout, n):
+        yv = kernel_views(y, channel_dim)[1]  # type: ignore[index]
+        if one_pass:
             # moments and output in one pass per (sample, group) or per sample, from cache
             mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)
-        else:  # channels-last with few samples: split every sample over the threads instead
+        else:  # few work items: split every sample over the threads instead
             mean, m2, ctr, rstd = _two_pass_forward(v, yv, layout, count, num_groups, eps, center, weight, bias)
         ctx.save_for_backward(x, weight, bias, ctr, rstd)
         var = m2 / count
@@ -107,12 +110,12 @@ class GroupNormKernel(torch.autograd.Function):
         n, c = x.shape[0], x.shape[cd]
         if ctx.group_stats:  # per-(n, g) statistics of torch's forward
             ctr, rstd = (t.double().unsqueeze(2).expand(n, groups, c // groups).reshape(n, c) for t in (ctr, rstd))
-        v = _views(x, cd)[1]  # type: ignore[index]
-        dyv = dy_view(dy, x, cd, layout)
+        v = kernel_views(x, cd)[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout, kernel=True)
         dx = torch.empty_like(x) if need[0] else None
-        if need[0] and _one_pass(layout, n):
+        if need[0] and _one_pass(layout, n, groups):
             # both passes per (sample, group) or per sample, the second from cache
-            g, h = _kernels.group_backward(dyv, v, _views(dx, cd)[1], layout, groups, ctx.center, weight, ctr, rstd)  # type: ignore[index]
+            g, h = _kernels.group_backward(dyv, v, kernel_views(dx, cd)[1], layout, groups, ctx.center, weight, ctr, rstd)  # type: ignore[index]
         else:
             g, h = _kernels.reduce(dyv, v, layout, ctr)  # sum dy, sum dy (x - mu_ng)
             if need[0]:
@@ -121,7 +124,7 @@ class GroupNormKernel(torch.autograd.Function):
                 big_a = (g * w).view(n, groups, -1).sum(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
                 big_b = (h * w).view(n, groups, -1).sum(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
                 const = -rstd * big_a / k if ctx.center else torch.zeros_like(rstd)
-                _kernels.dx(dyv, v, _views(dx, cd)[1], layout, ctr, w * rstd, -rstd ** 3 * big_b / k, const)  # type: ignore[index]
+                _kernels.dx(dyv, v, kernel_views(dx, cd)[1], layout, ctr, w * rstd, -rstd ** 3 * big_b / k, const)  # type: ignore[index]
         dw = (rstd * h).sum(0).to(weight.dtype) if need[1] else None
         db = g.sum(0).to(bias.dtype) if need[2] else None
         return (dx, dw, db) + nones
@@ -160,11 +163,11 @@ def group_norm_kernel(x: Tensor, channel_dim: int, num_groups: int, eps: float, 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return GroupNormKernel.apply(x, weight, bias, cd, num_groups, eps, center, need_moments)
     # nothing to differentiate (eval, inference): the forward alone
-    layout, v = _views(x, cd)  # type: ignore[misc]
+    layout, v = kernel_views(x, cd)  # type: ignore[misc]
     y = torch.empty_like(x)
-    yv = _views(y, cd)[1]  # type: ignore[index]
+    yv = kernel_views(y, cd)[1]  # type: ignore[index]
     count = v.numel() // max(x.shape[0] * x.shape[cd], 1)
-    if _one_pass(layout, x.shape[0]):
+    if _one_pass(layout, x.shape[0], num_groups):
         mean, m2 = _kernels.group_forward(v, yv, layout, num_groups, eps, center, weight, bias)[:2]
     else:
         mean, m2 = _two_pass_forward(v, yv, layout, count, num_groups, eps, center, weight, bias)[:2]

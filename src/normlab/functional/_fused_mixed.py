@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._fused import _views, dy_view
+from ._fused import dy_view, kernel_views
 
 __all__ = ["SwitchableKernel"]
 
@@ -56,7 +56,7 @@ class SwitchableKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Tensor | None,  # type: ignore[override]
                 bias: Tensor | None, channel_dim: int, eps: float, fixed: tuple[Tensor, Tensor] | None):
-        layout, v = _views(x, channel_dim)  # type: ignore[misc]
+        layout, v = kernel_views(x, channel_dim)  # type: ignore[misc]
         n, c = x.shape[0], x.shape[channel_dim]
         length = v.numel() // max(n * c, 1)
         mu_in, m2 = _kernels.moments(v, layout)
@@ -70,7 +70,7 @@ class SwitchableKernel(torch.autograd.Function):
         w = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.detach().double().view(1, c)
         shift = torch.zeros(1, c, dtype=torch.float64) if bias is None else bias.detach().double().view(1, c)
         y = torch.empty_like(x)
-        _kernels.affine(v, _views(y, channel_dim)[1], layout, mu, w * rstd, shift)  # type: ignore[index]
+        _kernels.affine(v, kernel_views(y, channel_dim)[1], layout, mu, w * rstd, shift)  # type: ignore[index]
         ctx.channel_dim, ctx.layout, ctx.length, ctx.eps, ctx.fixed = channel_dim, layout, length, eps, fixed
         ctx.stats, ctx.wm, ctx.wv, ctx.w = stats, wm, wv, w
         ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, mu_in, mu, rstd)
@@ -86,8 +86,8 @@ class SwitchableKernel(torch.autograd.Function):
             return _double_backward(ctx, x, mean_weight, var_weight, weight, bias, dy) + nones
         cd, layout, length = ctx.channel_dim, ctx.layout, ctx.length
         n, c = mu_in.shape
-        v = _views(x, cd)[1]  # type: ignore[index]
-        dyv = dy_view(dy, x, cd, layout)
+        v = kernel_views(x, cd)[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout, kernel=True)
         g, h = _kernels.reduce(dyv, v, layout, mu_in)
         h = h + (mu_in - mu) * g  # sum dy (x - mu)
         w, wm, wv, stats = ctx.w, ctx.wm, ctx.wv, ctx.stats
@@ -107,7 +107,7 @@ class SwitchableKernel(torch.autograd.Function):
                 b_coef = b_coef + 2 * gv_k / count
                 k_coef = k_coef + gm_k / count + 2 * gv_k * (mu_in - m_k) / count
             dx = torch.empty_like(x)
-            _kernels.dx(dyv, v, _views(dx, cd)[1], layout, mu_in, w * rstd, b_coef, k_coef)  # type: ignore[index]
+            _kernels.dx(dyv, v, kernel_views(dx, cd)[1], layout, mu_in, w * rstd, b_coef, k_coef)  # type: ignore[index]
         d_mw = d_vw = None
         if need[1]:
             ga = torch.stack([(g_mu * s[0]).sum() for s in stats])
@@ -161,7 +161,7 @@ class BatchInstanceKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 channel_dim: int, eps: float, fixed: tuple[Tensor, Tensor] | None):
-        layout, v = _views(x, channel_dim)  # type: ignore[misc]
+        layout, v = kernel_views(x, channel_dim)  # type: ignore[misc]
         n, c = x.shape[0], x.shape[channel_dim]
         length = v.numel() // max(n * c, 1)
         mu_i, m2 = _kernels.moments(v, layout)
@@ -178,7 +178,7 @@ class BatchInstanceKernel(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.detach().double().view(1, c)
         y = torch.empty_like(x)
-        _kernels.affine(v, _views(y, channel_dim)[1], layout, mu_i, w * (p * r_b + (1 - p) * r_i), shift)  # type: ignore[index]
+        _kernels.affine(v, kernel_views(y, channel_dim)[1], layout, mu_i, w * (p * r_b + (1 - p) * r_i), shift)  # type: ignore[index]
         ctx.channel_dim, ctx.layout, ctx.length, ctx.eps, ctx.fixed = channel_dim, layout, length, eps, fixed
         ctx.small = (mu_b, r_b, r_i, p, w)
         ctx.save_for_backward(x, rho, weight, bias, mu_i)
@@ -195,8 +195,8 @@ class BatchInstanceKernel(torch.autograd.Function):
         cd, layout, length = ctx.channel_dim, ctx.layout, ctx.length
         mu_b, r_b, r_i, p, w = ctx.small
         n = mu_i.shape[0]
-        v = _views(x, cd)[1]  # type: ignore[index]
-        dyv = dy_view(dy, x, cd, layout)
+        v = kernel_views(x, cd)[1]  # type: ignore[index]
+        dyv = dy_view(dy, x, cd, layout, kernel=True)
         g, h = _kernels.reduce(dyv, v, layout, mu_i)
         big_g = g.sum(0, keepdim=True)
         big_h = (h + (mu_i - mu_b) * g).sum(0, keepdim=True)
@@ -211,7 +211,7 @@ class BatchInstanceKernel(torch.autograd.Function):
                 b_coef = b_coef - a_b * r_b ** 2 * big_h / nl
                 k_coef = k_coef - a_b * big_g / nl - a_b * r_b ** 2 * big_h * (mu_i - mu_b) / nl
             dx = torch.empty_like(x)
-            _kernels.dx(dyv, v, _views(dx, cd)[1], layout, mu_i, a_b + a_i, b_coef, k_coef)  # type: ignore[index]
+            _kernels.dx(dyv, v, kernel_views(dx, cd)[1], layout, mu_i, a_b + a_i, b_coef, k_coef)  # type: ignore[index]
         d_rho = (w * (r_b * big_h - sum_ih)).reshape(-1).to(rho.dtype) if need[1] else None
         dw = (p * r_b * big_h + (1 - p) * sum_ih).reshape(-1).to(weight.dtype) if need[2] else None
         db = big_g.reshape(-1).to(bias.dtype) if need[3] else None
