@@ -156,6 +156,8 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
         return None
     if layout == "cf":
         # torch's own kernel: one vectorised Welford pass forward, one fused backward
+        if cd == 1:  # (no movedim: each one is an autograd node)
+            return F.group_norm(x, num_groups, weight, bias, eps)
         return F.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps).movedim(1, cd)
     over = "sample" if num_groups == 1 else "spatial" if num_groups == x.shape[cd] else "group"
     if over == "spatial" and x.ndim > 2 and all(p is None or p.dtype == x.dtype for p in (weight, bias)):
