@@ -315,3 +315,37 @@ def test_compile_in_a_fresh_process_before_any_eager_call(tmp_path):
     """
     res = _run(code, NORMLAB_CACHE=str(tmp_path))
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape,fmt", [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((7, 5), None)])
+def test_batch_norm_kernel_in_both_layouts(shape, fmt):
+    # the channels-last / (M, C) layout of BatchNormKernel runs for synchronized batch norm;
+    # checked here on one process (no group) against torch and by gradcheck
+    from normlab.functional import fast_path
+    from normlab.functional._fused_bn import BatchNormKernel, _kernel_view, bn_view
+
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    c = shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        with fast_path(True):  # (the view helper applies the size rule otherwise)
+            xb, back = bn_view(x, 1)
+        v, layout = _kernel_view(xb)
+        dims = tuple(d for d in range(x.ndim) if d != 1)
+        mean = x.detach().mean(dims)
+        var = ((x.detach() - mean.view([1, -1] + [1] * (x.ndim - 2))) ** 2).mean(dims)
+        count = float(x.numel() // c)
+        return back(BatchNormKernel.apply(v, w, b, mean, var, 1e-5, count, layout, None, None).view(xb.shape))
+
+    ref = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    torch.testing.assert_close(f(x, w, b), ref, rtol=1e-10, atol=1e-10)
+    dy = torch.randn(shape, dtype=torch.float64)
+    got = torch.autograd.grad(f(x, w, b), (x, w, b), dy)
+    want = torch.autograd.grad(ref, (x, w, b), dy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)

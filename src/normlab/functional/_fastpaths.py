@@ -64,7 +64,7 @@ def sync_group(process_group, x: Tensor):
     the plain path (a synchronized call where the compiled kernels do not run)."""
     if local_only(process_group):
         return None
-    return process_group if kernels_for(x, MIN_KERNEL_NUMEL) else False
+    return process_group if kernels_for(x, MIN_KERNEL_NUMEL) else False  # (then the kernels run it)
 
 
 MIN_KERNEL_POSITIONS = 16

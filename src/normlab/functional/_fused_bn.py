@@ -65,6 +65,16 @@ def channel_moments_spare(xb: Tensor) -> tuple[Moments, tuple[Tensor, Tensor, Te
     return Moments(xb.shape[0], mean, var * xb.shape[0]), None
 
 
+def _use_kernels(xb: Tensor, process_group) -> bool:
+    """Batch norm on the compiled kernels: for channel-first views from MIN_KERNEL_NUMEL values
+    on, and whenever synchronized (torch's kernels cannot take a global batch). An (M, C)
+    view (channels-last, or no positions) otherwise stays on torch's kernels, whose
+    channels-last batch norm is as fast (measured)."""
+    if process_group is not None:
+        return _kernels.available()
+    return xb.ndim == 3 and kernels_for(xb, MIN_KERNEL_NUMEL)
+
+
 def _kernel_view(xb: Tensor) -> tuple[Tensor, str]:
     """A :func:`bn_view` as the compiled kernels' 3-d view: (N, C, L) "cf", or (M, C) as (1, M, C) "cl"."""
     return (xb, "cf") if xb.ndim == 3 else (xb.unsqueeze(0), "cl")
@@ -81,7 +91,7 @@ def batch_moments_fast(xb: Tensor, process_group=None, stat_shape: tuple[int, ..
     accumulation dtype, the same message the plain path's differentiable all-gather sends (so
     ranks on either path interoperate). Without the kernels ``process_group`` must be None.
     """
-    if not kernels_for(xb, MIN_KERNEL_NUMEL):
+    if not _use_kernels(xb, process_group):
         if process_group is not None:
             raise RuntimeError("batch_moments_fast: synchronized statistics need the compiled kernels")
         return channel_moments_spare(xb)
@@ -108,7 +118,7 @@ def batch_norm_train(xb: Tensor, weight: Tensor | None, bias: Tensor | None, m: 
                      stat_shape: tuple[int, ...] | None = None) -> Tensor:
     """Training batch norm of a :func:`bn_view` given its moments from :func:`batch_moments_fast`:
     on the compiled kernels (:class:`BatchNormKernel`) or torch's (:class:`BatchNormTrain`)."""
-    if kernels_for(xb, MIN_KERNEL_NUMEL):
+    if _use_kernels(xb, process_group):
         v, layout = _kernel_view(xb)
         y = BatchNormKernel.apply(v, weight, bias, m.mean, m.var, eps, float(m.count), layout,
                                   process_group, stat_shape)
