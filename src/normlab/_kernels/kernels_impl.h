@@ -523,6 +523,7 @@ int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *w
  * (per-thread partial sums, added in thread order: deterministic for a thread count) */
 int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double *weight, const double *rstd,
                      double *dw, int nt) {
+    int failed = 0;
     T *w = malloc(sizeof(T) * C);
     double *part = calloc((size_t)nt * C, sizeof(double));
     if (!w || !part) {
@@ -534,8 +535,12 @@ int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double 
 #pragma omp parallel num_threads(nt)
     {
         double *mine = part + (i64)omp_get_thread_num() * C;
+        A *fw = calloc((size_t)C, sizeof(A)); /* dweight over up to MAX_ROWS rows, then into mine */
+        i64 pending = 0;
+        if (!fw) failed = 1;
 #pragma omp for schedule(static)
         for (i64 r = 0; r < M; r++) {
+            if (!fw) continue;
             const T *d = dy + r * C, *p = x + r * C;
             T *o = dx + r * C;
             A acc[LANES] = {0}, b = 0;
@@ -550,9 +555,19 @@ int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double 
             for (i64 c = 0; c < C; c++) o[c] = a * w[c] * d[c] - k * p[c];
             if (dw) {
 #pragma omp simd
-                for (i64 c = 0; c < C; c++) mine[c] += (double)d[c] * (double)p[c] * rs;
+                for (i64 c = 0; c < C; c++) fw[c] += d[c] * p[c] * a;
+                if (++pending == MAX_ROWS) {
+                    for (i64 c = 0; c < C; c++) {
+                        mine[c] += fw[c];
+                        fw[c] = 0;
+                    }
+                    pending = 0;
+                }
             }
         }
+        if (fw && dw)
+            for (i64 c = 0; c < C; c++) mine[c] += fw[c];
+        free(fw);
     }
     if (dw)
         for (i64 c = 0; c < C; c++) {
@@ -562,5 +577,5 @@ int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double 
         }
     free(w);
     free(part);
-    return 0;
+    return failed;
 }
