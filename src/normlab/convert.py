@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .layers.base import BatchStatNorm, Norm, RunningStatsNorm
+from .layers.base import BatchStatNorm, Norm
 from .registry import make_norm, parse_spec
 
 __all__ = ["convert", "convert_sync", "fold_batchnorm", "recalibrate", "norm_signature"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _kernels, _moments
+from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._fused import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced,

@@ -16,8 +16,6 @@ channels and positions.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
