@@ -20,8 +20,8 @@ from torch import Tensor
 from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
-from ._fused import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced,
-                     fused_affine_norm, kernels_for, merged, scale_shift, standard_stat_fn)
+from ._fused import fused_affine_norm, merged, scale_shift, standard_stat_fn
+from ._routing import MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced, kernels_for
 from ._fused_group import group_norm_kernel
 from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
 from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .. import _kernels
 from .._moments import Moments, accumulation_dtype, reduce_moments
-from ._fused import MIN_KERNEL_NUMEL, _moments_nc, _scale_shift_into, _views, dy_view, fast_layout, kernels_for
+from ._fused import _moments_nc, _scale_shift_into
+from ._routing import MIN_KERNEL_NUMEL, _views, dy_view, fast_layout, kernels_for
 
 __all__ = ["BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "batch_moments_fast",
            "batch_norm_train", "bn_view", "channel_moments", "channel_moments_spare"]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._fused import dy_view, kernel_views
+from ._routing import dy_view, kernel_views
 
 __all__ = ["GroupNormKernel", "group_norm_kernel"]
 

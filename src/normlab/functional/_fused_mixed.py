@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._fused import dy_view, kernel_views
+from ._routing import dy_view, kernel_views
 
 __all__ = ["SwitchableKernel"]
 
@@ -126,7 +126,7 @@ class SwitchableKernel(torch.autograd.Function):
 
 def _double_backward(ctx, x, mean_weight, var_weight, weight, bias, dy) -> tuple:
     from . import mixed
-    from ._fused import fast_path
+    from ._routing import fast_path
 
     need = ctx.needs_input_grad[:5]
     fixed = ctx.fixed
@@ -220,7 +220,7 @@ class BatchInstanceKernel(torch.autograd.Function):
 
 def _double_backward_bin(ctx, x, rho, weight, bias, dy) -> tuple:
     from . import mixed
-    from ._fused import fast_path
+    from ._routing import fast_path
 
     need = ctx.needs_input_grad[:4]
     fixed = ctx.fixed

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._fused import _coef, _moments_nc, _scale_shift_into, _sums, _views
+from ._fused import _coef, _moments_nc, _scale_shift_into, _sums
+from ._routing import _views
 
 __all__ = ["OnlineTrain", "decayed_cumsum", "scan"]
 

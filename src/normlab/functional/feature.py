@@ -13,7 +13,7 @@ from .._layout import channel_axis
 from .._moments import Moments
 from ._common import affine, dims_for, normalize
 from ._fastpaths import group_norm_fast, instance_norm_fast, layer_norm_fast, rms_norm_fast
-from ._fused import fast_layout
+from ._routing import fast_layout
 from ._fused_row import RowRMSKernel
 
 

@@ -24,7 +24,7 @@ from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
 from ._fastpaths import affine_eval
-from ._fused import MIN_FUSED_NUMEL, fast_layout
+from ._routing import MIN_FUSED_NUMEL, fast_layout
 from ._online_stream import OnlineTrain, decayed_cumsum, scan
 
 ECMS = ("ls", "ac", None)
