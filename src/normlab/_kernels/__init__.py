@@ -22,9 +22,10 @@ per (sample, group) block, or per sample channels-last, while it is in cache) an
 (the transformer's RMSNorm over the channel axis).
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``,
-``-O3 -march=native -fopenmp``: about a second) into a cache directory
-(``$NORMLAB_CACHE``, else ``~/.cache/normlab``, else a temporary directory) keyed by the
-source, the compiler and the CPU, and reused by later processes. Where no compiler is found
+``-O3 -march=native -fopenmp``: about a second) into a private cache directory
+(``$NORMLAB_CACHE``, else ``~/.cache/normlab``, else a fresh private temporary directory)
+keyed by the source, the compiler and the CPU, and reused by later processes once its
+recorded hash and a self-test pass (``_build.py`` says what is checked). Where no compiler is found
 or the build fails, :func:`available` is False (the reason is in :func:`status`) and the
 fast paths fall back to torch's kernels; ``NORMLAB_KERNELS=0`` turns them off, and
 :func:`enabled` does so in a ``with`` block (for tests and benchmarks).
@@ -49,7 +50,7 @@ __all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx"
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _lock = threading.Lock()
-_state: dict = {"lib": None, "tried": False, "reason": "not loaded yet", "on": [True]}
+_state: dict = {"lib": None, "tried": False, "reason": "not loaded yet", "note": "", "on": [True]}
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -82,7 +83,7 @@ def _lib() -> ctypes.CDLL | None:
                     _state["reason"] = "turned off by NORMLAB_KERNELS=0"
                 else:
                     try:
-                        _state["lib"] = _build.build(_declare)
+                        _state["lib"], _state["note"] = _build.build(_declare)
                         _state["reason"] = "loaded"
                     except Exception as exc:  # any build or load failure: fall back to torch's kernels
                         _state["reason"] = f"unavailable: {exc}"
@@ -110,7 +111,8 @@ def status() -> str:
     lib = _lib()
     if lib is None:
         return f"normlab CPU kernels {_state['reason']}"
-    return "normlab CPU kernels loaded" + ("" if _state["on"][-1] else " (switched off in this block)")
+    note = f" ({_state['note']})" if _state["note"] else ""
+    return "normlab CPU kernels loaded" + note + ("" if _state["on"][-1] else " (switched off in this block)")
 
 
 @contextmanager

@@ -1,7 +1,20 @@
 """Building and loading the compiled kernels: the compiler, the cache folder and its key.
 
 Kept apart from the kernels' Python wrappers (``__init__.py``) so that where code is loaded
-from, and what is checked before it runs, is decided in one small file."""
+from, and what is checked before it runs, is decided in one small file:
+
+- the cache folder (``$NORMLAB_CACHE``, else ``~/.cache/normlab``) must be a folder owned by
+  this user that nobody else can write to, nor swap out (every folder above it is owned by
+  this user or root and not writable by others, unless sticky, as ``/tmp``); it is created
+  with mode 0700. Otherwise the kernels are compiled into a fresh private temporary folder
+  (``tempfile.mkdtemp``, removed once loaded) and :func:`build` says why;
+- each build records its size and SHA-256 next to it; a cached library is loaded only if it
+  is a regular file of this user's, not writable by others, whose bytes match that record,
+  and it is loaded from a private in-memory copy (``memfd``), so a file truncated or replaced
+  meanwhile cannot crash the process (SIGBUS) or swap the code;
+- once loaded it must pass a self-test (``_selftest.py``) against plain torch;
+- a cached file that fails any of this is moved aside (never loaded again) and rebuilt once.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +23,24 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
+
+from ._selftest import SelfTestFailed, self_test
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _SOURCES = (_SOURCE, Path(__file__).with_name("kernels_impl.h"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 _LIBS = ["-lm"]
+_memfds: list[int] = []  # kept open for the process's life: a reused /proc/self/fd name would hit dlopen's cache
+
+
+class Rejected(RuntimeError):
+    """A cached library that must not be used (not ours, altered, truncated, or wrong)."""
 
 
 def _compiler() -> str | None:
@@ -38,43 +61,194 @@ def _cpu_key() -> str:
         return platform.processor()
 
 
-def _cache_dir() -> Path:
-    for base in (os.environ.get("NORMLAB_CACHE"), Path.home() / ".cache" / "normlab"):
-        if base:
-            try:
-                path = Path(base)
-                path.mkdir(parents=True, exist_ok=True)
-                if os.access(path, os.W_OK):
-                    return path
-            except OSError:
-                pass
-    return Path(tempfile.gettempdir()) / f"normlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+def _uid() -> int:
+    return os.geteuid() if hasattr(os, "geteuid") else -1
 
 
-def build(declare) -> ctypes.CDLL:
-    """Compile (or reuse from the cache) and load the kernels; ``declare(lib)`` sets their signatures."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` (an absolute, resolved path) is not a private folder of this user, or None."""
+    uid = _uid()
+    if uid < 0:
+        return None  # no POSIX owners (Windows): nothing to check
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if st.st_uid != uid:
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}; chmod 700 it)"
+    for parent in path.parents:  # a folder above that others may write could have this one swapped
+        pst = os.stat(parent)
+        if pst.st_uid not in (0, uid):
+            return f"{parent} (above {path}) is owned by another user (uid {pst.st_uid})"
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            return f"{parent} (above {path}) is writable by others (mode {stat.S_IMODE(pst.st_mode):o})"
+    return None
+
+
+def _private(base: str | Path) -> tuple[Path | None, str]:
+    """``base`` made (mode 0700) and checked: (the folder, "") or (None, why it was refused)."""
+    try:
+        path = Path(os.path.realpath(os.path.expanduser(str(base))))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        problem = folder_problem(path)
+        if problem is None and not os.access(path, os.W_OK | os.X_OK):
+            problem = f"{path} is not writable"
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() with no home
+        return None, f"{base}: {exc}"
+    return (None, problem) if problem else (path, "")
+
+
+def cache_dir() -> tuple[Path, str, bool]:
+    """The folder to build in: (folder, why the cache was refused or "", whether it is temporary)."""
+    refused = []
+    candidates: list[Callable[[], str | Path]] = [lambda: os.environ.get("NORMLAB_CACHE", ""),
+                                                  lambda: Path.home() / ".cache" / "normlab"]
+    for cand in candidates:
+        try:
+            base = cand()
+        except RuntimeError as exc:  # no home folder
+            refused.append(str(exc))
+            continue
+        if not base:
+            continue
+        path, why = _private(base)
+        if path is not None:
+            return path, "; ".join(f"cache folder refused: {r}" for r in refused), False
+        refused.append(why)
+    tmp = Path(tempfile.mkdtemp(prefix="normlab-kernels-"))  # 0700, unpredictable name
+    why = "; ".join(refused) or "no cache folder"
+    return tmp, f"compiled into a private temporary folder (cache folder refused: {why})", True
+
+
+def _record(lib_path: Path) -> Path:
+    return lib_path.with_name(lib_path.name + ".sha256")
+
+
+def _read_checked(lib_path: Path) -> bytes:
+    """The library's bytes if it is this user's private regular file matching its build record."""
+    try:
+        size_s, digest = _record(lib_path).read_text().split()
+        size = int(size_s)
+    except (OSError, ValueError):
+        raise Rejected("no valid build record (size and SHA-256) next to it") from None
+    fd = os.open(lib_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (_uid() >= 0 and st.st_uid != _uid()) or st.st_mode & 0o022:
+            raise Rejected(f"not a private regular file of this user (mode {stat.S_IMODE(st.st_mode):o}, "
+                           f"uid {st.st_uid})")
+        if st.st_size != size:
+            raise Rejected(f"size {st.st_size} bytes, built as {size} (truncated or replaced)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(size + 1)
+    finally:
+        os.close(fd)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        raise Rejected("its SHA-256 differs from the one recorded when it was built")
+    return data
+
+
+def _load(data: bytes, fallback: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """Map ``data`` (a private copy where the OS allows) and declare and self-test it."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("normlab_kernels", getattr(os, "MFD_CLOEXEC", 0))
+        _memfds.append(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        name = f"/proc/self/fd/{fd}"
+    else:  # pragma: no cover - no memfd: the checked file itself
+        name = str(fallback)
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError as exc:
+        raise Rejected(f"it does not load: {exc}") from None
+    try:
+        declare(lib)
+        self_test(lib)
+    except (AttributeError, SelfTestFailed) as exc:
+        _unload(lib)
+        raise Rejected(f"self-test failed: {exc}") from None
+    return lib
+
+
+def _unload(lib: ctypes.CDLL) -> None:
+    try:
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):  # pragma: no cover
+        pass
+
+
+def _move_aside(lib_path: Path) -> str:
+    """Rename a rejected library (and its record) so it is never loaded again; the new name."""
+    aside = lib_path.with_name(f"{lib_path.name}.rejected-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}")
+    for src, dst in ((lib_path, aside), (_record(lib_path), _record(aside))):
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            pass  # another process moved it first
+    return aside.name
+
+
+def _compile(cc: str, folder: Path, lib_path: Path) -> bytes:
+    """Build into a private name, record its size and hash, then rename both into place
+    (record first: a reader that finds the library finds its record)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+    os.close(fd)
+    rec_tmp = tmp + ".sha256"
+    try:
+        res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS], capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
+        data = Path(tmp).read_bytes()
+        Path(rec_tmp).write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
+        os.replace(rec_tmp, _record(lib_path))
+        os.replace(tmp, lib_path)
+    finally:
+        for leftover in (tmp, rec_tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return data
+
+
+def library_name(cc: str) -> str:
+    """The cached library's file name: keyed by the source, the flags, the compiler and the CPU."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     src = b"".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib_path = out_dir / f"normlab_kernels_{key}.so"
-    if not lib_path.exists():
-        # build into a private name, then rename: concurrent processes never load half a file
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
+    return f"normlab_kernels_{key}.so"
+
+
+def build(declare: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL, str]:
+    """Compile (or reuse from the cache) and load the kernels; ``declare(lib)`` sets their
+    signatures. Returns the library and a note ("" or what was refused and why)."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    folder, note, temporary = cache_dir()
+    notes = [note] if note else []
+    try:
+        lib_path = folder / library_name(cc)
+        if os.path.lexists(lib_path):
+            try:
+                return _load(_read_checked(lib_path), lib_path, declare), "; ".join(notes)
+            except (Rejected, OSError) as exc:
+                notes.append(f"cached {lib_path} rejected ({exc}): moved aside as {_move_aside(lib_path)} "
+                             f"and rebuilt")
+        data = _compile(cc, folder, lib_path)
         try:
-            res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS], capture_output=True, text=True,
-                                 timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
-            os.replace(tmp, lib_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(lib_path))
-    declare(lib)
-    return lib
+            return _load(data, lib_path, declare), "; ".join(notes)
+        except Rejected as exc:
+            _move_aside(lib_path)
+            raise RuntimeError("; ".join([*notes, f"the fresh build was rejected too ({exc})"])) from None
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)

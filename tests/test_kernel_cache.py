@@ -1,0 +1,162 @@
+"""The kernel cache as a hostile or unlucky user meets it (issue 18, items 1, 3, 4).
+
+Every case runs in a subprocess with its own ``NORMLAB_CACHE`` (and ``HOME``) under
+``tmp_path``: a cache folder others can write to is refused (the kernels then compile into
+a fresh private temporary folder and the status says why); a library planted under the
+expected name, with or without a forged build record, is never used; a truncated library
+is moved aside and rebuilt and the process lives. Each run checks the kernels' output
+against torch's own group norm, so a library that computed wrongly would fail here too.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from normlab import _kernels
+from normlab._kernels import _build
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _kernels.available(), reason=_kernels.status())]
+
+CHECK = """
+    import torch, normlab
+    from normlab import _kernels
+    from normlab.functional import fast_path
+    x = torch.randn(8, 6, 20, 20, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with fast_path(True):
+        y = normlab.functional.group_norm(x, 3)
+        z = normlab.functional.batch_norm(x, training=True)
+    assert torch.allclose(y, torch.nn.functional.group_norm(x.contiguous(), 3), atol=1e-10), "group norm"
+    assert torch.allclose(z, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-10), "batch norm"
+    print(_kernels.available(), _kernels.status())
+"""
+
+
+def _run(tmp_path: Path, cache: Path, code: str = CHECK) -> subprocess.CompletedProcess:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {**os.environ, "NORMLAB_CACHE": str(cache), "HOME": str(home), "TMPDIR": str(_private_tmp(tmp_path))}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _private_tmp(tmp_path: Path) -> Path:
+    d = tmp_path / "tmp"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _built(cache: Path, tmp_path: Path) -> Path:
+    res = _run(tmp_path, cache)
+    assert res.returncode == 0 and res.stdout.startswith("True normlab CPU kernels loaded\n"), res.stdout + res.stderr
+    (lib,) = cache.glob("normlab_kernels_*.so")
+    return lib
+
+
+def test_a_cache_folder_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home").chmod(0o777)  # ~/.cache/normlab below it is refused as well
+    res = _run(tmp_path, shared)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("True normlab CPU kernels loaded (compiled into a private temporary folder"), res.stdout
+    assert "is writable by others (mode 777" in res.stdout, res.stdout
+    assert list(shared.iterdir()) == []  # nothing built in, nothing loaded from it
+    assert list(_private_tmp(tmp_path).iterdir()) == []  # the temporary folder is gone once loaded
+
+
+def test_a_new_cache_folder_is_created_private(tmp_path: Path) -> None:
+    cache = tmp_path / "new" / "cache"
+    _built(cache, tmp_path)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "home").mkdir(mode=0o755)
+    os.chown(tmp_path / "home", 65534, 65534)
+    res = _run(tmp_path, theirs)
+    assert res.returncode == 0, res.stderr
+    assert "private temporary folder" in res.stdout and "owned by uid 65534" in res.stdout, res.stdout
+    assert list(theirs.iterdir()) == []
+
+
+def test_folder_problem_names_a_swappable_parent(tmp_path: Path) -> None:
+    parent = tmp_path / "open"
+    (parent / "mine").mkdir(parents=True, mode=0o700)
+    parent.chmod(0o777)
+    assert "writable by others" in _build.folder_problem((parent / "mine").resolve())
+    parent.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
+    assert _build.folder_problem((parent / "mine").resolve()) is None
+
+
+def _no_op_library(tmp_path: Path) -> bytes:
+    """A library with every symbol the kernels declare, each doing nothing."""
+    names: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name: str) -> object:
+            names.append(name)
+            return type("Fn", (), {})()
+
+    _kernels._declare(Recorder())  # type: ignore[arg-type]
+    src = tmp_path / "noop.c"
+    src.write_text("".join(f"int {n}(void) {{ return 0; }}\n" for n in sorted(set(names))))
+    out = tmp_path / "noop.so"
+    subprocess.run([_build._compiler(), "-shared", "-fPIC", "-o", str(out), str(src)], check=True)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("forged_record", [False, True])
+def test_a_planted_no_op_library_is_never_used(tmp_path: Path, forged_record: bool) -> None:
+    cache = tmp_path / "cache"
+    lib = _built(cache, tmp_path)
+    planted = _no_op_library(tmp_path)
+    lib.write_bytes(planted)
+    if forged_record:  # its size and hash recorded as if built here: the self-test still refuses it
+        import hashlib
+
+        Path(str(lib) + ".sha256").write_text(f"{len(planted)} {hashlib.sha256(planted).hexdigest()}\n")
+    res = _run(tmp_path, cache)
+    assert res.returncode == 0, res.stderr  # the outputs were checked against torch's
+    why = "self-test failed" if forged_record else "truncated or replaced"
+    assert res.stdout.startswith("True normlab CPU kernels loaded (cached") and why in res.stdout, res.stdout
+    assert "moved aside" in res.stdout and "rebuilt" in res.stdout
+    (aside,) = [p for p in cache.glob("*.rejected-*") if not p.name.endswith(".sha256")]
+    assert aside.read_bytes() == planted and lib.read_bytes() != planted
+    again = _run(tmp_path, cache)  # the rebuilt library is used from now on
+    assert again.stdout.startswith("True normlab CPU kernels loaded\n"), again.stdout + again.stderr
+
+
+def test_a_truncated_library_is_rebuilt_and_the_process_lives(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    lib = _built(cache, tmp_path)
+    whole = lib.read_bytes()
+    with open(lib, "r+b") as f:
+        f.truncate(len(whole) // 2)
+    res = _run(tmp_path, cache)
+    assert res.returncode == 0, res.stderr  # (loading the truncated file used to kill it with SIGBUS)
+    assert "truncated or replaced" in res.stdout and "rebuilt" in res.stdout, res.stdout
+    assert lib.stat().st_size == len(whole)
+    again = _run(tmp_path, cache)
+    assert again.stdout.startswith("True normlab CPU kernels loaded\n"), again.stdout + again.stderr
+
+
+def test_a_library_others_can_write_is_not_loaded(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    lib = _built(cache, tmp_path)
+    lib.chmod(0o666)
+    res = _run(tmp_path, cache)
+    assert res.returncode == 0 and "not a private regular file" in res.stdout, res.stdout + res.stderr
+    assert stat.S_IMODE(lib.stat().st_mode) & 0o022 == 0  # the rebuilt one
