@@ -14,6 +14,7 @@ runs as a single process.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import time
 
@@ -57,13 +58,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300,
+                   help="seconds a process waits for the others in a collective before it raises")
     args = p.parse_args()
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, value)  # a plain `python ddp_train.py` is one process
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a bounded wait: if another process dies, this one raises after the timeout instead of hanging
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if not cuda:

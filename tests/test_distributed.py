@@ -194,9 +194,69 @@ def _worker(rank: int, store_dir: str) -> None:
         from normlab.study.train import run_cell  # a study cell, run inside this pair of processes
 
         results["cell_local"] = run_cell(cell_config(nproc=2, sync=False))
+        results["disagree"] = _disagreeing_ranks(rank)
+        results["all_empty"] = _all_empty_step()
         torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _try(fn: Any) -> str:
+    """Run ``fn``; the text of the error it raised ("" if none)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank saw
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _disagreeing_ranks(rank: int) -> dict[str, Any]:
+    """Ranks that disagree, each on its own fresh group (so one scenario's skipped call does
+    not reach the next): what each raised, and whether its running statistics moved."""
+    out: dict[str, Any] = {}
+    cases = {  # name: (this rank's channels, dtype)
+        "channels": (6 if rank == 0 else 4, torch.float64),
+        "dtype": (6, torch.float64 if rank == 0 else torch.float32),
+    }
+    for name, (c, dtype) in cases.items():
+        group = dist.new_group([0, 1])
+        bn = normlab.BatchNorm(c, process_group=group).to(dtype)
+        out[name] = _try(lambda: bn(torch.randn(4, c, 3, dtype=dtype)))
+        out[name + "_stats"] = (bn.running_mean.abs().max().item(), (bn.running_var - 1).abs().max().item())
+        out[name + "_then"] = _try(lambda: dist.barrier(group))  # the group still works
+    # rank 0 raises in its own layer (a wrong input), catches it and goes on to the next step;
+    # rank 1 runs the step: the next exchange pairs rank 0's call 2 with rank 1's call 1
+    group = dist.new_group([0, 1])
+    bn = normlab.BatchNorm(6, process_group=group).double()
+    steps = []
+    for step in range(2):
+        bad = rank == 0 and step == 0
+        if rank == 1 and step == 1:
+            break
+        steps.append(_try(lambda: bn(torch.randn(4, 5 if bad else 6, 3, dtype=torch.float64))))
+    out["skipped"] = steps
+    return out
+
+
+def _all_empty_step() -> dict[str, Any]:
+    """One training step (forward and backward) of every synchronized norm where every rank
+    holds zero samples, and the same layer unsynchronized: buffers before and after."""
+    out = {}
+    for spec in sync_specs():
+        for sync in (True, False):
+            torch.manual_seed(0)
+            norm = normlab.make_norm(spec, C).double()
+            if sync:
+                norm = normlab.convert_sync(norm)
+            with torch.no_grad():
+                for b in norm.buffers():
+                    if b.is_floating_point():
+                        b.uniform_(0.5, 2.0)
+            before = {k: b.clone() for k, b in norm.named_buffers()}
+            x = torch.randn(0, C, HW, HW, dtype=torch.float64, requires_grad=True)
+            norm(x).sum().backward()
+            out[spec, sync] = (before, {k: b.clone() for k, b in norm.named_buffers()})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +306,9 @@ def test_one_collective_each_way_and_none_in_eval(ranks: list[dict[Any, Any]], s
                                                   split: str) -> None:
     for r in ranks:
         calls = r[spec, kind, split]["collectives"]
-        # per training step: one all_gather forward, one all_reduce backward (DDP's own
-        # gradient all-reduce runs in C++ and is not counted)
-        assert calls == ["all_gather", "all_reduce"] * STEPS, calls
+        # per training step: two all_gathers forward (the header, then the moments), one
+        # all_reduce backward (DDP's own gradient all-reduce runs in C++ and is not counted)
+        assert calls == ["all_gather", "all_gather", "all_reduce"] * STEPS, calls
         assert r[spec, kind, split]["eval_collectives"] == []
 
 
@@ -265,7 +325,7 @@ def test_synchronized_on_the_kernels_equals_one_process(ranks: list[dict[Any, An
     got = [r[spec, "conv", split, path] for r in ranks]
     _assert_training_matches(got, ref)
     for g in got:
-        assert g["collectives"] == ["all_gather", "all_reduce"] * STEPS, g["collectives"]
+        assert g["collectives"] == ["all_gather", "all_gather", "all_reduce"] * STEPS, g["collectives"]
 
 
 @pytest.mark.distributed
@@ -425,3 +485,48 @@ def test_study_grid_records_per_process_and_global_batch() -> None:
     cells = build_grid("digits", ["bn"], [4, 8], [0], epochs=1, base_lr=0.1, nproc=2, sync=True)
     assert [(c.batch_size, c.global_batch_size, c.nproc, c.sync) for c in cells] == [(4, 8, 2, True), (8, 16, 2, True)]
     assert cell_config(2, True).lr == cell_config(1, False).lr  # scaled by the global batch
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("case,what", [("channels", "6 statistics (channels) in torch.float64"),
+                                       ("dtype", "6 statistics (channels) in torch.float32")])
+def test_ranks_that_disagree_raise_the_same_clear_error(ranks: list[dict[Any, Any]], case: str, what: str) -> None:
+    """Different channel counts or dtypes across ranks: the same SyncMismatchError on every
+    rank (no abort in gloo: the worker pair finished), no running statistic moved, and the
+    group still usable."""
+    errors = [r["disagree"][case] for r in ranks]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("SyncMismatchError: normlab synchronized statistics: the processes of the group "
+                                "disagree"), errors[0]
+    assert what in errors[0] and "same model" in errors[0]
+    for r in ranks:
+        assert r["disagree"][case + "_stats"] == (0.0, 0.0)
+        assert r["disagree"][case + "_then"] == ""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_rank_that_skipped_a_step_is_caught_at_its_next_exchange(ranks: list[dict[Any, Any]]) -> None:
+    first, second = ranks[0]["disagree"]["skipped"]
+    assert first.startswith("ValueError: BatchNorm(6): expected 6 channels"), first  # its own error
+    (other,) = ranks[1]["disagree"]["skipped"]
+    assert second == other and "synchronized call 2" in other and "synchronized call 1" in other, (second, other)
+    assert other.startswith("SyncMismatchError") and "cannot rejoin" in other
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", sync_specs())
+def test_an_all_empty_synchronized_step_leaves_running_statistics_unchanged(ranks: list[dict[Any, Any]],
+                                                                            spec: str) -> None:
+    """As an unsynchronized empty batch does (float buffers bit-identical; the step is counted
+    in num_batches_tracked by both)."""
+    for r in ranks:
+        before, after = r["all_empty"][spec, True]
+        local_before, local_after = r["all_empty"][spec, False]
+        assert before.keys() == local_after.keys() and before, spec
+        for k in before:
+            assert torch.equal(after[k] - before[k], local_after[k] - local_before[k]), (spec, k)
+            if before[k].is_floating_point():
+                assert torch.equal(after[k], before[k]), (spec, k, after[k] - before[k])

@@ -77,6 +77,8 @@ class Norm(nn.Module):
     def check_input(self, x: Tensor) -> int:
         """Validate ``x`` and return the channel axis as a non-negative index."""
         who = self._describe()
+        if self._synchronized():  # counted before any error, so the other ranks notice a skipped step
+            distributed.begin_call(self.process_group)  # type: ignore[attr-defined]
         if not isinstance(x, Tensor):
             raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
