@@ -45,7 +45,10 @@ def test_roundtrip_every_field_and_duplicate_ignored(tmp_path: Path) -> None:
 def test_old_database_gains_new_config_columns(tmp_path: Path) -> None:
     db = tmp_path / "r.sqlite"
     con = sqlite3.connect(db)
-    con.execute("CREATE TABLE runs (key TEXT PRIMARY KEY, task TEXT)")  # a file from an older normlab
+    # a file from an older normlab (before the schema marker and some config fields): its two tables
+    con.execute("CREATE TABLE runs (key TEXT PRIMARY KEY, task TEXT, norm TEXT, batch_size INTEGER, seed INTEGER)")
+    con.execute("CREATE TABLE curves (key TEXT NOT NULL REFERENCES runs(key), point INTEGER NOT NULL, "
+                "epoch REAL, train_loss REAL, val_metric REAL, PRIMARY KEY (key, point))")
     con.commit()
     con.close()
     with Store(db) as s:

@@ -4,9 +4,12 @@ the work is in ``runner`` and ``report``)."""
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["add_subcommands", "cmd_study", "cmd_report"]
 
@@ -83,6 +86,28 @@ def _error(cmd: str, msg: str) -> int:
     return 2
 
 
+def _clear_errors(cmd: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """A database problem (``StoreError``) or a full, read-only or forbidden disk ends the
+    command with one ``normlab CMD: error: ...`` line naming the file, not a traceback."""
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            from .store import StoreError
+
+            try:
+                return fn(args)
+            except StoreError as err:
+                return _error(cmd, str(err))
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                return _error(cmd, f"cannot write {err.filename or 'a file'}: {err.strerror}; "
+                                   f"free some space or choose a writable folder")
+        return run
+    return wrap
+
+
+@_clear_errors("study")
 def cmd_study(args: argparse.Namespace) -> int:
     from .report import format_table, load_studies, table_caption, write_report
     from .runner import available_cores, build_grid, resolve_norms, run_grid
@@ -114,6 +139,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"normlab study: {note}", file=sys.stderr)
 
     with Store(args.db) as store:
+        store.open_for_writing()  # before training: a database that cannot be written fails now
         if args.fresh:
             store.delete(c.key() for c in cells)
         outcome = run_grid(cells, store, workers=min(workers, len(cells)), progress=not args.quiet)
@@ -133,6 +159,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
+@_clear_errors("report")
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 

@@ -15,6 +15,8 @@ import datetime
 import os
 import pickle
 import tempfile
+import threading
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from .config import CellConfig
     from .train import CellResult
 
-__all__ = ["rank_world", "parallel_model", "global_mean", "run_cell_multiprocess"]
+__all__ = ["rank_world", "parallel_model", "global_mean", "run_cell_multiprocess", "exit_with_parent", "is_gone"]
 
 
 def rank_world() -> tuple[int, int]:
@@ -81,3 +83,37 @@ def run_cell_multiprocess(config: "CellConfig") -> "CellResult":
         mp.start_processes(_worker, args=(config, folder), nprocs=config.nproc, start_method="spawn")
         with open(os.path.join(folder, "result.pkl"), "rb") as f:
             return pickle.load(f)
+
+
+def is_gone(pid: int) -> bool:
+    """True if process ``pid`` has ended, reaped or not: a zombie (dead, its exit status not
+    yet collected, e.g. while its caller still reads its pipes) counts as gone, although
+    ``os.kill(pid, 0)`` succeeds on it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's (pid reused): not ours to judge
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the field after "(command name)"
+        return state in (b"Z", b"X")
+    except (OSError, IndexError):  # no /proc (macOS): the parent-pid check below still holds
+        return False
+
+
+def exit_with_parent(pid: int, interval: float = 0.5) -> None:
+    """Worker initializer: leave (``os._exit``) within about ``interval`` seconds of the
+    study process ``pid`` ending (SIGKILL included, reaped or a zombie), or of this worker's
+    own parent (the forkserver) ending and this worker being adopted by another process.
+    A pool worker would otherwise wait for work forever, holding its caller's pipes open."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent or is_gone(pid):
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="normlab-exit-with-parent").start()

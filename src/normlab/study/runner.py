@@ -19,7 +19,8 @@ from typing import Callable, TextIO
 import torch
 
 from .config import CellConfig
-from .store import Store
+from .multiproc import exit_with_parent
+from .store import Store, StoreError
 from .tasks import Task
 from .train import CellResult, check_cell, run_cell
 
@@ -138,24 +139,6 @@ class Progress:
             self.stream.flush()
 
 
-def _exit_with(pid: int) -> None:
-    """Worker initializer: leave when the study process is gone (killed, SIGKILL included);
-    a forkserver worker would otherwise wait for work forever."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:  # alive, another user's (pid reused): keep going
-                pass
-
-    threading.Thread(target=watch, daemon=True, name="normlab-exit-with-parent").start()
-
-
 def _columns() -> int:
     import shutil
 
@@ -211,6 +194,8 @@ def run_grid(cells: list[CellConfig], store: Store, workers: int = 1, progress: 
                     bar.update([c])
                 try:
                     finish(c, execute_cell(c), None, todo[i + 1:i + 2])
+                except StoreError:
+                    raise  # the database, not the cell: stop (the command says why in one line)
                 except Exception as e:  # noqa: BLE001 (reported, the grid goes on)
                     finish(c, None, f"{type(e).__name__}: {e}", todo[i + 1:i + 2])
         else:
@@ -218,7 +203,7 @@ def run_grid(cells: list[CellConfig], store: Store, workers: int = 1, progress: 
             # workers fork from a server that has imported these once (torch._dynamo: torch's
             # is_compiling() imports it on first use, about a second per process)
             ctx.set_forkserver_preload(["normlab.study.train", "sklearn.datasets", "torch._dynamo"])
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with,
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
                                      initargs=(os.getpid(),)) as pool:
                 queue = list(reversed(todo))
                 flying: dict[Future, CellConfig] = {}
