@@ -237,11 +237,15 @@ def online_norm(
     that stop-gradient derivative. The backward is once-differentiable.
 
     Eval (``training=False``): ``y = (x - mu) / sqrt(sigma2 + eps)`` with the streamed
-    statistics, nothing updated, plain autograd.
+    statistics, nothing updated, plain autograd. The output has the input's dtype. An input
+    with no values (no sample, or no position) streams nothing: the output is empty and every
+    buffer stays as it was.
     """
     if ecm not in ECMS:
         raise ValueError(f"online_norm: ecm must be 'ls', 'ac' or None, got {ecm!r}")
     cd = channel_axis(x.ndim, channel_dim)
+    if x.numel() == 0:  # no sample, or no position: nothing to stream, the statistics stay as they are
+        return affine(x, weight, bias, cd).to(x.dtype)
     if training:
         if control_u is None or control_v is None:
             raise ValueError("online_norm: training needs the control buffers control_u and control_v")
@@ -257,7 +261,7 @@ def online_norm(
         work = torch.promote_types(_moments.accumulation_dtype(x.dtype), stream_mean.dtype)
         mean = per_channel(stream_mean, x.ndim, cd).to(work)
         rstd = torch.rsqrt(per_channel(stream_var, x.ndim, cd).to(work) + eps)
-        z = affine(((x.to(work) - mean) * rstd).to(x.dtype), weight, bias, cd)
+        z = affine(((x.to(work) - mean) * rstd).to(x.dtype), weight, bias, cd).to(x.dtype)  # (float32 weight)
     if ecm == "ls":
         return layer_scaling(z, ls_eps)
     if ecm == "ac":

@@ -17,6 +17,9 @@ from .. import _moments, distributed
 from .._layout import channel_axis, stat_dims
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class Norm(nn.Module):
     """Base class of normlab's normalization layers.
 
@@ -83,6 +86,7 @@ class Norm(nn.Module):
             raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{who}: expected a floating-point input, got dtype {x.dtype}")
+        self._check_dtype(x, who)
         need = 2 + self.min_spatial
         if x.ndim < need:
             layout = "(N, C" + ", L" * self.min_spatial + ", ...)"
@@ -113,6 +117,18 @@ class Norm(nn.Module):
         if self.check_finite and not torch.isfinite(x).all():
             raise ValueError(f"{who}: input holds NaN or Inf values (check_finite=True)")
         return cd
+
+    def _check_dtype(self, x: Tensor, who: str) -> None:
+        """torch's rule, at every input size: the input's dtype is the layer's (that of its
+        floating parameters and buffers), or float16/bfloat16 into a float32 layer (mixed
+        precision). Anything else is refused before any state changes."""
+        for t in (*self._parameters.values(), *self._buffers.values()):
+            if t is not None and t.is_floating_point():
+                if x.dtype != t.dtype and not (t.dtype == torch.float32 and x.dtype in _HALF):
+                    raise TypeError(f"{who}: input dtype {x.dtype} does not match the layer's {t.dtype} parameters "
+                                    f"and buffers; convert the input (x.to({t.dtype})) or the layer "
+                                    f"(layer.to({x.dtype})); float16/bfloat16 input is accepted by a float32 layer")
+                return
 
     def _uses_batch_stats(self) -> bool:
         """Whether this call computes statistics from the input (so they must be defined)."""
