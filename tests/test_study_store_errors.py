@@ -59,14 +59,19 @@ def _one_error_line(capsys: pytest.CaptureFixture[str], cmd: str, path: Path) ->
     return err
 
 
-def _foreign(path: Path) -> Path:
-    """Another program's SQLite database, with a table called runs."""
+def _sql(path: Path, *statements: str) -> Path:
+    """Run SQL on a file directly (as another program, or a hand edit, would)."""
     con = sqlite3.connect(path)
-    con.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
-    con.execute("INSERT INTO runs (name) VALUES ('theirs')")
+    for statement in statements:
+        con.execute(statement)
     con.commit()
     con.close()
     return path
+
+
+def _foreign(path: Path) -> Path:
+    """Another program's SQLite database, with a table called runs."""
+    return _sql(path, "CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)", "INSERT INTO runs (name) VALUES ('x')")
 
 
 def _text_file(path: Path) -> Path:
@@ -75,20 +80,12 @@ def _text_file(path: Path) -> Path:
 
 
 def _newer_schema(path: Path) -> Path:
-    _normlab_db(path)
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA user_version = 99")
-    con.execute("PRAGMA journal_mode=DELETE")  # (a WAL file read by any reader leaves -wal/-shm beside it)
-    con.close()
-    return path
+    # (DELETE journal: a WAL file read by any reader leaves -wal/-shm beside it)
+    return _sql(_normlab_db(path), "PRAGMA user_version = 99", "PRAGMA journal_mode=DELETE")
 
 
 def _other_app_id(path: Path) -> Path:
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA application_id = 1234")
-    con.execute("CREATE TABLE t (x)")
-    con.close()
-    return path
+    return _sql(path, "PRAGMA application_id = 1234", "CREATE TABLE t (x)")
 
 
 @pytest.mark.parametrize("cmd", ["study", "report"])
@@ -118,10 +115,7 @@ def test_a_folder_as_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_a_corrupt_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = _normlab_db(tmp_path / "r.sqlite", n=30)
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA journal_mode=DELETE")  # everything in the main file
-    con.close()
+    db = _sql(_normlab_db(tmp_path / "r.sqlite", n=30), "PRAGMA journal_mode=DELETE")  # all in the main file
     data = bytearray(db.read_bytes())
     page = 4096 if len(data) > 8192 else 1024
     data[page + 8:2 * page] = b"\xa5" * (page - 8)  # the second page's cells: garbage
@@ -132,10 +126,7 @@ def test_a_corrupt_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_report_opens_read_only_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = _normlab_db(tmp_path / "r.sqlite")
-    con = sqlite3.connect(db)
-    assert con.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
-    con.close()
+    db = _sql(_normlab_db(tmp_path / "r.sqlite"), "PRAGMA journal_mode=DELETE")
     before = _digest(db)
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep")]) == 0
     assert _digest(db) == before  # the header's journal mode (bytes 18-19) included
@@ -162,10 +153,7 @@ def _read_only_connect(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_read_only_database_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch, no_training: None,
                                                    real: bool) -> None:
-    db = _normlab_db(tmp_path / "r.sqlite")
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA journal_mode=DELETE")
-    con.close()
+    db = _sql(_normlab_db(tmp_path / "r.sqlite"), "PRAGMA journal_mode=DELETE")
     if real:
         if os.geteuid() == 0:
             pytest.skip("root writes to a mode-444 file")
@@ -214,7 +202,7 @@ def test_odd_rows_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
                                message: str) -> None:
     db = _normlab_db(tmp_path / "r.sqlite")
     con = sqlite3.connect(db)
-    con.execute(f"UPDATE runs SET {column} = ? WHERE rowid = 2", (value,))
+    con.execute(f"UPDATE runs SET {column} = ? WHERE rowid = 2", (value,))  # (a value: not through _sql)
     con.commit()
     con.close()
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep")]) == 2
