@@ -1,133 +1,18 @@
-"""Work on whole models: swap every norm for another spec, fold batch norm into the
-preceding convolution or linear layer for inference, recompute running statistics."""
+"""Work on whole models: swap every norm for another spec (``convert``, ``freeze``,
+``unfreeze``, ``inspect``: in :mod:`normlab.swap`), fold batch norm into the preceding
+convolution or linear layer for inference, recompute running statistics, synchronize."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .layers.base import BatchStatNorm, Norm
-from .registry import make_norm, parse_spec
+from .swap import carry_state, convert, freeze, inspect, unfreeze
 
-__all__ = ["convert", "convert_sync", "fold_batchnorm", "recalibrate", "norm_signature"]
-
-_TORCH_CHANNEL_FIRST = (
-    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones
-    nn.modules.instancenorm._InstanceNorm,
-)
-
-
-def norm_signature(module: nn.Module) -> tuple[int, int, float | None] | None:
-    """``(num_features, channel_dim, eps)`` of a normalization layer, or None if ``module``
-    is not one that ``convert`` can map (a LayerNorm over two or more trailing axes, say)."""
-    if isinstance(module, Norm):
-        return module.num_features, module.channel_dim, module.eps
-    if isinstance(module, _TORCH_CHANNEL_FIRST):
-        return module.num_features, 1, module.eps
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels, 1, module.eps
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        if len(module.normalized_shape) != 1:
-            return None
-        return module.normalized_shape[0], -1, module.eps
-    return None
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (Norm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm) + _TORCH_CHANNEL_FIRST)
-
-
-@torch.no_grad()
-def _carry_state(old: nn.Module, new: nn.Module, copy_affine: bool) -> None:
-    """Copy affine parameters and running statistics where both layers have them, same shape."""
-    names = ["running_mean", "running_var", "num_batches_tracked"]
-    if copy_affine:
-        names = ["weight", "bias"] + names
-    for name in names:
-        src, dst = getattr(old, name, None), getattr(new, name, None)
-        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
-            dst.copy_(src)
-
-
-def _replacement(old: nn.Module, spec: str, path: str, copy_affine: bool) -> nn.Module | None:
-    sig = norm_signature(old)
-    if sig is None:
-        warnings.warn(f"normlab.convert: left {path or 'the model'} ({old!r}) in place: "
-                      f"it normalizes over more than one trailing axis, which no spec maps to", stacklevel=3)
-        return None
-    num_features, channel_dim, eps = sig
-    entry, _ = parse_spec(spec)
-    kwargs: dict[str, Any] = {"channel_dim": channel_dim}
-    if eps is not None:
-        kwargs["eps"] = eps
-    elif entry.name in ("rms", "rmsc"):
-        kwargs["eps"] = None  # torch.nn.RMSNorm's eps=None: the dtype's machine epsilon
-    new = make_norm(spec, num_features, **kwargs)
-    ref = next(iter(old.parameters()), None)
-    if ref is None:
-        ref = next(iter(old.buffers()), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    _carry_state(old, new, copy_affine)
-    new.train(old.training)
-    return new
-
-
-def convert(model: nn.Module, spec: str, copy_affine: bool = True) -> nn.Module:
-    """Replace every normalization layer in ``model`` with ``make_norm(spec, C)``.
-
-    Recognized: torch's ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``InstanceNorm1d/2d/3d``,
-    ``GroupNorm``, ``LayerNorm`` and ``RMSNorm`` over one trailing axis (mapped as
-    ``channel_dim=-1`` layers), and normlab's own layers. Each new layer keeps the old one's
-    channel axis and eps (torch's ``eps=None`` included, for RMS targets), its affine
-    parameters when ``copy_affine`` and the shapes agree, its running statistics when both
-    have them, its device, dtype and train/eval mode. A norm that cannot be mapped is left
-    in place with a warning that names it. Returns the model (the new layer if ``model``
-    itself is a norm).
-    """
-    parse_spec(spec)  # fail fast on an unknown spec, before touching the model
-    if _is_norm(model):
-        new = _replacement(model, spec, "", copy_affine)
-        return model if new is None else new
-    for path, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if _is_norm(child):
-                new = _replacement(child, spec, f"{path}.{name}" if path else name, copy_affine)
-                if new is not None:
-                    setattr(parent, name, new)
-    _keep_transformers_on_their_norms(model)
-    return model
-
-
-def _no_fast_path(module: nn.Module, args: Any) -> None:
-    """A no-op forward pre-hook; its presence turns off torch's transformer fast path."""
-    return None
-
-
-def _keep_transformers_on_their_norms(model: nn.Module) -> None:
-    """Make torch's transformer encoder layers call their (converted) norms.
-
-    In eval under ``no_grad``, ``nn.TransformerEncoderLayer`` runs a fused kernel that
-    applies a layer norm with ``norm1.weight``/``bias`` and never calls ``norm1``: after a
-    conversion to ``bn`` it would silently compute layer norm, and to ``rmsc`` (no bias) it
-    fails. A forward pre-hook is the per-layer switch torch offers to skip that kernel; the
-    encoder's nested-tensor path (which feeds the layers nested tensors) is turned off too.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and not all(
-            type(n) is nn.LayerNorm for n in (m.norm1, m.norm2)
-        ):
-            if _no_fast_path not in m._forward_pre_hooks.values():
-                m.register_forward_pre_hook(_no_fast_path)
-    for m in model.modules():  # after the layers: an encoder comes before them in modules()
-        if isinstance(m, nn.TransformerEncoder) and any(
-            _no_fast_path in layer._forward_pre_hooks.values() for layer in m.layers
-        ):
-            m.use_nested_tensor = False
-
+__all__ = ["convert", "convert_sync", "fold_batchnorm", "freeze", "inspect", "recalibrate", "unfreeze"]
 
 # ------------------------------------------------------------------------- folding
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -135,11 +20,11 @@ _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 def _bn_stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """Running (mean, var, eps) of a channel-first batch norm that eval would use, or None."""
-    from .layers.batch import BatchNorm
+    from .layers import BatchNorm, FrozenBatchNorm
 
-    if isinstance(bn, BatchNorm) and bn.channel_dim not in (1, -1):
+    if isinstance(bn, (BatchNorm, FrozenBatchNorm)) and bn.channel_dim not in (1, -1):
         return None
-    if not isinstance(bn, (BatchNorm, nn.modules.batchnorm._BatchNorm)):
+    if not isinstance(bn, (BatchNorm, FrozenBatchNorm, nn.modules.batchnorm._BatchNorm)):
         return None
     if bn.running_mean is None or bn.running_var is None:
         return None
@@ -286,7 +171,7 @@ def _sync_batchnorm(old: nn.modules.batchnorm._BatchNorm, process_group: Any) ->
         ref = next(iter(old.buffers()), None)
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)
-    _carry_state(old, new, copy_affine=True)
+    carry_state(old, new)
     new.train(old.training)
     return new
 
