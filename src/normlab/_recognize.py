@@ -57,6 +57,12 @@ class FoundNorm:
     act: nn.Module | None = None
     drop: nn.Module | None = None
     problem: str | None = None
+    inner: nn.Module | None = None  # the norm inside ``module`` when that is a wrapper (NormAct)
+
+    @property
+    def state(self) -> nn.Module:
+        """The module holding the parameters and running statistics."""
+        return self.inner if self.inner is not None else self.module
 
     @property
     def layout(self) -> str:
@@ -92,7 +98,7 @@ def recognize(module: nn.Module, path: str = "") -> FoundNorm | None:
         inner = recognize(module.norm, path)
         if inner is None:
             return None
-        inner.module, inner.act, inner.drop = module, module.act, module.drop
+        inner.module, inner.inner, inner.act, inner.drop = module, module.norm, module.act, module.drop
         return inner
     if isinstance(module, L.Norm):
         return _normlab(module, path)

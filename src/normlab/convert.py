@@ -9,6 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ._recognize import FoundNorm, find_norms
+from .layers import NormAct
 from .layers.base import BatchStatNorm, Norm
 from .swap import carry_state, convert, freeze, inspect, unfreeze
 
@@ -18,37 +20,38 @@ __all__ = ["convert", "convert_sync", "fold_batchnorm", "freeze", "inspect", "re
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _bn_stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """Running (mean, var, eps) of a channel-first batch norm that eval would use, or None."""
-    from .layers import BatchNorm, FrozenBatchNorm
+def _foldable_norms(model: nn.Module) -> dict[int, FoundNorm]:
+    """id -> the norms of ``model`` whose eval is batch norm's expression of fixed running
+    statistics (batch norms of torch, normlab and timm, frozen batch norms), channel-first
+    or channel-last."""
+    out = {}
+    for f in find_norms(model):
+        bn = f.state
+        if (f.problem is None and f.kind in ("bn", "frozenbn") and f.channel_dim in (1, -1)
+                and getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None):
+            out[id(f.module)] = f
+    return out
 
-    if isinstance(bn, (BatchNorm, FrozenBatchNorm)) and bn.channel_dim not in (1, -1):
-        return None
-    if not isinstance(bn, (BatchNorm, FrozenBatchNorm, nn.modules.batchnorm._BatchNorm)):
-        return None
-    if bn.running_mean is None or bn.running_var is None:
-        return None
-    return bn.running_mean, bn.running_var, bn.eps
 
-
-def _fits(layer: nn.Module, bn: nn.Module) -> bool:
+def _fits(layer: nn.Module, f: FoundNorm) -> bool:
     """The norm's channels are the layer's output channels: axis 1 of a convolution's
     output, the last axis of a linear layer's (axis 1 too when that output is (N, C))."""
-    if bn.running_mean.shape[0] != layer.weight.shape[0]:
+    if f.num_features != layer.weight.shape[0]:
         return False
-    return getattr(bn, "channel_dim", 1) == 1 or isinstance(layer, nn.Linear)
+    return f.channel_dim == 1 or isinstance(layer, nn.Linear)
 
 
-def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _foldable_pairs(model: nn.Module, norms: dict[int, FoundNorm]) -> list[tuple[str, str]]:
     """(layer, norm) module paths where the norm's only input is the layer's output and the
     layer's output goes nowhere else; found by tracing, else from ``nn.Sequential`` order."""
     try:
         import torch.fx
 
         class _Tracer(torch.fx.Tracer):
-            # normlab's layers validate inputs with Python branches: keep them opaque, as torch's
+            # normlab's layers validate inputs with Python branches, and other libraries' norms
+            # (timm's BatchNormAct2d) are norms too: keep them opaque, as torch's
             def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-                return isinstance(m, Norm) or super().is_leaf_module(m, qualname)
+                return isinstance(m, Norm) or id(m) in norms or super().is_leaf_module(m, qualname)
 
         graph = _Tracer().trace(model)
     except Exception:  # untraceable (data-dependent control flow): fall back to Sequentials
@@ -57,14 +60,14 @@ def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
             if isinstance(mod, nn.Sequential):
                 kids = list(mod.named_children())
                 for (a, la), (b, lb) in zip(kids, kids[1:]):
-                    if isinstance(la, _FOLDABLE) and _bn_stats(lb) is not None and _fits(la, lb):
+                    if isinstance(la, _FOLDABLE) and id(lb) in norms and _fits(la, norms[id(lb)]):
                         pre = f"{path}." if path else ""
                         pairs.append((pre + a, pre + b))
         return pairs
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or _bn_stats(modules[node.target]) is None:
+        if node.op != "call_module" or id(modules[node.target]) not in norms:
             continue
         src = node.args[0] if node.args else None
         if (
@@ -72,7 +75,7 @@ def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and src.op == "call_module"
             and isinstance(modules[src.target], _FOLDABLE)
             and len(src.users) == 1
-            and _fits(modules[src.target], modules[node.target])
+            and _fits(modules[src.target], norms[id(modules[node.target])])
         ):
             pairs.append((src.target, node.target))
     return pairs
@@ -84,20 +87,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     With s = weight / sqrt(running_var + eps), the pair becomes one layer with
     ``W' = W * s`` (per output channel) and ``b' = (b - running_mean) * s + bias``
-    (Ioffe & Szegedy 2015, Algorithm 2), and the norm is replaced by ``nn.Identity``. Only
-    norms that use running statistics in eval are folded; call ``model.eval()`` first, as
-    the folded model is an inference model. Returns the model, changed in place.
+    (Ioffe & Szegedy 2015, Algorithm 2), and the norm is replaced by ``nn.Identity`` (by
+    its own dropout and activation, for timm's ``BatchNormAct2d`` and normlab's
+    ``NormAct``). Only norms that use running statistics in eval are folded (batch norms,
+    frozen batch norms); call ``model.eval()`` first, as the folded model is an inference
+    model. Returns the model, changed in place.
     """
     if model.training:
         raise ValueError("fold_batchnorm: call model.eval() first; folding bakes in the running statistics")
     modules = dict(model.named_modules())
-    for layer_path, bn_path in _foldable_pairs(model):
-        layer, bn = modules[layer_path], modules[bn_path]
-        mean, var, eps = _bn_stats(bn)  # type: ignore[misc]
-        scale = torch.rsqrt(var + eps)
+    norms = _foldable_norms(model)
+    for layer_path, bn_path in _foldable_pairs(model, norms):
+        layer, f = modules[layer_path], norms[id(modules[bn_path])]
+        bn = f.state
+        scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight
-        shift = -mean * scale
+        shift = -bn.running_mean * scale
         if bn.bias is not None:
             shift = shift + bn.bias
         w = layer.weight
@@ -107,7 +113,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         else:
             layer.bias.copy_(layer.bias * scale + shift)
         parent_path, _, name = bn_path.rpartition(".")
-        setattr(modules[parent_path] if parent_path else model, name, nn.Identity())
+        rest = nn.Identity() if f.act is None and f.drop is None else NormAct(nn.Identity(), f.drop, f.act)
+        setattr(modules[parent_path] if parent_path else model, name, rest)
     return model
 
 

@@ -85,9 +85,9 @@ def _build(f: FoundNorm, spec: str, copy_affine: bool, fallback: tuple[torch.dty
         wanted.update({k: f.options[k] for k in ("momentum", "track_running_stats") if k in f.options})
     cls = type(make_norm(spec, f.num_features, **base))
     new = make_norm(spec, f.num_features, **base, **{k: v for k, v in wanted.items() if _accepts(cls, k)})
-    dtype, device = _dtype_device(f.module, fallback)
+    dtype, device = _dtype_device(f.state, fallback)
     new = new.to(device=device, dtype=dtype)
-    carry_state(f.module, new, copy_affine, stats)
+    carry_state(f.state, new, copy_affine, stats)
     new.train(f.module.training)
     if f.act is not None or f.drop is not None:
         new = NormAct(new, f.drop, f.act).train(f.module.training)
