@@ -26,14 +26,15 @@ def _images(n: int = 4, size: int = 32) -> Callable[[], tuple]:
 
 
 def tv_resnet():
-    tvm = _models.torchvision_models()
+    _models.torchvision_models()
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4), _images()
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4), _images(size=16)
 
 
 def tv_mobilenet_v3():
-    return _models.torchvision_models().mobilenet_v3_small(num_classes=4), _images(size=16)
+    # its BatchNorm2d layers use momentum 0.01 and eps 0.001
+    return _models.torchvision_models().mobilenet_v3_small(num_classes=4, width_mult=0.5), _images(size=16)
 
 
 def timm_model(name: str, size: int = 32, **kw) -> Factory:
@@ -76,7 +77,7 @@ def hf_llama():
 
 
 CNNS = [tv_resnet, tv_mobilenet_v3, timm_model("resnet10t"), timm_model("mobilenetv3_small_050", size=16)]
-CHANNEL_NORMED = [timm_model("convnext_atto"), timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
+CHANNEL_NORMED = [timm_model("convnext_atto", depths=(1, 1, 1, 1)), timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
                   hf_bert, hf_llama]
 # (model, the kinds convert must find in it)
 KINDS = {"tv_resnet": {"bn"}, "tv_mobilenet_v3": {"bn"}, "timm_resnet10t": {"bn"},

@@ -113,16 +113,30 @@ def _affine_options(m: nn.Module, affine: bool) -> dict[str, Any]:
     return {"affine": affine, "bias": not affine or getattr(m, "bias", None) is not None}
 
 
+_NOT_OPTIONS = {"self", "num_features", "eps", "channel_dim", "device", "dtype", "num_groups"}
+
+
+def _constructor_options(m: nn.Module) -> dict[str, Any]:
+    """Every keyword of ``type(m)``'s constructor chain that ``m`` keeps as an attribute of
+    that name (``r_max``, ``warmup_steps``, ``alpha_fwd``, ``process_group``, ...)."""
+    import inspect
+
+    opts: dict[str, Any] = {}
+    for klass in type(m).__mro__:
+        if "__init__" in vars(klass) and issubclass(klass, L.Norm):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if name not in _NOT_OPTIONS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and hasattr(m, name):
+                    opts.setdefault(name, getattr(m, name))
+    return opts
+
+
 def _normlab(m: L.Norm, path: str) -> FoundNorm:
     kind = _NORMLAB_KINDS.get(type(m), type(m).__name__)
     if kind == "gn":
         kind = f"gn:{m.num_groups}"
-    opts = _affine_options(m, m.affine)
+    opts = {**_constructor_options(m), **_affine_options(m, m.affine)}
     if not m.has_bias:
         opts.pop("bias")
-    for k in ("momentum", "track_running_stats"):
-        if hasattr(m, k):
-            opts[k] = getattr(m, k)
     return FoundNorm(path, m, kind, m.num_features, m.channel_dim, m.eps, opts)
 
 

@@ -25,6 +25,7 @@ __all__ = ["convert", "freeze", "unfreeze", "inspect", "NormReport"]
 # track_running_stats) travel only between its members
 _STATS_FAMILY = {"bn": "batch", "brn": "batch", "mobn": "batch", "bin": "batch", "sn": "batch",
                  "frozenbn": "batch", "in": "instance"}
+_STATS_OPTIONS = ("momentum", "track_running_stats")
 _FREEZABLE = ("bn", "brn")  # norms whose eval is batch norm's expression of the running statistics
 
 
@@ -60,6 +61,9 @@ def carry_state(old: nn.Module, new: nn.Module, copy_affine: bool = True, stats:
     names = ["weight", "bias"] if copy_affine else []
     if stats:
         names += ["running_mean", "running_var", "num_batches_tracked"]
+    if type(old) is type(new):  # a layer of its own kind: all of its state (rho, mixing weights, ...)
+        own = [k for k, _ in list(old.named_parameters(recurse=False)) + list(old.named_buffers(recurse=False))]
+        names += [k for k in own if k not in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
     for name in names:
         src, dst = getattr(old, name, None), getattr(new, name, None)
         if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
@@ -78,11 +82,9 @@ def _build(f: FoundNorm, spec: str, copy_affine: bool, fallback: tuple[torch.dty
     elif entry.name in ("rms", "rmsc"):
         base["eps"] = None  # torch.nn.RMSNorm's eps=None: the dtype's machine epsilon
     stats = _family(f.kind) is not None and _family(f.kind) == _family(entry.name)
-    wanted = {k: v for k, v in f.options.items() if k in ("affine", "bias")}
+    wanted = {k: v for k, v in f.options.items() if stats or k not in _STATS_OPTIONS}
     if wanted.get("bias", False):
         wanted.pop("bias")  # a layer with a bias, or one that has no notion of it: the target's default
-    if stats:
-        wanted.update({k: f.options[k] for k in ("momentum", "track_running_stats") if k in f.options})
     cls = type(make_norm(spec, f.num_features, **base))
     new = make_norm(spec, f.num_features, **base, **{k: v for k, v in wanted.items() if _accepts(cls, k)})
     dtype, device = _dtype_device(f.state, fallback)
@@ -124,7 +126,7 @@ def _swap(model: nn.Module, built: dict[int, nn.Module], left: list[FoundNorm], 
     if id(model) in built:
         return built[id(model)]
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # every name, a shared module's too
             if id(child) in built:
                 setattr(parent, name, built[id(child)])
     _keep_transformers_on_their_norms(model)
