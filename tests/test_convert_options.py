@@ -259,3 +259,10 @@ def test_convert_sees_through_normact():
     normlab.convert(model, "gn:4")
     normlab.convert(model, "bn")  # NormAct(GroupNorm) -> NormAct(BatchNorm), not nested
     assert isinstance(model[1], normlab.NormAct) and isinstance(model[1].norm, normlab.BatchNorm)
+
+
+def test_convert_sync_keeps_the_activation_of_a_batchnorm_act():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), BatchNormAct(8))
+    normlab.convert_sync(model)
+    assert isinstance(model[1], normlab.NormAct) and isinstance(model[1].act, nn.SiLU)
+    assert model[1].norm.process_group is not None

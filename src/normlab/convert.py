@@ -12,7 +12,7 @@ from torch import nn
 from ._recognize import FoundNorm, find_norms
 from .layers import NormAct
 from .layers.base import BatchStatNorm, Norm
-from .swap import carry_state, convert, freeze, inspect, unfreeze
+from .swap import convert, freeze, inspect, plan, swap, unfreeze
 
 __all__ = ["convert", "convert_sync", "fold_batchnorm", "freeze", "inspect", "recalibrate", "unfreeze"]
 
@@ -164,32 +164,14 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
 
 
 # ------------------------------------------------------------------ synchronization
-def _sync_batchnorm(old: nn.modules.batchnorm._BatchNorm, process_group: Any) -> nn.Module:
-    """A normlab ``BatchNorm`` with ``old``'s settings, state, device, dtype and mode, synchronized."""
-    from .layers.batch import BatchNorm
-
-    if isinstance(old, nn.modules.lazy.LazyModuleMixin) and old.has_uninitialized_params():
-        raise ValueError(f"normlab.convert_sync: {old!r} is a lazy batch norm not yet initialized; "
-                         f"run one forward pass (or give num_features) before converting")
-    new = BatchNorm(old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-                    track_running_stats=old.track_running_stats, process_group=process_group)
-    ref = next(iter(old.parameters()), None)
-    if ref is None:
-        ref = next(iter(old.buffers()), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    carry_state(old, new)
-    new.train(old.training)
-    return new
-
-
 def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
     """Synchronize the batch statistics of every batch-statistic norm in ``model`` over a group.
 
     normlab layers that take a ``process_group`` (batch norm, mean-only batch norm, batch
     renorm, batch-instance norm, switchable norm) get it set; torch's ``BatchNorm1d/2d/3d``
-    and ``SyncBatchNorm`` are replaced by a synchronized :class:`normlab.BatchNorm` with the
-    same eps, momentum, affine parameters, running statistics, device, dtype and mode.
+    and ``SyncBatchNorm`` (timm's ``BatchNormAct2d`` too, keeping its activation) are replaced
+    by a synchronized :class:`normlab.BatchNorm` with every option and state carried, as
+    :func:`convert` does, all or nothing.
     ``process_group=None`` means torch's default group, looked up at each call (so the model
     may be converted before ``torch.distributed.init_process_group``). Training then
     all-reduces the moments over the group; eval never communicates. Convert before wrapping
@@ -200,12 +182,13 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
 
     group = WORLD if process_group is None else process_group
     resolve_group(group)  # reject a bad value before touching the model
-    if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        return _sync_batchnorm(model, group)
-    for module in list(model.modules()):
+    who = "normlab.convert_sync"
+    foreign_bn = lambda f: f.kind == "bn" and not isinstance(f.state, Norm)  # noqa: E731
+    built, left = plan(model, "bn", True, foreign_bn, who, process_group=group)
+    if left:  # a batch norm left unsynchronized would silently compute local statistics
+        raise ValueError(f"{who}: cannot synchronize " + "; ".join(
+            f"{f.path or '(the model itself)'} ({f.module!r}): {f.problem}" for f in left))
+    for module in model.modules():
         if isinstance(module, BatchStatNorm):
             module.process_group = group
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(module, name, _sync_batchnorm(child, group))
-    return model
+    return swap(model, built, [], who)

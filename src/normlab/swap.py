@@ -96,7 +96,7 @@ def _build(f: FoundNorm, spec: str, copy_affine: bool, fallback: tuple[torch.dty
     return new
 
 
-def _plan(model: nn.Module, spec: str, copy_affine: bool, select: Callable[[FoundNorm], bool],
+def plan(model: nn.Module, spec: str, copy_affine: bool, select: Callable[[FoundNorm], bool],
           who: str, **extra: Any) -> tuple[dict[int, nn.Module], list[FoundNorm]]:
     """Build every replacement (id of the old module -> new module); raise one error naming
     every one that fails, before anything is changed. Also returns the norms left alone
@@ -119,7 +119,7 @@ def _plan(model: nn.Module, spec: str, copy_affine: bool, select: Callable[[Foun
     return built, [f for f in found if f.problem is not None]
 
 
-def _swap(model: nn.Module, built: dict[int, nn.Module], left: list[FoundNorm], who: str) -> nn.Module:
+def swap(model: nn.Module, built: dict[int, nn.Module], left: list[FoundNorm], who: str) -> nn.Module:
     if left:
         warnings.warn(f"{who}: {len(left)} norm layer(s) cannot be mapped: " + "; ".join(
             f"left {f.path or '(the model itself)'} ({f.module!r}) in place: {f.problem}" for f in left), stacklevel=3)
@@ -153,8 +153,8 @@ def convert(model: nn.Module, spec: str, copy_affine: bool = True) -> nn.Module:
     why, and the model is unchanged. Norms that cannot be mapped are left in place and
     named in one warning. Returns the model (the new layer if ``model`` itself is a norm).
     """
-    built, left = _plan(model, spec, copy_affine, lambda f: True, "normlab.convert")
-    return _swap(model, built, left, "normlab.convert")
+    built, left = plan(model, spec, copy_affine, lambda f: True, "normlab.convert")
+    return swap(model, built, left, "normlab.convert")
 
 
 def _kinds(spec: str) -> set[str]:
@@ -174,8 +174,8 @@ def freeze(model: nn.Module, spec: str = "bn") -> nn.Module:
         raise ValueError(f"normlab.freeze: spec {spec!r}: only norms whose eval uses the running statistics alone "
                          f"can be frozen ({', '.join(_FREEZABLE)}), got {sorted(bad) or 'nothing'}")
     select = lambda f: f.kind in kinds  # noqa: E731
-    built, left = _plan(model, "frozenbn", True, select, "normlab.freeze")
-    return _swap(model, built, left, "normlab.freeze")
+    built, left = plan(model, "frozenbn", True, select, "normlab.freeze")
+    return swap(model, built, left, "normlab.freeze")
 
 
 def unfreeze(model: nn.Module, spec: str = "bn") -> nn.Module:
@@ -183,8 +183,8 @@ def unfreeze(model: nn.Module, spec: str = "bn") -> nn.Module:
     ``FrozenBatchNorm2d``/``FrozenBatchNormAct2d``) with ``spec`` (batch norm by default),
     carrying its running statistics and affine map (now trainable parameters). All or
     nothing, as :func:`convert`. Returns the model (the new layer if ``model`` is one)."""
-    built, left = _plan(model, spec, True, lambda f: f.kind == "frozenbn", "normlab.unfreeze")
-    return _swap(model, built, left, "normlab.unfreeze")
+    built, left = plan(model, spec, True, lambda f: f.kind == "frozenbn", "normlab.unfreeze")
+    return swap(model, built, left, "normlab.unfreeze")
 
 
 @dataclass(frozen=True)
