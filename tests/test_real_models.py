@@ -276,3 +276,67 @@ def test_timm_batchnormact_to_gn_keeps_activation_and_drop():
     model.eval()
     ref = nn.functional.silu(nn.functional.group_norm(x, 8, layer.weight, layer.bias, layer.eps))
     torch.testing.assert_close(model(x), ref)
+
+
+def _timm_layer(name: str, *args, **kw):
+    def make():
+        _models.timm()
+        import timm.layers as tl
+
+        return getattr(tl, name)(*args, **kw)
+
+    make.__name__ = name
+    return make
+
+
+def _hf_layer(module: str, name: str):
+    def make():
+        _models.transformers()
+        import importlib
+
+        return getattr(importlib.import_module(f"transformers.models.{module}"), name)(8, eps=1e-5)
+
+    make.__name__ = name
+    return make
+
+
+# (layer, kind, channel axis, input shape, has an activation)
+LAYERS = [
+    (_timm_layer("LayerNorm2d", 8), "lnc", 1, (2, 8, 3, 3), False),
+    (_timm_layer("LayerNorm", 8), "lnc", -1, (2, 3, 8), False),
+    (_timm_layer("RmsNorm", 8), "rmsc", -1, (2, 3, 8), False),
+    (_timm_layer("RmsNorm2d", 8), "rmsc", 1, (2, 8, 3, 3), False),
+    (_timm_layer("BatchNormAct2d", 8, act_layer=nn.GELU), "bn", 1, (4, 8, 3, 3), True),
+    (_timm_layer("GroupNormAct", 8, num_groups=2, act_layer=nn.SiLU), "gn:2", 1, (2, 8, 3, 3), True),
+    (_timm_layer("LayerNormAct", 8, act_layer=nn.ReLU), "lnc", -1, (2, 3, 8), True),
+    (_timm_layer("LayerNormAct2d", 8, act_layer=nn.ReLU), "lnc", 1, (2, 8, 3, 3), True),
+    (_timm_layer("FrozenBatchNormAct2d", 8, act_layer=nn.ReLU), "frozenbn", 1, (2, 8, 3, 3), True),
+    (_hf_layer("llama.modeling_llama", "LlamaRMSNorm"), "rmsc", -1, (2, 3, 8), False),
+    (_hf_layer("t5.modeling_t5", "T5LayerNorm"), "rmsc", -1, (2, 3, 8), False),
+]
+
+
+@pytest.mark.parametrize("make,kind,channel_dim,shape,has_act", LAYERS, ids=lambda v: getattr(v, "__name__", None))
+def test_library_norm_layers_recognised_and_converted_to_their_kind(make, kind, channel_dim, shape, has_act):
+    layer = make()
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                t.uniform_(0.5, 1.5) if name == "weight" else t.uniform_(-0.5, 0.5)
+        if getattr(layer, "running_var", None) is not None:
+            layer.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(layer)
+    (row,) = normlab.inspect(model)
+    assert (row.kind, row.num_features) == (kind, 8) and row.action.startswith("convertible"), str(row)
+    ref = copy.deepcopy(model)
+    normlab.convert(model, kind)
+    new = model[0]
+    norm = new.norm if has_act else new
+    assert isinstance(norm, normlab.Norm) and norm.channel_dim == channel_dim
+    assert isinstance(new, normlab.NormAct) == has_act
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        x = torch.randn(*shape) * 2 + 0.5
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
