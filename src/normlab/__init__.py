@@ -6,12 +6,14 @@ folding and statistics recalibration.
 """
 
 from . import functional
-from .convert import convert, convert_sync, fold_batchnorm, recalibrate
+from .convert import convert, convert_sync, fold_batchnorm, freeze, inspect, recalibrate, unfreeze
 from .layers import (
     BatchInstanceNorm,
     BatchNorm,
     BatchRenorm,
+    FrozenBatchNorm,
     MeanOnlyBatchNorm,
+    NormAct,
     SwitchableNorm,
     ChannelLayerNorm,
     ChannelRMSNorm,
@@ -55,6 +57,11 @@ __all__ = [
     "BatchInstanceNorm",
     "BatchNorm",
     "BatchRenorm",
+    "FrozenBatchNorm",
+    "NormAct",
+    "freeze",
+    "inspect",
+    "unfreeze",
     "MeanOnlyBatchNorm",
     "SwitchableNorm",
     "ChannelLayerNorm",

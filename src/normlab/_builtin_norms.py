@@ -106,3 +106,12 @@ def _sn(num_features: int, **kw: Any) -> nn.Module:
           paper="Chiley et al., NeurIPS 2019 (arXiv:1905.05894)", applies_to=("conv", "dense"), batch_stats=False)
 def _on(num_features: int, **kw: Any) -> nn.Module:
     return L.OnlineNorm(num_features, **kw)
+
+
+# fixed statistics: nothing over the batch (batch_stats=False), so nothing to synchronize
+@register("frozenbn", description="frozen batch norm: fixed running statistics and affine, eval behaviour in training too",
+          axes="none at run time: per channel, the running statistics it was given",
+          paper="Ioffe & Szegedy, ICML 2015 (arXiv:1502.03167); frozen as in detection backbones",
+          applies_to=("conv", "dense", "seq"))
+def _frozenbn(num_features: int, **kw: Any) -> nn.Module:
+    return L.FrozenBatchNorm(num_features, **kw)

@@ -3,6 +3,8 @@ function in ``normlab.functional``: parameters, buffers and input checks, no mat
 
 from .base import BatchStatNorm, Norm, RunningStatsNorm
 from .batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
+from .frozen import FrozenBatchNorm
+from .wrap import NormAct
 from .mixed import BatchInstanceNorm, SwitchableNorm
 from .feature import ChannelLayerNorm, ChannelRMSNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .hamming import GeneralizedHammingConv2d, GeneralizedHammingLinear
@@ -27,6 +29,8 @@ __all__ = [
     "BatchInstanceNorm",
     "BatchNorm",
     "BatchRenorm",
+    "FrozenBatchNorm",
+    "NormAct",
     "MeanOnlyBatchNorm",
     "SwitchableNorm",
     "ChannelLayerNorm",

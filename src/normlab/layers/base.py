@@ -29,6 +29,8 @@ class Norm(nn.Module):
         affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0).
         channel_dim: the channel axis of the input (1 for ``(N, C, *)``, -1 for ``(N, *, C)``).
         check_finite: raise on NaN/Inf input (costs one reduction; off by default).
+        bias: with ``affine``, learn the ``bias`` too (``False``: weight only, as
+            ``torch.nn.LayerNorm(bias=False)``).
 
     Subclasses set ``min_spatial`` (how many axes besides batch and channel they need) and
     ``batch_stat_dims`` (None, or the ``over`` name of the axes whose statistics must hold
@@ -49,6 +51,8 @@ class Norm(nn.Module):
         check_finite: bool = False,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -68,7 +72,7 @@ class Norm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if self.has_bias else None
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if self.has_bias and bias else None
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -141,6 +145,8 @@ class Norm(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        if self.affine and self.has_bias and self.bias is None:
+            s += ", bias=False"
         if self.channel_dim != 1:
             s += f", channel_dim={self.channel_dim}"
         return s
@@ -167,8 +173,10 @@ class RunningStatsNorm(Norm):
         check_finite: bool = False,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, affine, channel_dim, check_finite, device, dtype)
+        super().__init__(num_features, eps, affine, channel_dim, check_finite, device, dtype, bias=bias)
         if momentum is not None and not 0 <= momentum <= 1:
             raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum!r}")
         self.momentum = momentum

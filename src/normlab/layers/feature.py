@@ -70,6 +70,17 @@ class GroupNorm(Norm):
             )
         self.num_groups = num_groups
 
+    def check_input(self, x: Tensor) -> int:
+        cd = super().check_input(x)
+        # torch's rule (F.group_norm): a batch holding one value per group in all raises, in
+        # training and eval alike, rather than return the bias
+        if x.numel() // self.num_groups == 1:
+            raise ValueError(
+                f"{self._describe()}: expected more than one value per group (as torch.nn.GroupNorm), "
+                f"got input shape {tuple(x.shape)} with {self.num_groups} groups"
+            )
+        return cd
+
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim)
