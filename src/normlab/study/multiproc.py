@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .config import CellConfig
+    from .tasks import Task
     from .train import CellResult
 
-__all__ = ["rank_world", "parallel_model", "global_mean", "run_cell_multiprocess"]
+__all__ = ["rank_world", "parallel_model", "global_mean", "run_cell_multiprocess", "exit_with_parent"]
 
 
 def rank_world() -> tuple[int, int]:
@@ -58,13 +59,32 @@ def global_mean(loss: Tensor) -> float:
     return value.item()
 
 
-def _worker(rank: int, config: "CellConfig", folder: str) -> None:
+def exit_with_parent(pid: int) -> None:
+    """Worker initializer: leave when the study process is gone (killed, SIGKILL included);
+    a forkserver worker would otherwise wait for work forever."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, another user's (pid reused): keep going
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="normlab-exit-with-parent").start()
+
+
+def _worker(rank: int, config: "CellConfig", task: "Task | None", folder: str) -> None:
     from .train import run_cell
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=config.nproc,
                             timeout=datetime.timedelta(minutes=10))
     try:
-        result = run_cell(config)
+        result = run_cell(config, task)
         if rank == 0:
             with open(os.path.join(folder, "result.pkl"), "wb") as f:
                 pickle.dump(result, f)
@@ -72,12 +92,12 @@ def _worker(rank: int, config: "CellConfig", folder: str) -> None:
         dist.destroy_process_group()
 
 
-def run_cell_multiprocess(config: "CellConfig") -> "CellResult":
+def run_cell_multiprocess(config: "CellConfig", task: "Task | None" = None) -> "CellResult":
     """Run one cell as ``config.nproc`` processes (each with ``config.threads`` torch threads)
     and return rank 0's result. A process that fails fails the cell, with its traceback."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="normlab-cell-") as folder:
-        mp.start_processes(_worker, args=(config, folder), nprocs=config.nproc, start_method="spawn")
+        mp.start_processes(_worker, args=(config, task, folder), nprocs=config.nproc, start_method="spawn")
         with open(os.path.join(folder, "result.pkl"), "rb") as f:
             return pickle.load(f)
