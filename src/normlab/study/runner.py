@@ -25,7 +25,7 @@ from .train import CellResult, check_cell
 __all__ = ["execute_cell", "resolve_norms", "build_grid", "run_grid", "GridOutcome", "available_cores",
            "DEFAULT_BATCH_SIZES"]
 
-DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64)
+DEFAULT_BATCH_SIZES = Task.default_batch_sizes  # a task may choose its own
 
 
 def available_cores() -> int:
@@ -60,22 +60,25 @@ def resolve_norms(task: Task, norms: list[str] | None, width: int = 16) -> tuple
             except Exception as err:  # a new norm that does not fit this model: say so, go on
                 notes.append(f"left out {spec}: {type(err).__name__}: {err}")
         return specs, notes
+    full = []
     for spec in norms:
         try:
-            _probe(task, spec, width)
+            full.append(task.full_spec(spec))  # a bare gn: the task's group count
+            _probe(task, full[-1], width)
         except ValueError as err:
             raise ValueError(f"norm {spec!r} for task {task.name!r}: {err}") from None
-    return list(dict.fromkeys(norms)), []
+    return list(dict.fromkeys(full)), []
 
 
-def build_grid(task: str, norms: list[str], batch_sizes: list[int], seeds: list[int], **fields: object
-               ) -> list[CellConfig]:
+def build_grid(task: str, norms: list[str], batch_sizes: list[int], seeds: list[int], task_obj: Task | None = None,
+               **fields: object) -> list[CellConfig]:
     """Every (norm, batch size, seed) cell, the other config fields shared; each checked to
-    fit its data (a batch larger than the training set is an error before anything runs)."""
+    fit its data (a batch larger than the training set is an error before anything runs).
+    ``task_obj``: the task when it is not found by name (``normlab.compare``)."""
     cells = [CellConfig(task=task, norm=n, batch_size=b, seed=s, **fields)  # type: ignore[arg-type]
              for b in batch_sizes for n in norms for s in seeds]
     for c in {(c.seed, c.global_batch_size): c for c in cells}.values():
-        check_cell(c)
+        check_cell(c, task_obj)
     return cells
 
 
