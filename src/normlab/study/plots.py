@@ -36,6 +36,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _norm_color(st: "Study", norm: str) -> Any:
+    """One colour per norm, the same in every panel (tab20, dark shades first)."""
+    colors = _plt().get_cmap("tab20").colors
+    i = st.norms.index(norm)
+    return colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+
+
 def _log_y(ax: Any) -> None:
     """Log y axis with plain tick labels (1, 2, 5, 10, ...)."""
     from matplotlib.ticker import FuncFormatter, LogLocator
@@ -163,9 +170,8 @@ def plot_error_vs_time(st: "Study", path: Path) -> Path:
                    [p[1] for i, p in enumerate(pts) if i not in front], color=_GREY, s=25, zorder=2)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="k", linewidth=0.8, linestyle="--",
                 zorder=2)
-        for k, i in enumerate(front):
-            ax.scatter([pts[i][0]], [pts[i][1]], color=_COLORS[k % len(_COLORS)], s=45, zorder=3,
-                       marker="osD^v"[k // len(_COLORS) % 5], label=names[i])
+        for i in front:
+            ax.scatter([pts[i][0]], [pts[i][1]], color=_norm_color(st, names[i]), s=45, zorder=3, label=names[i])
         if front:
             ax.legend(fontsize=7, loc="upper right", title="Pareto front", title_fontsize=7)
         ax.set_title(f"batch size {b}", fontsize=9)
@@ -201,9 +207,10 @@ def plot_curves(st: "Study", path: Path) -> Path:
             if c not in top:
                 xs, ys = _mean_curve(c.curves)
                 ax.plot(xs, [st.scale(y) for y in ys], color=_GREY, linewidth=1, zorder=1)
-        for k, c in enumerate(top):
+        for c in top:  # a norm keeps its colour in every panel
             xs, ys = _mean_curve(c.curves)
-            ax.plot(xs, [st.scale(y) for y in ys], color=_COLORS[k], linewidth=1.6, label=c.norm, zorder=3)
+            ax.plot(xs, [st.scale(y) for y in ys], color=_norm_color(st, c.norm), linewidth=1.6, label=c.norm,
+                    zorder=3)
         ax.set_title(f"batch size {b}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel(st.unit, fontsize=8)

@@ -171,7 +171,7 @@ def recommendations(st: Study, markdown: bool = False) -> list[str]:
         text = head + f"the lowest mean {st.unit} is {b_(c.norm)} ({_pts(st, c.mean)}, {len(c.values)} seeds)."
         if tied:
             text += f" {_names(tied, st, False, nm)} {'is' if len(tied) == 1 else 'are'} within one validation example of it: equally accurate at this resolution."
-        if any(s.verdict == "unknown" for s in unclear):
+        if st.seeds < MIN_SEEDS and len(ss) > 1:
             text += (f" With fewer than {MIN_SEEDS} seeds the intervals cannot be estimated, so the order of the "
                      f"others may be chance: run --seeds {MIN_SEEDS} or more before relying on it.")
         elif unclear:
@@ -246,7 +246,7 @@ def write_report(db: str | Path, out: str | Path, keys: Iterable[str] | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# normlab study report", "",
-             f"Rebuilt from `{md(db)}` ({sum(c.n for s in studies for c in s.cells.values())} runs). "
+             f"Rebuilt from {md(db)} ({sum(c.n for s in studies for c in s.cells.values())} runs). "
              "Each run: the same number of epochs at every batch size, learning rate scaled with the batch "
              "size from a base value, evaluation in each norm's eval mode at a fixed evaluation batch size. "
              "Runs with the same seed share the validation split, the initialisation of the layers the norms "

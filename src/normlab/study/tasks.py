@@ -261,7 +261,10 @@ def _load_task(ref: str) -> Task:
         raise ValueError(f"task {ref!r}: cannot import {module!r}: {err}") from None
     except AttributeError:
         raise ValueError(f"task {ref!r}: module {module!r} has no {attr!r}") from None
-    task = factory() if callable(factory) and not isinstance(factory, Task) else factory
+    try:
+        task = factory() if callable(factory) and not isinstance(factory, Task) else factory
+    except Exception as err:  # noqa: BLE001 (the user's code: say whose it is)
+        raise ValueError(f"task {ref!r}: {attr}() raised {type(err).__name__}: {err}") from None
     if not isinstance(task, Task):
         raise ValueError(f"task {ref!r}: {attr}() returned {type(task).__name__}, not a normlab.study.Task")
     task.name = ref  # the name a worker process finds it by
