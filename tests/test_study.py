@@ -297,3 +297,69 @@ def test_mnist1d_generated_locally_and_a_cell_runs() -> None:
                      train_subset=64)
     r = run_cell(cfg)
     assert r.status == "ok" and r.steps == 4 and r.val_size == 1000
+
+
+# ------------------------------------------------------- a user's task, the transformer
+def test_cli_task_module_factory_from_the_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.chdir(examples)  # `normlab study --task custom_task:make_task` run from examples/
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(examples))])
+    db = tmp_path / "w" / "r.sqlite"
+    argv = ["study", "--task", "custom_task:make_task", "--norms", "bn,lnc,none", "--batch-sizes", "8,16",
+            "--seeds", "3", "--epochs", "1", "--workers", "1", "-q", "--db", str(db)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "18 cells: 18 run" in text and "custom_task:make_task: 1 epoch" in text
+    rows = _rows(db)
+    assert {r["task"] for r in rows} == {"custom_task:make_task"} and len(rows) == 18
+    assert {r["val_size"] for r in rows} == {36} and {r["train_size"] for r in rows} == {142}  # wine: 178 rows
+    bn = next(r for r in rows if r["norm"] == "bn")
+    assert bn["param_count"] == (13 * 64 + 64) + (64 * 64 + 64) + (64 * 3 + 3) + 2 * 2 * 64
+    report = db.parent / "report"  # next to the database
+    assert (report / "report.md").is_file() and (report / "custom_task_make_task_curves.png").is_file()
+    # an example test of the task itself: the split is standardized on the training rows alone
+    task = get_task("custom_task:make_task")
+    split = task.split(0, 0.2, 2000, 0, "")
+    torch.testing.assert_close(split.x_train.mean(0), torch.zeros(13), atol=1e-5, rtol=0)
+    assert split.x_val.mean(0).abs().max() > 1e-3
+
+
+def test_transformer_task_norm_slots_and_a_cell() -> None:
+    task = get_task("transformer")
+    specs = task.default_norms()
+    assert {"lnc", "rmsc", "bn", "none"} <= set(specs)
+    assert set(specs) == {e.name for e in describe_norms() if "seq" in e.applies_to}  # the registry decides
+    x = task.split(0, 0.2, 2000, 0, "").x_train[:4]
+    assert x.shape == (4, 8, 8)  # 8 tokens (image rows) of 8 pixels
+    m = task.build_model("bn", 4)
+    slots = [mod for name, mod in m.named_modules() if name.endswith(("norm1", "norm2")) or name == "norm"]
+    assert len(slots) == 5 and all(getattr(s, "channel_dim", None) == -1 for s in slots)
+    ref = nn.LayerNorm(8)  # lnc on (N, tokens, d) is torch's LayerNorm over d
+    lnc = task.build_model("lnc", 4).norm
+    h = torch.randn(3, 8, 8)
+    torch.testing.assert_close(lnc(h), ref(h))
+    r = run_cell(CellConfig(task="transformer", norm="rmsc", batch_size=16, seed=0, epochs=1, base_lr=0.05,
+                            train_subset=64, width=4))
+    assert r.status == "ok" and r.steps == 4 and r.val_size == 359
+
+
+def test_bare_gn_takes_the_task_group_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from normlab.study import resolve_norms
+
+    specs, _ = resolve_norms(get_task("digits"), ["bn", "gn", "gn:2"], 16)
+    assert specs == ["bn", "gn:4", "gn:2"]
+    with pytest.raises(ValueError, match="norm 'gn:3' for task 'digits'"):
+        resolve_norms(get_task("digits"), ["gn:3"], 16)  # an explicit count is kept (and must divide)
+
+
+def test_version_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
+    import normlab
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"normlab {normlab.__version__}"
+    with pytest.raises(SystemExit):
+        main([])
+    err = capsys.readouterr().err
+    assert "study" in err and "report" in err and "bench" in err and "--version" in err  # the whole help

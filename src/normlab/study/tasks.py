@@ -111,7 +111,7 @@ class Task:
         raise NotImplementedError
 
     def split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str = "") -> Split:
-        return _cached_split(self.name, seed, val_fraction, val_max, train_subset, data_dir)
+        return _cached_split(self, seed, val_fraction, val_max, train_subset, data_dir)
 
     def _split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
         x, y = self.arrays(data_dir)
@@ -152,8 +152,9 @@ class Task:
 
 
 @lru_cache(maxsize=8)
-def _cached_split(name: str, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
-    return get_task(name)._split(seed, val_fraction, val_max, train_subset, data_dir)
+def _cached_split(task: "Task", seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str
+                  ) -> Split:
+    return task._split(seed, val_fraction, val_max, train_subset, data_dir)
 
 
 def _standardize_images(x: np.ndarray, scale: float) -> np.ndarray:
@@ -230,6 +231,7 @@ class MNIST1D(Task):
         return x, y
 
 
+@lru_cache(maxsize=1)
 def _all_tasks() -> dict[str, Task]:
     from .sunspots import Sunspots  # imported late: they build on this module
     from .transformer import DigitsTransformer
@@ -274,7 +276,7 @@ def _load_task(ref: str) -> Task:
 def get_task(name: str) -> Task:
     """The built-in task called ``name``, or a user's ``pkg.module:factory``; a clear error
     naming the known tasks otherwise."""
-    tasks = _all_tasks()
+    tasks = dict(_all_tasks())
     if name in tasks:
         return tasks[name]
     if ":" in name:
