@@ -5,10 +5,10 @@ rejected before any training."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
+from _helpers import study_rows as _rows
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -52,15 +52,6 @@ def _vectors(n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 3, (n,), generator=g)
     return TensorDataset(torch.randn(n, 6, generator=g) + 2 * nn.functional.one_hot(y, 6).float(), y)
-
-
-def _rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM runs")]
-    finally:
-        con.close()
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import study_rows as _rows
 import torch
 from torch import nn
 
@@ -25,15 +26,6 @@ from normlab.study.train import saved_bytes_per_sample
 
 TINY = ["--task", "digits", "--epochs", "1", "--train-subset", "32", "--seeds", "1", "--workers", "1", "--width", "4",
         "-q"]
-
-
-def _rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM runs")]
-    finally:
-        con.close()
 
 
 def _curve_counts(db: Path) -> dict[str, int]:

@@ -13,7 +13,6 @@ writes inside ``out`` whatever the database holds.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable
