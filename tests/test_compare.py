@@ -86,9 +86,12 @@ def test_mlp_with_batchnorm1d_and_custom_loss_metric(tmp_path: Path) -> None:
     def mae(out: torch.Tensor, y: torch.Tensor) -> float:
         return (out.argmax(1) - y).abs().double().mean().item()
 
-    recs = normlab.compare(small_mlp, _vectors(40, 0), _vectors(20, 1), norms=["bn", "lnc", "none"],
+    train, val = _vectors(40, 0), _vectors(20, 1)
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    recs = normlab.compare(small_mlp, train, val, norms=["bn", "lnc", "none"],
                            batch_sizes=[8], seeds=1, epochs=1, lr=0.1, metric=mae, db=tmp_path / "m.sqlite",
                            progress=False)
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), rng)  # caller's state
     assert {r["norm"] for r in recs} == {"bn", "lnc", "none"} and {r["metric"] for r in recs} == {"mae"}
     assert (tmp_path / "report" / "report.md").is_file()  # next to the database by default
     assert all(r["status"] == "ok" and r["steps"] == 5 for r in recs)

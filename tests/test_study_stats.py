@@ -90,7 +90,7 @@ def test_batch_size_section_paired_over_seeds() -> None:
     assert moves["bn"][0].low == pytest.approx(m - half) and moves["bn"][1] == "depends"
     assert moves["gn"][1] == "steady"
     bn, gn = sensitivity(st)  # largest change first
-    assert bn.startswith("- bn: 11.00 at batch 64 -> 32.33 at batch 2 (+21.33 points, 95% CI [")
+    assert bn.startswith("- bn: 11.00 at batch 64 → 32.33 at batch 2 (+21.33 points, 95% CI [")
     assert bn.endswith("depends on the batch size)") and gn.startswith("- gn: ")
 
 
@@ -140,11 +140,11 @@ def test_report_writes_only_inside_out(tmp_path: Path, task: str) -> None:
     assert {p.suffix for p in out.iterdir()} == {".png", ".md"} and report.parent == out
     text = report.read_text()
     assert md(task) in text and (md(task) == task or task not in text)  # escaped, never raw markup
-    assert "<script>" not in text and "](y)" not in text
+    assert "<script>" not in text and "[x](y)" not in text
     assert all(safe_name(task) in p.name for p in out.glob("*.png"))
 
 
 def test_safe_name_and_md() -> None:
     assert safe_name("../../x") == "x" and safe_name("/etc/passwd") == "etc_passwd" and safe_name("..") == "study"
     assert safe_name("mod.sub:factory") == "mod.sub_factory"
-    assert md("a*b_[c](d)<e>\n#") == r"a\*b\_\[c\]\(d\)&lt;e&gt; \#"
+    assert md("a*b_[c](d)<e>\n#|") == r"a\*b\_\[c\](d)&lt;e&gt; #\|"

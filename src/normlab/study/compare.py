@@ -185,12 +185,7 @@ def compare(model_fn: Callable[[], nn.Module], train: Any, val: Any, *, norms: S
     the store's fields. Bad input raises before any training.
     """
     from .backends import make_backend
-    from .config import LR_RULES, CellConfig
-    from .cost import measure_costs
-    from .report import write_report
-    from .runner import available_cores, build_grid, run_grid
-    from .store import Store
-    from .tables import put_note, read_costs, write_costs
+    from .config import LR_RULES
 
     # ------------------------------------------------------------------ checks, before any training
     norms = [str(n).strip() for n in norms]
@@ -204,62 +199,80 @@ def compare(model_fn: Callable[[], nn.Module], train: Any, val: Any, *, norms: S
         if not ok:
             raise ValueError(f"normlab.compare: {msg}")
     backend_obj = make_backend(backend, workers=workers, address=address)  # unknown backend: an error now
-    try:
-        first = _check_model_fn(model_fn)
-        x_train, y_train = _materialize(train, "train")
-        x_val, y_val = _materialize(val, "val")
-        task = ModelTask(model_fn, x_train, y_train, x_val, y_val, loss, metric)
-        task.groups = _group_count(first)
-        norms = list(dict.fromkeys(task.full_spec(n) for n in norms))
-        too_big = [b for b in batch_sizes if b > len(x_train)]
-        if too_big:
-            raise ValueError(f"normlab.compare: batch size {max(too_big)} is larger than the training set "
-                             f"({len(x_train)} examples)")
-        for spec in norms:
-            _probe(task, spec, x_train[:2], y_train[:2])
-        if workers > 1 or backend != "local":
-            try:
-                pickle.dumps(task)
-            except Exception as err:  # noqa: BLE001 (any pickling failure means the same thing)
-                raise ValueError("normlab.compare: running cells in other processes needs a model_fn, loss and "
-                                 "metric that pickle can send (module-level functions or classes, not lambdas or "
-                                 f"local functions): {type(err).__name__}: {err}") from None
-        threads = max(1, available_cores() // workers)
-        fields: dict[str, Any] = dict(epochs=epochs, base_batch=base_batch, lr_rule=lr_rule,
-                                      threads=threads, fingerprint=task.fingerprint())
-
-        # ------------------------------------------------------------------ the learning rate
-        lr_note = None
-        if lr is None:
-            lr, lr_note = lr_range_check(task, norms[0], batch_sizes[0], seed_list[0], fields)
-            if progress:
-                print(f"normlab.compare: {lr_note}", file=sys.stderr)
-        cells = build_grid(task.name, norms, batch_sizes, seed_list, base_lr=lr, task_obj=task, **fields)
-
-        # ------------------------------------------------------------------ the grid, the cost pass
-        tmp = None if db is not None else tempfile.TemporaryDirectory(prefix="normlab-compare-")
-        db_path = Path(db) if db is not None else Path(tmp.name) / "results.sqlite"  # type: ignore[union-attr]
+    threads_before = torch.get_num_threads()  # runs in this process set their own; the caller's comes back
+    with torch.random.fork_rng(devices=[]):  # nor does the caller's random stream move
         try:
-            with Store(db_path) as store:
-                study = cells[0].study_key()
-                put_note(store, study, "grid", {"norms": norms, "batch_sizes": batch_sizes, "seeds": seed_list})
-                if lr_note:
-                    put_note(store, study, "learning rate", lr_note)
-                run_grid(cells, store, workers=workers, progress=progress, backend=backend_obj, task=task)
-                if set(read_costs(store).get(study, {})) != {(n, b) for n in norms for b in batch_sizes}:
-                    write_costs(store, study, measure_costs(task, norms, batch_sizes, threads=1), threads=1)
-                records = store.rows([c.key() for c in cells])
-            if out is not None or db is not None:
-                report = write_report(db_path, Path(out) if out is not None else db_path.parent / "report",
-                                      [c.key() for c in cells])
-                if progress:
-                    print(f"normlab.compare: report {report}", file=sys.stderr)
+            return _compare(model_fn, train, val, norms, batch_sizes, seed_list, epochs, lr, lr_rule, base_batch,
+                            loss, metric, db, out, workers, progress, backend, backend_obj)
         finally:
-            if tmp is not None:
-                tmp.cleanup()
-        return records
+            backend_obj.close()
+            torch.set_num_threads(threads_before)
+
+
+def _compare(model_fn: Callable[[], nn.Module], train: Any, val: Any, norms: list[str], batch_sizes: list[int],
+             seed_list: list[int], epochs: int, lr: float | None, lr_rule: str, base_batch: int,
+             loss: Callable[[Tensor, Tensor], Tensor] | None, metric: Callable[[Tensor, Tensor], float] | None,
+             db: str | Path | None, out: str | Path | None, workers: int, progress: bool, backend: str,
+             backend_obj: Any) -> list[dict[str, Any]]:
+    from .cost import measure_costs
+    from .report import write_report
+    from .runner import available_cores, build_grid, run_grid
+    from .store import Store
+    from .tables import put_note, read_costs, write_costs
+
+    first = _check_model_fn(model_fn)
+    x_train, y_train = _materialize(train, "train")
+    x_val, y_val = _materialize(val, "val")
+    task = ModelTask(model_fn, x_train, y_train, x_val, y_val, loss, metric)
+    task.groups = _group_count(first)
+    norms = list(dict.fromkeys(task.full_spec(n) for n in norms))
+    too_big = [b for b in batch_sizes if b > len(x_train)]
+    if too_big:
+        raise ValueError(f"normlab.compare: batch size {max(too_big)} is larger than the training set "
+                         f"({len(x_train)} examples)")
+    for spec in norms:
+        _probe(task, spec, x_train[:2], y_train[:2])
+    if workers > 1 or backend != "local":
+        try:
+            pickle.dumps(task)
+        except Exception as err:  # noqa: BLE001 (any pickling failure means the same thing)
+            raise ValueError("normlab.compare: running cells in other processes needs a model_fn, loss and "
+                             "metric that pickle can send (module-level functions or classes, not lambdas or "
+                             f"local functions): {type(err).__name__}: {err}") from None
+    threads = max(1, available_cores() // workers)
+    fields: dict[str, Any] = dict(epochs=epochs, base_batch=base_batch, lr_rule=lr_rule,
+                                  threads=threads, fingerprint=task.fingerprint())
+
+    # ------------------------------------------------------------------ the learning rate
+    lr_note = None
+    if lr is None:
+        lr, lr_note = lr_range_check(task, norms[0], batch_sizes[0], seed_list[0], fields)
+        if progress:
+            print(f"normlab.compare: {lr_note}", file=sys.stderr)
+    cells = build_grid(task.name, norms, batch_sizes, seed_list, base_lr=lr, task_obj=task, **fields)
+
+    # ------------------------------------------------------------------ the grid, the cost pass
+    tmp = None if db is not None else tempfile.TemporaryDirectory(prefix="normlab-compare-")
+    db_path = Path(db) if db is not None else Path(tmp.name) / "results.sqlite"  # type: ignore[union-attr]
+    try:
+        with Store(db_path) as store:
+            study = cells[0].study_key()
+            put_note(store, study, "grid", {"norms": norms, "batch_sizes": batch_sizes, "seeds": seed_list})
+            if lr_note:
+                put_note(store, study, "learning rate", lr_note)
+            run_grid(cells, store, workers=workers, progress=progress, backend=backend_obj, task=task)
+            if set(read_costs(store).get(study, {})) != {(n, b) for n in norms for b in batch_sizes}:
+                write_costs(store, study, measure_costs(task, norms, batch_sizes, threads=1), threads=1)
+            records = store.rows([c.key() for c in cells])
+        if out is not None or db is not None:
+            report = write_report(db_path, Path(out) if out is not None else db_path.parent / "report",
+                                  [c.key() for c in cells])
+            if progress:
+                print(f"normlab.compare: report {report}", file=sys.stderr)
     finally:
-        backend_obj.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return records
 
 
 def _probe(task: ModelTask, spec: str, x: Tensor, y: Tensor) -> None:

@@ -31,7 +31,7 @@ def md(text: object) -> str:
     entities, line breaks as spaces."""
     s = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     s = re.sub(r"[\r\n\t\x00-\x1f\x7f]", " ", s)
-    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", s)
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", s)
 
 
 def safe_name(text: str, limit: int = 48) -> str:
@@ -209,7 +209,7 @@ def sensitivity(st: Study) -> list[str]:
             items.append(f"- {n}: diverged at batch {lo} or {hi}")
             continue
         a, b = st.cells[(n, lo)], st.cells[(n, hi)]
-        items.append(f"- {n}: {_pts(st, b.mean)} at batch {hi} -> {_pts(st, a.mean)} at batch {lo} "
+        items.append(f"- {n}: {_pts(st, b.mean)} at batch {hi} → {_pts(st, a.mean)} at batch {lo} "
                      f"({_interval(st, d)}; {words[verdict]})")
     return items
 
@@ -226,7 +226,7 @@ def sensitivity_summary(st: Study) -> str:
 
 # -------------------------------------------------------------------- report
 def _settings(protocol: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(protocol.items()) if k != "task")
+    return ", ".join(f"{k}={v}" for k, v in sorted(protocol.items()) if k != "task" and v != "")
 
 
 def _inside(out: Path, name: str) -> Path:
