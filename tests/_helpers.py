@@ -51,3 +51,15 @@ def assert_channels_last_preserved(layer: nn.Module, ref: nn.Module, x: torch.Te
         y = layer(x.to(memory_format=torch.channels_last))
         assert y.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(y, ref(x))
+
+
+def study_rows(db: object) -> list[dict]:
+    """Every row of a study database's ``runs`` table, read with plain sqlite3."""
+    import sqlite3
+
+    con = sqlite3.connect(str(db))
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM runs")]
+    finally:
+        con.close()

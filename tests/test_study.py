@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import study_rows as _rows
 import torch
 from torch import nn
 
@@ -21,19 +22,10 @@ from normlab.cli import main
 from normlab.registry import describe_norms
 from normlab.study import CellConfig, get_task, run_cell
 from normlab.study.plots import pareto_front
-from normlab.study.report import _studies_from_rows, recommendations
 from normlab.study.train import saved_bytes_per_sample
 
-TINY = ["--epochs", "1", "--train-subset", "32", "--seeds", "1", "--workers", "1", "--width", "4", "-q"]
-
-
-def _rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM runs")]
-    finally:
-        con.close()
+TINY = ["--task", "digits", "--epochs", "1", "--train-subset", "32", "--seeds", "1", "--workers", "1", "--width", "4",
+        "-q"]
 
 
 def _curve_counts(db: Path) -> dict[str, int]:
@@ -73,8 +65,9 @@ def test_cli_end_to_end_rows_report_resume_fresh(tmp_path: Path, capsys: pytest.
 
     report = (out / "report.md").read_text()
     assert "Recommendation" in report and "Batch size 4" in report and "Batch size 8" in report
-    assert "no estimate of the noise" in report  # one seed: says so plainly
-    for name in ("digits_error_vs_batch.png", "digits_error_vs_time.png", "digits_curves.png"):
+    assert "intervals cannot be estimated" in report  # one seed: says so plainly
+    for name in ("digits_error_vs_batch.png", "digits_error_vs_time.png", "digits_curves.png",
+                 "digits_diff_to_best.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in report
 
@@ -103,6 +96,9 @@ def test_cli_end_to_end_rows_report_resume_fresh(tmp_path: Path, capsys: pytest.
         (["--task", "sunspots", "--norms", "gn"], "unknown norm 'gn' for task 'sunspots'"),
         (["--batch-sizes", "16,64", "--train-subset", "40"], "batch size 64 is larger than the training set"),
         (["--task", "fashion-mnist", "--data-dir", "EMPTY"], "apt-get install dataset-fashion-mnist"),
+        (["--task", "no_such_module_x:make"], "cannot import 'no_such_module_x'"),
+        (["--task", "os:getcwd"], "getcwd() returned str, not a normlab.study.Task"),
+        (["--task", "digits", "--backend", "slurm"], "unknown backend 'slurm'"),
     ],
 )
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -214,39 +210,6 @@ def test_saved_bytes_counts_each_storage_once_and_skips_parameters() -> None:
     assert got == (4 + 16) * 4
 
 
-def test_recommendation_and_noise_words() -> None:
-    def row(norm: str, seed: int, err: float, step: float, bs: int = 8, status: str = "ok") -> dict:
-        cfg = CellConfig(task="digits", norm=norm, batch_size=bs, seed=seed, epochs=1, base_lr=0.1)
-        return {"key": f"{norm}{seed}{bs}", **cfg.to_dict(), "status": status, "val_metric": err,
-                "median_step_s": step, "saved_bytes_per_sample": 1.0, "param_count": 1, "metric": "error"}
-
-    rows = [row("a", 0, 0.10, 0.002), row("a", 1, 0.12, 0.002), row("b", 0, 0.11, 0.001), row("b", 1, 0.12, 0.001),
-            row("c", 0, 0.30, 0.0005), row("c", 1, 0.31, 0.0005), row("d", 0, 0.01, 0.0001),
-            row("d", 1, None, 0.0001, status="diverged")]
-    (study,) = _studies_from_rows(rows, {})
-    (text,) = recommendations(study)
-    assert "most accurate is **a** (11.00% error" in text
-    assert "cheapest norm within one standard deviation of it is **b**" in text
-    assert "b is within one standard deviation of a" in text and "within noise" in text
-    assert "Diverged: d (1 of 2 seeds)" in text
-
-
-def test_batch_size_sensitivity_words() -> None:
-    def row(norm: str, bs: int, seed: int, err: float) -> dict:
-        cfg = CellConfig(task="digits", norm=norm, batch_size=bs, seed=seed, epochs=1, base_lr=0.1)
-        return {"key": f"{norm}{bs}{seed}", **cfg.to_dict(), "status": "ok", "val_metric": err, "median_step_s": 1e-3,
-                "saved_bytes_per_sample": 1.0, "param_count": 1, "metric": "error"}
-
-    rows = [row("bn", 2, 0, 0.30), row("bn", 2, 1, 0.32), row("bn", 64, 0, 0.10), row("bn", 64, 1, 0.12),
-            row("gn", 2, 0, 0.10), row("gn", 2, 1, 0.14), row("gn", 64, 0, 0.11), row("gn", 64, 1, 0.12)]
-    (study,) = _studies_from_rows(rows, {})
-    from normlab.study.report import sensitivity
-
-    bn, gn = sensitivity(study)  # worst first
-    assert bn == "- bn: 11 at batch 64 -> 31 at batch 2 (+20.00 points; beyond noise)"
-    assert gn.startswith("- gn: 11.5 at batch 64 -> 12 at batch 2 (+0.50 points; within noise")
-
-
 def test_pareto_front() -> None:
     pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (2.0, 3.0 + 1e-9)]
     assert pareto_front(pts) == [0, 1, 3]
@@ -326,3 +289,69 @@ def test_mnist1d_generated_locally_and_a_cell_runs() -> None:
                      train_subset=64)
     r = run_cell(cfg)
     assert r.status == "ok" and r.steps == 4 and r.val_size == 1000
+
+
+# ------------------------------------------------------- a user's task, the transformer
+def test_cli_task_module_factory_from_the_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.chdir(examples)  # `normlab study --task custom_task:make_task` run from examples/
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(examples))])
+    db = tmp_path / "w" / "r.sqlite"
+    argv = ["study", "--task", "custom_task:make_task", "--norms", "bn,lnc,none", "--batch-sizes", "8,16",
+            "--seeds", "3", "--epochs", "1", "--workers", "1", "-q", "--db", str(db)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "18 cells: 18 run" in text and "custom_task:make_task: 1 epoch" in text
+    rows = _rows(db)
+    assert {r["task"] for r in rows} == {"custom_task:make_task"} and len(rows) == 18
+    assert {r["val_size"] for r in rows} == {36} and {r["train_size"] for r in rows} == {142}  # wine: 178 rows
+    bn = next(r for r in rows if r["norm"] == "bn")
+    assert bn["param_count"] == (13 * 64 + 64) + (64 * 64 + 64) + (64 * 3 + 3) + 2 * 2 * 64
+    report = db.parent / "report"  # next to the database
+    assert (report / "report.md").is_file() and (report / "custom_task_make_task_curves.png").is_file()
+    # an example test of the task itself: the split is standardized on the training rows alone
+    task = get_task("custom_task:make_task")
+    split = task.split(0, 0.2, 2000, 0, "")
+    torch.testing.assert_close(split.x_train.mean(0), torch.zeros(13), atol=1e-5, rtol=0)
+    assert split.x_val.mean(0).abs().max() > 1e-3
+
+
+def test_transformer_task_norm_slots_and_a_cell() -> None:
+    task = get_task("transformer")
+    specs = task.default_norms()
+    assert {"lnc", "rmsc", "bn", "none"} <= set(specs)
+    assert set(specs) == {e.name for e in describe_norms() if "seq" in e.applies_to}  # the registry decides
+    x = task.split(0, 0.2, 2000, 0, "").x_train[:4]
+    assert x.shape == (4, 8, 8)  # 8 tokens (image rows) of 8 pixels
+    m = task.build_model("bn", 4)
+    slots = [mod for name, mod in m.named_modules() if name.endswith(("norm1", "norm2")) or name == "norm"]
+    assert len(slots) == 5 and all(getattr(s, "channel_dim", None) == -1 for s in slots)
+    ref = nn.LayerNorm(8)  # lnc on (N, tokens, d) is torch's LayerNorm over d
+    lnc = task.build_model("lnc", 4).norm
+    h = torch.randn(3, 8, 8)
+    torch.testing.assert_close(lnc(h), ref(h))
+    r = run_cell(CellConfig(task="transformer", norm="rmsc", batch_size=16, seed=0, epochs=1, base_lr=0.05,
+                            train_subset=64, width=4))
+    assert r.status == "ok" and r.steps == 4 and r.val_size == 359
+
+
+def test_bare_gn_takes_the_task_group_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from normlab.study import resolve_norms
+
+    specs, _ = resolve_norms(get_task("digits"), ["bn", "gn", "gn:2"], 16)
+    assert specs == ["bn", "gn:4", "gn:2"]
+    with pytest.raises(ValueError, match="norm 'gn:3' for task 'digits'"):
+        resolve_norms(get_task("digits"), ["gn:3"], 16)  # an explicit count is kept (and must divide)
+
+
+def test_version_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
+    import normlab
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"normlab {normlab.__version__}"
+    with pytest.raises(SystemExit):
+        main([])
+    err = capsys.readouterr().err
+    assert "study" in err and "report" in err and "bench" in err and "--version" in err  # the whole help

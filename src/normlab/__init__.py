@@ -2,7 +2,8 @@
 
 Layers (``normlab.BatchNorm``, ...), pure functions (``normlab.functional``), a registry
 (``normlab.make_norm("gn:16", 64)``), model conversion (``normlab.convert``), batch-norm
-folding and statistics recalibration.
+folding and statistics recalibration, and ``normlab.compare``: which norm suits your own
+model and data, at each batch size, at what cost.
 """
 
 from . import functional
@@ -40,6 +41,16 @@ from .registry import available_norms, describe_norms, make_norm, register
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # normlab.compare (the study on a user's model and data) loads the study's dependencies
+    # only when used
+    if name == "compare":
+        from .study.compare import compare
+
+        return compare
+    raise AttributeError(f"module 'normlab' has no attribute {name!r}")
+
 __all__ = [
     "BatchNormLSTM",
     "LayerNormLSTM",
@@ -73,6 +84,7 @@ __all__ = [
     "RMSNorm",
     "RunningStatsNorm",
     "available_norms",
+    "compare",
     "convert",
     "convert_sync",
     "describe_norms",

@@ -69,7 +69,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="normlab", description="Neural-network normalization: layers, studies, benchmarks.")
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="every registered norm with its description")
     p.add_argument("-v", "--verbose", action="store_true", help="also the axes each norm normalizes over and its paper")
@@ -95,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # `normlab` alone: the whole help (commands and what they do), as a usage error
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

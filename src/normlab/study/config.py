@@ -13,12 +13,16 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["CellConfig", "PROTOCOL", "LR_RULES", "scaled_lr"]
+__all__ = ["CellConfig", "PROTOCOL", "LR_RULES", "NOT_PROTOCOL", "scaled_lr"]
 
 # bump when the training protocol changes in a way that makes old rows incomparable
 PROTOCOL = "1"
 
 LR_RULES = ("linear", "sqrt", "none")
+
+# fields that vary within one study (the grid's axes) or do not change what is learned; every
+# other field is the study's protocol: runs that share it are compared with each other
+NOT_PROTOCOL = frozenset({"key", "norm", "batch_size", "global_batch_size", "seed", "threads", "data_dir"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class CellConfig:
     threads: int = 1
     data_dir: str = ""
     protocol: str = PROTOCOL
+    # a user's model and data (``normlab.compare``): a hash of the model's module tree and
+    # parameter shapes, the data's sizes and a sample of it, the loss and the metric
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if self.global_batch_size == 0:
@@ -76,10 +83,23 @@ class CellConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _hashable(self) -> dict[str, Any]:
+        d = self.to_dict()
+        if not d["fingerprint"]:  # added later: rows stored before it keep their keys
+            del d["fingerprint"]
+        return d
+
     def key(self) -> str:
         """A stable hash of every field: the stored row's primary key."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self._hashable(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def study_key(self) -> str:
+        """A hash of the protocol fields (all but ``NOT_PROTOCOL``): the same for every cell
+        of one study, whatever its norm, batch size and seed."""
+        proto = {k: v for k, v in self._hashable().items() if k not in NOT_PROTOCOL}
+        blob = json.dumps(proto, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def lr(self) -> float:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .config import CellConfig
+    from .tasks import Task
     from .train import CellResult
 
 __all__ = ["rank_world", "parallel_model", "global_mean", "run_cell_multiprocess", "exit_with_parent", "is_gone"]
@@ -60,13 +61,13 @@ def global_mean(loss: Tensor) -> float:
     return value.item()
 
 
-def _worker(rank: int, config: "CellConfig", folder: str) -> None:
+def _worker(rank: int, config: "CellConfig", task: "Task | None", folder: str) -> None:
     from .train import run_cell
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=config.nproc,
                             timeout=datetime.timedelta(minutes=10))
     try:
-        result = run_cell(config)
+        result = run_cell(config, task)
         if rank == 0:
             with open(os.path.join(folder, "result.pkl"), "wb") as f:
                 pickle.dump(result, f)
@@ -74,13 +75,13 @@ def _worker(rank: int, config: "CellConfig", folder: str) -> None:
         dist.destroy_process_group()
 
 
-def run_cell_multiprocess(config: "CellConfig") -> "CellResult":
+def run_cell_multiprocess(config: "CellConfig", task: "Task | None" = None) -> "CellResult":
     """Run one cell as ``config.nproc`` processes (each with ``config.threads`` torch threads)
     and return rank 0's result. A process that fails fails the cell, with its traceback."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="normlab-cell-") as folder:
-        mp.start_processes(_worker, args=(config, folder), nprocs=config.nproc, start_method="spawn")
+        mp.start_processes(_worker, args=(config, task, folder), nprocs=config.nproc, start_method="spawn")
         with open(os.path.join(folder, "result.pkl"), "rb") as f:
             return pickle.load(f)
 

@@ -1,5 +1,8 @@
-"""The study report's figures (matplotlib, Agg backend): error vs batch size, error vs step
-time with the Pareto front, learning curves."""
+"""The study report's figures (matplotlib, Agg backend), readable with every norm: the
+difference to the best norm per batch size with its paired interval; error against batch
+size as small multiples (each norm in colour over the others in grey); error against step
+time with only the Pareto front labelled; learning curves at every batch size with the
+three best norms there in colour. No figure places free text labels that can overlap."""
 
 from __future__ import annotations
 
@@ -7,13 +10,15 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .stats import t_quantile
+
 if TYPE_CHECKING:
-    from .report import Study
+    from .analysis import Study
 
-__all__ = ["plot_error_vs_batch", "plot_error_vs_time", "plot_curves", "pareto_front"]
+__all__ = ["plot_diff_to_best", "plot_error_vs_batch", "plot_error_vs_time", "plot_curves", "pareto_front"]
 
-_STYLES = ["-", "--", "-.", ":"]
-_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+_GREY = "0.78"
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
 
 
 def _plt() -> Any:
@@ -25,16 +30,21 @@ def _plt() -> Any:
     return plt
 
 
-def _style(i: int) -> dict[str, Any]:
-    """Colour, line style and marker of the i-th norm (the dark tab20 shades first)."""
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+def _norm_color(st: "Study", norm: str) -> Any:
+    """One colour per norm, the same in every panel (tab20, dark shades first)."""
     colors = _plt().get_cmap("tab20").colors
-    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
-    return {"color": colors[order[i % 20]], "linestyle": _STYLES[i % len(_STYLES)], "marker": _MARKERS[i % len(_MARKERS)]}
+    i = st.norms.index(norm)
+    return colors[(2 * i) % 20 + (2 * i) // 20 % 2]
 
 
 def _log_y(ax: Any) -> None:
-    """Log y axis with plain tick labels (1, 2, 5, 10, ...): small errors stay readable
-    next to a norm that fails."""
+    """Log y axis with plain tick labels (1, 2, 5, 10, ...)."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     ax.set_yscale("log")
@@ -53,77 +63,125 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(idx, key=lambda i: points[i])
 
 
-def plot_error_vs_batch(st: "Study", path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.8, 5.5))
-    for i, n in enumerate(st.norms):
-        cells = [st.cells[(n, b)] for b in st.batch_sizes if (n, b) in st.cells and st.cells[(n, b)].values]
-        if not cells:
-            continue
-        xs = [c.batch_size for c in cells]
-        ys = [st.scale(c.mean) for c in cells]
-        sd = [0.0 if math.isnan(c.std) else st.scale(c.std) for c in cells]
-        kw = _style(i)
-        ax.plot(xs, ys, label=n, markersize=5, **kw)
-        ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                        color=kw["color"], alpha=0.12, linewidth=0)
-        div = [c.batch_size for c in cells if c.diverged]
-        if div:
-            ax.scatter(div, [st.scale(st.cells[(n, b)].mean) for b in div], marker="x", s=80, color="k", zorder=5)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(st.batch_sizes, [str(b) for b in st.batch_sizes])
-    if st.metric == "error":
-        _log_y(ax)
-    ax.set_xlabel("batch size (per process)")
-    ax.set_ylabel(st.unit)
-    seeds = f"mean ± 1 std over {st.seeds} seeds" if st.seeds > 1 else "one seed"
-    ax.set_title(f"{st.task}: {st.unit} vs batch size ({seeds})", fontsize=10)
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+def _grid(n: int, cols: int, w: float, h: float, **kw: Any) -> tuple[Any, list[Any]]:
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    fig, axes = _plt().subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, **kw)
+    flat = [a for row in axes for a in row]
+    for a in flat[n:]:
+        a.axis("off")
+    return fig, flat[:n]
+
+
+def plot_diff_to_best(st: "Study", path: Path) -> Path:
+    """One panel per batch size: each norm's paired difference to the best (points) with its
+    95% interval, norms as rows (sorted), zero and one validation example marked."""
+    from .analysis import standings
+
+    bss = st.batch_sizes
+    fig, axes = _grid(len(bss), 3, 4.4, 0.32 * len(st.norms) + 1.4, sharey=False)
+    for ax, b in zip(axes, bss):
+        ss = [s for s in standings(st, b) if s.verdict != "diverged"]
+        ys = list(range(len(ss)))[::-1]
+        for y, s in zip(ys, ss):
+            d = s.diff
+            x = 0.0 if d is None else st.scale(d.mean)
+            color = {"best": "k", "worse": _COLORS[1], "tied": "0.45", "within": _COLORS[0], "unknown": "0.45"}[s.verdict]
+            if d is not None and d.estimated:
+                ax.plot([st.scale(d.low), st.scale(d.high)], [y, y], color=color, linewidth=2, alpha=0.7)
+            ax.plot([x], [y], "o", color=color, markersize=5)
+        ax.axvline(0, color="k", linewidth=0.8)
+        if st.resolution:
+            ax.axvspan(-st.scale(st.resolution), st.scale(st.resolution), color=_GREY, alpha=0.5, linewidth=0)
+        ax.set_yticks(ys, [s.cell.norm for s in ss], fontsize=8)
+        ax.set_title(f"batch size {b}", fontsize=9)
+        ax.set_xlabel(f"difference to the best ({'points' if st.metric == 'error' else st.metric})", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="x", alpha=0.3)
+    k = st.seeds
+    sub = "95% paired t-interval over seeds" if k >= 3 else f"{k} seed(s): no interval"
+    fig.suptitle(f"{st.task}: difference to the most accurate norm ({sub}; red: worse beyond it)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 3:
+        return m, 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return m, t_quantile(len(values) - 1) * sd / math.sqrt(len(values))
+
+
+def plot_error_vs_batch(st: "Study", path: Path) -> Path:
+    """Small multiples: one panel per norm, its mean metric against batch size with 95%
+    t-interval bars, every other norm's line in grey behind it; shared axes."""
+    bss = st.batch_sizes
+    norms = st.norms
+    fig, axes = _grid(len(norms), 4, 3.0, 2.5, sharex=True, sharey=True)
+    lines = {}
+    for n in norms:
+        pts = [(b, st.cells[(n, b)]) for b in bss if (n, b) in st.cells and st.cells[(n, b)].values]
+        lines[n] = [(b, *_mean_ci(c.values), bool(c.diverged)) for b, c in pts]
+    for ax, n in zip(axes, norms):
+        for other, pts in lines.items():
+            if other != n and pts:
+                ax.plot([p[0] for p in pts], [st.scale(p[1]) for p in pts], color=_GREY, linewidth=1, zorder=1)
+        pts = lines[n]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [st.scale(p[1]) for p in pts], yerr=[st.scale(p[2]) for p in pts],
+                        color=_COLORS[0], marker="o", markersize=3.5, linewidth=1.6, capsize=2, zorder=3)
+            div = [p for p in pts if p[3]]
+            if div:
+                ax.plot([p[0] for p in div], [st.scale(p[1]) for p in div], "x", color="k", markersize=7, zorder=4)
+        ax.set_title(n, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(bss, [str(b) for b in bss])
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3, which="both")
+    if st.metric == "error":
+        _log_y(axes[0])
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(st.unit, fontsize=8)
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("batch size", fontsize=8)
+    k = st.seeds
+    fig.suptitle(f"{st.task}: {st.unit} vs batch size (mean over {k} seed{'s' if k != 1 else ''}"
+                 f"{'; bars: 95% t-interval' if k >= 3 else ''}; x: some seeds diverged)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_error_vs_time(st: "Study", path: Path) -> Path:
-    plt = _plt()
+    """One panel per batch size: metric against step time; the Pareto front labelled (in a
+    legend, so labels never overlap) and joined, the other norms grey."""
     bss = st.batch_sizes
-    cols = min(3, len(bss))
-    rows = math.ceil(len(bss) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
-    for k, b in enumerate(bss):
-        ax = axes[k // cols][k % cols]
+    fig, axes = _grid(len(bss), 3, 4.6, 3.8)
+    for ax, b in zip(axes, bss):
         pts, names = [], []
-        for i, n in enumerate(st.norms):
+        for n in st.norms:
             c = st.cells.get((n, b))
-            if c is None or not c.usable:
-                continue
-            x, y = 1e3 * c.step_s, st.scale(c.mean)
-            kw = _style(i)
-            ax.scatter([x], [y], color=kw["color"], marker=kw["marker"], s=36, zorder=3)
-            ax.annotate(n, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
-            pts.append((x, y))
-            names.append(n)
+            if c is not None and c.usable:
+                pts.append((1e3 * st.step_s(n, b), st.scale(c.mean)))
+                names.append(n)
         front = pareto_front(pts)
+        ax.scatter([p[0] for i, p in enumerate(pts) if i not in front],
+                   [p[1] for i, p in enumerate(pts) if i not in front], color=_GREY, s=25, zorder=2)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="k", linewidth=0.8, linestyle="--",
+                zorder=2)
+        for i in front:
+            ax.scatter([pts[i][0]], [pts[i][1]], color=_norm_color(st, names[i]), s=45, zorder=3, label=names[i])
         if front:
-            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="k", linewidth=1,
-                    linestyle="--", zorder=2, label="Pareto front")
-            ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=110, facecolors="none",
-                       edgecolors="k", zorder=4)
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="upper right", title="Pareto front", title_fontsize=7)
         ax.set_title(f"batch size {b}", fontsize=9)
-        ax.set_xlabel("median training-step time (ms)", fontsize=8)
+        ax.set_xlabel("training-step time (ms, cost pass)", fontsize=8)
         ax.set_ylabel(st.unit, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
-    for k in range(len(bss), rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.suptitle(f"{st.task}: accuracy vs compute (circled: Pareto front)", fontsize=10)
+    fig.suptitle(f"{st.task}: accuracy vs compute (grey: not on the front)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _mean_curve(curves: list[list[tuple[float, float | None, float | None]]]) -> tuple[list[float], list[float]]:
@@ -138,31 +196,30 @@ def _mean_curve(curves: list[list[tuple[float, float | None, float | None]]]) ->
 
 
 def plot_curves(st: "Study", path: Path) -> Path:
-    plt = _plt()
+    """Learning curves at every batch size studied, one panel each: the three norms with the
+    lowest final mean there in colour (legend), the others grey."""
     bss = st.batch_sizes
-    shown = sorted({bss[0], bss[len(bss) // 2], bss[-1]})
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.8 * len(shown), 4.2), squeeze=False, sharey=True)
-    for k, b in enumerate(shown):
-        ax = axes[0][k]
-        for i, n in enumerate(st.norms):
-            c = st.cells.get((n, b))
-            if c is None or not c.curves:
-                continue
+    fig, axes = _grid(len(bss), 3, 4.4, 3.6, sharey=True)
+    for ax, b in zip(axes, bss):
+        cells = [st.cells[(n, b)] for n in st.norms if (n, b) in st.cells and st.cells[(n, b)].curves]
+        top = sorted((c for c in cells if c.usable), key=lambda c: c.mean)[:3]
+        for c in cells:
+            if c not in top:
+                xs, ys = _mean_curve(c.curves)
+                ax.plot(xs, [st.scale(y) for y in ys], color=_GREY, linewidth=1, zorder=1)
+        for c in top:  # a norm keeps its colour in every panel
             xs, ys = _mean_curve(c.curves)
-            kw = _style(i)
-            ax.plot(xs, [st.scale(y) for y in ys], label=n, color=kw["color"], linestyle=kw["linestyle"],
-                    linewidth=1.3)
+            ax.plot(xs, [st.scale(y) for y in ys], color=_norm_color(st, c.norm), linewidth=1.6, label=c.norm,
+                    zorder=3)
         ax.set_title(f"batch size {b}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-        if k == 0:
-            ax.set_ylabel(st.unit, fontsize=8)
-        if st.metric == "error":  # the late, small errors matter
+        ax.set_ylabel(st.unit, fontsize=8)
+        if st.metric == "error":
             _log_y(ax)
         ax.grid(True, alpha=0.3, which="both")
         ax.tick_params(labelsize=7)
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="upper right")
-    fig.suptitle(f"{st.task}: learning curves (eval mode, mean over seeds)", fontsize=10)
+        if top:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{st.task}: learning curves (eval mode, mean over seeds; three best in colour)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

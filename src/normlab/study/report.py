@@ -1,161 +1,96 @@
-"""The study report, rebuilt from the database alone: summary tables, figures, and a
-recommendation per batch size. The report never trains.
+"""The study report, rebuilt from the database alone: tables, plain-words findings, figures.
+The report never trains.
 
-Runs are grouped into studies by every config field except the norm, batch size and seed
-(and the thread count and data folder, which do not change what is learned), so one
-database may hold several tasks or protocols; each gets its own section and figures.
+Every statement is paired and sized by the data: per batch size, each norm's difference to
+the most accurate one is a mean over seeds with its 95% paired t-interval (``stats``); two
+norms closer than one validation example are not ranked; with fewer than 3 seeds the
+intervals are said to be unknown. Cost comes from the cost pass (``cost``) when stored.
+
+Stored strings (task and norm names, settings) are data, not markup: they are escaped in
+report.md, and figure file names are derived from them by ``safe_name`` alone, so a report
+writes inside ``out`` whatever the database holds.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from .store import Store
+from .analysis import Cell, Standing, Study, batch_moves, load_studies, standings, studies_from_rows
+from .stats import MIN_SEEDS, Paired
 
-__all__ = ["Cell", "Study", "load_studies", "format_table", "recommendations", "sensitivity", "write_report"]
+__all__ = ["Cell", "Study", "load_studies", "format_table", "format_costs", "recommendations", "sensitivity",
+           "grid_status", "table_caption", "write_report", "safe_name", "md"]
 
-_NOT_PROTOCOL = {"key", "norm", "batch_size", "global_batch_size", "seed", "threads", "data_dir"}
-
-
-@dataclass
-class Cell:
-    """One (norm, batch size) over its seeds."""
-
-    norm: str
-    batch_size: int
-    values: list[float]  # the metric of each finished, non-diverged seed
-    diverged: int
-    step_s: float  # median over seeds of the median step time
-    saved_bytes: float  # per sample, mean over seeds
-    params: int
-    curves: list[list[tuple[float, float | None, float | None]]]
-
-    @property
-    def n(self) -> int:
-        return len(self.values) + self.diverged
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else math.nan
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
-
-    @property
-    def usable(self) -> bool:
-        return bool(self.values) and self.diverged == 0
+_studies_from_rows = studies_from_rows  # the name earlier tests use
 
 
-@dataclass
-class Study:
-    """Runs that share a protocol: one task, one set of training settings."""
-
-    protocol: dict[str, Any]
-    cells: dict[tuple[str, int], Cell]
-    metric: str
-
-    @property
-    def task(self) -> str:
-        return str(self.protocol["task"])
-
-    @property
-    def norms(self) -> list[str]:
-        return sorted({n for n, _ in self.cells}, key=lambda s: (s == "none", s))
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return sorted({b for _, b in self.cells})
-
-    @property
-    def seeds(self) -> int:
-        return max(c.n for c in self.cells.values())
-
-    def title(self) -> str:
-        p = self.protocol
-        lr = f"lr {p['base_lr']:g} at batch {p['base_batch']}, {p['lr_rule']} scaling, {p['schedule']} decay"
-        sub = f", train subset {p['train_subset']}" if p.get("train_subset") else ""
-        if int(p.get("nproc") or 1) > 1:  # bs columns are global batches of nproc x the per-process batch
-            stats = "synchronized" if p.get("sync") else "local"
-            sub += f", {p['nproc']} processes (DDP), batch statistics {stats}"
-        epochs = f"{p['epochs']} epoch{'s' if p['epochs'] != 1 else ''}"
-        return f"{self.task}: {epochs}, {lr}, width {p['width']}{sub}"
-
-    def scale(self, v: float) -> float:
-        """Metric as shown: error in percent, RMSE as is."""
-        return 100 * v if self.metric == "error" else v
-
-    @property
-    def unit(self) -> str:
-        return "validation error (%)" if self.metric == "error" else "validation RMSE"
+def md(text: object) -> str:
+    """``text`` as literal markdown: markup characters backslash-escaped, HTML characters as
+    entities, line breaks as spaces."""
+    s = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    s = re.sub(r"[\r\n\t\x00-\x1f\x7f]", " ", s)
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", s)
 
 
-def _studies_from_rows(rows: list[dict[str, Any]], curves: dict[str, list]) -> list[Study]:
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        proto = tuple(sorted((k, r[k]) for k in r if k not in _NOT_PROTOCOL and k in _config_fields()))
-        groups.setdefault(proto, []).append(r)
-    studies = []
-    for proto, rs in groups.items():
-        by_cell: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for r in rs:
-            by_cell.setdefault((r["norm"], r["global_batch_size"]), []).append(r)
-        cells = {}
-        for (norm, bs), cr in by_cell.items():
-            ok = [r for r in cr if r["status"] == "ok" and r["val_metric"] is not None]
-            cells[(norm, bs)] = Cell(
-                norm=norm, batch_size=bs, values=[r["val_metric"] for r in ok], diverged=len(cr) - len(ok),
-                step_s=statistics.median(r["median_step_s"] for r in cr),
-                saved_bytes=statistics.fmean(r["saved_bytes_per_sample"] for r in cr),
-                params=int(cr[0]["param_count"]), curves=[curves.get(r["key"], []) for r in ok])
-        studies.append(Study(dict(proto), cells, rs[0]["metric"]))
-    studies.sort(key=lambda s: (s.task, str(sorted(s.protocol.items()))))
-    return studies
+def safe_name(text: str, limit: int = 48) -> str:
+    """A file-name stem made from a stored string: letters, digits, '-', '_' and '.' only,
+    no leading dot, never empty, never a path."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")[:limit]
+    return s or "study"
 
 
-def _config_fields() -> set[str]:
-    from .config import CellConfig
-
-    return set(CellConfig.field_types())
-
-
-def load_studies(db: str | Path, keys: Iterable[str] | None = None) -> list[Study]:
-    """The studies in a database (all runs, or only those with ``keys``)."""
-    if not Path(db).is_file():
-        raise FileNotFoundError(f"no study database at {db}")
-    with Store(db) as store:
-        return _studies_from_rows(store.rows(keys), store.curves())
+# -------------------------------------------------------------------- words
+def _pts(st: Study, v: float) -> str:
+    return f"{st.scale(v):.2f}" if st.metric == "error" else f"{v:.3g}"
 
 
-# -------------------------------------------------------------------- tables
-def _cell_text(study: Study, c: Cell | None) -> str:
+def _unit(st: Study) -> str:
+    return " points" if st.metric == "error" else ""
+
+
+def _interval(st: Study, d: Paired) -> str:
+    if not d.estimated:
+        return f"{'+' if d.mean >= 0 else ''}{_pts(st, d.mean)}{_unit(st)}"
+    return (f"{'+' if d.mean >= 0 else ''}{_pts(st, d.mean)}{_unit(st)}, 95% CI "
+            f"[{_pts(st, d.low)}, {_pts(st, d.high)}]")  # type: ignore[arg-type]
+
+
+def _resolution_words(st: Study) -> str:
+    if st.metric != "error" or not st.val_size:
+        return ""
+    return (f"{st.val_size} validation examples: one example is worth {100 / st.val_size:.3g} points of error, "
+            "and norms closer than that are not ranked")
+
+
+def grid_status(st: Study) -> str | None:
+    """A warning when the study's grid is incomplete; None when every planned run is stored."""
+    have, want = st.planned()
+    if have >= want:
+        return None
+    return (f"INCOMPLETE GRID: {have} of {want} runs stored ({want - have} missing); the comparisons below use "
+            "the seeds each pair has in common. Run the same command again to finish it.")
+
+
+def _cell_text(st: Study, s: Standing | None, c: Cell | None) -> str:
     if c is None:
         return "-"
-    if not c.values:
-        return "diverged"
-    v = f"{study.scale(c.mean):.2f}" if study.metric == "error" else f"{c.mean:.3g}"
-    if len(c.values) > 1:
-        v += f"±{study.scale(c.std):.2f}" if study.metric == "error" else f"±{c.std:.2g}"
-    return v + ("†" if c.diverged else "")
+    if s is None or s.verdict == "diverged":
+        return f"diverged {c.diverged}/{c.n}" if c.diverged else "-"
+    v = _pts(st, c.mean)
+    if s.verdict == "best":
+        return v + " best"
+    d = s.diff
+    assert d is not None
+    delta = f"{'+' if d.mean >= 0 else ''}{_pts(st, d.mean)}"
+    if d.estimated and d.half_width is not None:
+        delta += f"±{_pts(st, d.half_width)}"
+    mark = {"worse": " *", "tied": " =", "within": "", "unknown": ""}[s.verdict]
+    return f"{v} {delta}{mark}"
 
 
-def format_table(study: Study, markdown: bool = False) -> str:
-    """Rows: norms; columns: the metric (mean±std over seeds) at each batch size, then the
-    cost: parameters, bytes saved for backward per sample, step time at the largest batch."""
-    bss = study.batch_sizes
-    big = bss[-1]
-    nproc = int(study.protocol.get("nproc") or 1)
-    head = ["norm"] + [f"bs {b}" + (f" ({b // nproc}/proc)" if nproc > 1 else "") for b in bss] + ["params", "saved KiB/sample", f"ms/step @{big}"]
-    body = []
-    for n in study.norms:
-        row = [n] + [_cell_text(study, study.cells.get((n, b))) for b in bss]
-        ref = study.cells.get((n, big)) or next(study.cells[(n, b)] for b in bss if (n, b) in study.cells)
-        row += [f"{ref.params:,}", f"{ref.saved_bytes / 1024:.1f}", f"{1e3 * ref.step_s:.2f}"]
-        body.append(row)
+def _grid(head: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
@@ -164,138 +99,208 @@ def format_table(study: Study, markdown: bool = False) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
-def table_caption(study: Study) -> str:
-    what = "validation error in %" if study.metric == "error" else "validation RMSE (original units)"
-    seeds = f"mean±std over {study.seeds} seeds" if study.seeds > 1 else "one seed"
-    return (f"{study.title()}\n{what}, {seeds}; † some seeds diverged (mean over the rest); "
-            "step time and saved bytes are medians/means over seeds")
+def _bs_head(st: Study, b: int) -> str:
+    nproc = int(st.protocol.get("nproc") or 1)
+    return f"bs {b}" + (f" ({b // nproc}/proc)" if nproc > 1 else "")
 
 
-# ------------------------------------------------------------ recommendation
-def _fmt_metric(study: Study, c: Cell) -> str:
-    if study.metric == "error":
-        s = f"{study.scale(c.mean):.2f}% error"
-        return s + (f" (± {study.scale(c.std):.2f})" if len(c.values) > 1 else "")
-    return f"RMSE {c.mean:.3g}" + (f" (± {c.std:.2g})" if len(c.values) > 1 else "")
+def format_table(st: Study, markdown: bool = False) -> str:
+    """Rows: norms; per batch size: the mean metric over seeds and the paired difference to
+    the best norm there with its 95% interval half-width (* beyond it, = within one example)."""
+    bss = st.batch_sizes
+    by_bs = {b: {s.cell.norm: s for s in standings(st, b)} for b in bss}
+    body = []
+    for n in st.norms:
+        name = md(n) if markdown else n
+        esc = md if markdown else str
+        body.append([name] + [esc(_cell_text(st, by_bs[b].get(n), st.cells.get((n, b)))) for b in bss]
+                    + [f"{next(st.cells[(n, b)] for b in bss if (n, b) in st.cells).params:,}"])
+    return _grid(["norm"] + [_bs_head(st, b) for b in bss] + ["params"], body, markdown)
 
 
-def _join(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+def format_costs(st: Study, markdown: bool = False) -> str:
+    """Rows: norms; per batch size: ms per training step and KiB saved for backward per sample."""
+    bss = st.batch_sizes
+    body = []
+    for n in st.norms:
+        row = [md(n) if markdown else n]
+        row += [f"{1e3 * st.step_s(n, b):.2f}" if (n, b) in st.cells else "-" for b in bss]
+        row += [f"{st.saved_bytes(n, b) / 1024:.1f}" if (n, b) in st.cells else "-" for b in bss]
+        body.append(row)
+    head = ["norm"] + [f"ms/step {b}" for b in bss] + [f"KiB/sample {b}" for b in bss]
+    return _grid(head, body, markdown)
 
 
-def recommendations(study: Study) -> list[str]:
-    """One plain-words paragraph per batch size: the most accurate norm, the cheapest norm
-    (by step time) whose mean is within one standard deviation of it, and whether the
-    differences are within noise."""
+def table_caption(st: Study) -> str:
+    k = st.seeds
+    what = f"{st.unit}, mean over {k} seed{'s' if k != 1 else ''}"
+    if k >= MIN_SEEDS:
+        diff = ("then the paired difference to the best norm at that batch size ± the half-width of its 95% "
+                "t-interval; * worse beyond the interval; = within one validation example of the best (not ranked)")
+    else:
+        diff = (f"then the difference to the best norm at that batch size; with {k} seed{'s' if k != 1 else ''} "
+                f"its interval cannot be estimated (it takes {MIN_SEEDS} or more), so no difference is shown as real")
+    res = _resolution_words(st)
+    return f"{st.title()}\n{what}; {diff}." + (f" {res[0].upper()}{res[1:]}." if res else "")
+
+
+def _names(cells: list[Standing], st: Study, with_diff: bool = True, nm: Any = str) -> str:
+    parts = [f"{nm(c.cell.norm)} ({_interval(st, c.diff)})" if with_diff and c.diff else nm(c.cell.norm) for c in cells]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def recommendations(st: Study, markdown: bool = False) -> list[str]:
+    """One paragraph per batch size: the most accurate norm, which others cannot be told
+    apart from it (and the cheapest of those), which are worse beyond their interval."""
+    b_ = (lambda s: f"**{md(s)}**") if markdown else (lambda s: s)
+    nm = md if markdown else str
     out = []
-    for b in study.batch_sizes:
-        cells = [study.cells[(n, b)] for n in study.norms if (n, b) in study.cells]
-        usable = [c for c in cells if c.usable]
-        bad = [c for c in cells if not c.usable]
-        if not usable:
-            out.append(f"**Batch size {b}**: every norm diverged; no recommendation.")
+    for b in st.batch_sizes:
+        ss = standings(st, b)
+        head = f"Batch size {b}: "
+        if not ss or ss[0].verdict != "best":
+            out.append(head + "every norm diverged; no recommendation.")
             continue
-        best = min(usable, key=lambda c: c.mean)
-        text = f"**Batch size {b}**: the most accurate is **{best.norm}** ({_fmt_metric(study, best)}"
-        text += f", {1e3 * best.step_s:.2f} ms per step)."
-        if math.isnan(best.std):
-            text += (" With one seed per cell there is no estimate of the noise, so this ranking may be"
-                     " chance; run more seeds (--seeds) before relying on it.")
-        else:
-            near = [c for c in usable if c.mean <= best.mean + best.std]
-            cheap = min(near, key=lambda c: c.step_s)
+        best = ss[0]
+        tied = [s for s in ss if s.verdict == "tied"]
+        unclear = [s for s in ss if s.verdict in ("within", "unknown")]
+        worse = [s for s in ss if s.verdict == "worse"]
+        diverged = [s for s in ss if s.verdict == "diverged"]
+        c = best.cell
+        text = head + f"the lowest mean {st.unit} is {b_(c.norm)} ({_pts(st, c.mean)}, {len(c.values)} seeds)."
+        if tied:
+            text += f" {_names(tied, st, False, nm)} {'is' if len(tied) == 1 else 'are'} within one validation example of it: equally accurate at this resolution."
+        if st.seeds < MIN_SEEDS and len(ss) > 1:
+            text += (f" With fewer than {MIN_SEEDS} seeds the intervals cannot be estimated, so the order of the "
+                     f"others may be chance: run --seeds {MIN_SEEDS} or more before relying on it.")
+        elif unclear:
+            text += f" Not distinguishable from it (the 95% interval of the difference includes zero): {_names(unclear, st, nm=nm)}."
+        near = [best] + tied + [s for s in unclear if s.verdict == "within"]
+        if len(near) > 1:
+            cheap = min(near, key=lambda s: st.step_s(s.cell.norm, b))
             if cheap is best:
-                text += " It is also the cheapest norm within one standard deviation of its error."
+                text += (f" It is also the cheapest of the norms it cannot be told apart from "
+                         f"({1e3 * st.step_s(c.norm, b):.2f} ms per step).")
             else:
-                text += (f" The cheapest norm within one standard deviation of it is **{cheap.norm}** "
-                         f"({_fmt_metric(study, cheap)}, {1e3 * cheap.step_s:.2f} ms per step).")
-            others = [c.norm for c in near if c is not best]
-            if others:
-                text += (f" {_join(others)} {'is' if len(others) == 1 else 'are'} within one standard deviation of"
-                         f" {best.norm}: at {study.seeds} seeds the differences among them are within noise.")
-            else:
-                text += " Every other norm is more than one standard deviation worse."
-        if bad:
-            text += " Diverged: " + ", ".join(f"{c.norm} ({c.diverged} of {c.n} seeds)" for c in bad) + "."
+                text += (f" Of the norms it cannot be told apart from, the cheapest is {b_(cheap.cell.norm)} "
+                         f"({1e3 * st.step_s(cheap.cell.norm, b):.2f} ms per step, vs "
+                         f"{1e3 * st.step_s(c.norm, b):.2f}).")
+        if worse:
+            text += f" Worse beyond the interval: {_names(worse, st, nm=nm)}."
+        if diverged:
+            text += " Diverged: " + ", ".join(f"{nm(s.cell.norm)} ({s.cell.diverged} of {s.cell.n} seeds)"
+                                                for s in diverged) + "."
         out.append(text)
     return out
 
 
-def sensitivity(study: Study) -> list[str]:
-    """Per norm, in plain words: how its metric moves from the largest batch size to the
-    smallest, and whether the move is beyond the seeds' noise (the two stds combined)."""
-    bss = study.batch_sizes
+def sensitivity(st: Study) -> list[str]:
+    """Per norm, in plain words: the paired change of its metric from the largest batch size
+    to the smallest, with its 95% interval and whether it depends on the batch size."""
+    bss = st.batch_sizes
     if len(bss) < 2:
         return []
     lo, hi = bss[0], bss[-1]
-    unit = " points" if study.metric == "error" else ""
+    words = {"depends": "depends on the batch size", "steady": "not shown to depend on it: the interval includes zero or the change is under one example",
+             "unknown": f"interval cannot be estimated with fewer than {MIN_SEEDS} seeds"}
     items = []
-    for n in study.norms:
-        a, b = study.cells.get((n, lo)), study.cells.get((n, hi))
-        if a is None or b is None or not a.usable or not b.usable:
-            items.append((math.inf, f"- {n}: diverged at batch {lo if a is None or not a.usable else hi}"))
+    for n, d, verdict in batch_moves(st):
+        if d is None:
+            items.append(f"- {n}: diverged at batch {lo} or {hi}")
             continue
-        d = study.scale(a.mean) - study.scale(b.mean)
-        noise = math.hypot(study.scale(a.std), study.scale(b.std))
-        verdict = ("one seed: noise unknown" if math.isnan(noise) else
-                   "beyond noise" if abs(d) > noise else "within noise")
-        items.append((d, f"- {n}: {study.scale(b.mean):.3g} at batch {hi} -> {study.scale(a.mean):.3g} at batch {lo} "
-                         f"({d:+.2f}{unit}; {verdict})"))
-    return [t for _, t in sorted(items, key=lambda it: -it[0])]
+        a, b = st.cells[(n, lo)], st.cells[(n, hi)]
+        items.append(f"- {n}: {_pts(st, b.mean)} at batch {hi} → {_pts(st, a.mean)} at batch {lo} "
+                     f"({_interval(st, d)}; {words[verdict]})")
+    return items
+
+
+def sensitivity_summary(st: Study) -> str:
+    moves = batch_moves(st)
+    dep = [n for n, _, v in moves if v == "depends"]
+    steady = [n for n, _, v in moves if v == "steady"]
+    if not dep and not steady:
+        return ""
+    return (f"Depends on the batch size: {', '.join(dep) or 'none'}. "
+            f"No dependence found (within the interval and the resolution): {', '.join(steady) or 'none'}.")
 
 
 # -------------------------------------------------------------------- report
 def _settings(protocol: dict[str, Any]) -> str:
-    from .config import CellConfig
+    return ", ".join(f"{k}={v}" for k, v in sorted(protocol.items()) if k != "task" and v != "")
 
-    types = CellConfig.field_types()
-    return ", ".join(f"{k}={types[k](v) if k in types and v is not None else v}"
-                     for k, v in sorted(protocol.items()) if k != "task")
+
+def _inside(out: Path, name: str) -> Path:
+    path = out / name
+    if path.resolve().parent != out.resolve():  # safe_name makes this impossible; a second lock
+        raise ValueError(f"refusing to write {path} outside {out}")
+    return path
 
 
 def write_report(db: str | Path, out: str | Path, keys: Iterable[str] | None = None) -> Path:
-    """Write ``report.md`` and its PNG figures into ``out`` from the database ``db``;
-    returns the path of ``report.md``."""
-    from .plots import plot_curves, plot_error_vs_batch, plot_error_vs_time
+    """Write ``report.md`` and its PNG figures into ``out`` (and nowhere else) from the
+    database ``db``; returns the path of ``report.md``."""
+    from .plots import plot_curves, plot_diff_to_best, plot_error_vs_batch, plot_error_vs_time
 
     studies = load_studies(db, keys)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# normlab study report", "",
-             f"Rebuilt from `{db}` ({sum(c.n for s in studies for c in s.cells.values())} runs). "
+             f"Rebuilt from {md(db)} ({sum(c.n for s in studies for c in s.cells.values())} runs). "
              "Each run: the same number of epochs at every batch size, learning rate scaled with the batch "
-             "size from a base value, evaluation in each norm's eval mode at a fixed evaluation batch size "
-             "on a validation split fixed by the seed.", ""]
+             "size from a base value, evaluation in each norm's eval mode at a fixed evaluation batch size. "
+             "Runs with the same seed share the validation split, the initialisation of the layers the norms "
+             "share and the batch order, so norms are compared seed by seed (paired).", ""]
+    warnings = [(st, grid_status(st)) for st in studies]
+    lines += [f"> **{md(st.task)}: {w}**\n" for st, w in warnings if w]
     if not studies:
         lines.append("The database holds no finished runs yet.")
+    used: set[str] = set()
     for i, st in enumerate(studies):
-        tag = st.task if sum(s.task == st.task for s in studies) == 1 else f"{st.task}-{i + 1}"
+        tag = safe_name(st.task)
+        if tag in used or sum(s.task == st.task for s in studies) > 1:
+            tag = f"{tag}-{i + 1}"
+        used.add(tag)
         figs = {
-            "batch": plot_error_vs_batch(st, out / f"{tag}_error_vs_batch.png"),
-            "time": plot_error_vs_time(st, out / f"{tag}_error_vs_time.png"),
-            "curves": plot_curves(st, out / f"{tag}_curves.png"),
+            "diff": plot_diff_to_best(st, _inside(out, f"{tag}_diff_to_best.png")),
+            "batch": plot_error_vs_batch(st, _inside(out, f"{tag}_error_vs_batch.png")),
+            "time": plot_error_vs_time(st, _inside(out, f"{tag}_error_vs_time.png")),
+            "curves": plot_curves(st, _inside(out, f"{tag}_curves.png")),
         }
-        p = st.protocol
-        lines += [f"## {st.title()}", "",
-                  f"Settings: {_settings(p)}.", "",
-                  table_caption(st).split("\n", 1)[1] + ".", "", format_table(st, markdown=True), "",
+        lines += [f"## {md(st.title())}", ""]
+        if grid_status(st):
+            lines += [f"**{grid_status(st)}**", ""]
+        lines += [f"Settings: {md(_settings(st.protocol))}.", ""]
+        for name, value in sorted(st.notes.items()):
+            if name != "grid" and isinstance(value, str):
+                lines += [f"{md(name)}: {md(value)}", ""]
+        lines += [md(table_caption(st).split("\n", 1)[1]), "", format_table(st, markdown=True), "",
                   "### Recommendation", ""]
-        lines += [r + "\n" for r in recommendations(st)]
+        lines += [r + "\n" for r in recommendations(st, markdown=True)]
         moves = sensitivity(st)
         if moves:
-            lines += [f"How each norm's {st.unit} moves from the largest batch size to the smallest "
-                      "(worst first; noise: the two standard deviations combined). Every batch size trains "
-                      "the same number of epochs, so a smaller batch takes more steps; on a small data set that "
-                      "alone can favour small batches for every norm: read a norm's move against the others', "
-                      "not against zero.", ""] + moves + [""]
-        lines += ["### Figures", "",
-                  f"{st.unit.capitalize()} against batch size (mean and band of ±1 std over seeds):", "",
-                  f"![error vs batch size]({figs['batch'].name})", "",
-                  "Accuracy against compute, one panel per batch size; the Pareto front (no norm both faster "
-                  "and more accurate) is joined by a line:", "",
+            lines += ["### What happens when the batch size changes", "",
+                      f"Per norm, the change of its {st.unit} from the largest batch size to the smallest, paired "
+                      "by seed, with its 95% interval (largest change first). Every batch size trains the same "
+                      "number of epochs, so a smaller batch takes more steps; on a small data set that alone can "
+                      "favour small batches for every norm: read a norm's change against the others'.", ""]
+            lines += [md(m) for m in moves] + [""]
+            summary = sensitivity_summary(st)
+            if summary:
+                lines += [md(summary), ""]
+        lines += ["### Cost", "", f"Step time: {md(st.cost_source)}. Saved bytes: what autograd keeps for "
+                  "backward per sample (parameters excluded), at each batch size.", "",
+                  format_costs(st, markdown=True), "",
+                  "### Figures", "",
+                  "Difference to the best norm at each batch size (95% paired interval; grey band: one "
+                  "validation example):", "", f"![difference to the best]({figs['diff'].name})", "",
+                  f"{st.unit.capitalize()} against batch size, one panel per norm (the others in grey; bars: 95% "
+                  "t-interval of the mean over seeds):", "", f"![error vs batch size]({figs['batch'].name})", "",
+                  "Accuracy against step time (cost pass), one panel per batch size; the Pareto front (no norm both "
+                  "faster and more accurate) is labelled and joined, the rest in grey:", "",
                   f"![error vs step time]({figs['time'].name})", "",
-                  "Learning curves (validation metric in eval mode, mean over seeds):", "",
+                  "Learning curves at every batch size (validation metric in eval mode, mean over seeds; the three "
+                  "best norms at that batch size in colour, the others grey):", "",
                   f"![learning curves]({figs['curves'].name})", ""]
-    path = out / "report.md"
+    path = _inside(out, "report.md")
     path.write_text("\n".join(lines))
     return path

@@ -1,33 +1,31 @@
 """The study grid: norms x batch sizes x seeds of one task, run cell by cell (or in worker
 processes), each finished cell stored at once; cells already in the database are skipped.
 
-``execute_cell`` is the one place a cell is executed: with ``nproc=1`` and ``sync=False``
-it runs in-process; a multi-process cell (``nproc`` processes, batch statistics local or
-synchronized) plugs in there. The runner never plots.
+Where cells run is a backend (``backends``: local processes; others plug in behind the same
+interface); this driver submits the cells, and stores each result as it comes back: it is
+the only writer of the store. The runner never plots.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 import torch
 
+from .backends import Backend, execute_cell, make_backend
 from .config import CellConfig
-from .multiproc import exit_with_parent
 from .store import Store, StoreError
 from .tasks import Task
-from .train import CellResult, check_cell, run_cell
+from .train import CellResult, check_cell
 
 __all__ = ["execute_cell", "resolve_norms", "build_grid", "run_grid", "GridOutcome", "available_cores",
            "DEFAULT_BATCH_SIZES"]
 
-DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64)
+DEFAULT_BATCH_SIZES = Task.default_batch_sizes  # a task may choose its own
 
 
 def available_cores() -> int:
@@ -35,16 +33,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def execute_cell(config: CellConfig) -> CellResult:
-    """Run one cell where its config says: in this process for ``nproc=1``, else as
-    ``nproc`` data-parallel processes (``multiproc``; statistics synchronized if ``sync``)."""
-    if config.nproc == 1:
-        return run_cell(config)
-    from .multiproc import run_cell_multiprocess
-
-    return run_cell_multiprocess(config)
 
 
 def _probe(task: Task, spec: str, width: int) -> None:
@@ -72,22 +60,25 @@ def resolve_norms(task: Task, norms: list[str] | None, width: int = 16) -> tuple
             except Exception as err:  # a new norm that does not fit this model: say so, go on
                 notes.append(f"left out {spec}: {type(err).__name__}: {err}")
         return specs, notes
+    full = []
     for spec in norms:
         try:
-            _probe(task, spec, width)
+            full.append(task.full_spec(spec))  # a bare gn: the task's group count
+            _probe(task, full[-1], width)
         except ValueError as err:
             raise ValueError(f"norm {spec!r} for task {task.name!r}: {err}") from None
-    return list(dict.fromkeys(norms)), []
+    return list(dict.fromkeys(full)), []
 
 
-def build_grid(task: str, norms: list[str], batch_sizes: list[int], seeds: list[int], **fields: object
-               ) -> list[CellConfig]:
+def build_grid(task: str, norms: list[str], batch_sizes: list[int], seeds: list[int], task_obj: Task | None = None,
+               **fields: object) -> list[CellConfig]:
     """Every (norm, batch size, seed) cell, the other config fields shared; each checked to
-    fit its data (a batch larger than the training set is an error before anything runs)."""
+    fit its data (a batch larger than the training set is an error before anything runs).
+    ``task_obj``: the task when it is not found by name (``normlab.compare``)."""
     cells = [CellConfig(task=task, norm=n, batch_size=b, seed=s, **fields)  # type: ignore[arg-type]
              for b in batch_sizes for n in norms for s in seeds]
     for c in {(c.seed, c.global_batch_size): c for c in cells}.values():
-        check_cell(c)
+        check_cell(c, task_obj)
     return cells
 
 
@@ -158,11 +149,12 @@ def _note(result: CellResult) -> str:
 
 
 def run_grid(cells: list[CellConfig], store: Store, workers: int = 1, progress: bool = True,
-             on_result: Callable[[CellConfig, CellResult], None] | None = None) -> GridOutcome:
-    """Run every cell whose key is not yet in ``store``; store each result as it finishes.
-
-    ``workers > 1`` runs cells in that many worker processes (each with ``config.threads``
-    torch threads). A cell that raises is reported in ``failed`` and the others go on.
+             on_result: Callable[[CellConfig, CellResult], None] | None = None,
+             backend: Backend | None = None, task: Task | None = None) -> GridOutcome:
+    """Run every cell whose key is not yet in ``store`` on ``backend`` (default: this
+    machine, ``workers`` processes); store each result as it finishes: the driver (this
+    function) is the only writer. ``task``: the cells' task object when it is not found by
+    name (``normlab.compare``). A cell that raises is reported in ``failed``, the others go on.
     """
     t0 = time.perf_counter()
     have = store.keys()
@@ -170,56 +162,32 @@ def run_grid(cells: list[CellConfig], store: Store, workers: int = 1, progress: 
     sizes = {}
     for c in todo:
         if (c.task, c.seed, c.train_subset) not in sizes:
-            sizes[(c.task, c.seed, c.train_subset)] = len(check_cell(c).x_train)
+            sizes[(c.task, c.seed, c.train_subset)] = len(check_cell(c, task).x_train)
     cost = {c: _cost(c, sizes[(c.task, c.seed, c.train_subset)]) for c in todo}
     todo.sort(key=lambda c: -cost[c])  # the longest first: workers finish together
     out = GridOutcome(total=len(set(cells)), skipped=len(set(cells)) - len(todo))
     bar = Progress(sum(cost.values()), len(todo)) if progress and todo else None
-
-    def finish(c: CellConfig, result: CellResult | None, err: str | None, running: list[CellConfig]) -> None:
-        if result is not None:
-            store.write(c, result)
-            out.ran.append((c, result))
-            if on_result:
-                on_result(c, result)
-        else:
-            out.failed.append((c, err or "failed"))
-        if bar:
-            bar.update(running, c, cost[c], _note(result) if result else f" -> FAILED: {err}")
-
+    owned = backend is None
+    backend = backend or make_backend("local", workers=workers)
     try:
-        if workers <= 1:
-            for i, c in enumerate(todo):
-                if bar:
-                    bar.update([c])
-                try:
-                    finish(c, execute_cell(c), None, todo[i + 1:i + 2])
-                except StoreError:
-                    raise  # the database, not the cell: stop (the command says why in one line)
-                except Exception as e:  # noqa: BLE001 (reported, the grid goes on)
-                    finish(c, None, f"{type(e).__name__}: {e}", todo[i + 1:i + 2])
-        else:
-            ctx = multiprocessing.get_context("forkserver")
-            # workers fork from a server that has imported these once (torch._dynamo: torch's
-            # is_compiling() imports it on first use, about a second per process)
-            ctx.set_forkserver_preload(["normlab.study.train", "sklearn.datasets", "torch._dynamo"])
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
-                                     initargs=(os.getpid(),)) as pool:
-                queue = list(reversed(todo))
-                flying: dict[Future, CellConfig] = {}
-                while queue or flying:
-                    while queue and len(flying) < workers:
-                        c = queue.pop()
-                        flying[pool.submit(execute_cell, c)] = c
-                    if bar:
-                        bar.update(list(flying.values()))
-                    done, _ = wait(flying, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        c = flying.pop(f)
-                        err = f.exception()
-                        finish(c, None if err else f.result(), f"{type(err).__name__}: {err}" if err else None,
-                               list(flying.values()))
+        for c in todo:
+            backend.submit(c, task)
+        if bar:
+            bar.update(todo[:backend.slots])
+        for done in backend.as_completed():
+            c, result = done.config, done.result
+            if result is not None:
+                store.write(c, result)
+                out.ran.append((c, result))
+                if on_result:
+                    on_result(c, result)
+            else:
+                out.failed.append((c, done.error or "failed"))
+            if bar:
+                bar.update(backend.running(), c, cost[c], _note(result) if result else f" -> FAILED: {done.error}")
     finally:
+        if owned:
+            backend.close()
         if bar:
             bar.close()
     out.wall_s = time.perf_counter() - t0

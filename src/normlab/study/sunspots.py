@@ -75,6 +75,9 @@ class Sunspots(Task):
             xt, yt = xt[:train_subset], yt[:train_subset]
         return Split(xt.contiguous(), yt.contiguous(), x[val].contiguous(), y[val].contiguous(), standardizer=std)
 
+    def full_spec(self, spec: str) -> str:
+        return spec.strip().lower()  # the slot's names take no argument
+
     def build_model(self, norm_spec: str, width: int = 16) -> nn.Module:
         import normlab
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..registry import NormEntry, describe_norms, make_norm, parse_spec
 
-__all__ = ["Task", "Split", "get_task", "task_names", "ConvNet", "DataMissingError", "FASHION_DIR"]
+__all__ = ["Task", "Split", "get_task", "task_names", "ConvNet", "DataMissingError", "FASHION_DIR", "norm_slot"]
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -41,6 +41,13 @@ class Split:
     x_val: Tensor
     y_val: Tensor
     standardizer: nn.Module | None = None
+
+
+def norm_slot(spec: str, num_features: int, **kw: object) -> nn.Module:
+    """``make_norm(spec, num_features, **kw)`` without touching the global random stream, so
+    every norm leaves the initialisation of the model's other layers the same (paired runs)."""
+    with torch.random.fork_rng(devices=[]):
+        return make_norm(spec, num_features, **kw)
 
 
 class ConvNet(nn.Module):
@@ -67,7 +74,19 @@ class ConvNet(nn.Module):
 
 
 class Task:
-    """Base class: a classification task on a ``ConvNet``."""
+    """A study task: data plus a model with a norm slot. The built-in tasks and a user's
+    (``normlab study --task pkg.module:factory``, the factory returning a ``Task``) use
+    this one interface:
+
+    - ``split(seed, val_fraction, val_max, train_subset, data_dir) -> Split``: float input
+      tensors and targets, the split fixed by the seed (default: ``arrays`` shuffled by it);
+    - ``build_model(norm_spec, width) -> nn.Module``: a fresh model with ``norm_spec`` in its
+      norm slot (default: a ``ConvNet`` over ``input_shape``);
+    - ``loss(out, y)`` (default cross-entropy) and ``score(out, y, split) -> float``, lower
+      is better, named by ``metric`` (default: the error rate, "error");
+    - ``kind``: which registered norms apply ("conv", "dense", "seq": ``applies_to`` in the
+      registry), ``groups`` for a bare ``gn``, ``default_epochs``/``default_lr``.
+    """
 
     name: str = ""
     kind: str = "conv"  # the registry's ``applies_to`` word this task's norm slot needs
@@ -80,9 +99,11 @@ class Task:
     num_classes: int = 10
     widths: tuple[int, ...] = (1, 2, 2)  # multiples of the width
     strides: tuple[int, ...] = (1, 2, 2)
-    default_epochs: int = 4  # the default study's budget: about 2.5 minutes on 2 idle cores
+    default_epochs: int = 4
     default_train_subset: int = 0  # 0: the whole training split
     default_lr: float = 0.1  # at batch 32, scaled linearly: the group-norm paper's 0.1 * N / 32
+    default_batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    default_seeds: int = 3  # the fewest that give a paired interval (stats.MIN_SEEDS)
 
     # ------------------------------------------------------------------ data
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +111,7 @@ class Task:
         raise NotImplementedError
 
     def split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str = "") -> Split:
-        return _cached_split(self.name, seed, val_fraction, val_max, train_subset, data_dir)
+        return _cached_split(self, seed, val_fraction, val_max, train_subset, data_dir)
 
     def _split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
         x, y = self.arrays(data_dir)
@@ -110,10 +131,17 @@ class Task:
     def spec_for(self, entry: NormEntry) -> str:
         return f"{entry.name}:{self.groups}" if entry.arg == "num_groups" else entry.name
 
+    def full_spec(self, spec: str) -> str:
+        """A spec as typed, completed for this task: a bare ``gn`` takes the task's group count."""
+        entry, kwargs = parse_spec(spec)  # unknown norm: a clear error
+        if entry.arg == "num_groups" and ":" not in spec:
+            return self.spec_for(entry)
+        return spec.strip()
+
     def build_model(self, norm_spec: str, width: int = 16) -> nn.Module:
         parse_spec(norm_spec)  # unknown norm: a clear error before anything is built
         return ConvNet(self.in_channels, tuple(width * m for m in self.widths), self.strides, self.num_classes,
-                       lambda c: make_norm(norm_spec, c), dim=self.dim)
+                       lambda c: norm_slot(norm_spec, c), dim=self.dim)
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(out, y)
@@ -124,8 +152,9 @@ class Task:
 
 
 @lru_cache(maxsize=8)
-def _cached_split(name: str, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
-    return get_task(name)._split(seed, val_fraction, val_max, train_subset, data_dir)
+def _cached_split(task: "Task", seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str
+                  ) -> Split:
+    return task._split(seed, val_fraction, val_max, train_subset, data_dir)
 
 
 def _standardize_images(x: np.ndarray, scale: float) -> np.ndarray:
@@ -187,7 +216,11 @@ class MNIST1D(Task):
     input_shape = (1, 40)
     widths = (1, 2, 2)
     strides = (1, 2, 2)
-    default_epochs = 4
+    # the default study (`normlab study`, README "The default study"): 13 norms x 3 batch
+    # sizes x 4 seeds of 3 epochs, under 5 minutes on 2 idle cores
+    default_epochs = 3
+    default_batch_sizes = (8, 32, 128)
+    default_seeds = 4
 
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
@@ -198,19 +231,56 @@ class MNIST1D(Task):
         return x, y
 
 
+@lru_cache(maxsize=1)
 def _all_tasks() -> dict[str, Task]:
-    from .sunspots import Sunspots  # imported late: it builds on this module
+    from .sunspots import Sunspots  # imported late: they build on this module
+    from .transformer import DigitsTransformer
 
-    return {t.name: t for t in (Digits(), FashionMNIST(), MNIST1D(), Sunspots())}
+    return {t.name: t for t in (Digits(), FashionMNIST(), MNIST1D(), Sunspots(), DigitsTransformer())}
 
 
 def task_names() -> list[str]:
     return sorted(_all_tasks())
 
 
+_LOADED: dict[str, Task] = {}  # "module:factory" -> the task its factory returned
+
+
+def _load_task(ref: str) -> Task:
+    """A user's task: import ``module`` (from the current folder too) and call ``factory()``."""
+    import importlib
+    import os
+    import sys
+
+    module, _, attr = ref.partition(":")
+    if not module or not attr.isidentifier():
+        raise ValueError(f"task {ref!r}: expected pkg.module:factory (a function returning a normlab.study.Task)")
+    if os.getcwd() not in sys.path:  # `normlab study --task mytask:make` run from the folder holding mytask.py
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        raise ValueError(f"task {ref!r}: cannot import {module!r}: {err}") from None
+    except AttributeError:
+        raise ValueError(f"task {ref!r}: module {module!r} has no {attr!r}") from None
+    try:
+        task = factory() if callable(factory) and not isinstance(factory, Task) else factory
+    except Exception as err:  # noqa: BLE001 (the user's code: say whose it is)
+        raise ValueError(f"task {ref!r}: {attr}() raised {type(err).__name__}: {err}") from None
+    if not isinstance(task, Task):
+        raise ValueError(f"task {ref!r}: {attr}() returned {type(task).__name__}, not a normlab.study.Task")
+    task.name = ref  # the name a worker process finds it by
+    return task
+
+
 def get_task(name: str) -> Task:
-    """The task called ``name``; a clear error naming the known tasks otherwise."""
-    tasks = _all_tasks()
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}")
-    return tasks[name]
+    """The built-in task called ``name``, or a user's ``pkg.module:factory``; a clear error
+    naming the known tasks otherwise."""
+    tasks = dict(_all_tasks())
+    if name in tasks:
+        return tasks[name]
+    if ":" in name:
+        if name not in _LOADED:
+            _LOADED[name] = _load_task(name)
+        return _LOADED[name]
+    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}, or pkg.module:factory")

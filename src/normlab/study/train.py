@@ -94,11 +94,12 @@ def _evaluate(model: nn.Module, task: Task, split: Split, batch: int) -> tuple[f
     return metric, loss
 
 
-def run_cell(config: CellConfig) -> CellResult:
-    """Train and measure one cell; see the module docstring for the protocol."""
+def run_cell(config: CellConfig, task: Task | None = None) -> CellResult:
+    """Train and measure one cell; see the module docstring for the protocol. ``task``: the
+    task object (a user's, from ``normlab.compare``); default ``get_task(config.task)``."""
     t_start = time.perf_counter()
     torch.set_num_threads(config.threads)
-    task = get_task(config.task)
+    task = task or get_task(config.task)
     split = check_cell(config, task)
     n, bs = len(split.x_train), config.batch_size
     gbs, (rank, _) = config.global_batch_size, multiproc.rank_world()  # nproc > 1: this process's share
