@@ -210,6 +210,10 @@ def task_names() -> list[str]:
 
 def get_task(name: str) -> Task:
     """The task called ``name``; a clear error naming the known tasks otherwise."""
+    if name.startswith("reproduce/"):  # the claims' own tasks (``normlab reproduce``), loaded when named
+        from .reproduce.tasks import get_claim_task
+
+        return get_claim_task(name)
     tasks = _all_tasks()
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}")
