@@ -11,7 +11,7 @@ from ..config import CellConfig
 from ..runner import run_grid
 from ..store import Store
 from ..tasks import get_task
-from .claims import Claim
+from .claims import Claim, Comparison
 from .verdict import RULE_TEXT, paired_stats, verdict
 
 __all__ = ["availability", "claim_cells", "run_claims", "evaluate_claims", "arm_value"]
@@ -39,16 +39,16 @@ def claim_cells(claim: Claim, seeds: list[int], quick: bool) -> dict[str, list[C
     return claim.cells(seeds, quick)
 
 
-def arm_value(claim: Claim, row: dict[str, Any], curve: list[tuple[float, Any, Any]]) -> float:
+def arm_value(comp: Comparison, row: dict[str, Any], curve: list[tuple[float, Any, Any]]) -> float:
     """One arm's value for one seed from its stored row (and curve, for a target claim).
 
     A diverged run of an error metric scores chance error (1 - 1/classes); for other metrics
-    it is nan (and the comparison inconclusive). ``curve_target``: the first epoch at which
+    it is nan (and the comparison inconclusive). ``comp.curve_target``: the first epoch at which
     the validation error is at most the target; never reached: one check past the end.
     """
-    if claim.curve_target is not None:
+    if comp.curve_target is not None:
         for epoch, _, metric in curve:
-            if metric is not None and metric <= claim.curve_target:
+            if metric is not None and metric <= comp.curve_target:
                 return float(epoch)
         return float(row["epochs"]) + 1.0 / float(row["curve_points"])
     if row["status"] == "ok" and row["val_metric"] is not None:
@@ -119,7 +119,7 @@ def evaluate_claims(claims: list[Claim], seeds: list[int], quick: bool, store: S
                 arm = claim.arm(name)
                 keys = [claim.cell(arm, s, quick).key() for s in seeds]
                 entry["cells"][name] = keys
-                raw[name] = [arm_value(claim, rows[k], curves.get(k, [])) if k in rows else math.nan for k in keys]
+                raw[name] = [arm_value(comp, rows[k], curves.get(k, [])) if k in rows else math.nan for k in keys]
                 entry["arms"][name] = [_finite(v) for v in raw[name]]
                 missing += sum(k not in rows for k in keys)
             entry["fields"] = {n: _summary(claim, claim.arm(n), quick) for n in comp.arms}
