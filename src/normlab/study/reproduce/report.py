@@ -44,8 +44,9 @@ def format_table(result: dict[str, Any]) -> str:
         if e.get("fields"):
             setup += ". Cells: " + "; ".join(f"{n} = {f}" for n, f in e["fields"].items())
         d = "-" if e["d"] is None else f"{e['d']:.4g} ({_num(e['se'])})"
+        verdict = f"**{e['verdict']}**" + (f" ({e['note']})" if e.get("note") else "")
         lines.append("| " + " | ".join(_cell(x) for x in (
-            f"**{e['id']}**", e["source"], e["paper_result"], setup, _arms_text(e), d, f"**{e['verdict']}**")) + " |")
+            f"**{e['id']}**", e["source"], e["paper_result"], setup, _arms_text(e), d, verdict)) + " |")
     return "\n".join(lines)
 
 
@@ -110,7 +111,9 @@ def write_outputs(result: dict[str, Any], out: str | Path, wall_s: float | None 
     lines = [f"# normlab reproduce ({run} run, seeds {', '.join(map(str, result['seeds']))})", "",
              "**Verdict rule** (the same for every claim, fixed before any run): " + result["rule"], ""]
     if wall_s is not None:
-        lines += [f"Wall time of this invocation: {wall_s:.0f} s (cells already in the database are not rerun).", ""]
+        lines += [f"Wall time of this invocation: {wall_s:.0f} s (cells already in the database are not rerun); "
+                  f"the {result.get('cells', 0)} cells behind this report took {result.get('cell_wall_s', 0):.0f} s "
+                  "of cell time in all (each cell's own wall time, summed over workers).", ""]
     lines += [format_table(result), "", "## Figures", ""]
     for cid, entries in by_claim.items():
         png = f"{_safe(cid)}.png"

@@ -131,11 +131,17 @@ def evaluate_claims(claims: list[Claim], seeds: list[int], quick: bool, store: S
             entry["differences"] = [_finite(x) for x in diffs]
             entry["d"], entry["se"] = _finite(d), _finite(se)
             entry["verdict"] = verdict(d, se, comp.rule)
+            if se == 0.0:
+                entry["note"] = ("every seed gave the same difference (se = 0): the rule then reads d alone"
+                                 + (", and a within claim needs d = 0 exactly" if comp.rule == "within" else ""))
             for name in comp.arms:
                 vals = raw[name]
                 entry["intervals"][name] = ([math.fsum(vals) / len(vals), *_interval(vals)]
                                             if all(math.isfinite(v) for v in vals) else None)
-    return {"rule": RULE_TEXT, "quick": quick, "seeds": list(seeds), "claims": entries}
+    ran = {k for e in entries for keys in e["cells"].values() for k in keys if k in rows}
+    cell_s = math.fsum(rows[k]["wall_s"] for k in ran)
+    return {"rule": RULE_TEXT, "quick": quick, "seeds": list(seeds), "cells": len(ran),
+            "cell_wall_s": round(cell_s, 1), "claims": entries}
 
 
 def _summary(claim: Claim, arm: Any, quick: bool) -> str:

@@ -27,7 +27,8 @@ RULE_TEXT = (
     "same split, initialisation and batch order; positive = the paper's side ahead); se = sample "
     "standard deviation of those differences (ddof 1) / sqrt(seeds). \"A beats B\" claims: reproduced "
     "if d > 2 se, contradicted if d < -2 se, otherwise inconclusive. \"A within 2 se of B\" claims: "
-    "reproduced if |d| <= 2 se, contradicted otherwise. The rule, every setup, the seeds, metric and "
+    "reproduced if |d| <= 2 se, contradicted otherwise (such a claim is easier to reproduce with few, noisy "
+    "seeds, and with se = 0 it needs d = 0 exactly). A run that diverged scores chance error. The rule, every setup, the seeds, metric and "
     "direction were fixed in code before any run; no setup was changed after a result was seen.")
 
 
