@@ -9,17 +9,12 @@ import sys
 import time
 from typing import Any
 
+from ..command import _positive  # the study command's argument type
+
 __all__ = ["add_subcommand", "cmd_reproduce", "reproduce", "DEFAULT_DB", "DEFAULT_OUT"]
 
 DEFAULT_DB = "normlab-results/reproduce.sqlite"
 DEFAULT_OUT = "normlab-results/reproduce"
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def add_subcommand(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -31,12 +31,23 @@ def _variant(task: Task, spec: str, allowed: tuple[str, ...]) -> str:
     return spec
 
 
-def _standardized(split: Split) -> Split:
+def _sklearn_table(loader: str) -> tuple[np.ndarray, np.ndarray]:
+    """A scikit-learn data set shipped with the package (``load_digits``, ...) as a table."""
+    import sklearn.datasets
+
+    d = getattr(sklearn.datasets, loader)()
+    return d.data.astype(np.float32), d.target.astype(np.int64)
+
+
+class _StandardizedInputs:
     """Inputs standardized per feature with the training split's mean and std (float64)."""
-    x = split.x_train.double()
-    mean, std = x.mean(0), x.sub(x.mean(0)).square().mean(0).sqrt().clamp_min(1e-12)
-    f = lambda t: ((t.double() - mean) / std).float()  # noqa: E731
-    return Split(f(split.x_train), split.y_train, f(split.x_val), split.y_val)
+
+    def _split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
+        split = super()._split(seed, val_fraction, val_max, train_subset, data_dir)  # type: ignore[misc]
+        x = split.x_train.double()
+        mean, std = x.mean(0), x.sub(x.mean(0)).square().mean(0).sqrt().clamp_min(1e-12)
+        f = lambda t: ((t.double() - mean) / std).float()  # noqa: E731
+        return Split(f(split.x_train), split.y_train, f(split.x_val), split.y_val)
 
 
 class FashionWN(FashionMNIST):
@@ -162,22 +173,16 @@ class CancerRaw(_Tabular):
     num_classes = 2
 
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_breast_cancer
-
-        d = load_breast_cancer()
-        return d.data.astype(np.float32), d.target.astype(np.int64)
+        return _sklearn_table("load_breast_cancer")
 
 
-class CancerStandardized(CancerRaw):
+class CancerStandardized(_StandardizedInputs, CancerRaw):
     """Claim 8: the same, each feature standardized with the training split's mean and std."""
 
     name = "reproduce/cancer-std"
 
-    def _split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
-        return _standardized(super()._split(seed, val_fraction, val_max, train_subset, data_dir))
 
-
-class DigitsDeepMLP(Task):
+class DigitsDeepMLP(_StandardizedInputs, Task):
     """Claim 9: the 8x8 digits as a table (UCI's optical digits: 64 features), standardized
     with the training split's statistics; a 16-layer MLP without norm layers, either ReLU
     with He-normal init or SELU with LeCun-normal init (``normlab.self_normalizing``)."""
@@ -188,13 +193,7 @@ class DigitsDeepMLP(Task):
     depth = 16
 
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        return d.data.astype(np.float32), d.target.astype(np.int64)
-
-    def _split(self, seed: int, val_fraction: float, val_max: int, train_subset: int, data_dir: str) -> Split:
-        return _standardized(super()._split(seed, val_fraction, val_max, train_subset, data_dir))
+        return _sklearn_table("load_digits")
 
     def build_model(self, norm_spec: str, width: int = 64) -> nn.Module:
         act = _variant(self, norm_spec, ("relu", "selu"))
@@ -234,11 +233,8 @@ class SequentialDigits(Task):
     input_shape = (64, 1)
 
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = (d.data.astype(np.float32) / 16.0 - 0.5) / 0.5
-        return x[:, :, None], d.target.astype(np.int64)
+        x, y = _sklearn_table("load_digits")
+        return ((x / 16.0 - 0.5) / 0.5)[:, :, None], y
 
     def build_model(self, norm_spec: str, width: int = 64) -> nn.Module:
         kind = _variant(self, norm_spec, ("lstm", "ln-lstm", "bn-lstm"))
