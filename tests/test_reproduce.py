@@ -187,3 +187,23 @@ def test_backend_other_than_local_is_a_clear_error(tmp_path, capsys) -> None:
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "only 'local' is available" in capsys.readouterr().err
+
+
+def test_ws_probe_tells_weight_standardized_convs_apart() -> None:
+    """Claim 14's guard: a "+ws" spec must give convs whose weights are standardized."""
+    from torch import nn
+
+    from normlab.study.reproduce.run import standardizes_convs
+
+    class WSConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.weight
+            mean = w.mean(dim=(1, 2, 3), keepdim=True)
+            std = (w - mean).square().mean(dim=(1, 2, 3), keepdim=True).add(1e-10).sqrt()
+            return self._conv_forward(x, (w - mean) / std, self.bias)
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8))
+    ws = nn.Sequential(WSConv(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), WSConv(8, 8, 3), nn.GroupNorm(2, 8))
+    assert not standardizes_convs(plain, (1, 8, 8))
+    assert standardizes_convs(ws, (1, 8, 8))

@@ -29,10 +29,30 @@ def availability(claim: Claim, quick: bool = False) -> str | None:
                 from ...registry import parse_spec
 
                 parse_spec(arm.norm)
-            task.build_model(arm.norm, int(claim.fields(arm, quick).get("width", 16)))
+            model = task.build_model(arm.norm, int(claim.fields(arm, quick).get("width", 16)))
         except Exception as err:  # noqa: BLE001 (the reason is reported)
             return f"{arm.norm} not available ({type(err).__name__}: {err})"
+        if arm.norm.endswith("+ws") and not standardizes_convs(model, task.input_shape):
+            return f"{arm.norm} not available (the model built for it does not weight-standardize its convs)"
     return None
+
+
+def standardizes_convs(model: Any, input_shape: tuple[int, ...]) -> bool:
+    """Whether the model's first conv weight is standardized (Qiao et al. 2019) before use: its
+    output is unchanged when the raw weight is scaled by 3 and shifted by 0.5 per output channel,
+    which weight standardization removes and a plain conv (even followed by group norm) does not."""
+    import torch
+
+    raw = next((p for p in model.parameters() if p.ndim == 4), None)
+    if raw is None:
+        return False
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        before = model(x)
+        raw.mul_(3.0).add_(0.5)
+        after = model(x)
+    return bool(torch.allclose(before, after, atol=1e-4, rtol=1e-3))
 
 
 def claim_cells(claim: Claim, seeds: list[int], quick: bool) -> dict[str, list[CellConfig]]:
