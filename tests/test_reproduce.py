@@ -207,3 +207,21 @@ def test_ws_probe_tells_weight_standardized_convs_apart() -> None:
     ws = nn.Sequential(WSConv(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), WSConv(8, 8, 3), nn.GroupNorm(2, 8))
     assert not standardizes_convs(plain, (1, 8, 8))
     assert standardizes_convs(ws, (1, 8, 8))
+
+
+def test_ws_task_standardizes_or_says_why() -> None:
+    """Claim 14's arms build on ``normlab.weight_standardize``: where it exists the convs are
+    weight-standardized (the probe passes); where not, building is a clear error."""
+    from normlab.study.reproduce.run import standardizes_convs
+
+    task = get_task("reproduce/fashion-ws")
+    with pytest.raises(ValueError, match="expected a 'NORM\\+ws' spec"):
+        task.build_model("gn:8")
+    try:
+        from normlab import weight_standardize  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="weight standardization"):
+            task.build_model("gn:8+ws")
+        return
+    assert standardizes_convs(task.build_model("gn:8+ws"), task.input_shape)
+    assert not standardizes_convs(get_task("fashion-mnist").build_model("gn:8"), task.input_shape)

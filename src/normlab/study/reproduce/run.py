@@ -25,7 +25,7 @@ def availability(claim: Claim, quick: bool = False) -> str | None:
         except ValueError:
             return f"task {arm.task} not available"
         try:
-            if not arm.task.startswith("reproduce/"):  # a registry spec (the claims' own tasks take variants)
+            if not arm.task.startswith("reproduce/") or arm.norm.endswith("+ws"):  # a registry spec
                 from ...registry import parse_spec
 
                 parse_spec(arm.norm)

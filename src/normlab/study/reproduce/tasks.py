@@ -63,6 +63,26 @@ class FashionWN(FashionMNIST):
         return model
 
 
+class FashionWS(FashionMNIST):
+    """Claim 14: the Fashion-MNIST CNN with spec ``NORM+ws``: the norm ``NORM`` after every conv,
+    and every conv weight-standardized (Qiao et al. 2019) by ``normlab.weight_standardize``."""
+
+    name = "reproduce/fashion-ws"
+
+    def build_model(self, norm_spec: str, width: int = 16) -> nn.Module:
+        if not norm_spec.endswith("+ws"):
+            raise ValueError(f"task {self.name!r}: expected a 'NORM+ws' spec, got {norm_spec!r}")
+        try:
+            from ... import weight_standardize  # type: ignore[attr-defined]
+        except ImportError:
+            raise ValueError("weight standardization (normlab.weight_standardize) is not in this normlab") from None
+        model = super().build_model(norm_spec[: -len("+ws")], width)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                weight_standardize(m)
+        return model
+
+
 class FashionContrastShift(FashionMNIST):
     """Claim 7 (a): trained on ordinary images; the validation set is each validation image
     twice, as is and with contrast and brightness changed (p -> clip(0.5 p + 0.3, 0, 1)).
@@ -287,7 +307,7 @@ class DigitsCovariance(Task):
 
 
 _TASKS: dict[str, Task] = {t.name: t for t in (
-    FashionWN(), FashionContrastShift(), FashionContrastLabel(), FashionRho(), FashionContrastLabelRho(),
+    FashionWN(), FashionWS(), FashionContrastShift(), FashionContrastLabel(), FashionRho(), FashionContrastLabelRho(),
     FashionGHN(), CancerRaw(), CancerStandardized(), DigitsDeepMLP(), SequentialDigits(), DigitsCovariance())}
 
 
