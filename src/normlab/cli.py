@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .study.command import add_subcommands as _add_study_commands  # study, report
 
     _add_study_commands(sub)
+    from .study.reproduce.command import add_subcommand as _add_reproduce_command  # reproduce
+
+    _add_reproduce_command(sub)
     return parser
 
 

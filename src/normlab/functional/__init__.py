@@ -15,7 +15,7 @@ from .feature import (
     rms_norm,
 )
 from .hamming import generalized_hamming_conv2d, generalized_hamming_linear
-from .spd import karcher_mean, spd_batch_norm, spd_geodesic
+from .spd import bimap, karcher_mean, log_eig, re_eig, spd_batch_norm, spd_geodesic
 from .weight import weight_norm
 from .online import activation_clamp, layer_scaling, online_norm
 from .recurrent import batch_norm_lstm_cell, layer_norm_lstm_cell
@@ -32,6 +32,9 @@ __all__ = [
     "generalized_hamming_linear",
     "karcher_mean",
     "spd_batch_norm",
+    "bimap",
+    "re_eig",
+    "log_eig",
     "spd_geodesic",
     "weight_norm",
     "batch_instance_norm",

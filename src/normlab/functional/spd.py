@@ -27,6 +27,9 @@ __all__ = [
     "karcher_mean",
     "spd_geodesic",
     "spd_batch_norm",
+    "bimap",
+    "re_eig",
+    "log_eig",
 ]
 
 Fn = Callable[[Tensor], Tensor]
@@ -182,3 +185,30 @@ def spd_batch_norm(
         gs = sqrtm(bias.to(x.dtype))
         y = gs @ y @ gs
     return _sym(y).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- SPDNet layers
+# Huang & Van Gool, "A Riemannian network for SPD matrix learning", AAAI 2017
+# (arXiv:1608.04233); the layers the SPD batch norm paper stacks around its norm.
+
+
+def bimap(x: Tensor, weight: Tensor) -> Tensor:
+    r"""BiMap: Y = W^T X W for SPD X (..., n_in, n_in) and W (n_in, n_out), n_out <= n_in.
+
+    With W of full column rank (semi-orthogonal in SPDNet, W^T W = I) Y is SPD:
+    v^T Y v = (W v)^T X (W v) > 0 for v != 0. The output is symmetrized against rounding.
+    """
+    return _sym(weight.transpose(-1, -2) @ x @ weight)
+
+
+def re_eig(x: Tensor, eps: float = 1e-4) -> Tensor:
+    r"""ReEig: U max(S, eps) U^T, the SPD analogue of ReLU: eigenvalues below ``eps`` are
+    raised to ``eps`` (which keeps the matrices well conditioned). Gradient by the
+    Daleckii-Krein formula with f'(s) = 1 for s > eps, 0 otherwise."""
+    return spd_function(x, lambda s: s.clamp_min(eps), lambda s: (s > eps).to(s.dtype))
+
+
+def log_eig(x: Tensor) -> Tensor:
+    r"""LogEig: U log(S) U^T, the matrix logarithm mapping SPD matrices to the (flat)
+    space of symmetric matrices, where an ordinary linear classifier follows."""
+    return logm(x)

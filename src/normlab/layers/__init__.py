@@ -9,7 +9,7 @@ from .mixed import BatchInstanceNorm, SwitchableNorm
 from .feature import ChannelLayerNorm, ChannelRMSNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .hamming import GeneralizedHammingConv2d, GeneralizedHammingLinear
 from .input import InputStandardizer
-from .spd import SPDBatchNorm
+from .spd import BiMap, LogEig, ReEig, SPDBatchNorm
 from .weight import WeightNorm, data_dependent_init, weight_norm
 from .online import OnlineNorm
 from .recurrent import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell
@@ -23,6 +23,9 @@ __all__ = [
     "GeneralizedHammingLinear",
     "InputStandardizer",
     "SPDBatchNorm",
+    "BiMap",
+    "ReEig",
+    "LogEig",
     "WeightNorm",
     "data_dependent_init",
     "weight_norm",

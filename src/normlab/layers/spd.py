@@ -1,4 +1,5 @@
-"""Riemannian batch normalization of SPD matrices (Brooks et al., NeurIPS 2019)."""
+"""Riemannian batch normalization of SPD matrices (Brooks et al., NeurIPS 2019), and the
+SPDNet layers it is used between: BiMap, ReEig, LogEig (Huang & Van Gool, AAAI 2017)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from .. import _moments
 from ..functional import spd as FS
 
-__all__ = ["SPDBatchNorm"]
+__all__ = ["SPDBatchNorm", "BiMap", "ReEig", "LogEig"]
 
 
 class SPDBatchNorm(nn.Module):
@@ -141,3 +142,69 @@ class SPDBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.n}, momentum={self.momentum}, karcher_steps={self.karcher_steps}, "
                 f"detach_mean={self.detach_mean}")
+
+
+def _check_square(who: str, x: Tensor, n: int | None = None) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{who}: expected a floating-point torch.Tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 2 or x.shape[-1] != x.shape[-2] or (n is not None and x.shape[-1] != n):
+        want = f"{n}x{n}" if n is not None else "square"
+        raise ValueError(f"{who}: expected {want} matrices in the last two axes, got shape {tuple(x.shape)}")
+
+
+class BiMap(nn.Module):
+    r"""BiMap layer of SPDNet (Huang & Van Gool, AAAI 2017, arXiv:1608.04233):
+    Y = W^T X W, mapping n_in x n_in SPD matrices to n_out x n_out SPD matrices
+    (n_out <= n_in). See :func:`normlab.functional.bimap`.
+
+    W is kept semi-orthogonal (W^T W = I, a point of the Stiefel manifold, as in the paper)
+    by ``torch.nn.utils.parametrizations.orthogonal``, so any optimizer keeps the output SPD
+    without a retraction step. Input (..., n_in, n_in), output (..., n_out, n_out).
+    """
+
+    def __init__(self, n_in: int, n_out: int, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        for arg, v in (("n_in", n_in), ("n_out", n_out)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"BiMap: {arg} must be a positive int, got {v!r}")
+        if n_out > n_in:
+            raise ValueError(f"BiMap: n_out must be <= n_in (a full-rank W^T X W), got {n_in} -> {n_out}")
+        self.n_in, self.n_out = n_in, n_out
+        self.weight = nn.Parameter(torch.empty(n_in, n_out, device=device, dtype=dtype))
+        nn.init.orthogonal_(self.weight)
+        nn.utils.parametrizations.orthogonal(self, "weight")
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_square(f"BiMap({self.n_in}, {self.n_out})", x, self.n_in)
+        return FS.bimap(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.n_in}, {self.n_out}"
+
+
+class ReEig(nn.Module):
+    r"""ReEig layer of SPDNet: U max(S, eps) U^T (eigenvalues clamped below at ``eps``).
+    See :func:`normlab.functional.re_eig`."""
+
+    def __init__(self, eps: float = 1e-4) -> None:
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"ReEig: eps must be > 0, got {eps!r}")
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_square("ReEig", x)
+        return FS.re_eig(x, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class LogEig(nn.Module):
+    r"""LogEig layer of SPDNet: the matrix logarithm U log(S) U^T of SPD matrices.
+    See :func:`normlab.functional.log_eig`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_square("LogEig", x)
+        return FS.log_eig(x)

@@ -276,6 +276,10 @@ def _load_task(ref: str) -> Task:
 def get_task(name: str) -> Task:
     """The built-in task called ``name``, or a user's ``pkg.module:factory``; a clear error
     naming the known tasks otherwise."""
+    if name.startswith("reproduce/"):  # the claims' own tasks (``normlab reproduce``), loaded when named
+        from .reproduce.tasks import get_claim_task
+
+        return get_claim_task(name)
     tasks = dict(_all_tasks())
     if name in tasks:
         return tasks[name]
