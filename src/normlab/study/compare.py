@@ -13,12 +13,15 @@ import pickle
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .tasks import Split, Task
+
+if TYPE_CHECKING:
+    from .._recognize import FoundNorm
 
 __all__ = ["ModelTask", "compare", "model_fingerprint", "data_fingerprint"]
 
@@ -32,10 +35,11 @@ def _name_of(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
-def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ..convert import norm_signature
+def _norm_layers(model: nn.Module) -> list["FoundNorm"]:
+    """The norm layers ``convert`` recognises in ``model`` (path, module, channel count and axis)."""
+    from .._recognize import find_norms
 
-    return [(p, m) for p, m in model.named_modules() if norm_signature(m) is not None]
+    return [f for f in find_norms(model) if f.problem is None]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -157,9 +161,7 @@ def _check_model_fn(model_fn: Callable[[], nn.Module]) -> nn.Module:
 
 def _group_count(model: nn.Module) -> int:
     """The largest of 32, 16, 8, 4, 2, 1 that divides every norm layer's channel count."""
-    from ..convert import norm_signature
-
-    counts = [norm_signature(m)[0] for _, m in _norm_layers(model)]  # type: ignore[index]
+    counts = [f.num_features for f in _norm_layers(model)]
     return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in counts))
 
 
@@ -278,11 +280,10 @@ def _compare(model_fn: Callable[[], nn.Module], train: Any, val: Any, norms: lis
 def _probe(task: ModelTask, spec: str, x: Tensor, y: Tensor) -> None:
     """Build the model with ``spec`` and run a training step's forward, loss and backward and
     an eval forward on two examples; errors name the spec."""
-    from ..convert import norm_signature
     from ..registry import make_norm
 
-    for path, layer in _norm_layers(task.model_fn()):
-        channels, channel_dim, _ = norm_signature(layer)  # type: ignore[misc]
+    for f in _norm_layers(task.model_fn()):
+        path, layer, channels, channel_dim = f.path, f.module, f.num_features, f.channel_dim
         try:
             make_norm(spec, channels, channel_dim=channel_dim)
         except Exception as err:  # noqa: BLE001 (re-raised naming the layer)
