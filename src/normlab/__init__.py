@@ -32,6 +32,8 @@ from .layers import (
     weight_norm,
 )
 from .layers import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell, OnlineNorm
+from .layers import DynamicErf, DynamicTanh, EvoNormB0, EvoNormS0, FilterResponseNorm, GlobalResponseNorm, PowerNorm
+from .layers import InPlaceABN
 from .optim import param_groups
 from .selfnorm import self_normalizing
 from .registry import available_norms, describe_norms, make_norm, register
@@ -39,6 +41,14 @@ from .registry import available_norms, describe_norms, make_norm, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicErf",
+    "DynamicTanh",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GlobalResponseNorm",
+    "PowerNorm",
+    "InPlaceABN",
     "BatchNormLSTM",
     "LayerNormLSTM",
     "LayerNormLSTMCell",

@@ -106,3 +106,6 @@ def _sn(num_features: int, **kw: Any) -> nn.Module:
           paper="Chiley et al., NeurIPS 2019 (arXiv:1905.05894)", applies_to=("conv", "dense"), batch_stats=False)
 def _on(num_features: int, **kw: Any) -> nn.Module:
     return L.OnlineNorm(num_features, **kw)
+
+
+from . import _modern_norms  # noqa: E402,F401  (the norms since 2020 register themselves)

@@ -101,10 +101,20 @@ def make_norm(spec: str, num_features: int, **overrides: Any) -> nn.Module:
     GroupNorm(num_groups=16, 64, eps=1e-05, affine=True)
     >>> make_norm("lnc", 768, channel_dim=-1)     # torch.nn.LayerNorm(768) semantics
     ChannelLayerNorm(768, eps=1e-05, affine=True, channel_dim=-1)
+
+    ``act`` ("relu", "leaky_relu", "silu", "gelu"; ``negative_slope``) appends an activation
+    to the norm as one layer; ``inplace_abn=True`` (``bn`` with leaky_relu) keeps only the
+    output for backward. See :func:`normlab.layers.norm_act.with_activation`.
     """
     entry, kwargs = parse_spec(spec)
+    act = {k: overrides.pop(k) for k in ("act", "negative_slope", "inplace_abn") if k in overrides}
     kwargs.update(overrides)
-    return entry.factory(num_features, **kwargs)
+    module = entry.factory(num_features, **kwargs)
+    if act:  # a fused activation: ``make_norm("bn", C, act="relu")``
+        from .layers.norm_act import with_activation
+
+        module = with_activation(module, act.pop("act", None), **act)
+    return module
 
 
 def available_norms() -> dict[str, str]:

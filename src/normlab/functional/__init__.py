@@ -18,8 +18,21 @@ from .spd import karcher_mean, spd_batch_norm, spd_geodesic
 from .weight import weight_norm
 from .online import activation_clamp, layer_scaling, online_norm
 from .recurrent import batch_norm_lstm_cell, layer_norm_lstm_cell
+from .response import filter_response_norm, global_response_norm
+from .evonorm import evonorm_b0, evonorm_s0
+from .powernorm import power_norm
+from .elementwise import dynamic_erf, dynamic_tanh
+from .norm_act import batch_norm_leaky_relu_inplace
 
 __all__ = [
+    "filter_response_norm",
+    "global_response_norm",
+    "evonorm_b0",
+    "evonorm_s0",
+    "power_norm",
+    "dynamic_erf",
+    "dynamic_tanh",
+    "batch_norm_leaky_relu_inplace",
     "fast_path",
     "kernel_status",
     "activation_clamp",

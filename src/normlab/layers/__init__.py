@@ -11,8 +11,19 @@ from .spd import SPDBatchNorm
 from .weight import WeightNorm, data_dependent_init, weight_norm
 from .online import OnlineNorm
 from .recurrent import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell
+from .modern import DynamicErf, DynamicTanh, EvoNormB0, EvoNormS0, FilterResponseNorm, GlobalResponseNorm, PowerNorm
+from .norm_act import InPlaceABN, with_activation
 
 __all__ = [
+    "DynamicErf",
+    "DynamicTanh",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GlobalResponseNorm",
+    "PowerNorm",
+    "InPlaceABN",
+    "with_activation",
     "OnlineNorm",
     "BatchNormLSTM",
     "LayerNormLSTM",
