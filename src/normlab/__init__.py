@@ -33,9 +33,10 @@ from .layers import (
 )
 from .layers import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell, OnlineNorm
 from .layers import DynamicErf, DynamicTanh, EvoNormB0, EvoNormS0, FilterResponseNorm, GlobalResponseNorm, PowerNorm
-from .layers import InPlaceABN
+from .layers import CrossIterationBatchNorm, InPlaceABN
 from .optim import param_groups
-from .selfnorm import self_normalizing
+from .selfnorm import normalizer_free, self_normalizing
+from .weight_std import adaptive_clip_grad_, remove_weight_standardization, weight_standardize
 from .registry import available_norms, describe_norms, make_norm, register
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "GlobalResponseNorm",
     "PowerNorm",
     "InPlaceABN",
+    "CrossIterationBatchNorm",
     "BatchNormLSTM",
     "LayerNormLSTM",
     "LayerNormLSTMCell",
@@ -61,6 +63,10 @@ __all__ = [
     "data_dependent_init",
     "param_groups",
     "self_normalizing",
+    "normalizer_free",
+    "adaptive_clip_grad_",
+    "remove_weight_standardization",
+    "weight_standardize",
     "weight_norm",
     "BatchInstanceNorm",
     "BatchNorm",

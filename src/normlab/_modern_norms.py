@@ -57,3 +57,13 @@ def _dyt(num_features: int, **kw: Any) -> nn.Module:
           paper="Chen, Lu, Zhu, Sun & Liu 2025 (arXiv:2512.10938)", applies_to=("seq",))
 def _derf(num_features: int, **kw: Any) -> nn.Module:
     return M.DynamicErf(num_features, **kw)
+
+
+# built by convert, which pairs each norm with the conv before it; not from a channel count alone
+@register("cbn", description="cross-iteration batch norm: BN statistics pooled over the last k iterations (cbn:k)",
+          axes="every axis but the channel, per channel, over this and the k-1 previous batches (Taylor-compensated)",
+          paper="Yao, Cao, Zheng, Huang & Lin, CVPR 2021 (arXiv:2002.05712)", arg="window", applies_to=(),
+          batch_stats=True)
+def _cbn(num_features: int, **kw: Any) -> nn.Module:
+    raise ValueError("cbn wraps the convolution before the norm: use normlab.CrossIterationBatchNorm(conv, window=k) "
+                     "or normlab.convert(model, 'cbn:k'); make_norm cannot build it from a channel count")

@@ -87,8 +87,18 @@ def convert(model: nn.Module, spec: str, copy_affine: bool = True) -> nn.Module:
     have them, its device, dtype and train/eval mode. A norm that cannot be mapped is left
     in place with a warning that names it. Returns the model (the new layer if ``model``
     itself is a norm).
+
+    ``"SPEC+ws"`` (``"gn:8+ws"``) also weight-standardizes the convolution feeding each norm;
+    ``"cbn:k"`` wraps that convolution in a :class:`normlab.CrossIterationBatchNorm` (and
+    raises, changing nothing, if some norm has no convolution right before it). See
+    :mod:`normlab.conv_norm`.
     """
     parse_spec(spec)  # fail fast on an unknown spec, before touching the model
+    from .conv_norm import convert_paired  # "gn:8+ws" and "cbn:4" need the conv before each norm
+
+    model, done = convert_paired(model, spec, copy_affine, _is_norm)
+    if done:
+        return model
     if _is_norm(model):
         new = _replacement(model, spec, "", copy_affine)
         return model if new is None else new

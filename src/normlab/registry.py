@@ -72,7 +72,9 @@ def parse_spec(spec: str) -> tuple[NormEntry, dict[str, Any]]:
     _ensure_builtin()
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a norm spec must be a non-empty string, got {spec!r}")
-    name, colon, arg = spec.strip().partition(":")
+    # "+ws" (weight-standardize the conv before the norm) is for ``convert``; the norm is the rest
+    body = spec.strip()[: -len("+ws")] if spec.strip().lower().endswith("+ws") else spec.strip()
+    name, colon, arg = body.partition(":")
     name = name.lower()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))

@@ -23,6 +23,7 @@ from .evonorm import evonorm_b0, evonorm_s0
 from .powernorm import power_norm
 from .elementwise import dynamic_erf, dynamic_tanh
 from .norm_act import batch_norm_leaky_relu_inplace
+from .cross_iteration import cross_iteration_batch_norm
 
 __all__ = [
     "filter_response_norm",
@@ -33,6 +34,7 @@ __all__ = [
     "dynamic_erf",
     "dynamic_tanh",
     "batch_norm_leaky_relu_inplace",
+    "cross_iteration_batch_norm",
     "fast_path",
     "kernel_status",
     "activation_clamp",

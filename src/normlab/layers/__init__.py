@@ -13,6 +13,7 @@ from .online import OnlineNorm
 from .recurrent import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell
 from .modern import DynamicErf, DynamicTanh, EvoNormB0, EvoNormS0, FilterResponseNorm, GlobalResponseNorm, PowerNorm
 from .norm_act import InPlaceABN, with_activation
+from .cross_iteration import CrossIterationBatchNorm
 
 __all__ = [
     "DynamicErf",
@@ -23,6 +24,7 @@ __all__ = [
     "GlobalResponseNorm",
     "PowerNorm",
     "InPlaceABN",
+    "CrossIterationBatchNorm",
     "with_activation",
     "OnlineNorm",
     "BatchNormLSTM",
