@@ -104,3 +104,47 @@ def test_inplace_abn_gradcheck_and_state_dict():
     assert torch.equal(fresh.running_mean, abn.running_mean)
     with pytest.raises(ValueError, match=r"InPlaceABN\(3\).*negative_slope"):
         normlab.InPlaceABN(3, negative_slope=0.0)
+
+
+class TimmStyleBatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d's structure (timm cannot be imported here: its torchvision
+    import fails): a BatchNorm2d subclass with children ``drop`` and ``act`` applied after it."""
+
+    def __init__(self, num_features, act=None, drop=None):
+        super().__init__(num_features)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("act, fused", [(nn.ReLU(inplace=True), "relu"), (nn.LeakyReLU(0.2), "leaky_relu"),
+                                        (nn.SiLU(), "silu"), (nn.Hardswish(), None)])
+@pytest.mark.parametrize("spec", ["bn", "gn:2", "none"])
+def test_convert_keeps_a_norm_act_layers_activation(act, fused, spec):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), TimmStyleBatchNormAct2d(4, act=act))
+    ref = copy.deepcopy(model)
+    normlab.convert(model, spec)
+    new = model[1]
+    if fused is not None and spec != "none":
+        assert new.act.name == fused
+    x = torch.randn(2, 3, 6, 6)
+    if spec == "bn":
+        torch.testing.assert_close(model(x), ref(x))
+    else:
+        plain = copy.deepcopy(model)
+        del plain[1]._forward_hooks[next(iter(plain[1]._forward_hooks))]
+        torch.testing.assert_close(model(x), act(plain(x).clone()))
+    if spec != "none":  # (an Identity is no norm: converting it again is a no-op)
+        normlab.convert(model, "bn")  # and on again: still one activation
+        torch.testing.assert_close(model(x), ref(x))
+
+
+def test_convert_keeps_dropout_then_activation_in_order():
+    layer = TimmStyleBatchNormAct2d(4, act=nn.ReLU(), drop=nn.Dropout(0.5))
+    new = normlab.convert(layer, "bn")
+    assert isinstance(new.act, nn.Sequential) and isinstance(new.act[0], nn.Dropout)
+    new.eval(), layer.eval()
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(new(x), layer(x))

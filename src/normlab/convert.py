@@ -72,6 +72,9 @@ def _replacement(old: nn.Module, spec: str, path: str, copy_affine: bool) -> nn.
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     _carry_state(old, new, copy_affine)
+    from .layers.norm_act import carry_activation  # a norm + activation layer keeps its activation
+
+    new = carry_activation(old, new)
     new.train(old.training)
     return new
 

@@ -15,7 +15,7 @@ from ..functional.norm_act import ACTIVATIONS, activation
 from .base import Norm
 from .batch import BatchNorm
 
-__all__ = ["Activation", "InPlaceABN", "with_activation"]
+__all__ = ["Activation", "InPlaceABN", "with_activation", "carry_activation"]
 
 
 class Activation(nn.Module):
@@ -96,8 +96,48 @@ def with_activation(norm: nn.Module, act: str | None, negative_slope: float = 0.
         new = new.to(device=ref.device, dtype=ref.dtype)
         new.load_state_dict(norm.state_dict())
         return new
+    return _attach(norm, Activation(act, negative_slope))
+
+
+def _attach(norm: nn.Module, act: nn.Module) -> nn.Module:
     if hasattr(norm, "act"):
-        raise ValueError(f"{norm._describe()}: already has an activation ({norm.act!r})")
-    norm.act = Activation(act, negative_slope)
+        raise ValueError(f"{type(norm).__name__}: already has an activation ({norm.act!r})")
+    norm.act = act
     norm.register_forward_hook(_apply_act)
     return norm
+
+
+def _activation_name(act: nn.Module) -> tuple[str, float] | None:
+    """(name, negative_slope) of a torch activation module normlab fuses, else None."""
+    if type(act) is nn.ReLU:
+        return "relu", 0.01
+    if type(act) is nn.LeakyReLU:
+        return "leaky_relu", act.negative_slope
+    if type(act) is nn.SiLU:
+        return "silu", 0.01
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu", 0.01
+    if type(act).__name__ == "GELU" and not hasattr(act, "approximate"):  # timm's GELU: exact F.gelu
+        return "gelu", 0.01
+    return None
+
+
+def carry_activation(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` the activation (and dropout) ``old`` applies after normalizing, if any.
+
+    ``old`` is a norm + activation layer: timm's ``BatchNormAct2d`` family (children ``drop``
+    then ``act``) or a normlab norm with an ``act``. A plain relu, leaky_relu, silu or exact
+    gelu with no dropout becomes ``new``'s fused activation; anything else is kept as the
+    modules themselves, applied in the same order.
+    """
+    act, drop = getattr(old, "act", None), getattr(old, "drop", None)
+    act = act if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) else None
+    drop = drop if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity) else None
+    if act is None and drop is None:
+        return new
+    if isinstance(act, Activation) and drop is None:
+        return with_activation(new, act.name, act.negative_slope)
+    named = _activation_name(act) if act is not None else None
+    if named is not None and drop is None and isinstance(new, Norm):
+        return with_activation(new, named[0], named[1])
+    return _attach(new, nn.Sequential(*[m for m in (drop, act) if m is not None]))
