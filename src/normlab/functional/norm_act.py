@@ -49,22 +49,27 @@ class _BatchNormLeakyReLUInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        # With z = leaky^-1(y) = s x_hat + beta and dz = leaky'(z) dy: dz * z = dy * y, and
+        # batch norm's dx = a (dz - mean dz - x_hat mean(dz x_hat)), a = s rstd, is
+        # a dz + p z + q with per-channel p, q; only y and the per-channel values are needed.
         y, weight, bias, rstd = ctx.saved_tensors
         slope, abn_eps, training, cd = ctx.conf
-        pos = y >= 0
-        z = torch.where(pos, y, y / slope)  # leaky_relu^-1
-        dz = torch.where(pos, dy, dy * slope)
-        scale = weight.abs() + abn_eps
-        x_hat = (z - per_channel(bias, y.ndim, cd)) / per_channel(scale, y.ndim, cd)
-        dims = stat_dims(y.ndim, cd, "batch")
+        nd = y.ndim
+        dims = stat_dims(nd, cd, "batch")
+        z = TF.leaky_relu(y, 1.0 / slope)  # leaky^-1(y)
+        dz = torch.ops.aten.leaky_relu_backward(dy, z, slope, False)
+        scale = per_channel(weight.abs() + abn_eps, nd, cd)
+        beta = per_channel(bias, nd, cd)
         sum_dz = dz.sum(dims, keepdim=True)
-        sum_dz_xhat = (dz * x_hat).sum(dims, keepdim=True)
-        a = per_channel(scale, y.ndim, cd) * rstd
+        sum_dz_xhat = ((dy * y).sum(dims, keepdim=True) - beta * sum_dz) / scale
+        a = scale * rstd
         if training:
             count = y.numel() // y.shape[cd]
-            dx = (dz - sum_dz / count - x_hat * (sum_dz_xhat / count)) * a
+            p = -a * sum_dz_xhat / (count * scale)
+            q = -a * sum_dz / count - p * beta
+            dx = dz.mul_(a).addcmul_(z, p).add_(q)
         else:
-            dx = dz * a
+            dx = dz.mul_(a)
         dw = sum_dz_xhat.reshape(-1) * torch.sign(weight)
         return dx.to(y.dtype), dw, sum_dz.reshape(-1), None, None, None, None, None, None, None
 
