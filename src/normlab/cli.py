@@ -25,6 +25,16 @@ OTHER_METHODS = [
      "Fan, NIPS 2017 (arXiv:1710.10328)"),
     ("normlab.InputStandardizer", "input-feature standardization (or min-max) with exact streaming moments",
      "standard practice; exact merges of Chan, Golub & LeVeque 1979"),
+    ("normlab.weight_standardize / convert(model, 'SPEC+ws')", "weight standardization per output unit (removable)",
+     "Qiao, Wang, Liu, Shen & Yuille 2019 (arXiv:1903.10520)"),
+    ("normlab.weight_standardize(scaled=True) / normalizer_free", "scaled WS with learned gain; norms removed, gained activations",
+     "Brock, De & Smith, ICLR 2021 (arXiv:2101.08692)"),
+    ("normlab.adaptive_clip_grad_", "unit-wise adaptive gradient clipping",
+     "Brock, De, Smith & Simonyan, ICML 2021 (arXiv:2102.06171)"),
+    ("normlab.CrossIterationBatchNorm / convert(model, 'cbn:k')", "BN statistics over k iterations, wraps the conv",
+     "Yao, Cao, Zheng, Huang & Lin, CVPR 2021 (arXiv:2002.05712)"),
+    ("make_norm(spec, C, act=...) / normlab.InPlaceABN", "norm + activation as one layer; in-place ABN keeps only its output",
+     "Rota Bulo, Porzi & Kontschieder, CVPR 2018 (arXiv:1712.02616)"),
 ]
 
 
