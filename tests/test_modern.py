@@ -309,3 +309,19 @@ def test_convert_bn_model_to_frn_and_back():
     model(torch.randn(1, 3, 6, 6)).sum().backward()  # batch 1 trains
     normlab.convert(model, "bn")
     assert isinstance(model[1], normlab.BatchNorm)
+
+
+@pytest.mark.parametrize("spec", ["frn", "evob0", "evos0:4", "grn", "pn", "dyt", "derf"])
+def test_channel_last_layout_agrees(spec):
+    from _helpers import assert_layouts_agree
+
+    first = _random_params(normlab.make_norm(spec, 8, dtype=D))
+    last = copy.deepcopy(first)
+    assert_layouts_agree(first, last, lambda: torch.randn(3, 8, 4, 5, dtype=D) + 0.5)
+
+
+def test_power_norm_trains_in_channels_last_sequences():
+    m = normlab.make_norm("pn", 16, channel_dim=-1)
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    m(x).sum().backward()
+    assert m.ema_gz.abs().sum() > 0 and x.grad.shape == x.shape

@@ -218,3 +218,19 @@ def test_convert_cbn_refuses_unpaired_norms_and_changes_nothing():
     cbn = normlab.CrossIterationBatchNorm(nn.Conv2d(3, 8, 3))
     with pytest.raises(ValueError, match=r"CrossIterationBatchNorm\(8\)"):
         cbn(torch.randn(1, 3, 3, 3))  # a 1x1 output of one sample: no batch statistics
+
+
+def test_cross_iteration_bn_state_dict_round_trip_and_window_one_is_batch_norm():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, dtype=D)
+    cbn = normlab.CrossIterationBatchNorm(copy.deepcopy(conv), window=1)
+    ref = nn.Sequential(copy.deepcopy(conv), nn.BatchNorm2d(4, dtype=D))
+    for _ in range(2):
+        x = torch.randn(2, 3, 6, 6, dtype=D)
+        torch.testing.assert_close(cbn(x), ref(x))
+    torch.testing.assert_close(cbn.running_var, ref[1].running_var)
+    other = normlab.CrossIterationBatchNorm(nn.Conv2d(3, 4, 3, dtype=D), window=1)
+    other.load_state_dict(cbn.state_dict())
+    cbn.eval(), other.eval()
+    x = torch.randn(1, 3, 6, 6, dtype=D)
+    torch.testing.assert_close(other(x), cbn(x))

@@ -59,11 +59,11 @@ def _derf(num_features: int, **kw: Any) -> nn.Module:
     return M.DynamicErf(num_features, **kw)
 
 
-# built by convert, which pairs each norm with the conv before it; not from a channel count alone
+# built by convert, which pairs each norm with the conv before it, not from a channel count alone;
+# batch_stats stays False: it has no process group (the engine's merge could add one)
 @register("cbn", description="cross-iteration batch norm: BN statistics pooled over the last k iterations (cbn:k)",
           axes="every axis but the channel, per channel, over this and the k-1 previous batches (Taylor-compensated)",
-          paper="Yao, Cao, Zheng, Huang & Lin, CVPR 2021 (arXiv:2002.05712)", arg="window", applies_to=(),
-          batch_stats=True)
+          paper="Yao, Cao, Zheng, Huang & Lin, CVPR 2021 (arXiv:2002.05712)", arg="window", applies_to=())
 def _cbn(num_features: int, **kw: Any) -> nn.Module:
     raise ValueError("cbn wraps the convolution before the norm: use normlab.CrossIterationBatchNorm(conv, window=k) "
                      "or normlab.convert(model, 'cbn:k'); make_norm cannot build it from a channel count")
