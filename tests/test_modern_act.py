@@ -15,6 +15,17 @@ import normlab
 ACTS = {"relu": TF.relu, "leaky_relu": TF.leaky_relu, "silu": TF.silu, "gelu": TF.gelu}
 
 
+def _backward_agrees(ours, ref, ya, yb, xa, xb):
+    """Same input, weight and bias gradients and running statistics after one backward."""
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
+
+
 def _rand_affine(m):
     with torch.no_grad():
         m.weight.uniform_(0.5, 1.5)
@@ -33,13 +44,7 @@ def test_bn_act_equals_torch_bn_then_activation(act):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ours(xa), ACTS[act](ref(xb))
         torch.testing.assert_close(ya, yb)
-        g = torch.randn_like(ya)
-        ya.backward(g), yb.backward(g)
-        torch.testing.assert_close(xa.grad, xb.grad)
-        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
-        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
-        torch.testing.assert_close(ours.running_mean, ref.running_mean)
-        torch.testing.assert_close(ours.running_var, ref.running_var)
+        _backward_agrees(ours, ref, ya, yb, xa, xb)
 
 
 @pytest.mark.parametrize("spec", ["gn:2", "ln", "in", "frn", "evos0:2", "pn", "lnc", "rms"])
@@ -85,12 +90,7 @@ def test_inplace_abn_equals_unfused_and_keeps_only_its_output(channel_dim):
         torch.testing.assert_close(ya, yb)
         big = [t for t in saved if t.numel() >= x.numel()]
         assert len(big) == 1 and big[0].data_ptr() == ya.data_ptr()  # only the output, not x
-        g = torch.randn_like(ya)
-        ya.backward(g), yb.backward(g)
-        torch.testing.assert_close(xa.grad, xb.grad)
-        torch.testing.assert_close(abn.weight.grad, ref.weight.grad)
-        torch.testing.assert_close(abn.bias.grad, ref.bias.grad)
-        torch.testing.assert_close(abn.running_var, ref.running_var)
+        _backward_agrees(abn, ref, ya, yb, xa, xb)
 
 
 def test_inplace_abn_gradcheck_and_state_dict():
