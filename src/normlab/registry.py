@@ -109,6 +109,9 @@ def make_norm(spec: str, num_features: int, **overrides: Any) -> nn.Module:
     output for backward. See :func:`normlab.layers.norm_act.with_activation`.
     """
     entry, kwargs = parse_spec(spec)
+    if spec.strip().lower().endswith("+ws"):  # silently dropping it would mislabel a model
+        raise ValueError(f"spec {spec!r}: '+ws' standardizes the convolution before the norm, which make_norm "
+                         f"does not see; build the model, then call normlab.convert(model, {spec!r})")
     act = {k: overrides.pop(k) for k in ("act", "negative_slope", "inplace_abn") if k in overrides}
     kwargs.update(overrides)
     module = entry.factory(num_features, **kwargs)
