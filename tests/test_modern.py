@@ -325,3 +325,26 @@ def test_power_norm_trains_in_channels_last_sequences():
     x = torch.randn(4, 10, 16, requires_grad=True)
     m(x).sum().backward()
     assert m.ema_gz.abs().sum() > 0 and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("spec", ["frn", "evob0", "evos0:4", "grn", "pn", "dyt", "derf"])
+def test_convert_to_and_from_each_spec(spec):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    normlab.convert(model, spec)
+    cls = type(normlab.make_norm(spec, 8))
+    assert isinstance(model[1], cls) and isinstance(model[4], cls)
+    model(torch.randn(2, 3, 7, 7)).sum().backward()
+    normlab.convert(model, "bn")
+    assert isinstance(model[1], normlab.BatchNorm) and isinstance(model[4], normlab.BatchNorm)
+    model.eval()
+    assert model(torch.randn(1, 3, 7, 7)).shape == (1, 8, 3, 3)
+
+
+@pytest.mark.parametrize("spec", ["evob0", "evos0:4"])
+def test_evonorm_without_nonlinearity_is_the_affine_map(spec):
+    m = _random_params(normlab.make_norm(spec, 8, apply_act=False, dtype=D))
+    assert m.v is None
+    x = torch.randn(2, 8, 3, 3, dtype=D)
+    torch.testing.assert_close(m(x), _pc(m.weight) * x + _pc(m.bias))
+    if spec == "evob0":
+        assert torch.equal(m.running_var, torch.ones(8, dtype=D))  # as timm: no statistics, no update

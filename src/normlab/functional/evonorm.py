@@ -40,8 +40,12 @@ def evonorm_b0(
     (the maximum is element-wise; the numerator is x itself, not centred). In training
     ``running_var`` (if given) is updated in place, ``(1 - momentum) * rv + momentum * var``
     with the unbiased batch variance (timm's and torch's rule); in eval it replaces s2_b.
-    ``v=None`` drops the ``v * x`` term. eps 1e-3 is timm's default (the official code 1e-5).
+    ``v=None`` is the layer without nonlinearity (official ``nonlinearity=False``, timm's
+    ``apply_act=False``): only ``gamma * x + beta``, no statistics (the running variance is
+    left alone). eps 1e-3 is timm's default (the official code 1e-5).
     """
+    if v is None:
+        return affine(x, weight, bias, channel_dim).to(x.dtype)
     inst = _moments.moments(x, position_dims(x, channel_dim, "evonorm_b0"))  # per (n, c)
     if training or running_var is None:
         batch = _moments.reduce_moments(inst, 0)  # merged over the batch: per channel
@@ -50,9 +54,7 @@ def evonorm_b0(
         var_b = batch.var
     else:
         var_b = per_channel(running_var, x.ndim, channel_dim)
-    right = torch.sqrt(inst.var + eps)
-    if v is not None:
-        right = right + x * per_channel(v, x.ndim, channel_dim)
+    right = torch.sqrt(inst.var + eps) + x * per_channel(v, x.ndim, channel_dim)
     y = x / torch.maximum(torch.sqrt(var_b + eps), right)
     return affine(y, weight, bias, channel_dim).to(x.dtype)
 
@@ -74,10 +76,12 @@ def evonorm_s0(
 
         y = x * sigmoid(v_c * x) / sqrt(s2_g + eps) * gamma_c + beta_c
 
-    No batch statistics: the same in training and eval, batch 1 works. ``v=None`` drops the
-    ``sigmoid`` factor (the paper's layers without nonlinearity). Groups 32 and eps 1e-5 are
-    the paper's and timm's defaults.
+    No batch statistics: the same in training and eval, batch 1 works. ``v=None`` is the
+    layer without nonlinearity (official ``nonlinearity=False``, timm's ``apply_act=False``):
+    only ``gamma * x + beta``. Groups 32 and eps 1e-5 are the paper's and timm's defaults.
     """
+    if v is None:
+        return affine(x, weight, bias, channel_dim).to(x.dtype)
     cd = channel_axis(x.ndim, channel_dim)
     c = x.shape[cd]
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
@@ -87,7 +91,5 @@ def evonorm_s0(
     per_nc = _moments.moments(xg, 3)  # per (n, c)
     group = _moments.reduce_moments(per_nc, 2)  # merged over each group's channels: per (n, g)
     inv_std = torch.rsqrt(group.var + eps).expand(xg.shape).reshape(xc.shape).movedim(1, cd)
-    y = x * inv_std
-    if v is not None:
-        y = y * torch.sigmoid(x * per_channel(v, x.ndim, channel_dim))
+    y = x * inv_std * torch.sigmoid(x * per_channel(v, x.ndim, channel_dim))
     return affine(y, weight, bias, channel_dim).to(x.dtype)

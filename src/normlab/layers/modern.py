@@ -75,20 +75,22 @@ class EvoNormB0(Norm):
 
     ``y = x / max(sqrt(var_batch + eps), v * x + sqrt(var_instance + eps)) * gamma + beta``;
     eval uses ``running_var`` (momentum 0.1, unbiased). State dict as timm's EvoNorm2dB0
-    (``weight``, ``bias``, ``v``, ``running_var``). See :func:`normlab.functional.evonorm_b0`.
+    (``weight``, ``bias``, ``v``, ``running_var``). ``apply_act=False`` (no ``v``) is the
+    official ``nonlinearity=False`` layer: ``gamma * x + beta`` alone.
+    See :func:`normlab.functional.evonorm_b0`.
     """
 
     min_spatial = 1
     batch_stat_dims = "batch"
 
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.1, affine: bool = True,
-                 channel_dim: int = 1, **kwargs: Any) -> None:
+                 apply_act: bool = True, channel_dim: int = 1, **kwargs: Any) -> None:
         super().__init__(num_features, eps, affine, channel_dim, **kwargs)
         if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
             raise ValueError(f"EvoNormB0: momentum must be a number in [0, 1], got {momentum!r}")
         self.momentum = momentum
         factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.v = _per_channel_param(self, 1.0, factory) if affine else None
+        self.v = _per_channel_param(self, 1.0, factory) if apply_act else None
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     def _uses_batch_stats(self) -> bool:
@@ -110,18 +112,19 @@ class EvoNormS0(Norm):
     r"""EvoNorm-S0 (Liu et al., NeurIPS 2020) (spec ``evos0:G``): per-sample, grouped.
 
     ``y = x * sigmoid(v * x) / sqrt(var_group + eps) * gamma + beta``, group variance as in
-    group norm. Same in training and eval. See :func:`normlab.functional.evonorm_s0`.
+    group norm. Same in training and eval. ``apply_act=False`` (no ``v``): ``gamma * x + beta``
+    alone, as timm's. See :func:`normlab.functional.evonorm_s0`.
     """
 
     def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True,
-                 channel_dim: int = 1, **kwargs: Any) -> None:
+                 apply_act: bool = True, channel_dim: int = 1, **kwargs: Any) -> None:
         super().__init__(num_features, eps, affine, channel_dim, **kwargs)
         if not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups:
             raise ValueError(f"EvoNormS0({num_features}): num_groups must be a positive divisor of the "
                              f"{num_features} channels, got {num_groups!r}")
         self.num_groups = num_groups
         factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.v = _per_channel_param(self, 1.0, factory) if affine else None
+        self.v = _per_channel_param(self, 1.0, factory) if apply_act else None
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
