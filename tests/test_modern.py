@@ -348,3 +348,11 @@ def test_evonorm_without_nonlinearity_is_the_affine_map(spec):
     torch.testing.assert_close(m(x), _pc(m.weight) * x + _pc(m.bias))
     if spec == "evob0":
         assert torch.equal(m.running_var, torch.ones(8, dtype=D))  # as timm: no statistics, no update
+
+
+def test_dyt_float32_within_rounding_of_torch_tanh():
+    # computed as 2 * sigmoid(2z) - 1: |error| <= 1.8e-7 on tanh (torch.tanh: 6e-8), then times w (<= 1.5)
+    x = torch.randn(64, 33, 16) * 4
+    m = _random_params(normlab.make_norm("dyt", 16, channel_dim=-1))
+    ref = m.weight.detach() * torch.tanh(m.alpha.detach() * x.double()).float() + m.bias.detach()
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=6e-7)

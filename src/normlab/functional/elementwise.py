@@ -33,8 +33,9 @@ def _other_axes_sum(t: Tensor, cd: int) -> Tensor:
 class _DynamicSquash(torch.autograd.Function):
     """``y = weight * f(alpha * x + shift) + bias`` with a backward that needs only ``x``.
 
-    tanh is computed as ``2 * sigmoid(2z) - 1`` (the same function; within one rounding of
-    1 in absolute terms): torch's CPU sigmoid is vectorized, its tanh about ten times slower.
+    tanh is computed as ``2 * sigmoid(2z) - 1``, the same function (in float32 within 1.8e-7
+    absolute of tanh, torch.tanh's own error being 6e-8): torch's CPU sigmoid is vectorized,
+    its tanh about ten times slower.
     """
 
     @staticmethod
