@@ -9,17 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["conv_norm_pairs", "convert_paired", "split_ws"]
+from .registry import parse_spec, split_ws
+
+__all__ = ["conv_norm_pairs", "convert_paired"]
 
 _CONV = nn.modules.conv._ConvNd
-
-
-def split_ws(spec: str) -> tuple[str, bool]:
-    """``"gn:8+ws"`` -> ("gn:8", True); a spec without the suffix -> (spec, False)."""
-    s = spec.strip()
-    if s.lower().endswith("+ws"):
-        return s[: -len("+ws")], True
-    return s, False
 
 
 def _is_cbn(spec: str) -> bool:
@@ -104,7 +98,6 @@ def convert_paired(model: nn.Module, spec: str, copy_affine: bool, is_norm: Any)
     back into its convolution followed by a batch norm (which the spec then replaces)."""
     from .convert import convert
     from .layers.cross_iteration import CrossIterationBatchNorm
-    from .registry import parse_spec
     from .weight_std import weight_standardize
 
     if isinstance(model, CrossIterationBatchNorm):

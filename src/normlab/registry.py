@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["NormEntry", "register", "make_norm", "available_norms", "describe_norms", "parse_spec", "get_entry"]
+__all__ = ["NormEntry", "register", "make_norm", "available_norms", "describe_norms", "parse_spec", "get_entry",
+           "split_ws"]
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,21 @@ def _ensure_builtin() -> None:
     from . import _builtin_norms  # noqa: F401
 
 
+def split_ws(spec: str) -> tuple[str, bool]:
+    """``"gn:8+ws"`` -> ("gn:8", True): the suffix ``+ws`` asks ``convert`` to
+    weight-standardize the convolution before each norm; without it (spec, False)."""
+    s = spec.strip()
+    if s.lower().endswith("+ws"):
+        return s[: -len("+ws")], True
+    return s, False
+
+
 def parse_spec(spec: str) -> tuple[NormEntry, dict[str, Any]]:
     """``"gn:16"`` -> (the ``gn`` entry, ``{"num_groups": 16}``); clear errors otherwise."""
     _ensure_builtin()
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a norm spec must be a non-empty string, got {spec!r}")
-    # "+ws" (weight-standardize the conv before the norm) is for ``convert``; the norm is the rest
-    body = spec.strip()[: -len("+ws")] if spec.strip().lower().endswith("+ws") else spec.strip()
-    name, colon, arg = body.partition(":")
+    name, colon, arg = split_ws(spec)[0].partition(":")
     name = name.lower()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
@@ -109,7 +117,7 @@ def make_norm(spec: str, num_features: int, **overrides: Any) -> nn.Module:
     output for backward. See :func:`normlab.layers.norm_act.with_activation`.
     """
     entry, kwargs = parse_spec(spec)
-    if spec.strip().lower().endswith("+ws"):  # silently dropping it would mislabel a model
+    if split_ws(spec)[1]:  # silently dropping it would mislabel a model
         raise ValueError(f"spec {spec!r}: '+ws' standardizes the convolution before the norm, which make_norm "
                          f"does not see; build the model, then call normlab.convert(model, {spec!r})")
     act = {k: overrides.pop(k) for k in ("act", "negative_slope", "inplace_abn") if k in overrides}
