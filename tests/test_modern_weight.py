@@ -130,7 +130,7 @@ def test_convert_ws_suffix():
     assert isinstance(model[1], normlab.GroupNorm) and model[1].num_groups == 4
     assert parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[3])
     assert isinstance(model[4], normlab.GroupNorm) and model[4].channel_dim == -1  # no conv before it: no WS
-    with pytest.raises(ValueError, match=r"'\+ws' standardizes the convolution .* normlab.convert\(model, 'gn:4\+ws'\)"):
+    with pytest.raises(ValueError, match=r"'\+ws' standardizes the conv.* normlab.convert\(model, 'gn:4\+ws'\)"):
         normlab.make_norm("gn:4+ws", 8)  # it cannot see the conv: an error, not a plain gn under the +ws name
     with pytest.raises(ValueError, match="unknown norm 'xx'"):
         normlab.convert(model, "xx+ws")

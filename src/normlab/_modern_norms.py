@@ -31,7 +31,8 @@ def _evos0(num_features: int, num_groups: int = 32, **kw: Any) -> nn.Module:
     return M.EvoNormS0(num_features, num_groups=num_groups, **kw)
 
 
-@register("grn", description="global response norm (ConvNeXt V2): x + gamma * x * (L2 over positions / channel mean) + beta",
+@register("grn", description="global response norm (ConvNeXt V2): x + gamma * x * N + beta, N = L2 over positions "
+                             "/ its channel mean",
           axes="L2 norm over the positions per sample and channel, divided by its mean over the channels",
           paper="Woo et al., CVPR 2023 (arXiv:2301.00808)", applies_to=("conv",))
 def _grn(num_features: int, **kw: Any) -> nn.Module:

@@ -71,7 +71,8 @@ def _to_cbn(conv: nn.Module, norm: nn.Module, window: int, path: str, copy_affin
     eps = getattr(norm, "eps", None)
     new = CrossIterationBatchNorm(conv, window=window, eps=eps if eps else 1e-5)
     with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var") if copy_affine else ("running_mean", "running_var"):
+        names = ("weight", "bias") * copy_affine + ("running_mean", "running_var")
+        for name in names:
             src, dst = getattr(norm, name, None), getattr(new, name, None)
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
                 dst.copy_(src)

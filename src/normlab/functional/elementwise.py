@@ -87,7 +87,8 @@ def _affine_vectors(x: Tensor, weight: Tensor | None, bias: Tensor | None, cd: i
 
 def _check_scalar(name: str, who: str, t: Tensor | None) -> None:
     if t is not None and t.numel() != 1:
-        raise ValueError(f"{who}: {name} must be a tensor with one element (a learned scalar), got shape {tuple(t.shape)}")
+        raise ValueError(f"{who}: {name} must be a tensor with one element (a learned scalar), "
+                         f"got shape {tuple(t.shape)}")
 
 
 def dynamic_tanh(

@@ -31,7 +31,8 @@ def position_dims(x: Tensor, channel_dim: int, who: str) -> tuple[int, ...]:
     """The position axes (all but batch and channel); an error naming ``who`` if there are none."""
     dims = dims_for(x, channel_dim, "spatial")
     if not dims:  # an empty dim list would mean "every axis" to torch's reductions
-        raise ValueError(f"{who}: needs at least one position axis besides batch and channel, got shape {tuple(x.shape)}")
+        raise ValueError(f"{who}: needs at least one position axis besides batch and channel, "
+                         f"got shape {tuple(x.shape)}")
     return dims
 
 

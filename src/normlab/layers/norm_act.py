@@ -55,7 +55,8 @@ class InPlaceABN(BatchNorm):
         if self.process_group is not None:
             raise ValueError(f"InPlaceABN({num_features}): synchronized statistics are not supported")
         if not negative_slope > 0:
-            raise ValueError(f"InPlaceABN({num_features}): negative_slope must be > 0 (invertible), got {negative_slope!r}")
+            raise ValueError(f"InPlaceABN({num_features}): negative_slope must be > 0 (invertible), "
+                             f"got {negative_slope!r}")
         self.negative_slope, self.abn_eps = negative_slope, abn_eps
 
     def forward(self, x: Tensor) -> Tensor:
