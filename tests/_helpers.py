@@ -63,3 +63,16 @@ def study_rows(db: object) -> list[dict]:
         return [dict(r) for r in con.execute("SELECT * FROM runs")]
     finally:
         con.close()
+
+
+def norm_and_activation(m):
+    """(the norm, its activation's name or None) of a converted norm + activation layer: a
+    ``NormAct`` wrapper, or a normlab norm with a fused activation (``make_norm(..., act=)``)."""
+    import normlab
+    from normlab.layers.norm_act import fusable_activation
+
+    if isinstance(m, normlab.NormAct):
+        named = fusable_activation(m.act)
+        return m.norm, named[0] if named else type(m.act).__name__
+    act = getattr(m, "act", None)
+    return m, (fusable_activation(act)[0] if act is not None else None)

@@ -14,6 +14,7 @@ from torch import nn
 
 import normlab
 import _models
+from _helpers import norm_and_activation
 
 Factory = Callable[[], tuple[nn.Module, Callable[[], tuple]]]
 
@@ -332,9 +333,9 @@ def test_library_norm_layers_recognised_and_converted_to_their_kind(make, kind, 
     ref = copy.deepcopy(model)
     normlab.convert(model, kind)
     new = model[0]
-    norm = new.norm if has_act else new
+    norm, act = norm_and_activation(new)
     assert isinstance(norm, normlab.Norm) and norm.channel_dim == channel_dim
-    assert isinstance(new, normlab.NormAct) == has_act
+    assert (act is not None) == has_act
     for training in (True, False):
         model.train(training), ref.train(training)
         x = torch.randn(*shape) * 2 + 0.5

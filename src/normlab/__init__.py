@@ -35,8 +35,11 @@ from .layers import (
     weight_norm,
 )
 from .layers import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell, OnlineNorm
+from .layers import DynamicErf, DynamicTanh, EvoNormB0, EvoNormS0, FilterResponseNorm, GlobalResponseNorm, PowerNorm
+from .layers import CrossIterationBatchNorm, InPlaceABN
 from .optim import param_groups
-from .selfnorm import self_normalizing
+from .selfnorm import normalizer_free, self_normalizing
+from .weight_std import adaptive_clip_grad_, remove_weight_standardization, weight_standardize
 from .registry import available_norms, describe_norms, make_norm, register
 
 __version__ = "0.1.0"
@@ -52,6 +55,15 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")
 
 __all__ = [
+    "DynamicErf",
+    "DynamicTanh",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GlobalResponseNorm",
+    "PowerNorm",
+    "InPlaceABN",
+    "CrossIterationBatchNorm",
     "BatchNormLSTM",
     "LayerNormLSTM",
     "LayerNormLSTMCell",
@@ -64,6 +76,10 @@ __all__ = [
     "data_dependent_init",
     "param_groups",
     "self_normalizing",
+    "normalizer_free",
+    "adaptive_clip_grad_",
+    "remove_weight_standardization",
+    "weight_standardize",
     "weight_norm",
     "BatchInstanceNorm",
     "BatchNorm",

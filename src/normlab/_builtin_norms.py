@@ -115,3 +115,6 @@ def _on(num_features: int, **kw: Any) -> nn.Module:
           applies_to=("conv", "dense", "seq"))
 def _frozenbn(num_features: int, **kw: Any) -> nn.Module:
     return L.FrozenBatchNorm(num_features, **kw)
+
+
+from . import _modern_norms  # noqa: E402,F401  (the norms since 2020 register themselves)

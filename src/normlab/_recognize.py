@@ -137,7 +137,9 @@ def _normlab(m: L.Norm, path: str) -> FoundNorm:
     opts = {**_constructor_options(m), **_affine_options(m, m.affine)}
     if not m.has_bias:
         opts.pop("bias")
-    return FoundNorm(path, m, kind, m.num_features, m.channel_dim, m.eps, opts)
+    act = getattr(m, "act", None)  # a fused activation (``make_norm(..., act=...)``) travels with it
+    return FoundNorm(path, m, kind, m.num_features, m.channel_dim, m.eps, opts,
+                     act=act if isinstance(act, nn.Module) else None)
 
 
 # ---------------------------------------------------------------------- torch's, and subclasses

@@ -25,6 +25,17 @@ OTHER_METHODS = [
      "Fan, NIPS 2017 (arXiv:1710.10328)"),
     ("normlab.InputStandardizer", "input-feature standardization (or min-max) with exact streaming moments",
      "standard practice; exact merges of Chan, Golub & LeVeque 1979"),
+    ("normlab.weight_standardize / remove_weight_standardization",
+     "weight standardization per output unit, removable; convert(model, 'SPEC+ws') for the conv before each norm",
+     "Qiao, Wang, Liu, Shen & Yuille 2019 (arXiv:1903.10520)"),
+    ("normlab.normalizer_free", "norms removed, scaled WS (learned gain), gain-corrected activations",
+     "Brock, De & Smith, ICLR 2021 (arXiv:2101.08692)"),
+    ("normlab.adaptive_clip_grad_", "unit-wise adaptive gradient clipping",
+     "Brock, De, Smith & Simonyan, ICML 2021 (arXiv:2102.06171)"),
+    ("normlab.CrossIterationBatchNorm", "BN statistics over k iterations, wraps the conv; convert(model, 'cbn:k')",
+     "Yao, Cao, Zheng, Huang & Lin, CVPR 2021 (arXiv:2002.05712)"),
+    ("normlab.InPlaceABN", "batch norm + leaky ReLU keeping only its output; make_norm(spec, C, act=...) for any norm",
+     "Rota Bulo, Porzi & Kontschieder, CVPR 2018 (arXiv:1712.02616)"),
 ]
 
 

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["NormEntry", "register", "make_norm", "available_norms", "describe_norms", "parse_spec", "get_entry"]
+__all__ = ["NormEntry", "register", "make_norm", "available_norms", "describe_norms", "parse_spec", "get_entry",
+           "split_ws"]
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,21 @@ def _ensure_builtin() -> None:
     from . import _builtin_norms  # noqa: F401
 
 
+def split_ws(spec: str) -> tuple[str, bool]:
+    """``"gn:8+ws"`` -> ("gn:8", True): the suffix ``+ws`` asks ``convert`` to
+    weight-standardize the convolution before each norm; without it (spec, False)."""
+    s = spec.strip()
+    if s.lower().endswith("+ws"):
+        return s[: -len("+ws")], True
+    return s, False
+
+
 def parse_spec(spec: str) -> tuple[NormEntry, dict[str, Any]]:
     """``"gn:16"`` -> (the ``gn`` entry, ``{"num_groups": 16}``); clear errors otherwise."""
     _ensure_builtin()
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a norm spec must be a non-empty string, got {spec!r}")
-    name, colon, arg = spec.strip().partition(":")
+    name, colon, arg = split_ws(spec)[0].partition(":")
     name = name.lower()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
@@ -101,10 +111,23 @@ def make_norm(spec: str, num_features: int, **overrides: Any) -> nn.Module:
     GroupNorm(num_groups=16, 64, eps=1e-05, affine=True)
     >>> make_norm("lnc", 768, channel_dim=-1)     # torch.nn.LayerNorm(768) semantics
     ChannelLayerNorm(768, eps=1e-05, affine=True, channel_dim=-1)
+
+    ``act`` ("relu", "leaky_relu", "silu", "gelu"; ``negative_slope``) appends an activation
+    to the norm as one layer; ``inplace_abn=True`` (``bn`` with leaky_relu) keeps only the
+    output for backward. See :func:`normlab.layers.norm_act.with_activation`.
     """
     entry, kwargs = parse_spec(spec)
+    if split_ws(spec)[1]:  # silently dropping it would mislabel a model
+        raise ValueError(f"spec {spec!r}: '+ws' standardizes the convolution before the norm, which make_norm "
+                         f"does not see; build the model, then call normlab.convert(model, {spec!r})")
+    act = {k: overrides.pop(k) for k in ("act", "negative_slope", "inplace_abn") if k in overrides}
     kwargs.update(overrides)
-    return entry.factory(num_features, **kwargs)
+    module = entry.factory(num_features, **kwargs)
+    if act:  # a fused activation: ``make_norm("bn", C, act="relu")``
+        from .layers.norm_act import with_activation
+
+        module = with_activation(module, act.pop("act", None), **act)
+    return module
 
 
 def available_norms() -> dict[str, str]:

@@ -1,12 +1,14 @@
-"""Self-normalizing networks (Klambauer et al., NIPS 2017, arXiv:1706.02515): turn a ReLU
-network into a SELU network whose activations are pulled toward mean 0, variance 1."""
+"""Networks without normalization layers: self-normalizing networks (Klambauer et al., NIPS
+2017, arXiv:1706.02515) turn a ReLU network into a SELU network whose activations are pulled
+toward mean 0, variance 1; normalizer-free networks (Brock et al., ICLR 2021) remove the
+norms and standardize the convolutions' weights (scaled WS) with gain-corrected activations."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["self_normalizing", "lecun_normal_"]
+__all__ = ["self_normalizing", "lecun_normal_", "normalizer_free", "ScaledActivation", "NF_GAINS"]
 
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -62,4 +64,65 @@ def self_normalizing(model: nn.Module) -> nn.Module:
             if new is not None:
                 new.train(child.training)
                 setattr(parent, name, new)
+    return model
+
+
+# gamma of each activation, so that act(x) * gamma has unit variance for x ~ N(0, 1)
+# (the NFNets reference code's constants)
+NF_GAINS: dict[type, float] = {nn.ReLU: 1.7139588594436646, nn.SiLU: 1.7881293296813965, nn.GELU: 1.7015043497085571}
+
+
+class ScaledActivation(nn.Module):
+    """``gain * act(x)``: an activation rescaled to preserve unit variance (NF-ResNets)."""
+
+    def __init__(self, act: nn.Module, gain: float) -> None:
+        super().__init__()
+        self.act, self.gain = act, gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) * self.gain
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain}"
+
+
+def _is_norm_layer(m: nn.Module) -> bool:
+    from .layers.base import Norm
+
+    return isinstance(m, (Norm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                          nn.GroupNorm, nn.LayerNorm, nn.RMSNorm))
+
+
+@torch.no_grad()
+def normalizer_free(model: nn.Module, eps: float = 1e-5) -> nn.Module:
+    r"""Make ``model`` normalizer-free, in place (Brock, De & Smith, ICLR 2021, arXiv:2101.08692):
+
+    - every normalization layer (normlab's, torch's batch/instance/group/layer/RMS norms)
+      replaced by ``nn.Identity``;
+    - every ``Conv1d/2d/3d`` weight given scaled weight standardization with a learned gain
+      (:func:`normlab.weight_standardize` with ``scaled=True``); ``Linear`` layers (the
+      classifier) are left as they are;
+    - every ``nn.ReLU``, ``nn.SiLU`` and ``nn.GELU`` module scaled by its gain gamma
+      (:data:`NF_GAINS`), so that a unit-variance input keeps unit variance.
+
+    The NF-ResNet residual form ``h + alpha * f(h / beta)`` needs the block's code and is not
+    applied; pair this with adaptive gradient clipping (:func:`normlab.adaptive_clip_grad_`).
+    Returns the model (``nn.Identity`` if ``model`` itself is a norm).
+    """
+    from .weight_std import WeightStandardization, weight_standardize
+
+    if _is_norm_layer(model):
+        return nn.Identity()
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_norm_layer(child):
+                setattr(parent, name, nn.Identity())
+            elif type(child) in NF_GAINS:
+                setattr(parent, name, ScaledActivation(child, NF_GAINS[type(child)]))
+    for conv in convs:
+        already = nn.utils.parametrize.is_parametrized(conv, "weight") and any(
+            isinstance(p, WeightStandardization) for p in conv.parametrizations.weight)
+        if not already:
+            weight_standardize(conv, scaled=True, eps=eps)
     return model

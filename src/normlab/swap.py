@@ -17,6 +17,7 @@ from torch import nn
 
 from ._recognize import FoundNorm, find_norms
 from .layers import NormAct
+from .layers.norm_act import fusable_activation, with_activation
 from .registry import make_norm, parse_spec
 
 __all__ = ["convert", "freeze", "unfreeze", "inspect", "NormReport"]
@@ -92,8 +93,24 @@ def _build(f: FoundNorm, spec: str, copy_affine: bool, fallback: tuple[torch.dty
     carry_state(f.state, new, copy_affine, stats)
     new.train(f.module.training)
     if f.act is not None or f.drop is not None:
-        new = NormAct(new, f.drop, f.act).train(f.module.training)
+        new = keep_activation(new, f.act, f.drop).train(f.module.training)
     return new
+
+
+def keep_activation(new: nn.Module, act: nn.Module | None, drop: nn.Module | None) -> nn.Module:
+    """``new`` followed by the activation (and dropout) of the layer it replaces: fused into
+    ``new`` (one layer, ``make_norm(..., act=...)``) where it is a plain relu, leaky_relu, silu
+    or exact gelu with no dropout and ``new`` is a normlab norm, else a :class:`NormAct` holding
+    the same modules."""
+    act = None if isinstance(act, nn.Identity) else act
+    drop = None if isinstance(drop, nn.Identity) else drop
+    named = fusable_activation(act) if act is not None and drop is None else None
+    if named is not None and getattr(new, "act", None) is None:
+        try:
+            return with_activation(new, *named)
+        except ValueError:  # not a normlab norm: keep the modules
+            pass
+    return NormAct(new, drop, act)
 
 
 def plan(model: nn.Module, spec: str, copy_affine: bool, select: Callable[[FoundNorm], bool],
@@ -153,6 +170,13 @@ def convert(model: nn.Module, spec: str, copy_affine: bool = True) -> nn.Module:
     why, and the model is unchanged. Norms that cannot be mapped are left in place and
     named in one warning. Returns the model (the new layer if ``model`` itself is a norm).
     """
+    from ._recognize import recognize
+    from .conv_norm import convert_paired  # "gn:8+ws" and "cbn:4" need the conv before each norm
+
+    parse_spec(spec)  # an unknown spec fails before the model is looked at
+    model, done = convert_paired(model, spec, copy_affine, lambda m: recognize(m) is not None)
+    if done:
+        return model
     built, left = plan(model, spec, copy_affine, lambda f: True, "normlab.convert")
     return swap(model, built, left, "normlab.convert")
 

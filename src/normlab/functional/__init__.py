@@ -19,8 +19,23 @@ from .spd import bimap, karcher_mean, log_eig, re_eig, spd_batch_norm, spd_geode
 from .weight import weight_norm
 from .online import activation_clamp, layer_scaling, online_norm
 from .recurrent import batch_norm_lstm_cell, layer_norm_lstm_cell
+from .response import filter_response_norm, global_response_norm
+from .evonorm import evonorm_b0, evonorm_s0
+from .powernorm import power_norm
+from .elementwise import dynamic_erf, dynamic_tanh
+from .norm_act import batch_norm_leaky_relu_inplace
+from .cross_iteration import cross_iteration_batch_norm
 
 __all__ = [
+    "filter_response_norm",
+    "global_response_norm",
+    "evonorm_b0",
+    "evonorm_s0",
+    "power_norm",
+    "dynamic_erf",
+    "dynamic_tanh",
+    "batch_norm_leaky_relu_inplace",
+    "cross_iteration_batch_norm",
     "fast_path",
     "kernel_status",
     "activation_clamp",

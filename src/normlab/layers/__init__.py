@@ -13,8 +13,21 @@ from .spd import BiMap, LogEig, ReEig, SPDBatchNorm
 from .weight import WeightNorm, data_dependent_init, weight_norm
 from .online import OnlineNorm
 from .recurrent import BatchNormLSTM, LayerNormLSTM, LayerNormLSTMCell
+from .modern import DynamicErf, DynamicTanh, EvoNormB0, EvoNormS0, FilterResponseNorm, GlobalResponseNorm, PowerNorm
+from .norm_act import InPlaceABN, with_activation
+from .cross_iteration import CrossIterationBatchNorm
 
 __all__ = [
+    "DynamicErf",
+    "DynamicTanh",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GlobalResponseNorm",
+    "PowerNorm",
+    "InPlaceABN",
+    "CrossIterationBatchNorm",
+    "with_activation",
     "OnlineNorm",
     "BatchNormLSTM",
     "LayerNormLSTM",
