@@ -43,10 +43,11 @@ from torch import Tensor
 
 from . import _build
 
-__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward", "group_backward",
+__all__ = ["available", "enabled", "status", "supports", "moments", "affine", "reduce", "dx", "group_forward", "group_backward",
            "rowrms_forward", "rowrms_backward"]
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+"""The element types the kernels read and write; the half types compute and accumulate in float32."""
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "reason": "not loaded yet", "on": [True]}
@@ -88,6 +89,11 @@ def _lib() -> ctypes.CDLL | None:
                         _state["reason"] = f"unavailable: {exc}"
                 _state["tried"] = True
     return _state["lib"]
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernels are available and read and write ``dtype``."""
+    return dtype in _SUFFIX and available()
 
 
 def available() -> bool:

@@ -21,7 +21,9 @@ from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._fused import fused_affine_norm, merged, scale_shift, standard_stat_fn
-from ._routing import MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced, kernels_for
+from .. import _kernels
+from ._routing import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced, is_half,
+                       kernel_views, kernels_for)
 from ._fused_group import group_norm_kernel
 from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
 from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)
@@ -48,6 +50,14 @@ def _update(running_mean: Tensor | None, running_var: Tensor | None, m: Moments,
 def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
                 bias: Tensor | None) -> Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-channel constants, one pass."""
+    if is_half(x):  # compiled kernels: read and write x's type, float32 arithmetic
+        scale = torch.rsqrt(var.double() + eps)
+        scale = scale if weight is None else scale * weight.double()
+        y = torch.empty_like(x)
+        layout, v = kernel_views(x, cd)  # type: ignore[misc]
+        _kernels.affine(v, kernel_views(y, cd)[1], layout, mean, scale,  # type: ignore[index]
+                        torch.zeros_like(scale) if bias is None else bias)
+        return y
     if cd == 1 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
     scale = torch.rsqrt(var + eps)
@@ -83,7 +93,7 @@ def _positions_ok(x: Tensor, cd: int) -> bool:
 
 def _per_nc_kernels(x: Tensor, cd: int, min_numel: int = 0) -> bool:
     """Whether a per-(n, c) norm of ``x`` runs on the compiled kernels."""
-    return _positions_ok(x, cd) and kernels_for(x, min_numel) and fast_layout(x, cd) is not None
+    return _positions_ok(x, cd) and kernels_for(x, min_numel) and fast_layout(x, cd, half=True) is not None
 
 
 def stat_shape(ndim: int, cd: int, c: int) -> tuple[int, ...]:
@@ -109,7 +119,7 @@ def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
         if training:
             _update(running_mean, running_var, m, momentum)
         return y
-    if fast_layout(x, cd) is None:
+    if fast_layout(x, cd, half=True) is None:
         return None
     return affine_eval(x, cd, running_mean, running_var, eps, weight, bias)
 
@@ -117,6 +127,8 @@ def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
 def mean_only_batch_norm_fast(x: Tensor, running_mean: Tensor | None, bias: Tensor | None, training: bool, momentum,
                               channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
+    if is_half(x):
+        return None  # (torch's kernels would take the mean in half precision: the plain path)
     if training or running_mean is None:
         got = bn_view(x, cd)
         if got is None:
@@ -142,9 +154,11 @@ def layer_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
 def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                     channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
-    layout = fast_layout(x, cd)
+    layout = fast_layout(x, cd, half=True)
     if layout is None or not _positions_ok(x, cd) or x.numel() // (x.shape[0] * num_groups) == 1:
         return None  # (one value per group: the output is exactly 0, the plain path gives it)
+    if is_half(x):
+        return group_norm_kernel(x, cd, num_groups, eps, True, weight, bias)[0]
     # channel-first, torch's group-norm kernels are as fast unless the input outgrows the cache,
     # and the one-pass kernels need a few (sample, group) work items a thread
     cf_kernels = x.numel() >= MIN_KERNEL_GROUP_NUMEL and x.shape[0] * num_groups >= 2 * torch.get_num_threads()

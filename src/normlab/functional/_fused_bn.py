@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _kernels
 from .._moments import Moments, accumulation_dtype, reduce_moments
 from ._fused import _moments_nc, _scale_shift_into
-from ._routing import MIN_KERNEL_NUMEL, _views, dy_view, fast_layout, kernels_for
+from ._routing import MIN_KERNEL_NUMEL, _views, dy_view, fast_layout, is_half, kernels_for
 
 __all__ = ["BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "batch_moments_fast",
            "batch_norm_train", "bn_view", "channel_moments", "channel_moments_spare"]
@@ -42,7 +42,7 @@ def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | N
     """``(xb, back)``: a view of ``x`` with the channel axis at 1 that torch's batch-norm
     kernels run on without a copy, and the map taking a result of ``xb``'s shape back to
     ``x``'s; None where the fused path does not apply (see :func:`fast_layout`)."""
-    layout = fast_layout(x, cd)
+    layout = fast_layout(x, cd, half=True)
     if layout is None:
         return None
     _, v = _views(x, cd)  # type: ignore[misc]
@@ -68,11 +68,11 @@ def channel_moments_spare(xb: Tensor) -> tuple[Moments, tuple[Tensor, Tensor, Te
 
 def _use_kernels(xb: Tensor, process_group) -> bool:
     """Batch norm on the compiled kernels: for channel-first views from MIN_KERNEL_NUMEL values
-    on, and whenever synchronized (torch's kernels cannot take a global batch). An (M, C)
+    on, whenever synchronized (torch's kernels cannot take a global batch) and in half precision. An (M, C)
     view (channels-last, or no positions) otherwise stays on torch's kernels, whose
     channels-last batch norm is as fast (measured)."""
-    if process_group is not None:
-        return _kernels.available()
+    if process_group is not None or is_half(xb):
+        return _kernels.supports(xb.dtype)
     return xb.ndim == 3 and kernels_for(xb, MIN_KERNEL_NUMEL)
 
 

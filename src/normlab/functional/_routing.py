@@ -9,10 +9,18 @@ from torch import Tensor
 
 from .. import _kernels
 
-__all__ = ["MIN_FAST_NUMEL", "MIN_FUSED_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL", "dy_view",
+__all__ = ["HALF_DTYPES", "is_half", "MIN_FAST_NUMEL", "MIN_FUSED_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL", "dy_view",
            "fast_layout", "fast_path", "forced", "kernel_views", "kernels_for"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+"""Half-precision inputs run on the compiled kernels (read and written in their own type,
+computed in float32) at every size, or on the plain path where the kernels are missing:
+torch's own CPU kernels in these types are several times slower than ours."""
+
+
+def is_half(x: Tensor) -> bool:
+    return x.dtype in HALF_DTYPES
 
 
 def _compiling() -> bool:
@@ -90,7 +98,10 @@ def forced() -> bool:
 
 def kernels_for(x: Tensor, min_numel: int) -> bool:
     """Whether a fast path should run on the compiled kernels: available, and ``x`` has at
-    least ``min_numel`` values (always under ``fast_path(True)``, so tests cover both)."""
+    least ``min_numel`` values (always under ``fast_path(True)``, so tests cover both; always
+    for half precision, see :data:`HALF_DTYPES`)."""
+    if x.dtype in HALF_DTYPES:
+        return _kernels.supports(x.dtype)
     return _kernels.available() and (_ENABLED[0] is True or x.numel() >= min_numel)
 
 
@@ -110,18 +121,22 @@ class fast_path:
         _ENABLED[0] = self.prev
 
 
-def fast_layout(x: Tensor, cd: int, min_numel: int = MIN_FAST_NUMEL) -> str | None:
+def fast_layout(x: Tensor, cd: int, min_numel: int = MIN_FAST_NUMEL, half: bool = False) -> str | None:
     """The layout the fused path would use for ``x`` ("cf" or "cl"), or None if it does not apply.
 
     Inputs with fewer than ``min_numel`` values (:data:`MIN_FAST_NUMEL` or
     :data:`MIN_FUSED_NUMEL`) take the plain path unless ``fast_path(True)`` forces it.
+    ``half``: the caller runs half-precision inputs on the compiled kernels (at any size).
     """
     mode = _ENABLED[0]
     if mode is False:
         return None
-    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.numel() == 0 or x.ndim < 2 or _compiling():
+    if x.device.type != "cpu" or x.numel() == 0 or x.ndim < 2 or _compiling():
         return None
-    if mode is None and x.numel() < min_numel:
+    if x.dtype in HALF_DTYPES:
+        if not (half and _kernels.supports(x.dtype)):
+            return None
+    elif x.dtype not in _FAST_DTYPES or (mode is None and x.numel() < min_numel):
         return None
     v = _views(x, cd)
     return None if v is None else v[0]

@@ -176,7 +176,7 @@ def channel_rms_norm(
     """
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
-    if view is not None and fast_layout(x, cd) == "cl" and _kernels.available():
+    if view is not None and fast_layout(x, cd, half=True) == "cl" and _kernels.supports(x.dtype):
         # compiled kernels: one read of each row forward and backward (torch's CPU RMSNorm is a
         # composite with several full-size temporaries)
         rows = RowRMSKernel.apply(view.reshape(-1, x.shape[cd]), weight, _rms_eps(eps, x))
