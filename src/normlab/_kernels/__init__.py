@@ -111,6 +111,11 @@ def _compiling() -> bool:
         return False
 
 
+def switched_on() -> bool:
+    """Whether the kernels are switched on (see :func:`enabled`); says nothing of whether they built."""
+    return _state["on"][-1]
+
+
 def status() -> str:
     """One line: whether the kernels are in use, and why not."""
     lib = _lib()

@@ -69,6 +69,35 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weigh
     return torch.addcmul(per_channel(shift, x.ndim, cd), x, per_channel(scale, x.ndim, cd))  # type: ignore[arg-type]
 
 
+def dtypes_of(*tensors: Tensor | None) -> tuple:
+    """The dtypes of parameters and buffers (None where absent), for :func:`._routing.route`."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+def torch_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                     bias: Tensor | None, training: bool, momentum, eps: float, channel_dim: int) -> Tensor:
+    """Batch norm as one call of torch's own kernel (the "torch" route: small inputs, where the
+    call itself is the cost). The same rule as the plain path: batch statistics in training or
+    without running ones, folded into the running buffers when training with a momentum."""
+    cd = channel_axis(x.ndim, channel_dim)
+    batch = training or running_mean is None or running_var is None
+    keep = not batch or (training and momentum is not None)
+    xm = x if cd == 1 else x.movedim(cd, 1)
+    y = torch.batch_norm(xm, weight, bias, running_mean if keep else None, running_var if keep else None, batch,
+                         0.0 if momentum is None else momentum, eps, False)
+    return y if cd == 1 else y.movedim(1, cd)
+
+
+def torch_group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+                     channel_dim: int) -> Tensor:
+    """Group norm (layer norm: one group; instance norm: one per channel) as one call of torch's
+    own kernel (the "torch" route)."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if cd == 1:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    return F.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps).movedim(1, cd)
+
+
 def sync_group(process_group, x: Tensor):
     """The group to synchronize over (None: local statistics), or False if this call must take
     the plain path (a synchronized call where the compiled kernels do not run)."""
