@@ -146,14 +146,14 @@ def fast_layout(x: Tensor, cd: int, min_numel: int = MIN_FAST_NUMEL, half: bool 
 # The route of one call, decided once per input signature and cached.
 #
 # route       runs                                                      when (all must hold)
-# "torch"     torch's own kernel for the same layer, in one call:      automatic mode, a CPU input in
-#             bn: torch.batch_norm; ln/gn/in: F.group_norm             float32/float64 with fewer than
+# "torch"     torch's own kernel for the same layer, in one call:      automatic mode, a CPU input
+#             bn: torch.batch_norm; ln/gn/in: F.group_norm             (any float type) with fewer than
 #                                                                      MIN_FAST_NUMEL values (bn: fewer
 #                                                                      than MIN_KERNEL_NUMEL, or any size
 #                                                                      without positions or channels-last,
 #                                                                      where torch's kernel is faster),
-#                                                                      parameters
-#                                                                      and buffers of its dtype, local
+#                                                                      parameters and buffers of its
+#                                                                      dtype (or float32), local
 #                                                                      statistics, a float momentum (bn),
 #                                                                      more than one value per group,
 #                                                                      no running statistics (in)
@@ -173,12 +173,13 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
     mode = _ENABLED[0]
     if mode is False or x.device.type != "cpu" or _compiling():
         return "plain"
-    if (mode is None and norm in TORCH_ROUTES and x.dtype in _FAST_DTYPES and x.numel() > 0
-            and all(d is None or d == x.dtype for d in dtypes) and all(flags)
+    half = x.dtype in HALF_DTYPES  # (torch's kernels take float32 parameters with half inputs)
+    if (mode is None and norm in TORCH_ROUTES and (x.dtype in _FAST_DTYPES or half) and x.numel() > 0
+            and all(d is None or d == x.dtype or (half and d == torch.float32) for d in dtypes) and all(flags)
             and x.numel() // (x.shape[0] * groups) > 1):
         if x.numel() < MIN_FAST_NUMEL:
             return "torch"
-        if norm == "bn" and (x.numel() < MIN_KERNEL_NUMEL or (kernel_views(x, cd) or ("cl",))[0] == "cl"):
+        if norm == "bn" and not half and (x.numel() < MIN_KERNEL_NUMEL or (kernel_views(x, cd) or ("cl",))[0] == "cl"):
             return "torch"  # (the engine would run torch's batch-norm kernels with more calls around them)
     return "engine"
 
