@@ -266,15 +266,16 @@ def _affine(scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | 
 
 def batch_instance_norm_fast(x: Tensor, rho: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                              weight: Tensor | None, bias: Tensor | None, batch_stats: bool, eps: float,
-                             channel_dim: int) -> tuple[Tensor, Moments | None] | None:
+                             channel_dim: int, reference=None) -> tuple[Tensor, Moments | None] | None:
     """Batch-instance norm: ``(y, per-channel batch moments or None)``. ``batch_stats``: the BN
-    branch uses the batch's moments (else the running ones)."""
+    branch uses the batch's moments (else the running ones); ``reference``: the public function,
+    whose plain path a double backward differentiates."""
     cd = channel_axis(x.ndim, channel_dim)
     if _per_nc_kernels(x, cd):
         # compiled kernels and the statistics function differentiated by hand
         fixed = _fixed(running_mean, running_var, batch_stats)
         fixed = None if fixed is None else (fixed[0].double(), fixed[1].double())
-        y, mean, var = BatchInstanceKernel.apply(x, rho, weight, bias, cd, eps, fixed)
+        y, mean, var = BatchInstanceKernel.apply(x, rho, weight, bias, cd, eps, fixed, reference)
         count = x.numel() // max(mean.numel(), 1)
         return y, (merged(Moments(count, mean, var * count), "batch") if batch_stats else None)
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None or not _positions_ok(x, cd):
@@ -294,7 +295,7 @@ def batch_instance_norm_fast(x: Tensor, rho: Tensor, running_mean: Tensor | None
 
 def switchable_norm_fast(x: Tensor, mean_weight: Tensor, var_weight: Tensor, running_mean: Tensor | None,
                          running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, batch_stats: bool,
-                         eps: float, channel_dim: int) -> tuple[Tensor, Moments | None] | None:
+                         eps: float, channel_dim: int, reference=None) -> tuple[Tensor, Moments | None] | None:
     """Switchable norm: ``(y, per-channel batch moments or None)`` (``batch_stats`` as above).
     An input without positions mixes the layer and batch moments only."""
     cd = channel_axis(x.ndim, channel_dim)
@@ -302,7 +303,7 @@ def switchable_norm_fast(x: Tensor, mean_weight: Tensor, var_weight: Tensor, run
         # compiled kernels and the statistics function differentiated by hand
         fixed = _fixed(running_mean, running_var, batch_stats)
         fixed = None if fixed is None else (fixed[0].double(), fixed[1].double())
-        y, mean, var = SwitchableKernel.apply(x, mean_weight, var_weight, weight, bias, cd, eps, fixed)
+        y, mean, var = SwitchableKernel.apply(x, mean_weight, var_weight, weight, bias, cd, eps, fixed, reference)
         count = x.numel() // max(mean.numel(), 1)
         return y, (merged(Moments(count, mean, var * count), "batch") if batch_stats else None)
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None or not _positions_ok(x, cd):
