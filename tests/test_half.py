@@ -88,7 +88,7 @@ def test_half_fast_path_equals_plain_path(name, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms", "brn", "bin", "sn"])
+@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms", "brn", "bin", "sn", "mobn"])
 def test_half_eval_fast_path_equals_plain_path(name, dtype):
     x = _input("cf", dtype)
     m = _layer(name, 6)

@@ -26,7 +26,8 @@ from ._routing import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL
                        kernel_views, kernels_for)
 from ._fused_group import group_norm_kernel
 from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
-from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)
+from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view,
+                        kernel_view)
 
 __all__ = ["batch_instance_norm_fast", "batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast",
            "local_only", "mean_only_batch_norm_fast", "stat_shape", "sync_group", "rms_norm_fast", "switchable_norm_fast"]
@@ -156,8 +157,6 @@ def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
 def mean_only_batch_norm_fast(x: Tensor, running_mean: Tensor | None, bias: Tensor | None, training: bool, momentum,
                               channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
-    if is_half(x):
-        return None  # (torch's kernels would take the mean in half precision: the plain path)
     if training or running_mean is None:
         got = bn_view(x, cd)
         if got is None:
@@ -165,12 +164,16 @@ def mean_only_batch_norm_fast(x: Tensor, running_mean: Tensor | None, bias: Tens
         xb, back = got
         count = xb.numel() // xb.shape[1]
         with torch.no_grad():
-            mean = (xb.sum(2).sum(0) if xb.ndim == 3 else xb.sum(0)) / count
+            if is_half(xb):  # per-(n, c) means on the compiled kernels (float32 sums), merged
+                v, layout = kernel_view(xb)
+                mean = _kernels.moments(v, layout)[0].mean(0)
+            else:
+                mean = (xb.sum(2).sum(0) if xb.ndim == 3 else xb.sum(0)) / count
         y = back(MeanOnlyTrain.apply(xb, bias, mean))
         if training:
             _update(running_mean, None, Moments(count, mean, torch.zeros_like(mean)), momentum)
         return y
-    if fast_layout(x, cd) is None:
+    if fast_layout(x, cd, half=True) is None:
         return None
     # x - mean + bias: the eval map with variance 1 and eps 0 (exact: rsqrt(1) = 1)
     return affine_eval(x, cd, running_mean, torch.ones_like(running_mean), 0.0, None, bias)
