@@ -51,3 +51,16 @@ def assert_channels_last_preserved(layer: nn.Module, ref: nn.Module, x: torch.Te
         y = layer(x.to(memory_format=torch.channels_last))
         assert y.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(y, ref(x))
+
+
+def graph_nodes(y: torch.Tensor) -> set[str]:
+    """Class names of every node in ``y``'s autograd graph (which backend ran)."""
+    seen, stack, names = set(), [y.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        stack.extend(g for g, _ in f.next_functions)
+    return names

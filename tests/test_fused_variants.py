@@ -13,6 +13,7 @@ import torch
 
 import normlab
 import normlab.functional as NF
+from _helpers import graph_nodes
 from normlab.bench import saved_bytes
 from normlab.functional import _fastpaths, _routing
 from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
@@ -31,17 +32,7 @@ NAMES = ("mobn", "brn", "bin", "sn")
 pytestmark = pytest.mark.usefixtures("one_thread", "forced_fast_path", "kernel_mode")
 
 
-def _nodes(y: torch.Tensor) -> set[str]:
-    """Class names of every node in ``y``'s autograd graph."""
-    seen, stack, names = set(), [y.grad_fn], set()
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        stack.extend(g for g, _ in f.next_functions)
-    return names
+_nodes = graph_nodes  # class names of every node in y's autograd graph
 
 
 def _fast(y: torch.Tensor) -> bool:
