@@ -76,3 +76,16 @@ def norm_and_activation(m):
         return m.norm, named[0] if named else type(m.act).__name__
     act = getattr(m, "act", None)
     return m, (fusable_activation(act)[0] if act is not None else None)
+
+
+def graph_nodes(y: torch.Tensor) -> set[str]:
+    """Class names of every node in ``y``'s autograd graph (which backend ran)."""
+    seen, stack, names = set(), [y.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        stack.extend(g for g, _ in f.next_functions)
+    return names

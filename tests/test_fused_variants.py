@@ -13,8 +13,9 @@ import torch
 
 import normlab
 import normlab.functional as NF
+from _helpers import graph_nodes
 from normlab.bench import saved_bytes
-from normlab.functional import _fastpaths
+from normlab.functional import _fastpaths, _routing
 from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
 
 CL = torch.channels_last
@@ -31,17 +32,7 @@ NAMES = ("mobn", "brn", "bin", "sn")
 pytestmark = pytest.mark.usefixtures("one_thread", "forced_fast_path", "kernel_mode")
 
 
-def _nodes(y: torch.Tensor) -> set[str]:
-    """Class names of every node in ``y``'s autograd graph."""
-    seen, stack, names = set(), [y.grad_fn], set()
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        stack.extend(g for g, _ in f.next_functions)
-    return names
+_nodes = graph_nodes  # class names of every node in y's autograd graph
 
 
 def _fast(y: torch.Tensor) -> bool:
@@ -252,26 +243,48 @@ ENTRY = {
 NATIVE = {"bn", "mobn", "brn", "ln", "in", "gn"}
 
 
+TORCH_NODES = {"NativeBatchNormBackward0", "NativeGroupNormBackward0"}
+
+
+def _route_of(y: torch.Tensor) -> str:
+    """Which backend ran: "normlab" (a normlab autograd Function), "torch" (torch's own
+    batch- or group-norm kernel alone) or "plain" (autograd of elementary ops)."""
+    nodes = _nodes(y)
+    if nodes & (FAST_NODES - TORCH_NODES):
+        return "normlab"
+    return "torch" if nodes & TORCH_NODES else "plain"
+
+
 @pytest.mark.parametrize("name", list(ENTRY))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_small_inputs_take_the_plain_path(name, channels_last, kernel_mode):
+def test_small_inputs_take_torch_kernels_or_the_plain_path(name, channels_last, kernel_mode):
+    """The routing table of normlab.functional._routing: small inputs run torch's own kernel of
+    the same layer in one call where torch has one (bn, ln, in, gn), else the plain path;
+    batch norm also below MIN_KERNEL_NUMEL and on channels-last input, where torch's kernel
+    is the faster one; larger inputs take the engine."""
     small = torch.randn(3, 4, 5, 5)
     middle = torch.randn(4, 4, 64, 72)
     large = torch.randn(4, 4, 128, 136)
     assert small.numel() < MIN_FAST_NUMEL <= middle.numel() < MIN_FUSED_NUMEL <= large.numel()
+    assert middle.numel() < _routing.MIN_KERNEL_NUMEL <= large.numel()
     fmt = CL if channels_last else torch.contiguous_format
     small, middle, large = (t.contiguous(memory_format=fmt).requires_grad_() for t in (small, middle, large))
     native = name in NATIVE and not (channels_last and name in ("ln", "in", "gn"))
     if kernel_mode == "c-kernels":  # the compiled per-sample kernels have no graph to amortize
         native = native or name in ("rms", "sn", "bin") or (channels_last and name in ("ln", "in", "gn"))
     with fast_path(None):  # automatic
-        assert not _fast(ENTRY[name](small))
-        assert _fast(ENTRY[name](middle)) == native
-        assert _fast(ENTRY[name](large))
+        assert _route_of(ENTRY[name](small)) == ("torch" if name in _routing.TORCH_ROUTES else "plain")
+        if name == "bn":
+            assert _route_of(ENTRY[name](middle)) == "torch"
+            assert _route_of(ENTRY[name](large)) == ("torch" if channels_last else "normlab")
+        else:
+            assert _fast(ENTRY[name](middle)) == native
+            assert _fast(ENTRY[name](large))
     with fast_path(True):
         assert _fast(ENTRY[name](small))
     with fast_path(False):
         assert not _fast(ENTRY[name](large))
+        assert _route_of(ENTRY[name](large)) == "plain"
 
 
 @pytest.mark.parametrize("name", ["bn", "mobn", "brn", "bin", "sn"])
@@ -379,10 +392,13 @@ def test_online_eval_fast_path_equals_plain_path(layout):
 def test_inputs_without_positions_take_the_plain_path_for_per_sample_statistics(name):
     # an (N, C) input has one value per (sample, channel): per-(n, c) statistics would be as
     # large as the input (measured 7-20x slower), so the automatic routing keeps those norms on
-    # plain autograd; batch norm (per-channel statistics) keeps its fast path
+    # plain autograd; batch norm (per-channel statistics) keeps its fast path (torch's kernel)
     x = torch.randn(128, 4096, requires_grad=True)
     assert x.numel() >= MIN_FUSED_NUMEL
     if name in ("in", "bin"):
         pytest.skip("needs positions")
     with fast_path(None):
-        assert _fast(ENTRY[name](x)) == (name in ("bn", "mobn", "brn"))
+        if name == "bn":  # (batch norm: torch's own kernel, the faster one without positions)
+            assert _route_of(ENTRY[name](x)) == "torch"
+        else:
+            assert _fast(ENTRY[name](x)) == (name in ("mobn", "brn"))

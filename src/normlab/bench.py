@@ -176,6 +176,7 @@ def run_bench(
     warmup: int = 3,
     natives: bool = True,
     malloc: str = "default",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Time every norm in ``norms`` (registry specs) and torch's native equivalents.
 
@@ -263,6 +264,10 @@ def run_bench(
     for _ in range(warmup):
         copy_f()
     for r in range(repeats):
+        if progress:
+            import sys
+
+            print(f"\rbench: round {r + 1}/{repeats}", end="" if r + 1 < repeats else "\n", file=sys.stderr, flush=True)
         order = cases if r % 2 == 0 else cases[::-1]
         copy_times.append(_time(copy_f))
         for case in order:
@@ -283,6 +288,7 @@ def run_bench(
                              train_fwd_bwd_best_ms=min(case.times["fb"]), counterpart=case.counterpart,
                              compile_s=case.compile_s, page_faults_per_step=statistics.median(case.faults)))
     bn_native = next((r for r in rows if r.native and r.name.startswith("BatchNorm")), None)
+    bn_case = next((k for k in cases if k.native and k.name.startswith("BatchNorm")), None)
     by_name = {r.name: r for r in rows}
     for r in rows:
         if bn_native is not None:
@@ -308,9 +314,19 @@ def run_bench(
         "copy_ms": t_copy,
         "copy_GBps": 2 * nbytes / (t_copy * 1e-3) / 1e9,
         "memory_limit_ms": limit_ms,
+        "copy_spread": _spread(copy_times),
+        "baseline_spread": _spread(bn_case.times["fb"]) if bn_case is not None else 0.0,
         "rows": [asdict(r) for r in rows],
         "skipped": skipped,
     }
+
+
+def _spread(times: list[float]) -> float:
+    """(upper quartile - lower quartile) / median of a baseline's rounds: how loaded the machine was."""
+    if len(times) < 4:
+        return 0.0
+    q = statistics.quantiles(times, n=4)
+    return (q[2] - q[0]) / statistics.median(times)
 
 
 def format_table(result: dict[str, Any]) -> str:

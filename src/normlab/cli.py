@@ -57,28 +57,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    from .bench import DEFAULT_NORMS, format_table, run_bench
-
-    shape = tuple(int(s) for s in args.shape.split(","))
-    dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SystemExit(f"normlab bench: unknown --dtype {args.dtype!r}")
-    norms = [n for n in args.norms.split(",") if n] if args.norms else list(DEFAULT_NORMS)
-    repeats = 3 if args.quick else args.repeats
-    result = run_bench(shape, dtype, args.channels_last, norms, args.threads, args.compile, repeats,
-                       warmup=1 if args.quick else 3, malloc=args.malloc)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -88,20 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="every registered norm with its description")
     p.add_argument("-v", "--verbose", action="store_true", help="also the axes each norm normalizes over and its paper")
     p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("bench", help="time each norm against torch's native layers and the memory limit")
-    p.add_argument("--shape", default="32,64,56,56", help="input shape N,C,*spatial (default 32,64,56,56)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (4-d/5-d shapes)")
-    p.add_argument("--norms", default="", help="comma-separated specs (default: bn,ln,in,gn,rms,mobn,brn,bin,sn,on,lnc,rmsc)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--compile", action="store_true", help="time torch.compile(fullgraph=True) layers; reports compile time")
-    p.add_argument("--repeats", type=int, default=20, help="alternating rounds per figure (default 20)")
-    p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up: a smoke test, not a measurement")
-    p.add_argument("--malloc", choices=("default", "steady"), default="default",
-                   help="steady: keep freed blocks in the process (glibc mallopt), so that page faults of fresh "
-                        "buffers do not swamp the kernels' time; default: the allocator users run with")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
-    p.set_defaults(func=_cmd_bench)
+    from .bench_cli import add_parser as _add_bench_command  # bench
+
+    _add_bench_command(sub)
     from .study.command import add_subcommands as _add_study_commands  # study, report
 
     _add_study_commands(sub)

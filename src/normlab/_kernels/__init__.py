@@ -44,10 +44,11 @@ from torch import Tensor
 
 from . import _build
 
-__all__ = ["available", "enabled", "status", "moments", "affine", "reduce", "dx", "group_forward", "group_backward",
+__all__ = ["available", "enabled", "status", "supports", "moments", "affine", "reduce", "dx", "group_forward", "group_backward",
            "rowrms_forward", "rowrms_backward"]
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+"""The element types the kernels read and write; the half types compute and accumulate in float32."""
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "reason": "not loaded yet", "note": "", "on": [True]}
@@ -91,6 +92,11 @@ def _lib() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernels are available and read and write ``dtype``."""
+    return dtype in _SUFFIX and available()
+
+
 def available() -> bool:
     """True if the compiled kernels are loaded and switched on (compiles them on first call).
     False while torch.compile traces: compiled graphs take the plain path, which it fuses."""
@@ -104,6 +110,11 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch
         return False
+
+
+def switched_on() -> bool:
+    """Whether the kernels are switched on (see :func:`enabled`); says nothing of whether they built."""
+    return _state["on"][-1]
 
 
 def status() -> str:

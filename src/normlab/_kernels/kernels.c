@@ -12,7 +12,8 @@
  * once; the second pass is the corrected two-pass sum), and the blocks are merged exactly in
  * double precision (Chan et al.): no E[x^2] - E[x]^2 cancellation. Every full-size formula is
  * centred on a per-(n, c) value the caller chooses (the mean), so a large |mean| / std costs
- * no float32 digits. Per-(n, c) arrays are double; outputs are in x's type. OpenMP over
+ * no float32 digits. Per-(n, c) arrays are double; outputs are in x's type (float32, float64,
+ * bfloat16 or float16; the half types computed in float). OpenMP over
  * blocks; every sum has a fixed order for a given shape and thread count.
  *
  * kernels_impl.h holds the kernels; it is included once per element type.
@@ -56,18 +57,95 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define VEC_BYTES 32
 #endif
 
+/* float32 and float64: stored and computed in their own type */
+#define LD(v) (v)
+#define ST(v) (v)
 #define T float
+#define F float
 #define A float /* accumulator of one block; blocks are merged in double */
 #define CB (4 * VEC_BYTES / 4)
 #define S(name) name##_f32
 #include "kernels_impl.h"
 #undef T
+#undef F
 #undef A
 #undef CB
 #undef S
 
 #define T double
+#define F double
 #define A double
 #define CB (4 * VEC_BYTES / 8)
 #define S(name) name##_f64
+#include "kernels_impl.h"
+#undef T
+#undef F
+#undef A
+#undef CB
+#undef S
+#undef LD
+#undef ST
+
+/* Half precision: stored in 16 bits, computed and accumulated in float (blocks merged in
+ * double, as above). Conversions are branch-free bit operations, so the loops stay
+ * vectorised. bfloat16 is the top half of a float: widening is a shift, narrowing rounds to
+ * nearest even (NaN kept a quiet NaN). float16 (IEEE binary16) after F. Giesen's
+ * conversions: exponent re-biased by one multiply (subnormals included), round to nearest
+ * even, overflow to infinity, NaN kept. */
+typedef union { uint32_t i; float f; } bits32;
+
+static inline float bf16_ld(uint16_t u) {
+    bits32 v;
+    v.i = (uint32_t)u << 16;
+    return v.f;
+}
+
+static inline uint16_t bf16_st(float f) {
+    bits32 v;
+    v.f = f;
+    uint32_t i = v.i;
+    uint32_t r = (i + 0x7fffu + ((i >> 16) & 1u)) >> 16;
+    return (uint16_t)((i & 0x7fffffffu) > 0x7f800000u ? ((i >> 16) | 0x40u) : r);
+}
+
+static inline float f16_ld(uint16_t h) {
+    bits32 v, infnan;
+    v.i = (uint32_t)(h & 0x7fffu) << 13; /* exponent and mantissa */
+    v.f *= 0x1p112f;                      /* re-bias the exponent (15 -> 127); subnormals exact */
+    infnan.i = (uint32_t)(127 + 16) << 23;
+    v.i |= v.f >= infnan.f ? 0x7f800000u : 0u;
+    v.i |= (uint32_t)(h & 0x8000u) << 16;
+    return v.f;
+}
+
+static inline uint16_t f16_st(float f) {
+    bits32 v, magic;
+    v.f = f;
+    uint32_t sign = v.i & 0x80000000u;
+    v.i ^= sign;
+    magic.i = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+    bits32 sub = v;
+    sub.f += magic.f; /* subnormal results: the addition rounds to nearest even */
+    uint32_t sub_o = sub.i - magic.i;
+    uint32_t nrm_o = (v.i + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((v.i >> 13) & 1u)) >> 13;
+    uint32_t o = v.i >= (uint32_t)(127 + 16) << 23 ? (v.i > 0x7f800000u ? 0x7e00u : 0x7c00u)
+                 : v.i < (uint32_t)113 << 23 ? sub_o : nrm_o;
+    return (uint16_t)(o | (sign >> 16));
+}
+
+#define T uint16_t
+#define F float
+#define A float
+#define CB (4 * VEC_BYTES / 4)
+#define LD(v) bf16_ld(v)
+#define ST(v) bf16_st(v)
+#define S(name) name##_bf16
+#include "kernels_impl.h"
+#undef LD
+#undef ST
+#undef S
+
+#define LD(v) f16_ld(v)
+#define ST(v) f16_st(v)
+#define S(name) name##_f16
 #include "kernels_impl.h"

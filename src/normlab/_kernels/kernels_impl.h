@@ -1,5 +1,6 @@
-/* The kernels for one element type T (accumulator A, channel block CB, names S(...)); included
- * by kernels.c, which documents them. */
+/* The kernels for one storage type T (arithmetic type F, accumulator A, channel block CB, names
+ * S(...)); LD(v) reads a T as an F, ST(v) rounds an F to a T. Included by kernels.c, which
+ * documents them. */
 
 /* ---- row reductions with LANES independent accumulators: a single vector accumulator
  * would wait on the add latency at every step ---- */
@@ -17,8 +18,8 @@ static inline A S(row_sum)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += p[i + j];
-    for (; i < k; i++) s += p[i];
+        for (int j = 0; j < LANES; j++) acc[j] += LD(p[i + j]);
+    for (; i < k; i++) s += LD(p[i]);
     return s + S(lanes_total)(acc);
 }
 
@@ -28,12 +29,12 @@ static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) {
-            A d = p[i + j] - mu;
+            A d = LD(p[i + j]) - mu;
             ae[j] += d;
             aq[j] += d * d;
         }
     for (; i < k; i++) {
-        A d = p[i] - mu;
+        A d = LD(p[i]) - mu;
         se += d;
         sq += d * d;
     }
@@ -42,17 +43,17 @@ static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
 }
 
 /* *g = sum d, *h = sum d (p - m) */
-static inline void S(row_dot)(const T *d, const T *p, i64 k, T m, A *g, A *h) {
+static inline void S(row_dot)(const T *d, const T *p, i64 k, F m, A *g, A *h) {
     A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) {
-            ag[j] += d[i + j];
-            ah[j] += d[i + j] * (p[i + j] - m);
+            ag[j] += LD(d[i + j]);
+            ah[j] += LD(d[i + j]) * (LD(p[i + j]) - m);
         }
     for (; i < k; i++) {
-        sg += d[i];
-        sh += d[i] * (p[i] - m);
+        sg += LD(d[i]);
+        sh += LD(d[i]) * (LD(p[i]) - m);
     }
     *g = sg + S(lanes_total)(ag);
     *h = sh + S(lanes_total)(ah);
@@ -72,7 +73,7 @@ static inline void S(row_moments)(const T *row, i64 L, double *na, double *ma, d
 }
 
 /* sum dy and sum dy (x - m) of one channel-first row */
-static inline void S(row_sums)(const T *d, const T *p, i64 L, T m, double *sg, double *sh) {
+static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, double *sh) {
     *sg = *sh = 0.0;
     for (i64 s = 0; s < L; s += CF_CHUNK) {
         A g, h;
@@ -98,16 +99,16 @@ void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center
     for (i64 r = 0; r < N * C; r++) {
         const T *p = x + r * L;
         T *o = y + r * L;
-        const T m = (T)center[r], s = (T)scale[r], b = (T)shift[r];
+        const F m = (F)center[r], s = (F)scale[r], b = (F)shift[r];
 #pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = (p[i] - m) * s + b;
+        for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
     }
 }
 
 void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
                      int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) S(row_sums)(dy + r * L, x + r * L, L, (T)center[r], &g[r], &h[r]);
+    for (i64 r = 0; r < N * C; r++) S(row_sums)(dy + r * L, x + r * L, L, (F)center[r], &g[r], &h[r]);
 }
 
 void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
@@ -116,9 +117,9 @@ void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const doub
     for (i64 r = 0; r < N * C; r++) {
         const T *d = dy + r * L, *p = x + r * L;
         T *o = dx + r * L;
-        const T m = (T)center[r], ar = (T)a[r], br = (T)b[r], kr = (T)k[r];
+        const F m = (F)center[r], ar = (F)a[r], br = (F)b[r], kr = (F)k[r];
 #pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ar * d[i] + br * (p[i] - m) + kr;
+        for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(d[i]) + br * (LD(p[i]) - m) + kr);
     }
 }
 
@@ -132,14 +133,14 @@ static inline __attribute__((always_inline)) void S(block_moments)(const T *p0, 
     for (i64 l = 0; l < k; l++) {
         const T *p = p0 + l * C;
 #pragma omp simd
-        for (i64 c = 0; c < w; c++) mu[c] += p[c];
+        for (i64 c = 0; c < w; c++) mu[c] += LD(p[c]);
     }
     for (i64 c = 0; c < w; c++) mu[c] /= (A)k;
     for (i64 l = 0; l < k; l++) {
         const T *p = p0 + l * C;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
-            A d = p[c] - mu[c];
+            A d = LD(p[c]) - mu[c];
             e[c] += d;
             q[c] += d * d;
         }
@@ -153,8 +154,8 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
         const T *d = d0 + l * C, *p = p0 + l * C;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
-            sg[c] += d[c];
-            sh[c] += d[c] * (p[c] - m[c]);
+            sg[c] += LD(d[c]);
+            sh[c] += LD(d[c]) * (LD(p[c]) - m[c]);
         }
     }
 }
@@ -241,27 +242,28 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
 }
 
 /* the elementwise passes go row by row over all C channels, with the sample's coefficients
- * as T rows (converted once): faster here than channel blocks */
-static T *S(coef_rows)(const double *const *src, int count, i64 NC) {
-    T *co = malloc(sizeof(T) * NC * count);
+ * as F rows (converted once): faster here than channel blocks */
+static F *S(coef_rows)(const double *const *src, int count, i64 NC) {
+    F *co = malloc(sizeof(F) * NC * count);
     if (co)
         for (int j = 0; j < count; j++)
-            for (i64 i = 0; i < NC; i++) co[j * NC + i] = (T)src[j][i];
+            for (i64 i = 0; i < NC; i++) co[j * NC + i] = (F)src[j][i];
     return co;
 }
 
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
                     const double *shift, int nt) {
     const double *src[3] = {center, scale, shift};
-    T *co = S(coef_rows)(src, 3, N * C);
+    F *co = S(coef_rows)(src, 3, N * C);
     if (!co) return 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
-        const T *p = x + r * C, *m = co + n * C, *s = co + (N + n) * C, *b = co + (2 * N + n) * C;
+        const T *p = x + r * C;
+        const F *m = co + n * C, *s = co + (N + n) * C, *b = co + (2 * N + n) * C;
         T *o = y + r * C;
 #pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = (p[c] - m[c]) * s[c] + b[c];
+        for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
     }
     free(co);
     return 0;
@@ -270,16 +272,16 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
                 const double *b, const double *k, int nt) {
     const double *src[4] = {center, a, b, k};
-    T *co = S(coef_rows)(src, 4, N * C);
+    F *co = S(coef_rows)(src, 4, N * C);
     if (!co) return 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
         const T *d = dy + r * C, *p = x + r * C;
-        const T *m = co + n * C, *ar = co + (N + n) * C, *br = co + (2 * N + n) * C, *kr = co + (3 * N + n) * C;
+        const F *m = co + n * C, *ar = co + (N + n) * C, *br = co + (2 * N + n) * C, *kr = co + (3 * N + n) * C;
         T *o = dx + r * C;
 #pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ar[c] * d[c] + br[c] * (p[c] - m[c]) + kr[c];
+        for (i64 c = 0; c < C; c++) o[c] = ST(ar[c] * LD(d[c]) + br[c] * (LD(p[c]) - m[c]) + kr[c]);
     }
     free(co);
     return 0;
@@ -299,7 +301,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
 #pragma omp parallel num_threads(nt)
     {
         double *na = malloc(sizeof(double) * C * 3), *ma = na + C, *qa = na + 2 * C;
-        T *cm = malloc(sizeof(T) * C * 3), *cs = cm + C, *cb = cm + 2 * C;
+        F *cm = malloc(sizeof(F) * C * 3), *cs = cm + C, *cb = cm + 2 * C;
         if (!na || !cm) failed = 1;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
@@ -331,9 +333,9 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                 for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
                     ctr[n * C + c] = center ? gm : 0.0;
                     rstd_out[n * C + c] = rstd;
-                    cm[c] = center ? (T)gm : (T)0;
-                    cs[c] = (T)(weight ? weight[c] * rstd : rstd);
-                    cb[c] = (T)(bias ? bias[c] : 0.0);
+                    cm[c] = center ? (F)gm : (F)0;
+                    cs[c] = (F)(weight ? weight[c] * rstd : rstd);
+                    cb[c] = (F)(bias ? bias[c] : 0.0);
                 }
             }
             for (i64 c = 0; c < C; c++) {
@@ -344,7 +346,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                 const T *p = xs + l * C;
                 T *o = ys + l * C;
 #pragma omp simd
-                for (i64 c = 0; c < C; c++) o[c] = (p[c] - cm[c]) * cs[c] + cb[c];
+                for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - cm[c]) * cs[c] + cb[c]);
             }
         }
         free(na);
@@ -372,7 +374,7 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
             ms += qa + na * ma * ma;
         }
         double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
-        const T m = center ? (T)gm : (T)0;
+        const F m = center ? (F)gm : (F)0;
         for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
             ctr[n * C + c] = center ? gm : 0.0;
             rstd_out[n * C + c] = rstd;
@@ -380,9 +382,9 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
         for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* the output, from cache */
             const T *p = x + (n * C + c) * L;
             T *o = y + (n * C + c) * L;
-            const T s = (T)(weight ? weight[c] * rstd : rstd), b = (T)(bias ? bias[c] : 0.0);
+            const F s = (F)(weight ? weight[c] * rstd : rstd), b = (F)(bias ? bias[c] : 0.0);
 #pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = (p[i] - m) * s + b;
+            for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
         }
     }
     return 0;
@@ -401,7 +403,7 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
     for (i64 it = 0; it < N * G; it++) {
         i64 n = it / G, gi = it % G;
         double big_a = 0.0, big_b = 0.0;
-        const T m = (T)ctr[n * C + gi * cpg];
+        const F m = (F)ctr[n * C + gi * cpg];
         for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
             double sg, sh;
             S(row_sums)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, &sg, &sh);
@@ -412,13 +414,13 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
             big_b += w * sh;
         }
         double r = rstd[n * C + gi * cpg];
-        const T bcoef = (T)(-r * r * r * big_b / K), kcoef = (T)(center ? -r * big_a / K : 0.0);
+        const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
         for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
             const T *d = dy + (n * C + c) * L, *p = x + (n * C + c) * L;
             T *o = dx + (n * C + c) * L;
-            const T a = (T)((weight ? weight[c] : 1.0) * r);
+            const F a = (F)((weight ? weight[c] : 1.0) * r);
 #pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = a * d[i] + bcoef * (p[i] - m) + kcoef;
+            for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(d[i]) + bcoef * (LD(p[i]) - m) + kcoef);
         }
     }
     return 0;
@@ -433,7 +435,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        T *co = malloc(sizeof(T) * C * 4), *cm = co + C, *ca = co + 2 * C, *cb = co + 3 * C;
+        F *co = malloc(sizeof(F) * C * 4), *cm = co + C, *ca = co + 2 * C, *cb = co + 3 * C;
         double *ab = malloc(sizeof(double) * G * 2);
         if (!co || !ab) failed = 1;
 #pragma omp for schedule(static)
@@ -444,7 +446,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             double *gs = g + n * C, *hs = h + n * C;
             for (i64 c = 0; c < C; c++) {
                 gs[c] = hs[c] = 0.0;
-                cm[c] = (T)ctr[n * C + c];
+                cm[c] = (F)ctr[n * C + c];
             }
             for (i64 l0 = 0; l0 < L; l0 += R) {
                 i64 k = MIN(R, L - l0);
@@ -470,15 +472,15 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             }
             for (i64 c = 0; c < C; c++) {
                 double r = rstd[n * C + c];
-                co[c] = (T)((weight ? weight[c] : 1.0) * r);
-                ca[c] = (T)(-r * r * r * ab[G + c / cpg] / K);
-                cb[c] = (T)(center ? -r * ab[c / cpg] / K : 0.0);
+                co[c] = (F)((weight ? weight[c] : 1.0) * r);
+                ca[c] = (F)(-r * r * r * ab[G + c / cpg] / K);
+                cb[c] = (F)(center ? -r * ab[c / cpg] / K : 0.0);
             }
             for (i64 l = 0; l < L; l++) {
                 const T *d = ds + l * C, *p = xs + l * C;
                 T *o = os + l * C;
 #pragma omp simd
-                for (i64 c = 0; c < C; c++) o[c] = co[c] * d[c] + ca[c] * (p[c] - cm[c]) + cb[c];
+                for (i64 c = 0; c < C; c++) o[c] = ST(co[c] * LD(d[c]) + ca[c] * (LD(p[c]) - cm[c]) + cb[c]);
             }
         }
         free(co);
@@ -494,15 +496,15 @@ static inline A S(row_sumsq)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += p[i + j] * p[i + j];
-    for (; i < k; i++) s += p[i] * p[i];
+        for (int j = 0; j < LANES; j++) acc[j] += LD(p[i + j]) * LD(p[i + j]);
+    for (; i < k; i++) s += LD(p[i]) * LD(p[i]);
     return s + S(lanes_total)(acc);
 }
 
 int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *weight, double *rstd, int nt) {
-    T *w = malloc(sizeof(T) * C);
+    F *w = malloc(sizeof(F) * C);
     if (!w) return 1;
-    for (i64 c = 0; c < C; c++) w[c] = (T)(weight ? weight[c] : 1.0);
+    for (i64 c = 0; c < C; c++) w[c] = (F)(weight ? weight[c] : 1.0);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < M; r++) {
         const T *p = x + r * C;
@@ -511,9 +513,9 @@ int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *w
         for (i64 s = 0; s < C; s += CF_CHUNK) ms += S(row_sumsq)(p + s, MIN(CF_CHUNK, C - s));
         double rs = 1.0 / sqrt(ms / C + eps);
         rstd[r] = rs;
-        const T t = (T)rs;
+        const F t = (F)rs;
 #pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = p[c] * t * w[c];
+        for (i64 c = 0; c < C; c++) o[c] = ST(LD(p[c]) * t * w[c]);
     }
     free(w);
     return 0;
@@ -524,14 +526,14 @@ int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *w
 int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double *weight, const double *rstd,
                      double *dw, int nt) {
     int failed = 0;
-    T *w = malloc(sizeof(T) * C);
+    F *w = malloc(sizeof(F) * C);
     double *part = calloc((size_t)nt * C, sizeof(double));
     if (!w || !part) {
         free(w);
         free(part);
         return 1;
     }
-    for (i64 c = 0; c < C; c++) w[c] = (T)(weight ? weight[c] : 1.0);
+    for (i64 c = 0; c < C; c++) w[c] = (F)(weight ? weight[c] : 1.0);
 #pragma omp parallel num_threads(nt)
     {
         double *mine = part + (i64)omp_get_thread_num() * C;
@@ -546,16 +548,16 @@ int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double 
             A acc[LANES] = {0}, b = 0;
             i64 i = 0;
             for (; i + LANES <= C; i += LANES)
-                for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * d[i + j] * p[i + j];
-            for (; i < C; i++) b += w[i] * d[i] * p[i];
+                for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * LD(d[i + j]) * LD(p[i + j]);
+            for (; i < C; i++) b += w[i] * LD(d[i]) * LD(p[i]);
             b += S(lanes_total)(acc);
             const double rs = rstd[r];
-            const T a = (T)rs, k = (T)(rs * rs * rs * (double)b / C);
+            const F a = (F)rs, k = (F)(rs * rs * rs * (double)b / C);
 #pragma omp simd
-            for (i64 c = 0; c < C; c++) o[c] = a * w[c] * d[c] - k * p[c];
+            for (i64 c = 0; c < C; c++) o[c] = ST(a * w[c] * LD(d[c]) - k * LD(p[c]));
             if (dw) {
 #pragma omp simd
-                for (i64 c = 0; c < C; c++) fw[c] += d[c] * p[c] * a;
+                for (i64 c = 0; c < C; c++) fw[c] += LD(d[c]) * LD(p[c]) * a;
                 if (++pending == MAX_ROWS) {
                     for (i64 c = 0; c < C; c++) {
                         mine[c] += fw[c];

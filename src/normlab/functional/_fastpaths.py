@@ -21,10 +21,13 @@ from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._fused import fused_affine_norm, merged, scale_shift, standard_stat_fn
-from ._routing import MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced, kernels_for
+from .. import _kernels
+from ._routing import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced, is_half,
+                       kernel_views, kernels_for)
 from ._fused_group import group_norm_kernel
 from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
-from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view)
+from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view,
+                        kernel_view)
 
 __all__ = ["batch_instance_norm_fast", "batch_norm_fast", "group_norm_fast", "instance_norm_fast", "layer_norm_fast",
            "local_only", "mean_only_batch_norm_fast", "stat_shape", "sync_group", "rms_norm_fast", "switchable_norm_fast"]
@@ -48,6 +51,14 @@ def _update(running_mean: Tensor | None, running_var: Tensor | None, m: Moments,
 def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
                 bias: Tensor | None) -> Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-channel constants, one pass."""
+    if is_half(x):  # compiled kernels: read and write x's type, float32 arithmetic
+        scale = torch.rsqrt(var.double() + eps)
+        scale = scale if weight is None else scale * weight.double()
+        y = torch.empty_like(x)
+        layout, v = kernel_views(x, cd)  # type: ignore[misc]
+        _kernels.affine(v, kernel_views(y, cd)[1], layout, mean, scale,  # type: ignore[index]
+                        torch.zeros_like(scale) if bias is None else bias)
+        return y
     if cd == 1 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
     scale = torch.rsqrt(var + eps)
@@ -57,6 +68,35 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weigh
     if bias is not None:
         shift = shift + bias
     return torch.addcmul(per_channel(shift, x.ndim, cd), x, per_channel(scale, x.ndim, cd))  # type: ignore[arg-type]
+
+
+def dtypes_of(*tensors: Tensor | None) -> tuple:
+    """The dtypes of parameters and buffers (None where absent), for :func:`._routing.route`."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+def torch_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                     bias: Tensor | None, training: bool, momentum, eps: float, channel_dim: int) -> Tensor:
+    """Batch norm as one call of torch's own kernel (the "torch" route: small inputs, where the
+    call itself is the cost). The same rule as the plain path: batch statistics in training or
+    without running ones, folded into the running buffers when training with a momentum."""
+    cd = channel_axis(x.ndim, channel_dim)
+    batch = training or running_mean is None or running_var is None
+    keep = not batch or (training and momentum is not None)
+    xm = x if cd == 1 else x.movedim(cd, 1)
+    y = torch.batch_norm(xm, weight, bias, running_mean if keep else None, running_var if keep else None, batch,
+                         0.0 if momentum is None else momentum, eps, False)
+    return y if cd == 1 else y.movedim(1, cd)
+
+
+def torch_group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+                     channel_dim: int) -> Tensor:
+    """Group norm (layer norm: one group; instance norm: one per channel) as one call of torch's
+    own kernel (the "torch" route)."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if cd == 1:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    return F.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps).movedim(1, cd)
 
 
 def sync_group(process_group, x: Tensor):
@@ -83,7 +123,7 @@ def _positions_ok(x: Tensor, cd: int) -> bool:
 
 def _per_nc_kernels(x: Tensor, cd: int, min_numel: int = 0) -> bool:
     """Whether a per-(n, c) norm of ``x`` runs on the compiled kernels."""
-    return _positions_ok(x, cd) and kernels_for(x, min_numel) and fast_layout(x, cd) is not None
+    return _positions_ok(x, cd) and kernels_for(x, min_numel) and fast_layout(x, cd, half=True) is not None
 
 
 def stat_shape(ndim: int, cd: int, c: int) -> tuple[int, ...]:
@@ -109,7 +149,7 @@ def batch_norm_fast(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
         if training:
             _update(running_mean, running_var, m, momentum)
         return y
-    if fast_layout(x, cd) is None:
+    if fast_layout(x, cd, half=True) is None:
         return None
     return affine_eval(x, cd, running_mean, running_var, eps, weight, bias)
 
@@ -124,12 +164,16 @@ def mean_only_batch_norm_fast(x: Tensor, running_mean: Tensor | None, bias: Tens
         xb, back = got
         count = xb.numel() // xb.shape[1]
         with torch.no_grad():
-            mean = (xb.sum(2).sum(0) if xb.ndim == 3 else xb.sum(0)) / count
+            if is_half(xb):  # per-(n, c) means on the compiled kernels (float32 sums), merged
+                v, layout = kernel_view(xb)
+                mean = _kernels.moments(v, layout)[0].mean(0)
+            else:
+                mean = (xb.sum(2).sum(0) if xb.ndim == 3 else xb.sum(0)) / count
         y = back(MeanOnlyTrain.apply(xb, bias, mean))
         if training:
             _update(running_mean, None, Moments(count, mean, torch.zeros_like(mean)), momentum)
         return y
-    if fast_layout(x, cd) is None:
+    if fast_layout(x, cd, half=True) is None:
         return None
     # x - mean + bias: the eval map with variance 1 and eps 0 (exact: rsqrt(1) = 1)
     return affine_eval(x, cd, running_mean, torch.ones_like(running_mean), 0.0, None, bias)
@@ -142,9 +186,11 @@ def layer_norm_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
 def group_norm_fast(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                     channel_dim: int) -> Tensor | None:
     cd = channel_axis(x.ndim, channel_dim)
-    layout = fast_layout(x, cd)
+    layout = fast_layout(x, cd, half=True)
     if layout is None or not _positions_ok(x, cd) or x.numel() // (x.shape[0] * num_groups) == 1:
         return None  # (one value per group: the output is exactly 0, the plain path gives it)
+    if is_half(x):
+        return group_norm_kernel(x, cd, num_groups, eps, True, weight, bias)[0]
     # channel-first, torch's group-norm kernels are as fast unless the input outgrows the cache,
     # and the one-pass kernels need a few (sample, group) work items a thread
     cf_kernels = x.numel() >= MIN_KERNEL_GROUP_NUMEL and x.shape[0] * num_groups >= 2 * torch.get_num_threads()
@@ -223,15 +269,16 @@ def _affine(scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | 
 
 def batch_instance_norm_fast(x: Tensor, rho: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                              weight: Tensor | None, bias: Tensor | None, batch_stats: bool, eps: float,
-                             channel_dim: int) -> tuple[Tensor, Moments | None] | None:
+                             channel_dim: int, reference=None) -> tuple[Tensor, Moments | None] | None:
     """Batch-instance norm: ``(y, per-channel batch moments or None)``. ``batch_stats``: the BN
-    branch uses the batch's moments (else the running ones)."""
+    branch uses the batch's moments (else the running ones); ``reference``: the public function,
+    whose plain path a double backward differentiates."""
     cd = channel_axis(x.ndim, channel_dim)
     if _per_nc_kernels(x, cd):
         # compiled kernels and the statistics function differentiated by hand
         fixed = _fixed(running_mean, running_var, batch_stats)
         fixed = None if fixed is None else (fixed[0].double(), fixed[1].double())
-        y, mean, var = BatchInstanceKernel.apply(x, rho, weight, bias, cd, eps, fixed)
+        y, mean, var = BatchInstanceKernel.apply(x, rho, weight, bias, cd, eps, fixed, reference)
         count = x.numel() // max(mean.numel(), 1)
         return y, (merged(Moments(count, mean, var * count), "batch") if batch_stats else None)
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None or not _positions_ok(x, cd):
@@ -251,7 +298,7 @@ def batch_instance_norm_fast(x: Tensor, rho: Tensor, running_mean: Tensor | None
 
 def switchable_norm_fast(x: Tensor, mean_weight: Tensor, var_weight: Tensor, running_mean: Tensor | None,
                          running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, batch_stats: bool,
-                         eps: float, channel_dim: int) -> tuple[Tensor, Moments | None] | None:
+                         eps: float, channel_dim: int, reference=None) -> tuple[Tensor, Moments | None] | None:
     """Switchable norm: ``(y, per-channel batch moments or None)`` (``batch_stats`` as above).
     An input without positions mixes the layer and batch moments only."""
     cd = channel_axis(x.ndim, channel_dim)
@@ -259,7 +306,7 @@ def switchable_norm_fast(x: Tensor, mean_weight: Tensor, var_weight: Tensor, run
         # compiled kernels and the statistics function differentiated by hand
         fixed = _fixed(running_mean, running_var, batch_stats)
         fixed = None if fixed is None else (fixed[0].double(), fixed[1].double())
-        y, mean, var = SwitchableKernel.apply(x, mean_weight, var_weight, weight, bias, cd, eps, fixed)
+        y, mean, var = SwitchableKernel.apply(x, mean_weight, var_weight, weight, bias, cd, eps, fixed, reference)
         count = x.numel() // max(mean.numel(), 1)
         return y, (merged(Moments(count, mean, var * count), "batch") if batch_stats else None)
     if fast_layout(x, cd, MIN_FUSED_NUMEL) is None or not _positions_ok(x, cd):

@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _kernels
 from .._moments import Moments, accumulation_dtype, reduce_moments
 from ._fused import _moments_nc, _scale_shift_into
-from ._routing import MIN_KERNEL_NUMEL, _views, dy_view, fast_layout, kernels_for
+from ._routing import MIN_KERNEL_NUMEL, _views, dy_view, fast_layout, is_half, kernels_for
 
 __all__ = ["BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain", "batch_moments_fast",
            "batch_norm_train", "bn_view", "channel_moments", "channel_moments_spare"]
@@ -42,7 +42,7 @@ def bn_view(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]] | N
     """``(xb, back)``: a view of ``x`` with the channel axis at 1 that torch's batch-norm
     kernels run on without a copy, and the map taking a result of ``xb``'s shape back to
     ``x``'s; None where the fused path does not apply (see :func:`fast_layout`)."""
-    layout = fast_layout(x, cd)
+    layout = fast_layout(x, cd, half=True)
     if layout is None:
         return None
     _, v = _views(x, cd)  # type: ignore[misc]
@@ -68,15 +68,15 @@ def channel_moments_spare(xb: Tensor) -> tuple[Moments, tuple[Tensor, Tensor, Te
 
 def _use_kernels(xb: Tensor, process_group) -> bool:
     """Batch norm on the compiled kernels: for channel-first views from MIN_KERNEL_NUMEL values
-    on, and whenever synchronized (torch's kernels cannot take a global batch). An (M, C)
+    on, whenever synchronized (torch's kernels cannot take a global batch) and in half precision. An (M, C)
     view (channels-last, or no positions) otherwise stays on torch's kernels, whose
     channels-last batch norm is as fast (measured)."""
-    if process_group is not None:
-        return _kernels.available()
+    if process_group is not None or is_half(xb):
+        return _kernels.supports(xb.dtype)
     return xb.ndim == 3 and kernels_for(xb, MIN_KERNEL_NUMEL)
 
 
-def _kernel_view(xb: Tensor) -> tuple[Tensor, str]:
+def kernel_view(xb: Tensor) -> tuple[Tensor, str]:
     """A :func:`bn_view` as the compiled kernels' 3-d view: (N, C, L) "cf", or (M, C) as (1, M, C) "cl"."""
     return (xb, "cf") if xb.ndim == 3 else (xb.unsqueeze(0), "cl")
 
@@ -96,7 +96,7 @@ def batch_moments_fast(xb: Tensor, process_group=None, stat_shape: tuple[int, ..
         if process_group is not None:
             raise RuntimeError("batch_moments_fast: synchronized statistics need the compiled kernels")
         return channel_moments_spare(xb)
-    v, layout = _kernel_view(xb)
+    v, layout = kernel_view(xb)
     mean_nc, m2_nc = _kernels.moments(v, layout)
     # the exact merge over samples (equal counts): mean of means, M2 plus the spread of the means
     length = xb.numel() // (mean_nc.numel() or 1)
@@ -120,7 +120,7 @@ def batch_norm_train(xb: Tensor, weight: Tensor | None, bias: Tensor | None, m: 
     """Training batch norm of a :func:`bn_view` given its moments from :func:`batch_moments_fast`:
     on the compiled kernels (:class:`BatchNormKernel`) or torch's (:class:`BatchNormTrain`)."""
     if _use_kernels(xb, process_group):
-        v, layout = _kernel_view(xb)
+        v, layout = kernel_view(xb)
         y = BatchNormKernel.apply(v, weight, bias, m.mean, m.var, eps, float(m.count), layout,
                                   process_group, stat_shape)
         return y.view(xb.shape)
@@ -252,10 +252,14 @@ class MeanOnlyTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xb: Tensor, bias: Tensor | None, mean: Tensor) -> Tensor:  # type: ignore[override]
         ones = torch.ones_like(mean)
+        ctx.count, ctx.bias_dtype = xb.numel() // xb.shape[1], None if bias is None else bias.dtype
+        if is_half(xb):  # the compiled kernels: x's type in and out, float32 arithmetic
+            v, layout = kernel_view(xb)
+            y = torch.empty_like(v)
+            _kernels.affine(v, y, layout, mean, ones, torch.zeros_like(mean) if bias is None else bias)
+            return y.view(xb.shape)
         # (x - mean) * rsqrt(1 + 0) + bias: the eval kernel, exact (rsqrt(1) = 1)
-        y = torch.ops.aten._native_batch_norm_legit_no_training(xb, None, bias, mean, ones, 0.0, 0.0)[0]
-        ctx.count = xb.numel() // xb.shape[1]
-        return y
+        return torch.ops.aten._native_batch_norm_legit_no_training(xb, None, bias, mean, ones, 0.0, 0.0)[0]
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
@@ -263,6 +267,17 @@ class MeanOnlyTrain(torch.autograd.Function):
             dims = (0, 2) if dy.ndim == 3 else (0,)
             dx = dy - dy.mean(dims, keepdim=True)
             return dx, dy.sum(dims) if ctx.needs_input_grad[1] else None, None
+        if is_half(dy):  # per-(n, c) sums and dx = dy - mean_c(dy) on the compiled kernels
+            d, layout = kernel_view(dy if dy.is_contiguous() else dy.contiguous())
+            nc = d.shape[1] if layout == "cf" else d.shape[2]
+            zeros = torch.zeros(nc, dtype=torch.float64)
+            g = _kernels.reduce(d, d, layout, zeros)[0].sum(0)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.empty_like(d)
+                _kernels.dx(d, d, dx, layout, zeros, torch.ones_like(zeros), zeros, -g / ctx.count)
+                dx = dx.view(dy.shape)
+            return dx, g.to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None, None
         g = _channel_sum(dy)
         dx = None
         if ctx.needs_input_grad[0]:

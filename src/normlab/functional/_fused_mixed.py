@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ._routing import dy_view, kernel_views
+from ._routing import dy_view, fast_path, kernel_views
 
 __all__ = ["SwitchableKernel"]
 
@@ -55,7 +55,8 @@ class SwitchableKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Tensor | None,  # type: ignore[override]
-                bias: Tensor | None, channel_dim: int, eps: float, fixed: tuple[Tensor, Tensor] | None):
+                bias: Tensor | None, channel_dim: int, eps: float, fixed: tuple[Tensor, Tensor] | None,
+                reference=None):
         layout, v = kernel_views(x, channel_dim)  # type: ignore[misc]
         n, c = x.shape[0], x.shape[channel_dim]
         length = v.numel() // max(n * c, 1)
@@ -72,7 +73,7 @@ class SwitchableKernel(torch.autograd.Function):
         y = torch.empty_like(x)
         _kernels.affine(v, kernel_views(y, channel_dim)[1], layout, mu, w * rstd, shift)  # type: ignore[index]
         ctx.channel_dim, ctx.layout, ctx.length, ctx.eps, ctx.fixed = channel_dim, layout, length, eps, fixed
-        ctx.stats, ctx.wm, ctx.wv, ctx.w = stats, wm, wv, w
+        ctx.stats, ctx.wm, ctx.wv, ctx.w, ctx.reference = stats, wm, wv, w, reference
         ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, mu_in, mu, rstd)
         ctx.mark_non_differentiable(mu_in, v_in)
         return y, mu_in, v_in
@@ -81,7 +82,7 @@ class SwitchableKernel(torch.autograd.Function):
     def backward(ctx, dy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
         x, mean_weight, var_weight, weight, bias, mu_in, mu, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        nones = (None,) * 3
+        nones = (None,) * 4
         if torch.is_grad_enabled():  # double backward: differentiate the plain path
             return _double_backward(ctx, x, mean_weight, var_weight, weight, bias, dy) + nones
         cd, layout, length = ctx.channel_dim, ctx.layout, ctx.length
@@ -124,16 +125,22 @@ class SwitchableKernel(torch.autograd.Function):
         return dx, d_mw, d_vw, dw, db, *nones
 
 
-def _double_backward(ctx, x, mean_weight, var_weight, weight, bias, dy) -> tuple:
-    from . import mixed
-    from ._routing import fast_path
+def _reference(ctx):
+    """The public function whose plain path a double backward differentiates (handed in by its
+    caller, so that this module does not import the public one: imports flow downward)."""
+    if ctx.reference is None:
+        raise NotImplementedError("double backward through a normlab kernel Function needs its reference "
+                                  "function (call the public function, or run under fast_path(False))")
+    return ctx.reference
 
+
+def _double_backward(ctx, x, mean_weight, var_weight, weight, bias, dy) -> tuple:
     need = ctx.needs_input_grad[:5]
     fixed = ctx.fixed
     with torch.enable_grad(), fast_path(False):
         xs = x if x.requires_grad else x.detach().requires_grad_()
         running = (None, None) if fixed is None else (fixed[0].reshape(-1), fixed[1].reshape(-1))
-        y = mixed.switchable_norm(xs, mean_weight, var_weight, running[0], running[1], weight, bias,
+        y = _reference(ctx)(xs, mean_weight, var_weight, running[0], running[1], weight, bias,
                                   training=fixed is None, momentum=None, eps=ctx.eps, channel_dim=ctx.channel_dim)
         inputs = (xs, mean_weight, var_weight, weight, bias)
         wrt = [t for t, k in zip(inputs, need) if k]
@@ -160,7 +167,7 @@ class BatchInstanceKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
-                channel_dim: int, eps: float, fixed: tuple[Tensor, Tensor] | None):
+                channel_dim: int, eps: float, fixed: tuple[Tensor, Tensor] | None, reference=None):
         layout, v = kernel_views(x, channel_dim)  # type: ignore[misc]
         n, c = x.shape[0], x.shape[channel_dim]
         length = v.numel() // max(n * c, 1)
@@ -180,7 +187,7 @@ class BatchInstanceKernel(torch.autograd.Function):
         y = torch.empty_like(x)
         _kernels.affine(v, kernel_views(y, channel_dim)[1], layout, mu_i, w * (p * r_b + (1 - p) * r_i), shift)  # type: ignore[index]
         ctx.channel_dim, ctx.layout, ctx.length, ctx.eps, ctx.fixed = channel_dim, layout, length, eps, fixed
-        ctx.small = (mu_b, r_b, r_i, p, w)
+        ctx.small, ctx.reference = (mu_b, r_b, r_i, p, w), reference
         ctx.save_for_backward(x, rho, weight, bias, mu_i)
         ctx.mark_non_differentiable(mu_i, v_i)
         return y, mu_i, v_i
@@ -189,7 +196,7 @@ class BatchInstanceKernel(torch.autograd.Function):
     def backward(ctx, dy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
         x, rho, weight, bias, mu_i = ctx.saved_tensors
         need = ctx.needs_input_grad
-        nones = (None,) * 3
+        nones = (None,) * 4
         if torch.is_grad_enabled():  # double backward: differentiate the plain path
             return _double_backward_bin(ctx, x, rho, weight, bias, dy) + nones
         cd, layout, length = ctx.channel_dim, ctx.layout, ctx.length
@@ -219,15 +226,12 @@ class BatchInstanceKernel(torch.autograd.Function):
 
 
 def _double_backward_bin(ctx, x, rho, weight, bias, dy) -> tuple:
-    from . import mixed
-    from ._routing import fast_path
-
     need = ctx.needs_input_grad[:4]
     fixed = ctx.fixed
     with torch.enable_grad(), fast_path(False):
         xs = x if x.requires_grad else x.detach().requires_grad_()
         running = (None, None) if fixed is None else (fixed[0].reshape(-1), fixed[1].reshape(-1))
-        y = mixed.batch_instance_norm(xs, rho, running[0], running[1], weight, bias, training=fixed is None,
+        y = _reference(ctx)(xs, rho, running[0], running[1], weight, bias, training=fixed is None,
                                       momentum=None, eps=ctx.eps, channel_dim=ctx.channel_dim)
         wrt = [t for t, k in zip((xs, rho, weight, bias), need) if k]
         grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))

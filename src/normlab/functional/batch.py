@@ -9,7 +9,9 @@ from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
 from ._common import affine, batch_moments, batch_statistics, normalize
-from ._fastpaths import batch_norm_fast, local_only, mean_only_batch_norm_fast, stat_shape, sync_group
+from ._fastpaths import (batch_norm_fast, dtypes_of, local_only, mean_only_batch_norm_fast, stat_shape, sync_group,
+                         torch_batch_norm)
+from ._routing import route
 from ._fused_bn import batch_moments_fast, batch_norm_train, bn_view
 
 
@@ -40,11 +42,15 @@ def batch_norm(
     fixed affine map. ``process_group`` all-reduces the moments so that every process
     normalizes with those of the global batch.
     """
-    # the fast path synchronizes on the compiled kernels; without them, plain autograd does
-    fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim,
-                           process_group)
-    if fast is not None:
-        return fast
+    way = route("bn", x, channel_dim, 1, dtypes_of(running_mean, running_var, weight, bias),
+                (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None)))
+    if way == "torch":
+        return torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim)
+    if way == "engine":  # (synchronizes on the compiled kernels; without them, plain autograd does)
+        fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim,
+                               process_group)
+        if fast is not None:
+            return fast
     mean, var = batch_statistics(x, running_mean, running_var, training, momentum, channel_dim, process_group)
     return normalize(x, mean, var, eps, weight, bias, channel_dim)
 

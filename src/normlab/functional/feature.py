@@ -12,8 +12,9 @@ from .. import _kernels, _moments
 from .._layout import channel_axis
 from .._moments import Moments
 from ._common import affine, dims_for, normalize
-from ._fastpaths import group_norm_fast, instance_norm_fast, layer_norm_fast, rms_norm_fast
-from ._routing import fast_layout
+from ._fastpaths import (dtypes_of, group_norm_fast, instance_norm_fast, layer_norm_fast, rms_norm_fast,
+                         torch_group_norm)
+from ._routing import fast_layout, route
 from ._fused_row import RowRMSKernel
 
 
@@ -29,7 +30,10 @@ def layer_norm(
 
     For the transformer convention (over the channel axis alone) use ``channel_layer_norm``.
     """
-    fast = layer_norm_fast(x, weight, bias, eps, channel_dim)
+    way = route("ln", x, channel_dim, 1, dtypes_of(weight, bias))
+    if way == "torch":
+        return torch_group_norm(x, 1, weight, bias, eps, channel_dim)
+    fast = layer_norm_fast(x, weight, bias, eps, channel_dim) if way == "engine" else None
     if fast is not None:
         return fast
     mean, var = _moments.mean_var(x, dims_for(x, channel_dim, "sample"))
@@ -72,7 +76,13 @@ def instance_norm(
             bias,
             channel_dim,
         )
-    fast = instance_norm_fast(x, weight, bias, running_mean, running_var, momentum, eps, channel_dim)
+    tracking = momentum is not None and (running_mean is not None or running_var is not None)
+    c = x.shape[channel_axis(x.ndim, channel_dim)]
+    way = route("in", x, channel_dim, c, dtypes_of(weight, bias), (not tracking,))
+    if way == "torch":
+        return torch_group_norm(x, c, weight, bias, eps, channel_dim)
+    fast = instance_norm_fast(x, weight, bias, running_mean, running_var, momentum, eps, channel_dim) \
+        if way == "engine" else None
     if fast is not None:
         return fast
     m = _moments.moments(x, dims_for(x, channel_dim, "spatial"))
@@ -106,7 +116,10 @@ def group_norm(
     channels = x.shape[cd]
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(f"group_norm: num_groups={num_groups} must divide the {channels} channels")
-    fast = group_norm_fast(x, num_groups, weight, bias, eps, channel_dim)
+    way = route("gn", x, cd, num_groups, dtypes_of(weight, bias))
+    if way == "torch":
+        return torch_group_norm(x, num_groups, weight, bias, eps, cd)
+    fast = group_norm_fast(x, num_groups, weight, bias, eps, channel_dim) if way == "engine" else None
     if fast is not None:
         return fast
     xg = x.unflatten(cd, (num_groups, channels // num_groups))
@@ -140,6 +153,8 @@ def rms_norm(
 
 def _channel_last_view(x: Tensor, cd: int) -> Tensor | None:
     """``x`` with its channel axis moved last, if that is a contiguous view (no copy)."""
+    if cd == x.ndim - 1:  # (no movedim: each view costs a few microseconds on small inputs)
+        return x if x.is_contiguous() else None
     moved = x.movedim(cd, -1)
     return moved if moved.is_contiguous() else None
 
@@ -161,7 +176,8 @@ def channel_layer_norm(
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
     if view is not None:
-        return F.layer_norm(view, (x.shape[cd],), weight, bias, eps).movedim(-1, cd)
+        y = F.layer_norm(view, (x.shape[cd],), weight, bias, eps)
+        return y if cd == x.ndim - 1 else y.movedim(-1, cd)
     mean, var = _moments.mean_var(x, (cd,))
     return normalize(x, mean, var, eps, weight, bias, channel_dim)
 
@@ -176,7 +192,7 @@ def channel_rms_norm(
     """
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
-    if view is not None and fast_layout(x, cd) == "cl" and _kernels.available():
+    if view is not None and fast_layout(x, cd, half=True) == "cl" and _kernels.supports(x.dtype):
         # compiled kernels: one read of each row forward and backward (torch's CPU RMSNorm is a
         # composite with several full-size temporaries)
         rows = RowRMSKernel.apply(view.reshape(-1, x.shape[cd]), weight, _rms_eps(eps, x))

@@ -51,7 +51,8 @@ def batch_instance_norm(
                          f"got shape {tuple(x.shape)}")
     batch_stats = training or running_mean is None or running_var is None
     if local_only(process_group):
-        fast = batch_instance_norm_fast(x, rho, running_mean, running_var, weight, bias, batch_stats, eps, cd)
+        fast = batch_instance_norm_fast(x, rho, running_mean, running_var, weight, bias, batch_stats, eps, cd,
+                                        batch_instance_norm)
         if fast is not None:
             y, m_bn = fast
             if training and momentum is not None and m_bn is not None:
@@ -121,7 +122,7 @@ def switchable_norm(
     batch_stats = training or running_mean is None or running_var is None
     if local_only(process_group):
         fast = switchable_norm_fast(x, mean_weight, var_weight, running_mean, running_var, weight, bias, batch_stats,
-                                    eps, cd)
+                                    eps, cd, switchable_norm)
         if fast is not None:
             y, m_bn = fast
             if training and momentum is not None and m_bn is not None:

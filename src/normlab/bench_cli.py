@@ -1,0 +1,147 @@
+"""``normlab bench``: its arguments, their validation (a clear message and exit code 2, no
+traceback), the legend of the table's columns and the warning when the machine was loaded.
+
+Three modes: the layers on one input shape (default; :func:`normlab.bench.run_bench`),
+``--small`` (per-call times on small inputs) and ``--model resnet|mlp|transformer`` (whole
+training steps), the last two in :mod:`normlab.bench_models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["add_parser"]
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+LEGEND = """columns: fwd ms = training forward; fwd+bwd ms = training forward and backward; eval ms = eval
+forward (no grad); /native BN = fwd+bwd over torch's BatchNorm of the same dtype and layout; /counterpart =
+over torch's own version of the same layer; limit frac = the memory limit (8 input-sized reads and writes at
+the measured copy speed) over fwd+bwd (1.0 = at the limit); saved (T) = bytes saved for backward in
+input-sized tensors; best f+b ms = the fastest round; faults/step = minor page faults of one fwd+bwd;
+/contiguous = channels-last time over the same layer's time on the contiguous copy. Medians of alternating
+rounds (ABBA) in one process."""
+
+LOADED_SPREAD = 0.3
+"""A baseline whose interquartile range exceeds this fraction of its median was measured on a
+loaded machine: the warning says so (ratios from the same run still compare like with like)."""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="time each norm against torch's native layers and the memory limit")
+    p.add_argument("--shape", default="32,64,56,56", help="input shape N,C,*spatial (default 32,64,56,56)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16; with "
+                                                      "--model: float32 or bfloat16 (autocast)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (4-d/5-d shapes)")
+    p.add_argument("--norms", default="", help="comma-separated specs (default: bn,ln,in,gn,rms,mobn,brn,bin,sn,on,lnc,rmsc)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(fullgraph=True) layers; reports compile time")
+    p.add_argument("--repeats", type=int, default=20, help="alternating rounds per figure (default 20)")
+    p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up: a smoke test, not a measurement")
+    p.add_argument("--malloc", choices=("default", "steady"), default="default",
+                   help="steady: keep freed blocks in the process (glibc mallopt), so that page faults of fresh "
+                        "buffers do not swamp the kernels' time; default: the allocator users run with")
+    p.add_argument("--model", default=None, metavar="KIND",
+                   help="time whole training steps of a small model instead: resnet, mlp, transformer or all; "
+                        "torch's norms vs normlab.convert(model, the same kind)")
+    p.add_argument("--batch-size", default="8,32", help="with --model: comma-separated batch sizes (default 8,32)")
+    p.add_argument("--small", action="store_true", help="per-call times on small inputs against torch's same layers")
+    p.add_argument("--no-progress", action="store_true", help="do not report progress on stderr")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=_run, parser=p)
+    return p
+
+
+def _ints(text: str, what: str, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        parser.error(f"{what} must be comma-separated positive integers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        parser.error(f"{what} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _validate(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed settings, or ``parser.error`` (exit code 2, one line) on a bad value."""
+    import torch
+
+    from .bench_models import MODELS
+    from .registry import parse_spec
+
+    parser = args.parser
+    if args.dtype not in DTYPES:
+        parser.error(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    out: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+    if args.threads <= 0:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    if args.repeats <= 0:
+        parser.error(f"--repeats must be a positive integer, got {args.repeats}")
+    if args.model is not None:
+        kinds = MODELS if args.model == "all" else tuple(k.strip() for k in args.model.split(","))
+        bad = [k for k in kinds if k not in MODELS]
+        if bad:
+            parser.error(f"unknown --model {', '.join(bad)!s}; known: {', '.join(MODELS)} or all")
+        if args.dtype not in ("float32", "bfloat16"):
+            parser.error(f"--model runs float32 or bfloat16 (autocast), got --dtype {args.dtype}")
+        out["kinds"] = kinds
+        out["batch_sizes"] = _ints(args.batch_size, "--batch-size", parser)
+        return out
+    shape = _ints(args.shape, "--shape", parser)
+    if len(shape) < 2:
+        parser.error(f"--shape needs a batch and a channel axis (N,C,...), got {args.shape!r}")
+    if args.channels_last and len(shape) not in (4, 5):
+        parser.error(f"--channels-last needs a 4-d or 5-d --shape, got {args.shape!r}")
+    norms = [n for n in args.norms.split(",") if n.strip()] if args.norms else None
+    for spec in norms or ():
+        try:
+            parse_spec(spec)
+        except ValueError as err:
+            parser.error(str(err))
+    out.update(shape=shape, norms=norms)
+    return out
+
+
+def loaded_warning(spreads: dict[str, float]) -> str | None:
+    """A one-line warning if any baseline moved by more than :data:`LOADED_SPREAD` between rounds."""
+    loud = {k: v for k, v in spreads.items() if v > LOADED_SPREAD}
+    if not loud:
+        return None
+    what = ", ".join(f"{k} {v:.0%}" for k, v in loud.items())
+    return (f"warning: the machine was loaded (interquartile spread over the median: {what}; above "
+            f"{LOADED_SPREAD:.0%}): absolute times are unreliable, compare the ratios of this run only")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .bench import DEFAULT_NORMS, format_table, run_bench
+    from .bench_models import format_models, format_small, run_models, run_small
+
+    cfg = _validate(args)
+    progress = not args.no_progress
+    repeats = 3 if args.quick else args.repeats
+    if args.model is not None:
+        result = run_models(cfg["kinds"], cfg["batch_sizes"], cfg["dtype"], steps=repeats,
+                            warmup=1 if args.quick else 3, threads=args.threads, progress=progress)
+        print(format_models(result))
+        spreads = {f"torch {r['model']} b{r['batch_size']}": r["torch_spread"] for r in result["rows"]}
+    elif args.small:
+        result = run_small(cfg["dtype"], rounds=repeats, threads=args.threads, progress=progress)
+        print(format_small(result))
+        spreads = {f"torch {r['torch_layer']} {tuple(r['shape'])}": r["torch_spread"] for r in result["rows"]}
+    else:
+        result = run_bench(cfg["shape"], cfg["dtype"], args.channels_last, cfg["norms"] or list(DEFAULT_NORMS),
+                           args.threads, args.compile, repeats, warmup=1 if args.quick else 3, malloc=args.malloc,
+                           progress=progress)
+        print(format_table(result))
+        print(LEGEND)
+        spreads = {"copy": result["copy_spread"], "torch BatchNorm": result["baseline_spread"]}
+    warning = loaded_warning(spreads) if not args.quick else None
+    if warning:
+        print(warning)
+        result["warning"] = warning
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0

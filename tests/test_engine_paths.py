@@ -1,0 +1,79 @@
+"""Every fast path equals the plain autograd reference (``fast_path(False)``): outputs, input
+and parameter gradients and running statistics, over shapes, memory layouts, dtypes
+(float32, float64, bfloat16, float16) and channel axes drawn by hypothesis; and on a device
+the engine does not cover (``meta``, standing in for CUDA) every layer runs the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from _helpers import graph_nodes
+from normlab.functional import fast_path
+from normlab.registry import make_norm
+
+NORMS = ("bn", "ln", "in", "gn:2", "rms", "mobn", "brn", "bin", "sn", "lnc", "rmsc")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(spec: str, x: torch.Tensor, dy: torch.Tensor, cd: int, fast: bool | None):
+    torch.manual_seed(0)
+    # parameters in the input's dtype; with half inputs float32 ones, as under autocast
+    m = make_norm(spec, x.shape[cd], channel_dim=cd).to(x.dtype if x.dtype in (torch.float32, torch.float64)
+                                                         else torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.rand_like(p) * 0.5)
+    xx = x.detach().clone().requires_grad_()
+    with fast_path(fast):
+        y = m(xx)
+        y2 = m(xx)  # a second step, from the updated running statistics
+        (y.float() * dy.float() + y2.float()).sum().backward()
+    return [y, y2, xx.grad] + [p.grad for p in m.parameters()] + [b for b in m.buffers() if b.is_floating_point()]
+
+
+@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
+@given(spec=st.sampled_from(NORMS), dtype=st.sampled_from(DTYPES), n=st.integers(2, 4),
+       c=st.sampled_from([2, 4, 6]), spatial=st.lists(st.integers(2, 6), min_size=0, max_size=2),
+       layout=st.sampled_from(["first", "last", "channels_last"]), seed=st.integers(0, 2 ** 16))
+def test_every_path_equals_the_plain_path(spec, dtype, n, c, spatial, layout, seed):
+    if spec in ("in", "bin") and not spatial:
+        return  # (these need positions)
+    shape = [n, c, *spatial]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    dy = torch.randn(shape, generator=g)
+    cd = 1
+    if layout == "last":  # (N, *positions, C), channel_dim=-1
+        x, dy, cd = x.movedim(1, -1).contiguous(), dy.movedim(1, -1).contiguous(), -1
+    elif layout == "channels_last" and x.ndim == 4:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    x, dy = x.to(dtype), dy.to(dtype)
+    results = [_run(spec, x, dy, cd, fast) for fast in (True, None, False)]
+    tol = TOL[dtype]
+    for got in results[:2]:
+        for a, b in zip(got, results[2]):
+            assert a.dtype == b.dtype
+            scale = max(1.0, b.float().abs().max().item())
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("spec", NORMS)
+def test_meta_device_runs_the_plain_path(spec):
+    """A device the engine does not cover (meta here, CUDA on a GPU machine) takes plain autograd."""
+    m = make_norm(spec, 4).to("meta")
+    x = torch.randn(3, 4, 5, 5, device="meta", requires_grad=True)
+    y = m(x)
+    names = graph_nodes(y)
+    assert y.device.type == "meta" and y.shape == x.shape
+    assert not any(name.startswith(("BatchNormKernel", "GroupNormKernel", "AffineFromMoments", "Switchable",
+                                    "BatchInstance", "RowRMS", "MeanOnlyTrain", "BatchNormTrain")) for name in names)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    m.eval()
+    assert m(x).shape == x.shape
