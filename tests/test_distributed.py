@@ -224,6 +224,13 @@ def _disagreeing_ranks(rank: int) -> dict[str, Any]:
         out[name] = _try(lambda: bn(torch.randn(4, c, 3, dtype=dtype)))
         out[name + "_stats"] = (bn.running_mean.abs().max().item(), (bn.running_var - 1).abs().max().item())
         out[name + "_then"] = _try(lambda: dist.barrier(group))  # the group still works
+    # the training flag (layers in eval never communicate; a functional caller may say either)
+    from normlab._moments import Moments
+
+    group = dist.new_group([0, 1])
+    zeros = torch.zeros(1, 6, 1, dtype=torch.float64)
+    out["training"] = _try(lambda: normlab.distributed.all_reduce_moments(Moments(4, zeros, zeros), group,
+                                                                          training=rank == 0))
     # rank 0 raises in its own layer (a wrong input), catches it and goes on to the next step;
     # rank 1 runs the step: the next exchange pairs rank 0's call 2 with rank 1's call 1
     group = dist.new_group([0, 1])
@@ -490,7 +497,8 @@ def test_study_grid_records_per_process_and_global_batch() -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("case,what", [("channels", "6 statistics (channels) in torch.float64"),
-                                       ("dtype", "6 statistics (channels) in torch.float32")])
+                                       ("dtype", "6 statistics (channels) in torch.float32"),
+                                       ("training", "rank 1: 6 statistics (channels) in torch.float64, eval")])
 def test_ranks_that_disagree_raise_the_same_clear_error(ranks: list[dict[Any, Any]], case: str, what: str) -> None:
     """Different channel counts or dtypes across ranks: the same SyncMismatchError on every
     rank (no abort in gloo: the worker pair finished), no running statistic moved, and the
@@ -501,8 +509,9 @@ def test_ranks_that_disagree_raise_the_same_clear_error(ranks: list[dict[Any, An
                                 "disagree"), errors[0]
     assert what in errors[0] and "same model" in errors[0]
     for r in ranks:
-        assert r["disagree"][case + "_stats"] == (0.0, 0.0)
-        assert r["disagree"][case + "_then"] == ""
+        if case != "training":  # (a bare functional call: no layer, no statistics)
+            assert r["disagree"][case + "_stats"] == (0.0, 0.0)
+            assert r["disagree"][case + "_then"] == ""
 
 
 @pytest.mark.distributed
