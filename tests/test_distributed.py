@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import normlab
+from _sync_faults import all_empty_step, disagreeing_ranks
 from normlab.registry import available_norms, get_entry
 
 
@@ -194,69 +195,11 @@ def _worker(rank: int, store_dir: str) -> None:
         from normlab.study.train import run_cell  # a study cell, run inside this pair of processes
 
         results["cell_local"] = run_cell(cell_config(nproc=2, sync=False))
-        results["disagree"] = _disagreeing_ranks(rank)
-        results["all_empty"] = _all_empty_step()
+        results["disagree"] = disagreeing_ranks(rank)  # (tests/_sync_faults.py)
+        results["all_empty"] = all_empty_step(sync_specs(), C, HW)
         torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _try(fn: Any) -> str:
-    """Run ``fn``; the text of the error it raised ("" if none)."""
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - the test compares what each rank saw
-        return f"{type(exc).__name__}: {exc}"
-    return ""
-
-
-def _disagreeing_ranks(rank: int) -> dict[str, Any]:
-    """Ranks that disagree, each on its own fresh group (so one scenario's skipped call does
-    not reach the next): what each raised, and whether its running statistics moved."""
-    out: dict[str, Any] = {}
-    cases = {  # name: (this rank's channels, dtype)
-        "channels": (6 if rank == 0 else 4, torch.float64),
-        "dtype": (6, torch.float64 if rank == 0 else torch.float32),
-    }
-    for name, (c, dtype) in cases.items():
-        group = dist.new_group([0, 1])
-        bn = normlab.BatchNorm(c, process_group=group).to(dtype)
-        out[name] = _try(lambda: bn(torch.randn(4, c, 3, dtype=dtype)))
-        out[name + "_stats"] = (bn.running_mean.abs().max().item(), (bn.running_var - 1).abs().max().item())
-        out[name + "_then"] = _try(lambda: dist.barrier(group))  # the group still works
-    # rank 0 raises in its own layer (a wrong input), catches it and goes on to the next step;
-    # rank 1 runs the step: the next exchange pairs rank 0's call 2 with rank 1's call 1
-    group = dist.new_group([0, 1])
-    bn = normlab.BatchNorm(6, process_group=group).double()
-    steps = []
-    for step in range(2):
-        bad = rank == 0 and step == 0
-        if rank == 1 and step == 1:
-            break
-        steps.append(_try(lambda: bn(torch.randn(4, 5 if bad else 6, 3, dtype=torch.float64))))
-    out["skipped"] = steps
-    return out
-
-
-def _all_empty_step() -> dict[str, Any]:
-    """One training step (forward and backward) of every synchronized norm where every rank
-    holds zero samples, and the same layer unsynchronized: buffers before and after."""
-    out = {}
-    for spec in sync_specs():
-        for sync in (True, False):
-            torch.manual_seed(0)
-            norm = normlab.make_norm(spec, C).double()
-            if sync:
-                norm = normlab.convert_sync(norm)
-            with torch.no_grad():
-                for b in norm.buffers():
-                    if b.is_floating_point():
-                        b.uniform_(0.5, 2.0)
-            before = {k: b.clone() for k, b in norm.named_buffers()}
-            x = torch.randn(0, C, HW, HW, dtype=torch.float64, requires_grad=True)
-            norm(x).sum().backward()
-            out[spec, sync] = (before, {k: b.clone() for k, b in norm.named_buffers()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +433,8 @@ def test_study_grid_records_per_process_and_global_batch() -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("case,what", [("channels", "6 statistics (channels) in torch.float64"),
-                                       ("dtype", "6 statistics (channels) in torch.float32")])
+                                       ("dtype", "6 statistics (channels) in torch.float32"),
+                                       ("training", "rank 1: 6 statistics (channels) in torch.float64, eval")])
 def test_ranks_that_disagree_raise_the_same_clear_error(ranks: list[dict[Any, Any]], case: str, what: str) -> None:
     """Different channel counts or dtypes across ranks: the same SyncMismatchError on every
     rank (no abort in gloo: the worker pair finished), no running statistic moved, and the
@@ -501,8 +445,9 @@ def test_ranks_that_disagree_raise_the_same_clear_error(ranks: list[dict[Any, An
                                 "disagree"), errors[0]
     assert what in errors[0] and "same model" in errors[0]
     for r in ranks:
-        assert r["disagree"][case + "_stats"] == (0.0, 0.0)
-        assert r["disagree"][case + "_then"] == ""
+        if case != "training":  # (a bare functional call: no layer, no statistics)
+            assert r["disagree"][case + "_stats"] == (0.0, 0.0)
+            assert r["disagree"][case + "_then"] == ""
 
 
 @pytest.mark.distributed

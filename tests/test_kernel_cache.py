@@ -38,10 +38,11 @@ CHECK = """
 """
 
 
-def _run(tmp_path: Path, cache: Path, code: str = CHECK) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, cache: Path, code: str = CHECK, **extra: str) -> subprocess.CompletedProcess:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    env = {**os.environ, "NORMLAB_CACHE": str(cache), "HOME": str(home), "TMPDIR": str(_private_tmp(tmp_path))}
+    env = {**os.environ, "NORMLAB_CACHE": str(cache), "HOME": str(home), "TMPDIR": str(_private_tmp(tmp_path)),
+           **extra}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -71,6 +72,21 @@ def test_a_cache_folder_others_can_write_is_refused(tmp_path: Path) -> None:
     assert "is writable by others (mode 777" in res.stdout, res.stdout
     assert list(shared.iterdir()) == []  # nothing built in, nothing loaded from it
     assert list(_private_tmp(tmp_path).iterdir()) == []  # the temporary folder is gone once loaded
+
+
+def test_with_no_private_folder_at_all_torch_kernels_run(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # the cache, the home and the temporary folder all below a folder anyone may write
+    home = shared / "home"
+    home.mkdir()
+    code = CHECK.replace("import torch, normlab", "import os, tempfile, torch, normlab\n    tempfile.tempdir = "
+                                                   f"{str(shared)!r}")
+    res = _run(tmp_path, shared / "cache", code, HOME=str(home))
+    assert res.returncode == 0, res.stderr  # outputs checked against torch's, on torch's kernels
+    assert res.stdout.startswith("False normlab CPU kernels unavailable: no private folder to build in"), res.stdout
+    assert "is writable by others" in res.stdout
+    assert not list(shared.glob("**/*.so")) and not list(shared.glob("normlab-kernels-*"))
 
 
 def test_a_new_cache_folder_is_created_private(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def _describe(row: list[int]) -> str:
     return f"{row[1]} statistics (channels) in {dtype}, {mode}, synchronized call {row[4]}"
 
 
-def _exchange_header(mean: Tensor, count: Any, training: bool, group: Any) -> int | None:
+def _exchange_header(mean: Tensor, count: Any, training: bool, group: Any) -> int:
     """All-gather every rank's header; raise :class:`SyncMismatchError` on every rank if they
     differ. Returns the sum of the ranks' sample counts (0: every rank was empty)."""
     # a rank's sample count (the largest slot's, for per-slot counts: only "all empty" is read from it)
@@ -157,7 +157,8 @@ class _SyncMoments(torch.autograd.Function):
 
 
 def all_reduce_moments(local: Moments, process_group: Any = None, training: bool = True) -> Moments:
-    """Merge every rank's ``Moments`` into those of the union: one collective forward, one backward.
+    """Merge every rank's ``Moments`` into those of the union: two all-gathers forward (the
+    header, then the moments), one all-reduce backward.
 
     ``local`` may have any shape (per-channel, per-(sample, channel), ...); every rank must
     pass the same shape. ``count`` may be 0 (a rank with no samples). ``process_group``:

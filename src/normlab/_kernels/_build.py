@@ -120,8 +120,13 @@ def cache_dir() -> tuple[Path, str, bool]:
         if path is not None:
             return path, "; ".join(f"cache folder refused: {r}" for r in refused), False
         refused.append(why)
-    tmp = Path(tempfile.mkdtemp(prefix="normlab-kernels-"))  # 0700, unpredictable name
     why = "; ".join(refused) or "no cache folder"
+    tmp = Path(os.path.realpath(tempfile.mkdtemp(prefix="normlab-kernels-")))  # 0700, unpredictable name
+    problem = folder_problem(tmp)  # (a temporary folder others could swap out is no better)
+    if problem:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"no private folder to build in (cache folder refused: {why}; temporary folder "
+                           f"refused: {problem})")
     return tmp, f"compiled into a private temporary folder (cache folder refused: {why})", True
 
 
