@@ -188,7 +188,7 @@ def test_fold_batchnorm_equals_the_unfolded_eval_model(factory):
         torch.testing.assert_close(model(data()[0]), y, rtol=1e-9, atol=1e-9)
 
 
-def _trains(model: nn.Module, data, steps: int = 6, lr: float = 3e-3) -> list[float]:
+def _trains(model: nn.Module, data, steps: int = 4, lr: float = 3e-3) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     losses = []

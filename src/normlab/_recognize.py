@@ -299,9 +299,11 @@ def _settle(f: FoundNorm, hypotheses: list[tuple[int, Callable[[nn.Module, Tenso
                     for name in ("drop", "act"):
                         if isinstance(getattr(mod, name, None), nn.Module):
                             want = getattr(mod, name)(want)
-            except Exception:  # this layout is not the one it takes: try the next
+                    same = isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(
+                        got, want, rtol=tol, atol=tol)
+            except Exception:  # this layout is not the one it takes (or a meta tensor): try the next
                 continue
-            if isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):
+            if same:
                 f.channel_dim = cd
                 f.act, f.drop = getattr(f.module, "act", None), getattr(f.module, "drop", None)
                 return f
