@@ -179,12 +179,12 @@ def test_fold_batchnorm_equals_the_unfolded_eval_model(factory):
         for _ in range(3):  # running statistics away from 0/1
             model(data()[0] * 2 + 1)
     model.eval()
-    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with torch.no_grad():
         y = model(data()[0])
         normlab.fold_batchnorm(model)
-        folded = bns - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        assert folded >= bns // 2, f"only {folded} of {bns} batch norms folded"
+        # every batch norm here follows a convolution (timm's BatchNormAct2d too: its act stays)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         torch.testing.assert_close(model(data()[0]), y, rtol=1e-9, atol=1e-9)
 
 
