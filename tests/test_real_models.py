@@ -167,6 +167,9 @@ def test_same_kind_conversion_changes_nothing(factory):
     normlab.convert(b, kind)
     after = normlab.inspect(b)
     assert len(after) == len(found) and all(r.type.startswith("normlab.") for r in after)
+    if factory is tv_mobilenet_v3:  # the reported bug: its momentum 0.01 became 0.1
+        bns = [m for m in b.modules() if isinstance(m, normlab.BatchNorm)]
+        assert {(m.momentum, m.eps) for m in bns} == {(0.01, 0.001)}
     _assert_same(a, b, data, 1e-4 if dtype == torch.float32 else 1e-7)
 
 
