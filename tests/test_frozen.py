@@ -91,3 +91,12 @@ def test_fold_frozen_batchnorm():
         normlab.fold_batchnorm(model)
         assert isinstance(model[1], nn.Identity)
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_without_running_statistics_raises_and_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"2 \(BatchNorm2d, 4 channels\): a frozen batch norm needs running statistics"):
+        normlab.freeze(model)
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[2], nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="needs running statistics"):
+        normlab.convert(nn.Sequential(nn.LayerNorm(4)), "frozenbn")

@@ -168,6 +168,9 @@ def test_same_kind_conversion_changes_nothing(factory):
     normlab.convert(b, kind)
     after = normlab.inspect(b)
     assert len(after) == len(found) and all(r.type.startswith("normlab.") for r in after)
+    if factory is tv_mobilenet_v3:  # the reported bug: its momentum 0.01 became 0.1
+        bns = [m for m in b.modules() if isinstance(m, normlab.BatchNorm)]
+        assert {(m.momentum, m.eps) for m in bns} == {(0.01, 0.001)}
     _assert_same(a, b, data, 1e-4 if dtype == torch.float32 else 1e-7)
 
 
@@ -180,16 +183,16 @@ def test_fold_batchnorm_equals_the_unfolded_eval_model(factory):
         for _ in range(3):  # running statistics away from 0/1
             model(data()[0] * 2 + 1)
     model.eval()
-    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with torch.no_grad():
         y = model(data()[0])
         normlab.fold_batchnorm(model)
-        folded = bns - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        assert folded >= bns // 2, f"only {folded} of {bns} batch norms folded"
+        # every batch norm here follows a convolution (timm's BatchNormAct2d too: its act stays)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         torch.testing.assert_close(model(data()[0]), y, rtol=1e-9, atol=1e-9)
 
 
-def _trains(model: nn.Module, data, steps: int = 6, lr: float = 3e-3) -> list[float]:
+def _trains(model: nn.Module, data, steps: int = 4, lr: float = 3e-3) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     losses = []

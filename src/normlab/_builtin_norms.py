@@ -108,11 +108,13 @@ def _on(num_features: int, **kw: Any) -> nn.Module:
     return L.OnlineNorm(num_features, **kw)
 
 
-# fixed statistics: nothing over the batch (batch_stats=False), so nothing to synchronize
+# fixed statistics: nothing over the batch (batch_stats=False), so nothing to synchronize; a
+# conversion target for trained models (normlab.freeze), not a norm to train from scratch, so
+# no network kind picks it (the study would train an identity map)
 @register("frozenbn", description="frozen batch norm: fixed running statistics and affine, eval behaviour in training too",
           axes="none at run time: per channel, the running statistics it was given",
           paper="Ioffe & Szegedy, ICML 2015 (arXiv:1502.03167); frozen as in detection backbones",
-          applies_to=("conv", "dense", "seq"))
+          applies_to=())
 def _frozenbn(num_features: int, **kw: Any) -> nn.Module:
     return L.FrozenBatchNorm(num_features, **kw)
 

@@ -296,14 +296,16 @@ def _settle(f: FoundNorm, hypotheses: list[tuple[int, Callable[[nn.Module, Tenso
             x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype=dtype, device=device)
             try:
                 with torch.no_grad():
-                    got = mod(x.clone())
+                    got = mod.forward(x.clone())  # not __call__: no user hooks run
                     want = reference(mod, x.clone())
                     for name in ("drop", "act"):
                         if isinstance(getattr(mod, name, None), nn.Module):
                             want = getattr(mod, name)(want)
-            except Exception:  # this layout is not the one it takes: try the next
+                    same = isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(
+                        got, want, rtol=tol, atol=tol)
+            except Exception:  # this layout is not the one it takes (or a meta tensor): try the next
                 continue
-            if isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):
+            if same:
                 f.channel_dim = cd
                 f.act, f.drop = getattr(f.module, "act", None), getattr(f.module, "drop", None)
                 return f

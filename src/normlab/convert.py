@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._recognize import FoundNorm, find_norms
+from .functional.frozen import frozen_scale_shift
 from .layers import NormAct
 from .layers.base import BatchStatNorm, Norm
 from .swap import convert, freeze, inspect, plan, swap, unfreeze
@@ -100,12 +101,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for layer_path, bn_path in _foldable_pairs(model, norms):
         layer, f = modules[layer_path], norms[id(modules[bn_path])]
         bn = f.state
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale, shift = frozen_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         w = layer.weight
         layer.weight.copy_(w * scale.view(-1, *([1] * (w.ndim - 1))).to(w.dtype))
         if layer.bias is None:

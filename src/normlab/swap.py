@@ -83,6 +83,10 @@ def _build(f: FoundNorm, spec: str, copy_affine: bool, fallback: tuple[torch.dty
     elif entry.name in ("rms", "rmsc"):
         base["eps"] = None  # torch.nn.RMSNorm's eps=None: the dtype's machine epsilon
     stats = _family(f.kind) is not None and _family(f.kind) == _family(entry.name)
+    if entry.name == "frozenbn" and not (stats and getattr(f.state, "running_mean", None) is not None
+                                         and getattr(f.state, "running_var", None) is not None):
+        raise ValueError("a frozen batch norm needs running statistics to freeze, and this layer keeps none "
+                         "(track_running_stats=False, or not a batch norm)")
     wanted = {k: v for k, v in f.options.items() if stats or k not in _STATS_OPTIONS}
     if wanted.get("bias", False):
         wanted.pop("bias")  # a layer with a bias, or one that has no notion of it: the target's default

@@ -28,10 +28,19 @@ def frozen_batch_norm(
     when the statistics and affine are fixed tensors, as they are in
     :class:`normlab.layers.FrozenBatchNorm`.
     """
+    scale, shift = frozen_scale_shift(running_mean, running_var, weight, bias, eps)
+    return torch.addcmul(per_channel(shift, x.ndim, channel_dim), x, per_channel(scale, x.ndim, channel_dim))
+
+
+def frozen_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(s, t)`` with ``batch_norm_eval(x) = s * x + t``: ``s = weight /
+    sqrt(running_var + eps)``, ``t = bias - running_mean * s`` (also what folding puts into
+    the preceding layer, Ioffe & Szegedy 2015, Algorithm 2)."""
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -running_mean * scale
     if bias is not None:
         shift = shift + bias
-    return torch.addcmul(per_channel(shift, x.ndim, channel_dim), x, per_channel(scale, x.ndim, channel_dim))
+    return scale, shift
