@@ -86,7 +86,8 @@ def plot_diff_to_best(st: "Study", path: Path) -> Path:
         for y, s in zip(ys, ss):
             d = s.diff
             x = 0.0 if d is None else st.scale(d.mean)
-            color = {"best": "k", "worse": _COLORS[1], "tied": "0.45", "within": _COLORS[0], "unknown": "0.45"}[s.verdict]
+            color = {"best": "k", "worse": _COLORS[1], "tied": "0.45", "close": _COLORS[2], "within": _COLORS[0],
+                     "unknown": "0.45"}[s.verdict]
             if d is not None and d.estimated:
                 ax.plot([st.scale(d.low), st.scale(d.high)], [y, y], color=color, linewidth=2, alpha=0.7)
             ax.plot([x], [y], "o", color=color, markersize=5)
@@ -100,7 +101,8 @@ def plot_diff_to_best(st: "Study", path: Path) -> Path:
         ax.grid(True, axis="x", alpha=0.3)
     k = st.seeds
     sub = "95% paired t-interval over seeds" if k >= 3 else f"{k} seed(s): no interval"
-    fig.suptitle(f"{st.task}: difference to the most accurate norm ({sub}; red: worse beyond it)", fontsize=10)
+    fig.suptitle(f"{st.task}: difference to the most accurate norm ({sub}; red: worse beyond it, green: "
+                 "within the margin)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
