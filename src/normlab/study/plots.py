@@ -37,10 +37,10 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _norm_color(st: "Study", norm: str) -> Any:
-    """One colour per norm, the same in every panel (tab20, dark shades first)."""
-    colors = _plt().get_cmap("tab20").colors
-    i = st.norms.index(norm)
-    return colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+    """One colour per norm, the same in every panel (tab10, then Dark2: 18 distinct hues)."""
+    plt = _plt()
+    colors = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)
+    return colors[st.norms.index(norm) % len(colors)]
 
 
 def _log_y(ax: Any) -> None:
