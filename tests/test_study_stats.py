@@ -56,23 +56,32 @@ def test_fewer_than_three_seeds_gives_no_interval() -> None:
     assert [v for _, _, v in batch_moves(st)] == []  # one batch size: no batch-size section
 
 
-def test_standings_resolution_and_words() -> None:
+def test_standings_resolution_margin_and_words() -> None:
     rows = []
+    a = [0.100, 0.120, 0.110]
     for s in range(3):
-        rows += [_row("a", 8, s, [0.10, 0.12, 0.11][s], step=0.002),
-                 _row("b", 8, s, [0.13, 0.11, 0.14][s], step=0.001),  # +0.0167: interval includes 0
-                 _row("c", 8, s, [0.30, 0.31, 0.33][s], step=0.0005),  # far worse
-                 _row("e", 8, s, [0.105, 0.125, 0.11][s], step=0.003),  # +0.0017 < one example (0.01)
-                 _row("d", 8, s, [0.01, None, 0.01][s])]  # a seed diverged
+        rows += [_row("a", 8, s, a[s], step=0.002, val_size=1000),
+                 _row("b", 8, s, a[s] + [0.003, -0.001, 0.002][s], step=0.001, val_size=1000),  # close: CI ends < 1 pt
+                 _row("f", 8, s, a[s] + [0.03, -0.01, 0.02][s], step=0.0001, val_size=1000),  # CI includes 0, too wide
+                 _row("c", 8, s, [0.30, 0.31, 0.33][s], step=0.0005, val_size=1000),  # far worse
+                 _row("e", 8, s, a[s] + [0.0005, 0.001, 0.0][s], step=0.003, val_size=1000),  # < one example
+                 _row("d", 8, s, [0.01, None, 0.01][s], val_size=1000)]  # a seed diverged
     (st,) = studies_from_rows(rows, {})
-    assert st.val_size == 100 and st.resolution == 0.01
-    got = {s.cell.norm: s.verdict for s in standings(st, 8)}
-    assert got == {"a": "best", "b": "within", "c": "worse", "e": "tied", "d": "diverged"}
+    assert st.val_size == 1000 and st.resolution == 0.001 and st.margin(0.11) == 0.01
+    got = {s.cell.norm: s for s in standings(st, 8)}
+    assert {n: s.verdict for n, s in got.items()} == {"a": "best", "b": "close", "f": "within", "c": "worse",
+                                                      "e": "tied", "d": "diverged"}
+    d = [0.003, -0.001, 0.002]  # b's interval by hand
+    m = sum(d) / 3
+    half = T975[2] * math.sqrt(sum((x - m) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert got["b"].diff.high == pytest.approx(m + half) and m + half < 0.01 < got["f"].diff.high
     (text,) = recommendations(st)
     assert "lowest mean validation error (%) is a (11.00, 3 seeds)" in text
     assert "e is within one validation example of it" in text
-    assert "Not distinguishable from it (the 95% interval of the difference includes zero): b (+1.67 points" in text
-    assert "the cheapest is b (1.00 ms per step, vs 2.00)" in text
+    assert "As good as far as the data show (the 95% interval of the difference includes zero and ends within " \
+           "1.00 points): b (+0.13 points, 95% CI [" in text
+    assert "too wide to call it as good (it reaches beyond 1.00 points): f (+1.33 points" in text
+    assert "Of the norms as good as it, the cheapest is b (1.00 ms per step, vs 2.00)" in text  # never f
     assert "Worse beyond the interval: c (+20.33 points, 95% CI [" in text
     assert "Diverged: d (1 of 3 seeds)" in text
 

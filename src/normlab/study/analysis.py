@@ -112,6 +112,14 @@ class Study:
         two norms closer than this are not ranked."""
         return 1.0 / self.val_size if self.metric == "error" and self.val_size else 0.0
 
+    def margin(self, best: float) -> float:
+        """How much worse than the best a norm may be and still count as as good (its 95%
+        interval's upper end): 1 point of error (or one example, if more), else 5% of the
+        best value. A one-sided equivalence bound (Schuirmann 1987) at a stated margin."""
+        if self.metric == "error":
+            return max(0.01, self.resolution)
+        return 0.05 * abs(best)
+
     def step_s(self, norm: str, bs: int) -> float:
         """Seconds per training step: the cost pass if it measured this cell, else the median
         during training."""
@@ -192,7 +200,9 @@ class Standing:
 
     ``verdict``: "best"; "tied" (closer to the best than one validation example: not
     ranked); "worse" (the paired interval excludes zero and the difference is at least one
-    example); "within" (the interval includes zero); "unknown" (fewer than ``MIN_SEEDS``
+    example); "close" (the interval includes zero and its upper end is within the study's
+    margin, ``Study.margin``: as good as the best as far as the data show); "within" (the
+    interval includes zero but is too wide to call it as good); "unknown" (fewer than ``MIN_SEEDS``
     paired seeds: no interval); "diverged"."""
 
     cell: Cell
@@ -215,7 +225,8 @@ def standings(st: Study, bs: int) -> list[Standing]:
             elif d.n < MIN_SEEDS:
                 verdict = "unknown"
             else:
-                verdict = "worse" if d.beyond(st.resolution) else "within"
+                verdict = ("worse" if d.beyond(st.resolution) else
+                           "close" if d.high is not None and d.high <= st.margin(best.mean) else "within")
             out.append(Standing(c, d, verdict))
     out += [Standing(c, None, "diverged") for c in cells if not c.usable]
     return out

@@ -37,10 +37,13 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _norm_color(st: "Study", norm: str) -> Any:
-    """One colour per norm, the same in every panel (tab20, dark shades first)."""
-    colors = _plt().get_cmap("tab20").colors
-    i = st.norms.index(norm)
-    return colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+    """One colour per norm, the same in every panel (tab10; norms past the tenth reuse a hue
+    with a dashed line, ``_norm_dash``)."""
+    return _plt().get_cmap("tab10").colors[st.norms.index(norm) % 10]
+
+
+def _norm_dash(st: "Study", norm: str) -> str:
+    return "-" if st.norms.index(norm) < 10 else "--"
 
 
 def _log_y(ax: Any) -> None:
@@ -86,7 +89,8 @@ def plot_diff_to_best(st: "Study", path: Path) -> Path:
         for y, s in zip(ys, ss):
             d = s.diff
             x = 0.0 if d is None else st.scale(d.mean)
-            color = {"best": "k", "worse": _COLORS[1], "tied": "0.45", "within": _COLORS[0], "unknown": "0.45"}[s.verdict]
+            color = {"best": "k", "worse": _COLORS[1], "tied": "0.45", "close": _COLORS[2], "within": _COLORS[0],
+                     "unknown": "0.45"}[s.verdict]
             if d is not None and d.estimated:
                 ax.plot([st.scale(d.low), st.scale(d.high)], [y, y], color=color, linewidth=2, alpha=0.7)
             ax.plot([x], [y], "o", color=color, markersize=5)
@@ -100,7 +104,8 @@ def plot_diff_to_best(st: "Study", path: Path) -> Path:
         ax.grid(True, axis="x", alpha=0.3)
     k = st.seeds
     sub = "95% paired t-interval over seeds" if k >= 3 else f"{k} seed(s): no interval"
-    fig.suptitle(f"{st.task}: difference to the most accurate norm ({sub}; red: worse beyond it)", fontsize=10)
+    fig.suptitle(f"{st.task}: difference to the most accurate norm ({sub}; red: worse beyond it, green: "
+                 "within the margin)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -171,7 +176,8 @@ def plot_error_vs_time(st: "Study", path: Path) -> Path:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="k", linewidth=0.8, linestyle="--",
                 zorder=2)
         for i in front:
-            ax.scatter([pts[i][0]], [pts[i][1]], color=_norm_color(st, names[i]), s=45, zorder=3, label=names[i])
+            ax.scatter([pts[i][0]], [pts[i][1]], color=_norm_color(st, names[i]), s=45, zorder=3, label=names[i],
+                       marker="o" if _norm_dash(st, names[i]) == "-" else "s")
         if front:
             ax.legend(fontsize=7, loc="upper right", title="Pareto front", title_fontsize=7)
         ax.set_title(f"batch size {b}", fontsize=9)
@@ -209,8 +215,8 @@ def plot_curves(st: "Study", path: Path) -> Path:
                 ax.plot(xs, [st.scale(y) for y in ys], color=_GREY, linewidth=1, zorder=1)
         for c in top:  # a norm keeps its colour in every panel
             xs, ys = _mean_curve(c.curves)
-            ax.plot(xs, [st.scale(y) for y in ys], color=_norm_color(st, c.norm), linewidth=1.6, label=c.norm,
-                    zorder=3)
+            ax.plot(xs, [st.scale(y) for y in ys], color=_norm_color(st, c.norm), linestyle=_norm_dash(st, c.norm),
+                    linewidth=1.6, label=c.norm, zorder=3)
         ax.set_title(f"batch size {b}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel(st.unit, fontsize=8)

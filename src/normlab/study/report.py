@@ -86,7 +86,7 @@ def _cell_text(st: Study, s: Standing | None, c: Cell | None) -> str:
     delta = f"{'+' if d.mean >= 0 else ''}{_pts(st, d.mean)}"
     if d.estimated and d.half_width is not None:
         delta += f"±{_pts(st, d.half_width)}"
-    mark = {"worse": " *", "tied": " =", "within": "", "unknown": ""}[s.verdict]
+    mark = {"worse": " *", "tied": " =", "close": " ~", "within": "", "unknown": ""}[s.verdict]
     return f"{v} {delta}{mark}"
 
 
@@ -131,12 +131,18 @@ def format_costs(st: Study, markdown: bool = False) -> str:
     return _grid(head, body, markdown)
 
 
+def _margin_words(st: Study) -> str:
+    return f"{_pts(st, st.margin(0.0))}{_unit(st)}" if st.metric == "error" else "5% of the best value"
+
+
 def table_caption(st: Study) -> str:
     k = st.seeds
     what = f"{st.unit}, mean over {k} seed{'s' if k != 1 else ''}"
     if k >= MIN_SEEDS:
         diff = ("then the paired difference to the best norm at that batch size ± the half-width of its 95% "
-                "t-interval; * worse beyond the interval; = within one validation example of the best (not ranked)")
+                "t-interval; * worse beyond the interval; ~ as good (the interval includes zero and ends within "
+                f"the margin, {_margin_words(st)}); = within one validation example of the best "
+                "(not ranked); no mark: not distinguishable, too uncertain to call")
     else:
         diff = (f"then the difference to the best norm at that batch size; with {k} seed{'s' if k != 1 else ''} "
                 f"its interval cannot be estimated (it takes {MIN_SEEDS} or more), so no difference is shown as real")
@@ -163,6 +169,7 @@ def recommendations(st: Study, markdown: bool = False) -> list[str]:
             continue
         best = ss[0]
         tied = [s for s in ss if s.verdict == "tied"]
+        close = [s for s in ss if s.verdict == "close"]
         unclear = [s for s in ss if s.verdict in ("within", "unknown")]
         worse = [s for s in ss if s.verdict == "worse"]
         diverged = [s for s in ss if s.verdict == "diverged"]
@@ -173,16 +180,21 @@ def recommendations(st: Study, markdown: bool = False) -> list[str]:
         if st.seeds < MIN_SEEDS and len(ss) > 1:
             text += (f" With fewer than {MIN_SEEDS} seeds the intervals cannot be estimated, so the order of the "
                      f"others may be chance: run --seeds {MIN_SEEDS} or more before relying on it.")
-        elif unclear:
-            text += f" Not distinguishable from it (the 95% interval of the difference includes zero): {_names(unclear, st, nm=nm)}."
-        near = [best] + tied + [s for s in unclear if s.verdict == "within"]
+        margin = f"{_pts(st, st.margin(c.mean))}{_unit(st)}"
+        if close:
+            text += (f" As good as far as the data show (the 95% interval of the difference includes zero and ends "
+                     f"within {margin}): {_names(close, st, nm=nm)}.")
+        if unclear and st.seeds >= MIN_SEEDS:
+            text += (f" Not distinguishable from it, but the interval is too wide to call {'it' if len(unclear) == 1 else 'them'} "
+                     f"as good (it reaches beyond {margin}): {_names(unclear, st, nm=nm)}.")
+        near = [best] + tied + close
         if len(near) > 1:
             cheap = min(near, key=lambda s: st.step_s(s.cell.norm, b))
             if cheap is best:
-                text += (f" It is also the cheapest of the norms it cannot be told apart from "
+                text += (f" It is also the cheapest of the norms as good as it "
                          f"({1e3 * st.step_s(c.norm, b):.2f} ms per step).")
             else:
-                text += (f" Of the norms it cannot be told apart from, the cheapest is {b_(cheap.cell.norm)} "
+                text += (f" Of the norms as good as it, the cheapest is {b_(cheap.cell.norm)} "
                          f"({1e3 * st.step_s(cheap.cell.norm, b):.2f} ms per step, vs "
                          f"{1e3 * st.step_s(c.norm, b):.2f}).")
         if worse:
