@@ -1,0 +1,73 @@
+"""Multi-node training with synchronized statistics: two torchrun "nodes" on this machine
+(two launches on 127.0.0.1, c10d rendezvous, different node ranks, one process each) train
+examples/ddp_train.py with batch norm synchronized; the weights, running statistics and
+outputs after a few steps equal those of one process holding the whole (twice as large)
+batch: the same global batches, the same moments, the same averaged gradients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "ddp_train.py")
+STEPS, BATCH = 3, 8
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    path = str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    # loopback only: gloo's and the rendezvous' sockets on 127.0.0.1
+    return {**os.environ, "PYTHONPATH": path, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def _train_args(dump: Path, batch: int) -> list[str]:
+    return [EXAMPLE, "--norm", "bn", "--sync", "--batch-size", str(batch), "--epochs", "1", "--steps", str(STEPS),
+            "--dump", str(dump)]
+
+
+def test_two_nodes_synchronized_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    port = _free_port()
+    two = tmp_path / "two-nodes.pt"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "normlab-test", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+         *_train_args(two, BATCH)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = []
+    try:
+        for node in nodes:
+            logs.append(node.communicate(timeout=240)[0])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(n.returncode == 0 for n in nodes), "\n----\n".join(logs)
+    one = tmp_path / "one-process.pt"
+    single = subprocess.run([sys.executable, *_train_args(one, 2 * BATCH)], capture_output=True, text=True,
+                            timeout=240, env={**_env(), "MASTER_PORT": str(_free_port())})
+    assert single.returncode == 0, single.stderr
+
+    a, b = torch.load(two), torch.load(one)
+    assert (a["world"], b["world"], a["steps"], b["steps"]) == (2, 1, STEPS, STEPS)
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:  # conv weights, bn affine, running mean/var, batch counts
+        torch.testing.assert_close(a["state"][key].double(), b["state"][key].double(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    torch.testing.assert_close(a["outputs"].double(), b["outputs"].double(), rtol=1e-4, atol=1e-4)
+    # the check has teeth: the running statistics moved away from their initial values
+    assert a["state"]["1.running_mean"].abs().max() > 1e-3
