@@ -7,6 +7,7 @@ error itself is tested by hiding the module."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -54,6 +55,18 @@ def test_missing_ray_is_a_clear_error_at_once(monkeypatch: pytest.MonkeyPatch, c
     rc = main(["study", "--task", "digits", "--norms", "bn", "--backend", "ray", "--db", "/nonexistent/x.sqlite"])
     assert rc == 2 and "pip install 'normlab[ray]'" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 10  # before any training or database
+
+
+def test_progress_line_counts_done_running_and_queued() -> None:
+    import io
+
+    from normlab.study.runner import Progress
+
+    stream = io.StringIO()
+    bar = Progress(total_cost=10.0, n=5, stream=stream)
+    bar.update([_cfg("bn", 1), _cfg("none", 1)], finished=_cfg("bn", 0), cost=2.0)
+    line = stream.getvalue()
+    assert "1/5 digits bn bs=8 seed=0" in line and "2 running, 2 queued" in line and re.search(r"ETA \d+:\d\d$", line.strip())
 
 
 def test_four_cell_grid_rows_equal_in_process_runs(ray_address: str, tmp_path: Path) -> None:
