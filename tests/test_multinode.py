@@ -71,3 +71,40 @@ def test_two_nodes_synchronized_equal_one_process_on_the_whole_batch(tmp_path: P
     torch.testing.assert_close(a["outputs"].double(), b["outputs"].double(), rtol=1e-4, atol=1e-4)
     # the check has teeth: the running statistics moved away from their initial values
     assert a["state"]["1.running_mean"].abs().max() > 1e-3
+
+
+def test_study_cell_across_two_nodes_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """`normlab study --nproc 2 --sync on` under torchrun (two "nodes", one process each): rank 0
+    stores the cell; its learning curve equals the same cell run in one process at batch 16."""
+    from normlab.study import CellConfig, Store, run_cell
+
+    db, port = tmp_path / "r.sqlite", _free_port()
+    study = ["study", "--task", "digits", "--norms", "bn", "--batch-sizes", "8", "--seeds", "1", "--epochs", "1",
+             "--train-subset", "96", "--width", "2", "--nproc", "2", "--sync", "on", "--db", str(db), "-q"]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "normlab-study", "--local-addr", "127.0.0.1", "--max-restarts", "0", "-m", "normlab.cli", "--",
+         *study], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = []
+    try:
+        for node in nodes:
+            logs.append(node.communicate(timeout=300)[0])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(n.returncode == 0 for n in nodes), "\n----\n".join(logs)
+    with Store(db) as store:
+        rows = store.rows()
+        curve = store.curves()[rows[0]["key"]]
+    assert len(rows) == 1 and rows[0]["nproc"] == 2 and rows[0]["sync"] == 1 and rows[0]["global_batch_size"] == 16
+    whole = CellConfig.from_row({**rows[0], "nproc": 1, "sync": False, "batch_size": 16, "global_batch_size": 16})
+    ref = run_cell(whole)  # one process, the whole batch of 16
+    assert rows[0]["steps"] == ref.steps and len(curve) == len(ref.curve)
+    for (e, loss, metric), (e1, loss1, metric1) in zip(curve, ref.curve):
+        assert e == e1 and (loss is None) == (loss1 is None)
+        if loss is not None:
+            assert abs(loss - loss1) <= 1e-4 * max(1.0, abs(loss1))
+        assert abs(metric - metric1) <= 1.0 / rows[0]["val_size"] + 1e-12  # at most one example flips

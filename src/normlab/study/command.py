@@ -108,6 +108,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .runner import available_cores, build_grid, resolve_norms, run_grid
     from .store import Store
     from .tasks import DataMissingError, get_task
+    from .torchrun_cells import TorchrunBackend, follow, join_group, launched_by_torchrun
 
     t0 = time.perf_counter()
     try:
@@ -131,7 +132,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         if args.cpus_per_cell is not None and args.backend == "local":
             raise ValueError("--cpus-per-cell applies to --backend ray (the local backend runs --workers processes)")
         extra = {} if args.cpus_per_cell is None else {"cpus_per_cell": args.cpus_per_cell}
-        backend = make_backend(args.backend, workers=min(workers, len(cells)), address=args.address, **extra)
+        if launched_by_torchrun():  # the launch's processes train each cell together; rank 0 drives
+            if join_group(args.nproc) != 0:
+                return follow()
+            backend = TorchrunBackend()
+        else:
+            backend = make_backend(args.backend, workers=min(workers, len(cells)), address=args.address, **extra)
     except DataMissingError as err:
         return _error("study", str(err))
     except (ValueError, ImportError) as err:
