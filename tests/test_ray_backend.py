@@ -69,6 +69,27 @@ def test_progress_line_counts_done_running_and_queued() -> None:
     assert "1/5 digits bn bs=8 seed=0" in line and "2 running, 2 queued" in line and re.search(r"ETA \d+:\d\d$", line.strip())
 
 
+def test_cli_hands_backend_address_and_cpus_per_cell_to_make_backend(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from normlab.cli import main
+    from normlab.study import backends
+
+    seen = {}
+
+    def fake(name, **kw):
+        seen.update(name=name, **kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(backends, "make_backend", fake)
+    argv = ["study", "--task", "digits", "--norms", "bn", "--batch-sizes", "8", "--seeds", "1", "--nproc", "2",
+            "--backend", "ray", "--address", "ray://127.0.0.1:10001", "--cpus-per-cell", "2", "--db", "/nonexistent/x"]
+    assert main(argv) == 2 and "stop here" in capsys.readouterr().err
+    seen.pop("workers")  # the local process count (the machine's cores): not the Ray backend's business
+    assert seen == {"name": "ray", "address": "ray://127.0.0.1:10001", "cpus_per_cell": 2.0}
+    rc = main(["study", "--task", "digits", "--norms", "bn", "--cpus-per-cell", "2", "--db", "/nonexistent/x"])
+    assert rc == 2 and "--cpus-per-cell applies to --backend ray" in capsys.readouterr().err
+
+
 def test_four_cell_grid_rows_equal_in_process_runs(ray_address: str, tmp_path: Path) -> None:
     cells = [_cfg(n, s) for n in ("bn", "none") for s in (0, 1)]
     with Store(tmp_path / "r.sqlite") as store, make_backend("ray") as backend:
@@ -98,22 +119,24 @@ def test_failing_cell_is_recorded_with_its_error_and_the_grid_goes_on(ray_addres
 
 
 class DyingDigits(Digits):
-    """Digits whose model building kills the worker process, ``deaths`` times in all
-    (counted in files under ``folder``, shared by the worker processes)."""
+    """Digits whose model building kills the worker process: ``deaths[norm]`` times in all for
+    a cell of that norm (counted in files under ``folder``/norm, seen by every worker)."""
 
     name = "dying-digits"
 
-    def __init__(self, folder: str, deaths: int) -> None:
-        self.folder, self.deaths = folder, deaths
+    def __init__(self, folder: str, deaths: dict[str, int] | None = None) -> None:
+        self.folder, self.deaths = folder, deaths or {}
 
     def split(self, seed, val_fraction, val_max, train_subset, data_dir=""):  # not found by name: no cache
         return self._split(seed, val_fraction, val_max, train_subset, data_dir)
 
     def build_model(self, norm_spec: str, width: int = 16) -> nn.Module:
-        died = len(os.listdir(self.folder))
-        if died < self.deaths:
-            Path(self.folder, f"death{died}").touch()
-            os._exit(1)  # as a worker killed by the OOM killer or a lost node
+        folder = Path(self.folder, norm_spec)
+        folder.mkdir(exist_ok=True)
+        died = len(os.listdir(folder))
+        if died < self.deaths.get(norm_spec, 0):
+            Path(folder, f"death{died}").touch()
+            os._exit(1)  # as a worker killed by the OOM killer or a lost machine
         return super().build_model(norm_spec, width)
 
 
@@ -124,7 +147,7 @@ def test_a_task_object_goes_to_the_object_store_once(ray_address: str, tmp_path:
     puts = []
     real_put = ray.put
     monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(type(value).__name__) or real_put(value, **kw))
-    task = DyingDigits(str(tmp_path), 0)  # never dies: a Task object like normlab.compare's
+    task = DyingDigits(str(tmp_path))  # never dies: a Task object like normlab.compare's
     cells = [_cfg(n, s, task="dying-digits") for n in ("bn", "none") for s in (0, 1)]
     with Store(tmp_path / "r.sqlite") as store, make_backend("ray") as backend:
         out = run_grid(cells, store, progress=False, backend=backend, task=task)
@@ -132,33 +155,34 @@ def test_a_task_object_goes_to_the_object_store_once(ray_address: str, tmp_path:
 
 
 def test_dead_worker_is_retried_and_a_cell_that_keeps_dying_is_recorded(ray_address: str, tmp_path: Path) -> None:
-    once, always = tmp_path / "once", tmp_path / "always"
-    once.mkdir()
-    always.mkdir()
-    cell = _cfg("bn", task="dying-digits")
+    once, always = _cfg("bn", task="dying-digits"), _cfg("none", task="dying-digits")  # the worker dies 1 / 99 times
+    task = DyingDigits(str(tmp_path), {"bn": 1, "none": 99})
     with Store(tmp_path / "r.sqlite") as store, make_backend("ray", max_retries=1) as backend:
-        out = run_grid([cell], store, progress=False, backend=backend, task=DyingDigits(str(once), 1))
-        assert not out.failed and store.keys() == {cell.key()} and len(os.listdir(once)) == 1  # died, rerun, stored
-        ref = run_cell(cell, DyingDigits(str(once), 0))
-        assert store.rows()[0]["val_metric"] == ref.val_metric
-    with Store(tmp_path / "r2.sqlite") as store, make_backend("ray", max_retries=1) as backend:
-        out = run_grid([cell], store, progress=False, backend=backend, task=DyingDigits(str(always), 99))
-        assert store.keys() == set() and set(read_failures(store)) == {cell.key()}
-    assert len(os.listdir(always)) == 2  # the first try and one retry, then given up
-    assert len(out.failed) == 1 and "(after 1 retries)" in out.failed[0][1] and "\n" not in out.failed[0][1]
+        out = run_grid([once, always], store, progress=False, backend=backend, task=task)
+        assert store.keys() == {once.key()} and set(read_failures(store)) == {always.key()}
+        stored = store.rows()[0]
+    assert len(os.listdir(tmp_path / "bn")) == 1  # died once, ran again, stored
+    assert stored["val_metric"] == run_cell(once, DyingDigits(str(tmp_path))).val_metric
+    assert len(os.listdir(tmp_path / "none")) == 2  # the first try and one retry, then given up
+    assert [c for c, _ in out.failed] == [always]
+    assert "(after 1 retries)" in out.failed[0][1] and "\n" not in out.failed[0][1]
 
 
 _DRIVER = """
 import sys
-from normlab.cli import main
-sys.exit(main(sys.argv[1:]))
+from normlab.study import Store, build_grid, make_backend, run_grid
+
+db, address = sys.argv[1:]
+cells = build_grid("digits", ["bn", "none"], [8], [0, 1], epochs=3, base_lr=0.1, train_subset=256, width=4)
+with Store(db) as store, make_backend("ray", address=address) as backend:
+    out = run_grid(cells, store, progress=False, backend=backend)
+print(f"{out.total} cells: {len(out.ran)} run, {out.skipped} already stored, {len(out.failed)} failed")
 """
 
 
 def _study(db: Path, address: str) -> list[str]:
-    return [sys.executable, "-c", _DRIVER, "study", "--task", "digits", "--norms", "bn,none", "--batch-sizes", "8",
-            "--seeds", "2", "--epochs", "3", "--train-subset", "256", "--width", "4", "--backend", "ray",
-            "--address", address, "--db", str(db), "--out", str(db.parent / "report"), "-q"]
+    """A study driver joining the module's Ray (``--address``) as a new job."""
+    return [sys.executable, "-c", _DRIVER, str(db), address]
 
 
 def _stored(db: Path) -> int:
