@@ -147,13 +147,16 @@ class RayBackend:
         while self._queue or self._flying:
             self._fill()
             ready, _ = ray.wait(list(self._flying), num_returns=1, timeout=_RESOURCES_EVERY_S)
+            finished = []
             for ref in ready:
                 config, _ = self._flying.pop(ref)
                 try:
-                    done = Finished(config, ray.get(ref))
+                    finished.append(Finished(config, ray.get(ref)))
                 except Exception as err:  # noqa: BLE001 (reported, the grid goes on)
-                    done = Finished(config, None, _one_line(err, self._retries))
-                yield done
+                    finished.append(Finished(config, None, _one_line(err, self._retries)))
+            if finished:
+                self._fill()  # the next cells start before the driver stores these (running() is current)
+            yield from finished
 
     def close(self) -> None:
         self._queue.clear()
