@@ -66,7 +66,8 @@ def test_progress_line_counts_done_running_and_queued() -> None:
     bar = Progress(total_cost=10.0, n=5, stream=stream)
     bar.update([_cfg("bn", 1), _cfg("none", 1)], finished=_cfg("bn", 0), cost=2.0)
     line = stream.getvalue()
-    assert "1/5 digits bn bs=8 seed=0" in line and "2 running, 2 queued" in line and re.search(r"ETA \d+:\d\d$", line.strip())
+    assert "1/5 digits bn bs=8 seed=0" in line and "2 running, 2 queued" in line
+    assert re.search(r"ETA \d+:\d\d$", line.strip())
 
 
 def test_cli_hands_backend_address_and_cpus_per_cell_to_make_backend(monkeypatch: pytest.MonkeyPatch,
@@ -116,6 +117,14 @@ def test_failing_cell_is_recorded_with_its_error_and_the_grid_goes_on(ray_addres
     assert out.failed[0][1].startswith("ValueError: GroupNorm(2): num_groups must be a positive divisor")
     assert set(failures) == {bad.key()} and failures[bad.key()]["error"] == out.failed[0][1]
     assert failures[bad.key()]["label"] == bad.label()
+
+
+def test_a_cell_larger_than_the_cluster_fails_at_once(ray_address: str) -> None:
+    with make_backend("ray", cpus_per_cell=3) as backend:  # 3 CPUs a cell on a 2-CPU Ray
+        backend.submit(_cfg("bn"))
+        done = list(backend.as_completed())
+    assert [d.error for d in done] == [
+        "ValueError: the cell needs 3 CPUs (nproc x cpus_per_cell), the Ray cluster has 2"]
 
 
 class DyingDigits(Digits):
@@ -206,7 +215,7 @@ def test_driver_killed_mid_grid_then_rerun_stores_every_cell_once(ray_address: s
     finally:
         first.wait()
     kept = _stored(db)
-    assert 1 <= kept < 4, f"the driver was to be killed mid-grid; {kept} of 4 cells stored (stderr: {first.stderr.read()!r})"
+    assert 1 <= kept < 4, f"the driver was to be killed mid-grid; {kept} of 4 stored ({first.stderr.read()!r})"
     second = subprocess.run(_study(db, ray_address), env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr
     assert f"4 cells: {4 - kept} run, {kept} already stored, 0 failed" in second.stdout

@@ -99,6 +99,7 @@ class RayBackend:
         self._flying: dict[Any, tuple[CellConfig, float]] = {}  # object ref -> (config, CPUs)
         self._task_refs: dict[int, tuple[Task, Any]] = {}  # id(task) -> (task kept alive, its object ref)
         self._cpus, self._cpus_at = 0.0, -_RESOURCES_EVERY_S
+        self._rejected: list[Finished] = []  # cells larger than the cluster
 
     # ------------------------------------------------------------------ sizes
     def _cluster_cpus(self) -> float:
@@ -135,6 +136,11 @@ class RayBackend:
         while self._queue:
             config, ref = self._queue[0]
             need = self.cpus_for(config)
+            if 0 < capacity < need:  # Ray would wait for it forever (0: no node has joined yet, wait)
+                self._queue.popleft()
+                self._rejected.append(Finished(config, None, f"ValueError: the cell needs {need:g} CPUs (nproc x "
+                                               f"cpus_per_cell), the Ray cluster has {capacity:g}"))
+                continue
             if self._flying and used + need > capacity:
                 break  # the rest waits here (queued), not in Ray's scheduler
             self._queue.popleft()
@@ -144,8 +150,12 @@ class RayBackend:
 
     def as_completed(self) -> Iterator[Finished]:
         ray = self._ray
-        while self._queue or self._flying:
+        while self._queue or self._flying or self._rejected:
             self._fill()
+            while self._rejected:
+                yield self._rejected.pop(0)
+            if not self._flying:
+                continue
             ready, _ = ray.wait(list(self._flying), num_returns=1, timeout=_RESOURCES_EVERY_S)
             finished = []
             for ref in ready:
@@ -156,7 +166,8 @@ class RayBackend:
                     finished.append(Finished(config, None, _one_line(err, self._retries)))
             if finished:
                 self._fill()  # the next cells start before the driver stores these (running() is current)
-            yield from finished
+            yield from finished + self._rejected
+            self._rejected.clear()
 
     def close(self) -> None:
         self._queue.clear()
