@@ -39,24 +39,28 @@ def _train_args(dump: Path, batch: int) -> list[str]:
             "--dump", str(dump)]
 
 
-def test_two_nodes_synchronized_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+def _two_nodes(program: list[str], rdzv_id: str, cwd: Path) -> None:
+    """Launch ``program`` on two torchrun "nodes" (one process each) on 127.0.0.1; both must succeed."""
     port = _free_port()
-    two = tmp_path / "two-nodes.pt"
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-         "--rdzv-id", "normlab-test", "--local-addr", "127.0.0.1", "--max-restarts", "0",
-         *_train_args(two, BATCH)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
+         "--rdzv-id", rdzv_id, "--local-addr", "127.0.0.1", "--max-restarts", "0", *program],
+        cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = []
     try:
         for node in nodes:
-            logs.append(node.communicate(timeout=240)[0])
+            logs.append(node.communicate(timeout=300)[0])
     finally:
         for node in nodes:
             if node.poll() is None:
                 node.kill()
     assert all(n.returncode == 0 for n in nodes), "\n----\n".join(logs)
+
+
+def test_two_nodes_synchronized_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    two = tmp_path / "two-nodes.pt"
+    _two_nodes(_train_args(two, BATCH), "normlab-test", tmp_path)
     one = tmp_path / "one-process.pt"
     single = subprocess.run([sys.executable, *_train_args(one, 2 * BATCH)], capture_output=True, text=True,
                             timeout=240, env={**_env(), "MASTER_PORT": str(_free_port())})
@@ -78,24 +82,10 @@ def test_study_cell_across_two_nodes_equals_one_process_on_the_whole_batch(tmp_p
     stores the cell; its learning curve equals the same cell run in one process at batch 16."""
     from normlab.study import CellConfig, Store, run_cell
 
-    db, port = tmp_path / "r.sqlite", _free_port()
+    db = tmp_path / "r.sqlite"
     study = ["study", "--task", "digits", "--norms", "bn", "--batch-sizes", "8", "--seeds", "1", "--epochs", "1",
              "--train-subset", "96", "--width", "2", "--nproc", "2", "--sync", "on", "--db", str(db), "-q"]
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-         "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-         "--rdzv-id", "normlab-study", "--local-addr", "127.0.0.1", "--max-restarts", "0", "-m", "normlab.cli", "--",
-         *study], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
-    logs = []
-    try:
-        for node in nodes:
-            logs.append(node.communicate(timeout=300)[0])
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    assert all(n.returncode == 0 for n in nodes), "\n----\n".join(logs)
+    _two_nodes(["-m", "normlab.cli", "--", *study], "normlab-study", tmp_path)
     with Store(db) as store:
         rows = store.rows()
         curve = store.curves()[rows[0]["key"]]
