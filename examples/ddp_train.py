@@ -4,6 +4,12 @@ with batch statistics synchronized across processes or kept local.
     torchrun --nproc_per_node 2 examples/ddp_train.py --norm bn --sync
     torchrun --nproc_per_node 2 examples/ddp_train.py --norm bn --no-sync --batch-size 4
 
+Across machines (here two, one process each; run the same line on both, with its own node
+rank; HOST is the first machine's address, reachable from the other):
+
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29400 --rdzv-id digits examples/ddp_train.py --norm bn --sync
+
 Runs on the CPU with gloo (NCCL and one GPU per process when CUDA is available). Each
 process sees ``--batch-size`` samples per step, so the global batch is ``nproc`` times that;
 with ``--sync`` every batch-statistic norm (bn, mobn, brn, bin, sn) normalizes with the
@@ -60,6 +66,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300,
                    help="seconds a process waits for the others in a collective before it raises")
+    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: run every epoch)")
+    p.add_argument("--dump", help="rank 0 saves the trained model's state_dict and its test-set outputs here "
+                                  "(torch.save) at the end")
     args = p.parse_args()
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
@@ -71,7 +80,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     train, test = digits()
@@ -86,11 +95,17 @@ def main() -> None:
         print(f"{world} process(es) x batch {args.batch_size} = global batch {world * args.batch_size}; "
               f"norm {args.norm}, batch statistics {'synchronized' if args.sync else 'local'}")
 
+    step = 0
     for epoch in range(args.epochs):
+        if args.steps and step >= args.steps:
+            break
         sampler.set_epoch(epoch)
         ddp.train()
         start, total, seen = time.perf_counter(), torch.zeros(2, device=device), 0
         for x, y in loader:
+            if args.steps and step >= args.steps:
+                break
+            step += 1
             x, y = x.to(device), y.to(device)
             loss = nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad()
@@ -106,6 +121,11 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch + 1}: train loss {total[0].item() / total[1].item():.4f}  "
                   f"test accuracy {acc:.3f}  ({seen} steps, {time.perf_counter() - start:.1f} s)")
+    if args.dump and rank == 0:
+        with torch.no_grad():
+            outputs = model.eval()(test.tensors[0].to(device))
+        torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "outputs": outputs.cpu(),
+                    "world": world, "steps": step}, args.dump)
     dist.destroy_process_group()
 
 

@@ -73,8 +73,14 @@ def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--db", default=DEFAULT_DB, help=f"results database (default {DEFAULT_DB})")
     p.add_argument("--out", help="report folder (default: report/ next to --db)")
     p.add_argument("--workers", type=_positive, help="cells run in parallel processes (default: the cores)")
-    p.add_argument("--backend", default="local", help="where cells run: local (default: this machine)")
-    p.add_argument("--address", help="the backend's cluster address (backends other than local)")
+    p.add_argument("--backend", default="local",
+                   help="where cells run: local (default: this machine) or ray (a Ray cluster; pip install "
+                        "'normlab[ray]'; README \"Run a study on a cluster\")")
+    p.add_argument("--address", help="the backend's cluster address (backends other than local); ray: auto "
+                                     "(the cluster this machine joined with `ray start`) or ray://HOST:PORT; "
+                                     "default: a Ray instance on this machine")
+    p.add_argument("--cpus-per-cell", type=float, metavar="K",
+                   help="ray: CPUs reserved for each process of a cell (default: --threads)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="torch threads per worker (default 1: small models gain nothing from more, and "
                         "threads that outnumber free cores slow down many times over)")
@@ -126,6 +132,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .runner import available_cores, build_grid, resolve_norms, run_grid
     from .store import Store
     from .tasks import DataMissingError, get_task
+    from .torchrun_cells import TorchrunBackend, follow, join_group, launched_by_torchrun
 
     t0 = time.perf_counter()
     try:
@@ -146,7 +153,15 @@ def cmd_study(args: argparse.Namespace) -> int:
             base_batch=args.base_batch, lr_rule=args.lr_rule, width=args.width,
             eval_batch_size=args.eval_batch_size, data_dir=args.data_dir, threads=threads,
             train_subset=task.default_train_subset if args.train_subset is None else args.train_subset)]
-        backend = make_backend(args.backend, workers=min(workers, len(cells)), address=args.address)
+        if args.cpus_per_cell is not None and args.backend == "local":
+            raise ValueError("--cpus-per-cell applies to --backend ray (the local backend runs --workers processes)")
+        extra = {} if args.cpus_per_cell is None else {"cpus_per_cell": args.cpus_per_cell}
+        if launched_by_torchrun():  # the launch's processes train each cell together; rank 0 drives
+            if join_group(args.nproc) != 0:
+                return follow()
+            backend = TorchrunBackend()
+        else:
+            backend = make_backend(args.backend, workers=min(workers, len(cells)), address=args.address, **extra)
     except DataMissingError as err:
         return _error("study", str(err))
     except (ValueError, ImportError) as err:

@@ -19,6 +19,7 @@ import torch
 from .backends import Backend, execute_cell, make_backend
 from .config import CellConfig
 from .store import Store, StoreError
+from .tables import record_failure
 from .tasks import Task
 from .train import CellResult, check_cell
 
@@ -117,12 +118,16 @@ class Progress:
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
         now = ", ".join(c.label() for c in running[:2]) + (" ..." if len(running) > 2 else "")
         if self.tty:
-            line = f"[{bar}] {self.k}/{self.n} cells | {now or 'done'} | {_fmt(elapsed)} elapsed, ETA {eta}"
+            line = (f"[{bar}] {self.k}/{self.n} cells, {len(running)} running, {self._queued(running)} queued | "
+                    f"{now or 'done'} | {_fmt(elapsed)} elapsed, ETA {eta}")
             self.stream.write("\r" + line[:max(40, _columns() - 1)].ljust(_columns() - 1))
         elif finished is not None:
-            self.stream.write(f"[{bar}] {self.k}/{self.n} {finished.label()}{note} | "
-                              f"{_fmt(elapsed)} elapsed, ETA {eta}\n")
+            self.stream.write(f"[{bar}] {self.k}/{self.n} {finished.label()}{note} | {len(running)} running, "
+                              f"{self._queued(running)} queued | {_fmt(elapsed)} elapsed, ETA {eta}\n")
         self.stream.flush()
+
+    def _queued(self, running: list[CellConfig]) -> int:
+        return max(0, self.n - self.k - len(running))
 
     def close(self) -> None:
         if self.tty:
@@ -183,6 +188,7 @@ def run_grid(cells: list[CellConfig], store: Store, workers: int = 1, progress: 
                     on_result(c, result)
             else:
                 out.failed.append((c, done.error or "failed"))
+                record_failure(store, c, done.error or "failed")  # kept, and retried by the next run
             if bar:
                 bar.update(backend.running(), c, cost[c], _note(result) if result else f" -> FAILED: {done.error}")
     finally:

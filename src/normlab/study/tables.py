@@ -1,6 +1,7 @@
 """The store's study-level tables, next to ``runs`` and ``curves``: ``costs`` (the cost pass:
 step time and saved bytes per norm and batch size, measured after training) and ``notes``
-(per study: the planned grid, the learning-rate check's choice and why). Keyed by the
+(per study: the planned grid, the learning-rate check's choice and why), ``failures`` (per
+cell: the error of a cell that raised or whose worker kept dying). Keyed by the
 study's ``CellConfig.study_key()``. Created by the first write; a database without them
 reads as empty (a study stored before they existed)."""
 
@@ -10,15 +11,19 @@ import datetime
 import json
 from typing import Any
 
+from .config import CellConfig
 from .store import Store
 
-__all__ = ["write_costs", "read_costs", "put_note", "read_notes"]
+__all__ = ["write_costs", "read_costs", "put_note", "read_notes", "record_failure", "read_failures"]
 
 _COSTS = ("CREATE TABLE IF NOT EXISTS costs (study TEXT NOT NULL, norm TEXT NOT NULL, batch_size INTEGER NOT NULL, "
           "step_s REAL, saved_bytes_per_sample REAL, threads INTEGER, measured_at TEXT, "
           "PRIMARY KEY (study, norm, batch_size))")
 _NOTES = ("CREATE TABLE IF NOT EXISTS notes (study TEXT NOT NULL, name TEXT NOT NULL, value TEXT, "
           "PRIMARY KEY (study, name))")
+
+_FAILURES = ("CREATE TABLE IF NOT EXISTS failures (key TEXT PRIMARY KEY, study TEXT, label TEXT, error TEXT, "
+             "failed_at TEXT, host TEXT)")
 
 
 def _has(store: Store, table: str) -> bool:
@@ -66,3 +71,27 @@ def read_notes(store: Store) -> dict[str, dict[str, Any]]:
         except (TypeError, ValueError):
             out.setdefault(str(study), {})[str(name)] = None
     return out
+
+
+def record_failure(store: Store, config: CellConfig, error: str) -> None:
+    """Store that the cell ``config`` failed, with its error (replacing an earlier failure of
+    it). Not a run: the cell stays missing from ``runs``, so the next run of the grid tries it
+    again; ``read_failures`` drops it once a run of it is stored."""
+    import socket
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    store.open_for_writing()
+    with store._errors("store a failed cell in"), store._transaction():
+        store.conn.execute(_FAILURES)
+        store.conn.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?)",
+                           (config.key(), config.study_key(), config.label(), error, now, socket.gethostname()))
+
+
+def read_failures(store: Store) -> dict[str, dict[str, str]]:
+    """cell key -> {"study", "label", "error", "failed_at", "host"} for every failed cell with
+    no stored run."""
+    if not _has(store, "failures"):
+        return {}
+    rows = store.conn.execute("SELECT key, study, label, error, failed_at, host FROM failures "
+                              "WHERE key NOT IN (SELECT key FROM runs) ORDER BY failed_at")
+    return {r[0]: dict(zip(("study", "label", "error", "failed_at", "host"), r[1:])) for r in rows}
