@@ -104,6 +104,9 @@ class Task:
     default_lr: float = 0.1  # at batch 32, scaled linearly: the group-norm paper's 0.1 * N / 32
     default_batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     default_seeds: int = 3  # the fewest that give a paired interval (stats.MIN_SEEDS)
+    # the norms a study of this task takes without --norms (bare specs); None: every registered
+    # norm that applies to the task's kind
+    default_norm_specs: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ data
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +128,10 @@ class Task:
 
     # ----------------------------------------------------------------- model
     def default_norms(self) -> list[str]:
-        """Every registered norm whose ``applies_to`` includes this task's kind."""
+        """``default_norm_specs`` when the task sets them, else every registered norm whose
+        ``applies_to`` includes this task's kind."""
+        if self.default_norm_specs is not None:
+            return [self.full_spec(s) for s in self.default_norm_specs]
         return [self.spec_for(e) for e in describe_norms() if self.kind in e.applies_to]
 
     def spec_for(self, entry: NormEntry) -> str:
@@ -221,6 +227,9 @@ class MNIST1D(Task):
     default_epochs = 3
     default_batch_sizes = (8, 32, 128)
     default_seeds = 3
+    # fixed, so the default study's size (and time) does not grow with every norm registered;
+    # the norms since 2020 (frn, evob0, evos0, grn, pn) are one --norms away
+    default_norm_specs = ("bin", "bn", "brn", "gn", "in", "ln", "lnc", "mobn", "none", "on", "rms", "rmsc", "sn")
 
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
