@@ -322,7 +322,7 @@ def test_batch_norm_kernel_in_both_layouts(shape, fmt):
     # the channels-last / (M, C) layout of BatchNormKernel runs for synchronized batch norm;
     # checked here on one process (no group) against torch and by gradcheck
     from normlab.functional import fast_path
-    from normlab.functional._fused_bn import BatchNormKernel, _kernel_view, bn_view
+    from normlab.functional._fused_bn import BatchNormKernel, bn_view, kernel_view
 
     x = torch.randn(shape, dtype=torch.float64) * 2 + 3
     if fmt is not None:
@@ -335,7 +335,7 @@ def test_batch_norm_kernel_in_both_layouts(shape, fmt):
     def f(x, w, b):
         with fast_path(True):  # (the view helper applies the size rule otherwise)
             xb, back = bn_view(x, 1)
-        v, layout = _kernel_view(xb)
+        v, layout = kernel_view(xb)
         dims = tuple(d for d in range(x.ndim) if d != 1)
         mean = x.detach().mean(dims)
         var = ((x.detach() - mean.view([1, -1] + [1] * (x.ndim - 2))) ** 2).mean(dims)
