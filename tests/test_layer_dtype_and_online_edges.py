@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.registry import available_norms
+from normlab.registry import available_norms, parse_spec
 
 C = 8
 SIZES = {"small": (2, C, 4, 4), "large": (16, C, 64, 64)}  # large: 524288 values, past the fused thresholds
@@ -25,7 +25,9 @@ MISMATCHED = [(torch.float32, torch.float64), (torch.float64, torch.float32), (t
 
 
 def _specs() -> list[str]:
-    return ["gn:4" if s == "gn" else s for s in available_norms() if s != "none"]
+    """Every registered norm as a layer of C channels (grouped ones with 4 groups); not ``none``
+    (no layer) nor ``cbn`` (a wrapper of its convolution, built by ``convert``, not ``make_norm``)."""
+    return [f"{s}:4" if parse_spec(s)[0].arg == "num_groups" else s for s in available_norms() if s not in ("none", "cbn")]
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:

@@ -31,6 +31,12 @@ OWN = {
     "normlab.functional._online_stream": {"OnlineTrain"},
     "normlab.functional.online": {"_OnlineNormalize", "_LayerScaling", "_ActivationClamp"},
     "normlab.functional.spd": {"_SpectralFunction"},
+    # element-wise (no statistics): DyT and Derf, one pass each way saving only the input
+    "normlab.functional.elementwise": {"_DynamicSquash"},
+    # in-place activated batch norm saves only its output: not a moments-and-affine backward
+    "normlab.functional.norm_act": {"_BatchNormLeakyReLUInplace"},
+    # PowerNorm's approximate backward runs the backward statistics (not per-(n, c) moments)
+    "normlab.functional.powernorm": {"_PowerNormTrain"},
 }
 
 

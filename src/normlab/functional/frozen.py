@@ -29,6 +29,8 @@ def frozen_batch_norm(
     :class:`normlab.layers.FrozenBatchNorm`.
     """
     scale, shift = frozen_scale_shift(running_mean, running_var, weight, bias, eps)
+    # half input into a float32 layer: the output keeps the input's dtype, as torch's batch norm's
+    scale, shift = scale.to(x.dtype), shift.to(x.dtype)
     return torch.addcmul(per_channel(shift, x.ndim, channel_dim), x, per_channel(scale, x.ndim, channel_dim))
 
 
