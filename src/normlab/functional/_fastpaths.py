@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _moments
-from .._layout import channel_axis, per_channel
+from .._layout import channel_axis
 from .._moments import Moments
 from ._fused import fused_affine_norm, merged, scale_shift, standard_stat_fn
 from .. import _kernels
 from ._routing import (MIN_FUSED_NUMEL, MIN_KERNEL_GROUP_NUMEL, MIN_KERNEL_NUMEL, fast_layout, forced, is_half,
                        kernel_views, kernels_for)
 from ._fused_group import group_norm_kernel
+from .frozen import frozen_batch_norm
 from ._fused_mixed import BatchInstanceKernel, SwitchableKernel
 from ._fused_bn import (InstanceNormChannelsLast, MeanOnlyTrain, batch_moments_fast, batch_norm_train, bn_view,
                         kernel_view)
@@ -61,13 +62,7 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor, eps: float, weigh
         return y
     if cd == 1 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return torch.addcmul(per_channel(shift, x.ndim, cd), x, per_channel(scale, x.ndim, cd))  # type: ignore[arg-type]
+    return frozen_batch_norm(x, mean, var, weight, bias, eps=eps, channel_dim=cd)  # one addcmul
 
 
 def dtypes_of(*tensors: Tensor | None) -> tuple:
