@@ -58,7 +58,7 @@ def one_thread():
 @pytest.fixture
 def forced_fast_path():
     """Force normlab's fused fast path on, whatever the input size."""
-    from normlab.functional._fused import fast_path
+    from normlab.engine import fast_path
 
     with fast_path(True):
         yield

@@ -1,5 +1,5 @@
 """The fused CPU path of mean-only batch norm, batch renorm, batch-instance norm and
-switchable norm (normlab.functional._fastpaths / _fused_bn): equality with the plain autograd
+switchable norm (descriptions run by normlab.engine): equality with the plain autograd
 path (outputs, every gradient, running statistics), gradcheck, float64 references written
 from the papers' equations on inputs whose mean dwarfs their spread, layouts, memory saved
 for backward; and the routing rules shared by every fast entry point (size threshold,
@@ -15,14 +15,15 @@ import normlab
 import normlab.functional as NF
 from _helpers import graph_nodes
 from normlab.bench import saved_bytes
-from normlab.functional import _fastpaths, _routing
-from normlab.functional._fused import MIN_FAST_NUMEL, MIN_FUSED_NUMEL, fast_path
+from normlab import _kernels, engine
+from normlab.engine import fast_path
+from normlab.engine import routing as _routing
+from normlab.engine.routing import MIN_FAST_NUMEL
+
+LARGE_NUMEL = 1 << 18  # inputs of this size take the engine wherever it runs
 
 CL = torch.channels_last
-FAST_NODES = {"BatchNormTrainBackward", "InstanceNormChannelsLastBackward", "MeanOnlyTrainBackward",
-              "AffineFromMomentsBackward", "NativeGroupNormBackward0", "BatchNormKernelBackward",
-              "GroupNormKernelBackward", "SwitchableKernelBackward",
-              "BatchInstanceKernelBackward"}
+FAST_NODES = {"EngineNormBackward"}
 NAMES = ("mobn", "brn", "bin", "sn")
 
 
@@ -96,7 +97,7 @@ def test_fast_path_equals_plain_path(name, layout, training):
         with fast_path(enabled):
             y = _call(name, xx, p, training, cd)
             y2 = _call(name, xx, p, training, cd)  # a second step, from the updated running statistics
-        assert _fast(y) == (enabled and (training or name in ("bin", "sn")))
+        assert _fast(y) == (enabled and (training or name in ("bin", "sn")) and _kernels.available())
         (y * dy + y2).sum().backward()
         results.append([y, y2, xx.grad, p["rm"], p["rv"]] + [p[k].grad for k in PARAMS[name]])
         if enabled and layout == "cl":
@@ -122,7 +123,7 @@ def test_gradcheck_fast_path(name, layout, training):
         q = dict(p, **dict(zip(PARAMS[name], ps)))
         return _call(name, x, q, training, cd, momentum=None)
 
-    assert _fast(f(x, *params)) == (training or name in ("bin", "sn"))
+    assert _fast(f(x, *params)) == ((training or name in ("bin", "sn")) and _kernels.available())
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
@@ -155,7 +156,7 @@ def test_large_mean_small_spread_matches_float64_reference(name, channels_last):
     rm0, rv0 = _np(p["rm"]).reshape(1, -1, 1, 1), _np(p["rv"]).reshape(1, -1, 1, 1)
     with fast_path(True):
         y = _call(name, x, p, True, 1)
-    assert _fast(y)
+    assert _fast(y) == _kernels.available()
     xn, eps = _np(x), 1e-3
     w, b = _np(p["weight"]).reshape(1, -1, 1, 1), _np(p["bias"]).reshape(1, -1, 1, 1)
     mu_b, var_b = xn.mean((0, 2, 3), keepdims=True), xn.var((0, 2, 3), keepdims=True)
@@ -185,6 +186,8 @@ def test_large_mean_small_spread_matches_float64_reference(name, channels_last):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_saved_for_backward_is_at_most_one_input_plus_statistics(name, channels_last):
+    if not _kernels.available():
+        pytest.skip("without the compiled kernels these norms run on the plain path")
     x = torch.randn(4, 8, 16, 16)
     if channels_last:
         x = x.contiguous(memory_format=CL)
@@ -215,12 +218,12 @@ def test_channels_last_output_and_gradient_without_copy(name):
 def test_layers_take_the_fast_path_on_large_inputs(cls):
     layer = cls(8)
     x = torch.randn(4, 8, 96, 96, requires_grad=True)  # above both size thresholds
-    assert x.numel() >= MIN_FUSED_NUMEL
+    assert x.numel() >= LARGE_NUMEL
     with fast_path(None):  # automatic
-        assert _fast(layer(x))
+        assert _fast(layer(x)) == _kernels.available()
         layer.eval()
         y = layer(x)
-    assert _fast(y) == (cls in (normlab.BatchInstanceNorm, normlab.SwitchableNorm))
+    assert _fast(y) == (cls in (normlab.BatchInstanceNorm, normlab.SwitchableNorm) and _kernels.available())
 
 
 # ----------------------------------------------------------------------------- routing
@@ -237,53 +240,55 @@ ENTRY = {
 }
 
 
-# entry points whose fast path is torch's batch- or group-norm kernels (threshold
-# MIN_FAST_NUMEL); the others (and layer/instance/group norm on channels-last input) run
-# AffineFromMoments, whose fixed cost needs MIN_FUSED_NUMEL values
-NATIVE = {"bn", "mobn", "brn", "ln", "in", "gn"}
-
-
 TORCH_NODES = {"NativeBatchNormBackward0", "NativeGroupNormBackward0"}
 
 
 def _route_of(y: torch.Tensor) -> str:
-    """Which backend ran: "normlab" (a normlab autograd Function), "torch" (torch's own
-    batch- or group-norm kernel alone) or "plain" (autograd of elementary ops)."""
+    """Which backend ran: "normlab" (the engine's Function), "torch" (torch's own batch- or
+    group-norm kernel alone) or "plain" (autograd of elementary ops)."""
     nodes = _nodes(y)
-    if nodes & (FAST_NODES - TORCH_NODES):
+    if nodes & FAST_NODES:
         return "normlab"
     return "torch" if nodes & TORCH_NODES else "plain"
 
 
+def _expected_route(name: str, size: str, channels_last: bool, kernels: bool) -> str:
+    """The routing table of normlab.engine.routing, written out for these inputs."""
+    torch_fits = name in _routing.TORCH_NORMS and (name == "bn" or not channels_last)
+    if torch_fits and (not kernels or size == "small"):
+        return "torch"
+    if not kernels:
+        return "plain"
+    if name == "bn":  # torch's kernel below MIN_KERNEL_NUMEL and channels-last
+        return "normlab" if size == "large" and not channels_last else "torch"
+    if name in ("ln", "gn", "in") and not channels_last:  # channel-first: torch's below MIN_KERNEL_GROUP_NUMEL
+        return "torch"
+    return "normlab"
+
+
 @pytest.mark.parametrize("name", list(ENTRY))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_small_inputs_take_torch_kernels_or_the_plain_path(name, channels_last, kernel_mode):
-    """The routing table of normlab.functional._routing: small inputs run torch's own kernel of
-    the same layer in one call where torch has one (bn, ln, in, gn), else the plain path;
-    batch norm also below MIN_KERNEL_NUMEL and on channels-last input, where torch's kernel
-    is the faster one; larger inputs take the engine."""
+def test_routing_table(name, channels_last, kernel_mode):
+    """Small inputs run torch's own kernel of the same layer in one call where torch has one
+    (bn, ln, in, gn); batch norm also below MIN_KERNEL_NUMEL and on channels-last input, and
+    channel-first ln/gn/in below MIN_KERNEL_GROUP_NUMEL, where torch's kernel is the faster one;
+    everything else the engine when the kernels built, else the plain path."""
     small = torch.randn(3, 4, 5, 5)
     middle = torch.randn(4, 4, 64, 72)
     large = torch.randn(4, 4, 128, 136)
-    assert small.numel() < MIN_FAST_NUMEL <= middle.numel() < MIN_FUSED_NUMEL <= large.numel()
-    assert middle.numel() < _routing.MIN_KERNEL_NUMEL <= large.numel()
+    assert small.numel() < MIN_FAST_NUMEL <= middle.numel() < _routing.MIN_KERNEL_NUMEL <= large.numel()
+    assert large.numel() < _routing.MIN_KERNEL_GROUP_NUMEL
     fmt = CL if channels_last else torch.contiguous_format
     small, middle, large = (t.contiguous(memory_format=fmt).requires_grad_() for t in (small, middle, large))
-    native = name in NATIVE and not (channels_last and name in ("ln", "in", "gn"))
-    if kernel_mode == "c-kernels":  # the compiled per-sample kernels have no graph to amortize
-        native = native or name in ("rms", "sn", "bin") or (channels_last and name in ("ln", "in", "gn"))
+    kernels = kernel_mode == "c-kernels"
     with fast_path(None):  # automatic
-        assert _route_of(ENTRY[name](small)) == ("torch" if name in _routing.TORCH_ROUTES else "plain")
-        if name == "bn":
-            assert _route_of(ENTRY[name](middle)) == "torch"
-            assert _route_of(ENTRY[name](large)) == ("torch" if channels_last else "normlab")
-        else:
-            assert _fast(ENTRY[name](middle)) == native
-            assert _fast(ENTRY[name](large))
+        for size, x in (("small", small), ("middle", middle), ("large", large)):
+            assert _route_of(ENTRY[name](x)) == _expected_route(name, size, channels_last, kernels), size
     with fast_path(True):
-        assert _fast(ENTRY[name](small))
+        torch_fits = name in _routing.TORCH_NORMS and (name == "bn" or not channels_last)
+        want = "normlab" if kernels else ("torch" if torch_fits else "plain")
+        assert _route_of(ENTRY[name](small)) == want
     with fast_path(False):
-        assert not _fast(ENTRY[name](large))
         assert _route_of(ENTRY[name](large)) == "plain"
 
 
@@ -301,12 +306,12 @@ def test_process_group_routing(name, monkeypatch, kernel_mode):
             "bin": lambda g: NF.batch_instance_norm(x, torch.full((4,), 0.5), process_group=g),
             "sn": lambda g: NF.switchable_norm(x, torch.ones(3), torch.ones(3), process_group=g)}[name]
     with fast_path(True):
-        assert _fast(call(None))
-        assert _fast(call(dist_mod.WORLD))  # torch.distributed is not initialized here
+        assert _fast(call(None)) == _kernels.available()
+        assert _fast(call(dist_mod.WORLD)) == _kernels.available()  # torch.distributed is not initialized here
         monkeypatch.setattr(dist_mod, "is_active", lambda group=None: True)
         monkeypatch.setattr(dist_mod, "all_reduce_moments", lambda local, group=None: local)  # no collective here
         assert _fast(call(dist_mod.WORLD)) == (name in ("bn", "brn") and kernel_mode == "c-kernels")
-    assert _fastpaths.local_only(None)
+    assert engine.local_only(None)
 
 
 # -------------------------------------------------------------------------- online norm
@@ -348,7 +353,7 @@ def test_online_fast_path_equals_plain_path(layout, ecm, affine):
         for _ in range(2):
             with fast_path(enabled):
                 y = _online(xx, cd, bufs, w, b, ecm)
-            assert ("OnlineTrainBackward" in _nodes(y)) == enabled
+            assert ("OnlineTrainBackward" in _nodes(y)) == (enabled and _kernels.available())
             y.backward(torch.randn(y.shape, generator=g, dtype=x.dtype))
             out.append(y.detach().clone())
         results.append(out + [xx.grad] + [t.clone() for t in bufs] + [p.grad for p in (w, b) if p is not None])
@@ -364,10 +369,11 @@ def test_online_saves_one_input_plus_statistics(channels_last):
     x = torch.randn(4, 8, 16, 16)
     x = (x.contiguous(memory_format=CL) if channels_last else x).requires_grad_()
     nbytes = saved_bytes(lambda: layer(x))
-    assert nbytes <= x.numel() * 4 + 32 * 4 * 8 * 4
+    if _kernels.available():
+        assert nbytes <= x.numel() * 4 + 32 * 4 * 8 * 4
     with fast_path(None):  # above the threshold too
         big = torch.randn(4, 8, 96, 96, requires_grad=True)
-        assert "OnlineTrainBackward" in _nodes(layer(big))
+        assert ("OnlineTrainBackward" in _nodes(layer(big))) == _kernels.available()
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
@@ -394,11 +400,11 @@ def test_inputs_without_positions_take_the_plain_path_for_per_sample_statistics(
     # large as the input (measured 7-20x slower), so the automatic routing keeps those norms on
     # plain autograd; batch norm (per-channel statistics) keeps its fast path (torch's kernel)
     x = torch.randn(128, 4096, requires_grad=True)
-    assert x.numel() >= MIN_FUSED_NUMEL
+    assert x.numel() >= LARGE_NUMEL
     if name in ("in", "bin"):
         pytest.skip("needs positions")
     with fast_path(None):
         if name == "bn":  # (batch norm: torch's own kernel, the faster one without positions)
             assert _route_of(ENTRY[name](x)) == "torch"
         else:
-            assert _fast(ENTRY[name](x)) == (name in ("mobn", "brn"))
+            assert _fast(ENTRY[name](x)) == (name in ("mobn", "brn") and _kernels.available())

@@ -121,9 +121,10 @@ def test_group_forward_matches_group_and_rms_norm(layout, dtype, shape, groups, 
     b = torch.randn(c, dtype=torch.float64) if affine and center else None
     y = torch.empty_like(v)
     mean, m2, ctr, rstd = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
-    from normlab.functional._fused_group import _group_stats
+    from normlab._moments import group_moments
 
-    want_ctr, want_rstd = _group_stats(mean, m2, shape[2], groups, 1e-5, center)
+    want_ctr, want_var = group_moments(mean, m2, shape[2], groups, center)
+    want_rstd = torch.rsqrt(want_var + 1e-5)
     torch.testing.assert_close(ctr, want_ctr, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rstd, want_rstd, rtol=1e-10, atol=0)
     # float32 at mean = 1e4 x std: x itself is quantized to 4.9e-4 (7e-4 of a std) and the
@@ -260,7 +261,7 @@ def test_row_rms_forward_and_backward_match_autograd(dtype, rows, c, affine):
 @pytest.mark.parametrize("center,need_moments", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("n", [1, 5])  # channels-last: split over threads, or one sample per item
 def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center, need_moments, n):
-    from normlab.functional._fused_group import group_norm_kernel
+    from normlab import engine
 
     x = torch.randn(n, 6, 3, 5, dtype=torch.float64) * 2 + 1
     cd = 1
@@ -276,7 +277,16 @@ def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center,
     w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(6, dtype=torch.float64).requires_grad_()
     b = b if center else None
-    f = lambda x, w, b: group_norm_kernel(x, cd, groups, 1e-5, center, w, b, need_moments)[0]  # noqa: E731
+    cd = cd % x.ndim
+
+    def run(x, w, b):
+        desc = engine.GroupStats(groups, 1e-5, center)
+        y = engine.run(desc, x, cd, (w, b) if center else (w,))
+        if not need_moments:  # (RMS over rows keeps none)
+            return y, None, None
+        return y, desc.mean_nc, desc.m2_nc / desc.count_nc
+
+    f = lambda x, w, b: run(x, w, b)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b) if center else (x, w, None))
     xm = x.detach().movedim(cd, 1)
     if center:
@@ -285,7 +295,7 @@ def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center,
         xg = xm.reshape(n, groups, -1)
         ref = (xg * torch.rsqrt((xg * xg).mean(2, keepdim=True) + 1e-5)).reshape(xm.shape)
         ref = ref * w.detach().view([1, -1] + [1] * (xm.ndim - 2))
-    y, mean, var = group_norm_kernel(x, cd, groups, 1e-5, center, w, b, need_moments)
+    y, mean, var = run(x, w, b)
     torch.testing.assert_close(y.movedim(cd, 1), ref, rtol=1e-10, atol=1e-10)
     assert y.stride() == x.stride()
     if need_moments:  # per-(n, c) moments, for instance norm's running statistics
@@ -319,10 +329,9 @@ def test_compile_in_a_fresh_process_before_any_eager_call(tmp_path):
 
 @pytest.mark.parametrize("shape,fmt", [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((7, 5), None)])
 def test_batch_norm_kernel_in_both_layouts(shape, fmt):
-    # the channels-last / (M, C) layout of BatchNormKernel runs for synchronized batch norm;
-    # checked here on one process (no group) against torch and by gradcheck
-    from normlab.functional import fast_path
-    from normlab.functional._fused_bn import BatchNormKernel, bn_view, kernel_view
+    # the engine's batch norm in both layouts (channel-first (N, C, L); channels-last and (M, C)
+    # as (N, L, C)), against torch and by gradcheck
+    from normlab import engine
 
     x = torch.randn(shape, dtype=torch.float64) * 2 + 3
     if fmt is not None:
@@ -333,15 +342,9 @@ def test_batch_norm_kernel_in_both_layouts(shape, fmt):
     b = torch.randn(c, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b):
-        with fast_path(True):  # (the view helper applies the size rule otherwise)
-            xb, back = bn_view(x, 1)
-        v, layout = kernel_view(xb)
-        dims = tuple(d for d in range(x.ndim) if d != 1)
-        mean = x.detach().mean(dims)
-        var = ((x.detach() - mean.view([1, -1] + [1] * (x.ndim - 2))) ** 2).mean(dims)
-        count = float(x.numel() // c)
-        return back(BatchNormKernel.apply(v, w, b, mean, var, 1e-5, count, layout, None, None).view(xb.shape))
+        return engine.run(engine.BatchStats(1e-5), x, 1, (w, b))
 
+    assert torch.autograd.gradcheck(f, (x, w, b))
     ref = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
     torch.testing.assert_close(f(x, w, b), ref, rtol=1e-10, atol=1e-10)
     dy = torch.randn(shape, dtype=torch.float64)

@@ -16,14 +16,10 @@ import normlab
 
 PKG = Path(normlab.__file__).parent
 
-# every torch.autograd.Function subclass in normlab, by module: the statistics norms' fast paths
-# (functional/_fused*.py) and those that keep their own (online norm, SPD, recurrent, ...)
+# every torch.autograd.Function subclass in normlab, by module: ONE for every statistics norm
+# (the engine's), and those of the norms that are not per-(sample, channel) moment norms
 FUNCTIONS = {
-    "normlab.functional._fused": {"AffineFromMoments"},
-    "normlab.functional._fused_bn": {"BatchNormKernel", "BatchNormTrain", "InstanceNormChannelsLast", "MeanOnlyTrain"},
-    "normlab.functional._fused_group": {"GroupNormKernel"},
-    "normlab.functional._fused_mixed": {"BatchInstanceKernel", "SwitchableKernel"},
-    "normlab.functional._fused_row": {"RowRMSKernel"},
+    "normlab.engine.function": {"EngineNorm"},
 }
 # norms that are not per-(sample, channel) moment norms keep their own Functions
 OWN = {
@@ -72,7 +68,8 @@ def test_functional_has_no_import_circle():
 
 
 def test_lower_floors_do_not_import_functional():
-    for name in ("_moments.py", "_layout.py", "distributed.py", "_kernels/__init__.py", "_kernels/_build.py"):
+    for name in ("_moments.py", "_layout.py", "distributed.py", "_kernels/__init__.py", "_kernels/_build.py",
+                 "engine/__init__.py", "engine/routing.py", "engine/describe.py", "engine/function.py"):
         text = (PKG / name).read_text()
         assert "functional" not in {n for n in _imports(PKG / name, "")} and "from .functional" not in text, name
 

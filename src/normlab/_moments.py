@@ -30,6 +30,7 @@ __all__ = [
     "moments",
     "merge",
     "reduce_moments",
+    "group_moments",
     "running_factor",
     "update_running_stats",
 ]
@@ -142,6 +143,21 @@ def reduce_moments(m: Moments, dims: Sequence[int] | int) -> Moments:
             n *= m.mean.shape[d]
         return Moments(n, mean, m2)
     return Moments(total, mean, m2)
+
+
+def group_moments(mean: Tensor, m2: Tensor, count: int, groups: int, center: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) moments ``(N, C)`` of ``count`` values each, merged exactly over
+    groups of C/G consecutive channels and expanded back to (N, C): the group mean and the
+    biased group variance; ``center=False``: zero and the group's mean square (RMS norm).
+    Layer norm is one group, instance norm C groups."""
+    n, c = mean.shape
+    mg, qg = mean.view(n, groups, -1), m2.view(n, groups, -1)
+    if center:
+        mu = mg.mean(2, keepdim=True)  # equal counts per channel: the exact merge
+        var = (qg.sum(2, keepdim=True) / count + ((mg - mu) ** 2).sum(2, keepdim=True)) / (c // groups)
+        return mu.expand_as(mg).reshape(n, c), var.expand_as(mg).reshape(n, c)
+    ms = (qg / count + mg * mg).mean(2, keepdim=True)
+    return torch.zeros_like(mean), ms.expand_as(mg).reshape(n, c)
 
 
 def running_factor(

@@ -6,12 +6,13 @@ whose coefficients come from per-(n, c) moments. On a tensor viewed as ``(N, C, 
 
 ==============  ===============================================  =========
 moments         per (n, c): mean and M2 = sum (x - mean)^2        1T read
-affine          y = (x - center) * scale + shift                 2T
-reduce          per (n, c): sum dy and sum dy * (x - center)      2T
-dx              dx = a * dy + b * (x - center) + k                3T
+affine          y = act((x - center) * scale + shift)            2T
+reduce          per (n, c): sum dy' and sum dy' * (x - center)    2T
+dx              dx = a * dy' + b * (x - center) + k               3T
 ==============  ===============================================  =========
 
-That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
+``act`` is an optional leaky-ReLU/ReLU epilogue (its slope; None: none), with
+``dy' = dy * act'(y)`` recomputed from ``x`` in the backward passes. That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
 layout, where torch's own kernels for channels-last group and instance norm make many
 more passes. Moments are two-pass inside cache-sized blocks (x is read from memory once),
 merged exactly across blocks in double precision. Two fused pairs serve the per-sample norms
@@ -59,9 +60,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     for s in _SUFFIX.values():
         for layout in ("cf", "cl"):
             getattr(lib, f"nl_moments_{layout}_{s}").argtypes = [p, i, i, i, p, p, n]
-            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n]
-            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n]
-            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, n]
+            d = ctypes.c_double
+            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n, d, n]
+            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, n]
+            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, n]
             for kind in ("moments", "affine", "reduce", "dx"):
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
         for layout in ("cf", "cl"):
@@ -173,34 +175,54 @@ def moments(v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
     return mean, m2
 
 
-def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor) -> None:
-    """``out = (v - center) * scale + shift`` with per-(n, c) coefficients (``out`` may be ``v``)."""
+def _act_args(act: float | None, v: Tensor, layout: str, scale: Tensor | None,
+              shift: Tensor | None) -> tuple[list, int, float]:
+    """The epilogue's kernel arguments: (per-(n, c) scale and shift, act flag, slope)."""
+    if act is None:
+        return [None, None], 0, 0.0
+    n, c = _nc_shape(v, layout)
+    return [_nc(scale, n, c), _nc(shift, n, c)], 1, float(act)  # type: ignore[arg-type]
+
+
+def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
+           act: float | None = None) -> None:
+    """``out = act((v - center) * scale + shift)`` with per-(n, c) coefficients (``out`` may be
+    ``v``); ``act``: None, or the slope of a leaky ReLU epilogue (0.0: ReLU)."""
     n, c = _nc_shape(v, layout)
     _dims(out)
     args = [_nc(t, n, c) for t in (center, scale, shift)]
-    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), torch.get_num_threads()),
-           "affine")
+    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), int(act is not None),
+                                          0.0 if act is None else float(act), torch.get_num_threads()), "affine")
 
 
-def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) ``sum(dy)`` and ``sum(dy * (x - center))``, float64 (N, C)."""
+def _ptrs(ts: list) -> list:
+    return [None if t is None else _ptr(t) for t in ts]
+
+
+def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: float | None = None,
+           scale: Tensor | None = None, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(dy')`` and ``sum(dy' * (x - center))``, float64 (N, C), with ``dy' = dy``
+    or, given the forward's ``act``, ``scale`` and ``shift``, ``dy * act'((x - center) * scale + shift)``."""
     n, c = _nc_shape(v, layout)
     _dims(dyv)
     ctr = _nc(center, n, c)
     g = torch.empty(n, c, dtype=torch.float64)
     h = torch.empty(n, c, dtype=torch.float64)
-    _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), _ptr(ctr), _ptr(g), _ptr(h),
-                                          torch.get_num_threads()), "reduce")
+    extra, flag, slope = _act_args(act, v, layout, scale, shift)
+    _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), _ptr(ctr), _ptr(g), _ptr(h), *_ptrs(extra),
+                                          flag, slope, torch.get_num_threads()), "reduce")
     return g, h
 
 
-def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tensor, b: Tensor, k: Tensor) -> None:
-    """``out = a * dy + b * (x - center) + k`` with per-(n, c) coefficients."""
+def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tensor, b: Tensor, k: Tensor,
+       act: float | None = None, scale: Tensor | None = None, shift: Tensor | None = None) -> None:
+    """``out = a * dy' + b * (x - center) + k`` with per-(n, c) coefficients (``dy'`` as in :func:`reduce`)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
     args = [_nc(t, n, c) for t in (center, a, b, k)]
-    _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *map(_ptr, args),
-                                      torch.get_num_threads()), "dx")
+    extra, flag, slope = _act_args(act, v, layout, scale, shift)
+    _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_ptrs(extra),
+                                      flag, slope, torch.get_num_threads()), "dx")
 
 
 def _opt(t: Tensor | None) -> Tensor | None:

@@ -3,9 +3,13 @@
  * or (N, L, C) ("cl": channels-last, C channels contiguous).
  *
  *   moments   per (n, c): mean and M2 = sum (x - mean)^2                     read x        1T
- *   affine    y = (x - center) * scale + shift, per (n, c)                  read x, write 2T
- *   reduce    per (n, c): sum dy and sum dy * (x - center)                  read dy, x    2T
- *   dx        dx = a * dy + b * (x - center) + k, per (n, c)                read 2, write 3T
+ *   affine    y = act((x - center) * scale + shift), per (n, c)             read x, write 2T
+ *   reduce    per (n, c): sum dy' and sum dy' * (x - center)                read dy, x    2T
+ *   dx        dx = a * dy' + b * (x - center) + k, per (n, c)               read 2, write 3T
+ *
+ * act is an optional elementwise epilogue (leaky ReLU / ReLU) fused into the output pass;
+ * then dy' = dy * act'(y) is formed on the fly in the backward passes from x and the same
+ * per-(n, c) scale and shift, so nothing more is saved or read.
  *
  * Forward + backward is then 8T, the memory limit of a normalization whose statistics do not
  * fit in cache. Moments are two-pass within blocks that stay in L1 (x is read from memory
@@ -49,6 +53,12 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
     *qa += qb + d * d * (*na * nb / n);
     *na = n;
 }
+
+/* The activation epilogue (act != 0): leaky ReLU with slope sl (ReLU: sl = 0) applied to the
+ * normalized value v; its gradient passes dy where v > 0 and sl * dy elsewhere (torch's
+ * convention at v = 0). Branch-free selects: the loops stay vectorised. */
+#define LEAKY(v, sl) ((v) > 0 ? (v) : (v) * (sl))
+#define LEAKY_GRAD(d, v, sl) ((v) > 0 ? (d) : (d) * (sl))
 
 /* channels per register block of the channels-last reductions: 4 vector registers a row */
 #if defined(__AVX512F__)

@@ -83,6 +83,35 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
     }
 }
 
+/* the same with the activation's gradient applied to dy: d = dy * leaky'((p - m) * s + b) */
+static inline void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, F sl, A *g, A *h) {
+    A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            F xc = LD(p[i + j]) - m, dd = LEAKY_GRAD(LD(d[i + j]), xc * s + b, sl);
+            ag[j] += dd;
+            ah[j] += dd * xc;
+        }
+    for (; i < k; i++) {
+        F xc = LD(p[i]) - m, dd = LEAKY_GRAD(LD(d[i]), xc * s + b, sl);
+        sg += dd;
+        sh += dd * xc;
+    }
+    *g = sg + S(lanes_total)(ag);
+    *h = sh + S(lanes_total)(ah);
+}
+
+static inline void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, F sl, double *sg, double *sh) {
+    *sg = *sh = 0.0;
+    for (i64 o = 0; o < L; o += CF_CHUNK) {
+        A g, h;
+        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, sl, &g, &h);
+        *sg += g;
+        *sh += h;
+    }
+}
+
 /* ---- channel-first (N, C, L): one (n, c) row at a time, its coefficients in registers ---- */
 
 void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2, int nt) {
@@ -94,32 +123,57 @@ void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2,
 }
 
 void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
-                     const double *shift, int nt) {
+                     const double *shift, int act, double slope, int nt) {
+    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         const T *p = x + r * L;
         T *o = y + r * L;
         const F m = (F)center[r], s = (F)scale[r], b = (F)shift[r];
+        if (act) {
 #pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
+            for (i64 i = 0; i < L; i++) {
+                F v = (LD(p[i]) - m) * s + b;
+                o[i] = ST(LEAKY(v, sl));
+            }
+        } else {
+#pragma omp simd
+            for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
+        }
     }
 }
 
 void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
-                     int nt) {
+                     const double *scale, const double *shift, int act, double slope, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) S(row_sums)(dy + r * L, x + r * L, L, (F)center[r], &g[r], &h[r]);
+    for (i64 r = 0; r < N * C; r++) {
+        if (act)
+            S(row_sums_act)(dy + r * L, x + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], (F)slope, &g[r], &h[r]);
+        else
+            S(row_sums)(dy + r * L, x + r * L, L, (F)center[r], &g[r], &h[r]);
+    }
 }
 
 void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
-                 const double *b, const double *k, int nt) {
+                 const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
+                 int nt) {
+    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         const T *d = dy + r * L, *p = x + r * L;
         T *o = dx + r * L;
         const F m = (F)center[r], ar = (F)a[r], br = (F)b[r], kr = (F)k[r];
+        if (act) {
+            const F s = (F)scale[r], sb = (F)shift[r];
 #pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(d[i]) + br * (LD(p[i]) - m) + kr);
+            for (i64 i = 0; i < L; i++) {
+                F xc = LD(p[i]) - m;
+                o[i] = ST(ar * LEAKY_GRAD(LD(d[i]), xc * s + sb, sl) + br * xc + kr);
+            }
+        } else {
+#pragma omp simd
+            for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(d[i]) + br * (LD(p[i]) - m) + kr);
+        }
     }
 }
 
@@ -156,6 +210,21 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
         for (i64 c = 0; c < w; c++) {
             sg[c] += LD(d[c]);
             sh[c] += LD(d[c]) * (LD(p[c]) - m[c]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
+                                                                      const A *m, const F *s, const F *b, F sl, A *sg,
+                                                                      A *sh) {
+    for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const T *d = d0 + l * C, *p = p0 + l * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; c++) {
+            F xc = LD(p[c]) - m[c], dd = LEAKY_GRAD(LD(d[c]), xc * s[c] + b[c], sl);
+            sg[c] += dd;
+            sh[c] += dd * xc;
         }
     }
 }
@@ -204,7 +273,8 @@ int S(nl_moments_cl)(const T *x, i64 N, i64 L, i64 C, double *mean, double *m2, 
 }
 
 int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *center, double *g, double *h,
-                    int nt) {
+                    const double *scale, const double *shift, int act, double slope, int nt) {
+    const F sl = (F)slope;
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R;
     double *pg = malloc(sizeof(double) * N * nb * C * 2);
     if (!pg) return 1;
@@ -216,7 +286,17 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
             A m[CB], sg[CB], sh[CB];
             i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
             for (i64 c = 0; c < w; c++) m[c] = (A)center[n * C + c0 + c];
-            if (w == CB)
+            if (act) {
+                F s[CB], b[CB];
+                for (i64 c = 0; c < w; c++) {
+                    s[c] = (F)scale[n * C + c0 + c];
+                    b[c] = (F)shift[n * C + c0 + c];
+                }
+                if (w == CB)
+                    S(block_reduce_act)(dy + at, x + at, k, C, CB, m, s, b, sl, sg, sh);
+                else
+                    S(block_reduce_act)(dy + at, x + at, k, C, w, m, s, b, sl, sg, sh);
+            } else if (w == CB)
                 S(block_reduce)(dy + at, x + at, k, C, CB, m, sg, sh);
             else
                 S(block_reduce)(dy + at, x + at, k, C, w, m, sg, sh);
@@ -252,36 +332,56 @@ static F *S(coef_rows)(const double *const *src, int count, i64 NC) {
 }
 
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
-                    const double *shift, int nt) {
+                    const double *shift, int act, double slope, int nt) {
     const double *src[3] = {center, scale, shift};
     F *co = S(coef_rows)(src, 3, N * C);
     if (!co) return 1;
+    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
         const T *p = x + r * C;
         const F *m = co + n * C, *s = co + (N + n) * C, *b = co + (2 * N + n) * C;
         T *o = y + r * C;
+        if (act) {
 #pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
+            for (i64 c = 0; c < C; c++) {
+                F v = (LD(p[c]) - m[c]) * s[c] + b[c];
+                o[c] = ST(LEAKY(v, sl));
+            }
+        } else {
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
+        }
     }
     free(co);
     return 0;
 }
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
-                const double *b, const double *k, int nt) {
-    const double *src[4] = {center, a, b, k};
-    F *co = S(coef_rows)(src, 4, N * C);
+                const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
+                int nt) {
+    const double *src[6] = {center, a, b, k, scale, shift};
+    F *co = S(coef_rows)(src, act ? 6 : 4, N * C);
     if (!co) return 1;
+    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
         const T *d = dy + r * C, *p = x + r * C;
         const F *m = co + n * C, *ar = co + (N + n) * C, *br = co + (2 * N + n) * C, *kr = co + (3 * N + n) * C;
         T *o = dx + r * C;
+        if (act) {
+            const F *s = co + (4 * N + n) * C, *sb = co + (5 * N + n) * C;
 #pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ST(ar[c] * LD(d[c]) + br[c] * (LD(p[c]) - m[c]) + kr[c]);
+            for (i64 c = 0; c < C; c++) {
+                F xc = LD(p[c]) - m[c];
+                o[c] = ST(ar[c] * LEAKY_GRAD(LD(d[c]), xc * s[c] + sb[c], sl) + br[c] * xc + kr[c]);
+            }
+        } else {
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) o[c] = ST(ar[c] * LD(d[c]) + br[c] * (LD(p[c]) - m[c]) + kr[c]);
+        }
     }
     free(co);
     return 0;

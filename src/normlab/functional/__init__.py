@@ -2,7 +2,7 @@
 equation. Layers in ``normlab.layers`` are thin modules over these functions."""
 
 from .._kernels import status as kernel_status
-from ._routing import fast_path
+from ..engine import fast_path
 from .frozen import frozen_batch_norm
 from .batch import batch_norm, batch_renorm, batch_renorm_limits, mean_only_batch_norm
 from .mixed import batch_instance_norm, switchable_norm

@@ -8,7 +8,7 @@ product); only the control ``v``, whose coefficient ``1 - (1 - alpha_bkw) mean(y
 changes with t, keeps a loop of (C,)-vector steps.
 
 :class:`OnlineTrain` is the training map with the full-size work in the fewest passes, in
-the manner of :class:`._fused.AffineFromMoments`: the output (streaming normalization,
+the manner of the engine (normlab.engine), on the compiled kernels: the output (streaming normalization,
 affine map and, optionally, layer scaling, whose per-sample RMS follows from the
 per-(sample, channel) moments) is one per-(n, c) affine map of ``x``, so the forward is one
 moment pass and one in-place pass; the backward is the paper's control process written as
@@ -24,10 +24,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._fused import _coef, _moments_nc, _scale_shift_into, _sums
-from ._routing import _views
+from .. import _kernels
+from ..engine.routing import dy_view, kernel_views
 
 __all__ = ["OnlineTrain", "decayed_cumsum", "scan"]
+
+
+def _moments_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 _BLOCK = 256  # samples per block of decayed_cumsum: the (block x block) weight matrix stays small
 
@@ -74,11 +78,12 @@ class OnlineTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stream_mean, stream_var, control_u, control_v, alpha_fwd, alpha_bkw, eps, cd,
                 ls_eps):
-        layout, v = _views(x, cd)
+        layout, v = kernel_views(x, cd)
         n = x.shape[0]
-        work = torch.promote_types(x.dtype, stream_mean.dtype)
-        mu, var, length, buf, rstd0 = _moments_nc(v, layout, per_channel=False)
-        mu, var = mu.to(work), var.to(work)
+        work = torch.promote_types(_moments_dtype(x.dtype), stream_mean.dtype)
+        mu, m2 = _kernels.moments(v, layout)  # float64 (N, C)
+        length = v.numel() // max(mu.numel(), 1)
+        mu, var = mu.to(work), (m2 / length).to(work)
         a = alpha_fwd
         means, mean_after = decayed_cumsum(stream_mean.to(work), (1 - a) * mu, a)
         delta = mu - means
@@ -96,12 +101,8 @@ class OnlineTrain(torch.autograd.Function):
         if ls_eps is not None:  # mean over (C, positions) of z^2, from the moments
             rms = torch.sqrt((big_a * big_a * var + b0 * b0).mean(1, keepdim=True) + ls_eps)
             big_a, b0 = big_a / rms, b0 / rms
-        if buf is not None:  # channel-first: out = (S / rstd0) x_hat + T0 in place on the moment pass's output
-            _scale_shift_into(buf, buf, big_a / rstd0.to(work), b0, layout)
-            out = buf.view(x.movedim(cd, 1).shape).movedim(1, cd)
-        else:
-            out = torch.empty_like(x)
-            _scale_shift_into(_views(out, cd)[1], v, big_a, b0, layout, center=mu)
+        out = torch.empty_like(x)
+        _kernels.affine(v, kernel_views(out, cd)[1], layout, mu, big_a, b0)  # out = S (x - mu) + T0
         ctx.save_for_backward(x, weight, mu, var, r, delta, big_a, b0, rms)
         ctx.control = (control_u, control_v)
         ctx.alpha_bkw, ctx.cd, ctx.layout, ctx.length, ctx.n = alpha_bkw, cd, layout, length, n
@@ -115,13 +116,9 @@ class OnlineTrain(torch.autograd.Function):
         control_u, control_v = ctx.control
         b, cd, layout, length = 1 - ctx.alpha_bkw, ctx.cd, ctx.layout, ctx.length
         work = mu.dtype
-        v = _views(x, cd)[1]
-        got = _views(dout, cd)
-        if got is None or got[0] != layout:
-            dout = torch.empty_like(x).copy_(dout)
-            got = _views(dout, cd)
-        dv = got[1]
-        g_sum, h_sum = (t.to(work) for t in _sums(dv, v, layout, center=mu))  # sum(dout), sum(dout (x - mu))
+        v = kernel_views(x, cd)[1]
+        dv = dy_view(dout, x, cd, layout)
+        g_sum, h_sum = (t.to(work) for t in _kernels.reduce(dv, v, layout, mu))  # sum(dout), sum(dout (x - mu))
         if rms is not None:
             # layer scaling: dz = (dout - proj o) / rms with o = s (x - mu) + t0, proj = mean(dout o)
             proj = (s * h_sum + t0 * g_sum).mean(1, keepdim=True) / length
@@ -149,7 +146,5 @@ class OnlineTrain(torch.autograd.Function):
         q_coef = r * w * beta - bvr2
         r_coef = r * w * gamma - bvr2 * delta - b * u_before
         dx = torch.empty_like(x)
-        dxv = _views(dx, cd)[1]
-        _scale_shift_into(dxv, v, q_coef, r_coef, layout, center=mu)
-        dxv.addcmul_(dv, _coef(p_coef.to(x.dtype), layout))
+        _kernels.dx(dv, v, kernel_views(dx, cd)[1], layout, mu, p_coef, q_coef, r_coef)
         return dx, grad_w, grad_b, None, None, None, None, None, None, None, None, None

@@ -8,12 +8,10 @@ from torch import Tensor
 from .. import _moments
 from .._layout import channel_axis, per_channel
 from .._moments import Moments
+from .. import engine
+from ..engine import BatchStats, dtypes_of, local_only, route, stat_shape
 from ._common import affine, batch_moments, batch_statistics, normalize
-from ._fastpaths import (batch_norm_fast, dtypes_of, local_only, mean_only_batch_norm_fast, stat_shape, sync_group,
-                         torch_batch_norm)
-from ._routing import route
-from ._fused_bn import batch_moments_fast, batch_norm_train, bn_view
-
+from .norm_act import activation
 
 def batch_norm(
     x: Tensor,
@@ -27,6 +25,8 @@ def batch_norm(
     eps: float = 1e-5,
     channel_dim: int = 1,
     process_group=None,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Batch normalization (Ioffe & Szegedy, ICML 2015, arXiv:1502.03167).
 
@@ -40,20 +40,33 @@ def batch_norm(
     running variance stored unbiased (the paper's Algorithm 2; torch's convention). In
     eval (``training=False``) the running statistics are used instead, making the layer a
     fixed affine map. ``process_group`` all-reduces the moments so that every process
-    normalizes with those of the global batch.
+    normalizes with those of the global batch. ``act`` (relu, leaky_relu with
+    ``negative_slope``, silu, gelu) applies an activation to the output, fused into the
+    output pass where the engine runs (relu, leaky_relu): ``act(batch_norm(x))``.
     """
-    way = route("bn", x, channel_dim, 1, dtypes_of(running_mean, running_var, weight, bias),
-                (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None)))
+    cd = channel_axis(x.ndim, channel_dim)
+    way = route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
+                (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None),
+                 act is None))
     if way == "torch":
-        return torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim)
-    if way == "engine":  # (synchronizes on the compiled kernels; without them, plain autograd does)
-        fast = batch_norm_fast(x, running_mean, running_var, weight, bias, training, momentum, eps, channel_dim,
-                               process_group)
-        if fast is not None:
-            return fast
-    mean, var = batch_statistics(x, running_mean, running_var, training, momentum, channel_dim, process_group)
-    return normalize(x, mean, var, eps, weight, bias, channel_dim)
-
+        return engine.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, cd)
+    group = None if local_only(process_group) else process_group
+    if way == "kernels":
+        fused = engine.epilogue(act, negative_slope)
+        if training or running_mean is None or running_var is None:
+            desc = BatchStats(eps, process_group=group, stat_shape=stat_shape(x.ndim, cd, x.shape[cd]))
+            desc.reference = lambda x, w, b: batch_norm(x, None, None, w, b, eps=eps, channel_dim=cd,
+                                                        process_group=group)
+            y = engine.run(desc, x, cd, (weight, bias), fused)
+            if training and momentum is not None and running_mean is not None:
+                _moments.update_running_stats(running_mean, running_var, desc.batch_moments, momentum)
+        else:
+            y = engine.affine_eval(x, cd, running_mean, running_var, eps, weight, bias, fused)
+        if y is not None:
+            return y if act is None or fused is not None else activation(y, act, negative_slope)
+    mean, var = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
+    y = normalize(x, mean, var, eps, weight, bias, cd)
+    return y if act is None else activation(y, act, negative_slope)
 
 def mean_only_batch_norm(
     x: Tensor,
@@ -79,10 +92,18 @@ def mean_only_batch_norm(
     ``process_group`` all-reduces the moments so that every process uses the global mean.
     """
     cd = channel_axis(x.ndim, channel_dim)
-    if local_only(process_group):
-        fast = mean_only_batch_norm_fast(x, running_mean, bias, training, momentum, cd)
-        if fast is not None:
-            return fast
+    if route("mobn", x, cd, 1, dtypes_of(running_mean, bias), (local_only(process_group),)) == "kernels" \
+            and local_only(process_group):
+        if training or running_mean is None:
+            desc = BatchStats(0.0, mean_only=True)
+            desc.reference = lambda x, _w, b: mean_only_batch_norm(x, None, b, channel_dim=cd)
+            y = engine.run(desc, x, cd, (None, bias))
+            if training and momentum is not None and running_mean is not None:
+                _moments.update_running_stats(running_mean, None, desc.batch_moments, momentum)
+            return y
+        y = engine.affine_eval(x, cd, running_mean, None, 0.0, None, bias)
+        if y is not None:
+            return y
     if training or running_mean is None:
         m = batch_moments(x, cd, process_group)
         if training and momentum is not None and running_mean is not None and _has_values(m):
@@ -160,11 +181,16 @@ def batch_renorm(
         raise ValueError("batch_renorm: needs running_mean and running_var (r and d are measured against them)")
     if not training:  # batch norm's eval map
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, channel_dim=cd)
-    group = sync_group(process_group, x)
-    fast = bn_view(x, cd) if group is not False else None
+    group = None if local_only(process_group) else process_group
     shape = stat_shape(x.ndim, cd, x.shape[cd])
-    m, spare = batch_moments_fast(fast[0], group, shape) if fast is not None else (
-        batch_moments(x, cd, process_group), None)
+    desc = BatchStats(eps, process_group=group, stat_shape=shape)
+    fast = route("brn", x, cd) == "kernels"
+    if fast:  # the batch moments first (r and d depend on them), then the engine's batch norm
+        mean_nc, m2_nc, count = engine.kernel_moments(x, cd)
+        desc.moments_given = (mean_nc, m2_nc)
+        m = desc.merge(mean_nc, m2_nc, count, x.dtype)
+    else:
+        m = batch_moments(x, cd, process_group)
     with torch.no_grad():
         mu_b = m.mean.reshape(-1)
         sigma_b = torch.sqrt(m.var.reshape(-1) + eps)
@@ -182,9 +208,9 @@ def batch_renorm(
     shift = d if weight is None else weight * d
     if bias is not None:
         shift = shift + bias
-    if fast is not None:  # batch norm with that weight and bias: x and (C,) stats saved
-        xb, back = fast
-        return back(batch_norm_train(xb, scale, shift, m, eps, spare, group, shape))
+    if fast:  # batch norm with that weight and bias: x and (C,) statistics saved
+        desc.reference = lambda x, w, b: batch_norm(x, None, None, w, b, eps=eps, channel_dim=cd, process_group=group)
+        return engine.run(desc, x, cd, (scale, shift))
     return normalize(x, m.mean, m.var, eps, scale, shift, cd)
 
 

@@ -8,18 +8,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _kernels, _moments
+from .. import _moments, engine
 from .._layout import channel_axis
 from .._moments import Moments
+from ..engine import GroupStats, dtypes_of, route
 from ._common import affine, dims_for, normalize
-from ._fastpaths import (dtypes_of, group_norm_fast, instance_norm_fast, layer_norm_fast, rms_norm_fast,
-                         torch_group_norm)
-from ._routing import fast_layout, route
-from ._fused_row import RowRMSKernel
+from .norm_act import activation
 
+
+def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight: Tensor | None,
+                bias: Tensor | None, eps: float, act: str | None, negative_slope: float, reference,
+                flags: tuple = ()) -> tuple[Tensor, GroupStats | None] | None:
+    """Layer, group, instance or RMS norm on the route :func:`normlab.engine.route` picks:
+    ``(y, None)`` from torch's kernel, ``(y, description)`` from the engine (the description
+    keeps the per-(n, c) moments), or None (the caller's plain path)."""
+    way = route(norm, x, cd, groups, dtypes_of(weight, bias), flags + (act is None,))
+    if way == "torch":
+        return engine.torch_group_norm(x, groups, weight, bias, eps, cd), None
+    if way != "kernels":
+        return None
+    desc = GroupStats(groups, eps, center)
+    desc.reference = reference
+    fused = engine.epilogue(act, negative_slope)
+    y = engine.run(desc, x, cd, (weight, bias) if center else (weight,), fused)
+    if act is not None and fused is None:
+        y = activation(y, act, negative_slope)
+    return y, desc
+
+
+def _act(y: Tensor, act: str | None, negative_slope: float) -> Tensor:
+    return y if act is None else activation(y, act, negative_slope)
 
 def layer_norm(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5, channel_dim: int = 1
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5, channel_dim: int = 1,
+    act: str | None = None, negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Layer normalization (Ba, Kiros & Hinton, 2016, arXiv:1607.06450), channel-first sense.
 
@@ -30,15 +52,13 @@ def layer_norm(
 
     For the transformer convention (over the channel axis alone) use ``channel_layer_norm``.
     """
-    way = route("ln", x, channel_dim, 1, dtypes_of(weight, bias))
-    if way == "torch":
-        return torch_group_norm(x, 1, weight, bias, eps, channel_dim)
-    fast = layer_norm_fast(x, weight, bias, eps, channel_dim) if way == "engine" else None
+    cd = channel_axis(x.ndim, channel_dim)
+    fast = _per_sample("ln", x, cd, 1, True, weight, bias, eps, act, negative_slope,
+                       lambda x, w, b: layer_norm(x, w, b, eps=eps, channel_dim=cd))
     if fast is not None:
-        return fast
-    mean, var = _moments.mean_var(x, dims_for(x, channel_dim, "sample"))
-    return normalize(x, mean, var, eps, weight, bias, channel_dim)
-
+        return fast[0]
+    mean, var = _moments.mean_var(x, dims_for(x, cd, "sample"))
+    return _act(normalize(x, mean, var, eps, weight, bias, cd), act, negative_slope)
 
 def instance_norm(
     x: Tensor,
@@ -51,6 +71,8 @@ def instance_norm(
     momentum: float | Tensor | None = 0.1,
     eps: float = 1e-5,
     channel_dim: int = 1,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016, arXiv:1607.08022).
 
@@ -67,7 +89,7 @@ def instance_norm(
             raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
         from .._layout import per_channel
 
-        return normalize(
+        return _act(normalize(
             x,
             per_channel(running_mean, x.ndim, channel_dim),
             per_channel(running_var, x.ndim, channel_dim),
@@ -75,23 +97,26 @@ def instance_norm(
             weight,
             bias,
             channel_dim,
-        )
+        ), act, negative_slope)
+    cd = channel_axis(x.ndim, channel_dim)
     tracking = momentum is not None and (running_mean is not None or running_var is not None)
-    c = x.shape[channel_axis(x.ndim, channel_dim)]
-    way = route("in", x, channel_dim, c, dtypes_of(weight, bias), (not tracking,))
-    if way == "torch":
-        return torch_group_norm(x, c, weight, bias, eps, channel_dim)
-    fast = instance_norm_fast(x, weight, bias, running_mean, running_var, momentum, eps, channel_dim) \
-        if way == "engine" else None
+    c = x.shape[cd]
+    fast = _per_sample("in", x, cd, c, True, weight, bias, eps, act, negative_slope,
+                       lambda x, w, b: instance_norm(x, w, b, eps=eps, channel_dim=cd), (not tracking,))
     if fast is not None:
-        return fast
-    m = _moments.moments(x, dims_for(x, channel_dim, "spatial"))
+        y, desc = fast
+        if tracking and desc is not None:
+            # batch average of the per-instance moments (the mean of unbiased variances), as below
+            count = desc.count_nc
+            _moments.update_running_stats(running_mean, running_var,
+                                          Moments(count, desc.mean_nc.mean(0), desc.m2_nc.mean(0)), momentum)
+        return y
+    m = _moments.moments(x, dims_for(x, cd, "spatial"))
     if momentum is not None and x.numel() > 0 and (running_mean is not None or running_var is not None):
         # batch average of the per-instance moments (the mean of unbiased variances);
         # an empty batch has none to average (torch turns its running stats into NaN)
         _moments.update_running_stats(running_mean, running_var, Moments(m.count, m.mean.mean(0), m.m2.mean(0)), momentum)
-    return normalize(x, m.mean, m.var, eps, weight, bias, channel_dim)
-
+    return _act(normalize(x, m.mean, m.var, eps, weight, bias, cd), act, negative_slope)
 
 def group_norm(
     x: Tensor,
@@ -101,6 +126,8 @@ def group_norm(
     *,
     eps: float = 1e-5,
     channel_dim: int = 1,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Group normalization (Wu & He, ECCV 2018, arXiv:1803.08494).
 
@@ -116,18 +143,15 @@ def group_norm(
     channels = x.shape[cd]
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(f"group_norm: num_groups={num_groups} must divide the {channels} channels")
-    way = route("gn", x, cd, num_groups, dtypes_of(weight, bias))
-    if way == "torch":
-        return torch_group_norm(x, num_groups, weight, bias, eps, cd)
-    fast = group_norm_fast(x, num_groups, weight, bias, eps, channel_dim) if way == "engine" else None
+    fast = _per_sample("gn", x, cd, num_groups, True, weight, bias, eps, act, negative_slope,
+                       lambda x, w, b: group_norm(x, num_groups, w, b, eps=eps, channel_dim=cd))
     if fast is not None:
-        return fast
+        return fast[0]
     xg = x.unflatten(cd, (num_groups, channels // num_groups))
     dims = tuple(d for d in range(1, xg.ndim) if d != cd)
     mean, var = _moments.mean_var(xg, dims)
     y = normalize(xg, mean, var, eps, None, None, cd).flatten(cd, cd + 1)
-    return affine(y, weight, bias, channel_dim).to(x.dtype)
-
+    return _act(affine(y, weight, bias, channel_dim).to(x.dtype), act, negative_slope)
 
 def _rms_eps(eps: float | None, x: Tensor) -> float:
     # torch.nn.RMSNorm's eps=None means the machine epsilon of the input's dtype
@@ -135,7 +159,8 @@ def _rms_eps(eps: float | None, x: Tensor) -> float:
 
 
 def rms_norm(
-    x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6, channel_dim: int = 1
+    x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6, channel_dim: int = 1,
+    act: str | None = None, negative_slope: float = 0.01,
 ) -> Tensor:
     r"""RMS normalization (Zhang & Sennrich, NeurIPS 2019, arXiv:1910.07467) per sample.
 
@@ -143,13 +168,15 @@ def rms_norm(
 
         y = weight_c * x / sqrt(mean_n(x^2) + eps)
     """
-    fast = rms_norm_fast(x, weight, _rms_eps(eps, x), channel_dim)
+    cd = channel_axis(x.ndim, channel_dim)
+    e = _rms_eps(eps, x)
+    fast = _per_sample("rms", x, cd, 1, False, weight, None, e, act, negative_slope,
+                       lambda x, w: rms_norm(x, w, eps=e, channel_dim=cd))
     if fast is not None:
-        return fast
-    dims = dims_for(x, channel_dim, "sample")
+        return fast[0]
+    dims = dims_for(x, cd, "sample")
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(dims, keepdim=True)
-    return normalize(x, None, ms, _rms_eps(eps, x), weight, None, channel_dim)
-
+    return _act(normalize(x, None, ms, e, weight, None, cd), act, negative_slope)
 
 def _channel_last_view(x: Tensor, cd: int) -> Tensor | None:
     """``x`` with its channel axis moved last, if that is a contiguous view (no copy)."""
@@ -192,12 +219,16 @@ def channel_rms_norm(
     """
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
-    if view is not None and fast_layout(x, cd, half=True) == "cl" and _kernels.supports(x.dtype):
-        # compiled kernels: one read of each row forward and backward (torch's CPU RMSNorm is a
-        # composite with several full-size temporaries)
-        rows = RowRMSKernel.apply(view.reshape(-1, x.shape[cd]), weight, _rms_eps(eps, x))
-        return rows.view(view.shape).movedim(-1, cd)
+    e = _rms_eps(eps, x)
+    if view is not None and route("rmsc", view, view.ndim - 1) == "kernels":
+        # the engine's row passes: one read of each row forward and backward (torch's CPU
+        # RMSNorm is a composite with several full-size temporaries)
+        rows = view.reshape(-1, 1, x.shape[cd])  # (positions, 1, C): one "sample" per position
+        desc = GroupStats(1, e, center=False)
+        desc.reference = lambda r, w: channel_rms_norm(r, w, eps=e, channel_dim=-1)
+        y = engine.run(desc, rows, 2, (weight,))
+        return y.view(view.shape).movedim(-1, cd)
     if view is not None:
         return F.rms_norm(view, (x.shape[cd],), weight, eps).movedim(-1, cd)
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(cd, keepdim=True)
-    return normalize(x, None, ms, _rms_eps(eps, x), weight, None, channel_dim)
+    return normalize(x, None, ms, e, weight, None, channel_dim)

@@ -11,7 +11,22 @@ from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from .._moments import Moments
 from ._common import batch_statistics, normalize
-from ._fastpaths import batch_instance_norm_fast, local_only, switchable_norm_fast
+from .. import engine
+from ..engine import BatchInstanceStats, SwitchableStats, local_only, route
+
+
+def _fixed(running_mean: Tensor | None, running_var: Tensor | None, batch_stats: bool) -> tuple[Tensor, Tensor] | None:
+    """The running statistics as float64 (1, C) rows, copied (the buffers may change in place
+    before the backward), or None for batch statistics."""
+    if batch_stats:
+        return None
+    return (running_mean.detach().double().reshape(1, -1).clone(),  # type: ignore[union-attr]
+            running_var.detach().double().reshape(1, -1).clone())  # type: ignore[union-attr]
+
+
+def _batch_part(desc) -> Moments:
+    """The per-channel batch moments of the engine's per-(n, c) ones (for running statistics)."""
+    return _moments.reduce_moments(Moments(desc.count_nc, desc.mean_nc, desc.m2_nc), 0)
 
 
 def batch_instance_norm(
@@ -50,14 +65,17 @@ def batch_instance_norm(
         raise ValueError(f"batch_instance_norm: the instance branch needs positions (rank >= 3), "
                          f"got shape {tuple(x.shape)}")
     batch_stats = training or running_mean is None or running_var is None
-    if local_only(process_group):
-        fast = batch_instance_norm_fast(x, rho, running_mean, running_var, weight, bias, batch_stats, eps, cd,
-                                        batch_instance_norm)
-        if fast is not None:
-            y, m_bn = fast
-            if training and momentum is not None and m_bn is not None:
-                _moments.update_running_stats(running_mean, running_var, m_bn, momentum)
-            return y
+    if local_only(process_group) and route("bin", x, cd) == "kernels":
+        fixed = _fixed(running_mean, running_var, batch_stats)
+        desc = BatchInstanceStats(eps, fixed)
+        running = (None, None) if fixed is None else (fixed[0].reshape(-1), fixed[1].reshape(-1))
+        desc.reference = lambda x, r, w, b: batch_instance_norm(x, r, running[0], running[1], w, b,
+                                                                training=fixed is None, momentum=None, eps=eps,
+                                                                channel_dim=cd)
+        y = engine.run(desc, x, cd, (rho, weight, bias))
+        if training and momentum is not None and batch_stats:
+            _moments.update_running_stats(running_mean, running_var, _batch_part(desc), momentum)
+        return y
     mu_bn, var_bn = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
     mu_in, var_in = _moments.mean_var(x, positions)
     rho = per_channel(rho, x.ndim, cd)
@@ -120,14 +138,18 @@ def switchable_norm(
     """
     cd = channel_axis(x.ndim, channel_dim)
     batch_stats = training or running_mean is None or running_var is None
-    if local_only(process_group):
-        fast = switchable_norm_fast(x, mean_weight, var_weight, running_mean, running_var, weight, bias, batch_stats,
-                                    eps, cd, switchable_norm)
-        if fast is not None:
-            y, m_bn = fast
-            if training and momentum is not None and m_bn is not None:
-                _merge_into_running(running_mean, running_var, m_bn.mean, m_bn.var, momentum)
-            return y
+    if local_only(process_group) and route("sn", x, cd) == "kernels":
+        fixed = _fixed(running_mean, running_var, batch_stats)
+        desc = SwitchableStats(eps, fixed, x.ndim > 2)
+        running = (None, None) if fixed is None else (fixed[0].reshape(-1), fixed[1].reshape(-1))
+        desc.reference = lambda x, mw, vw, w, b: switchable_norm(x, mw, vw, running[0], running[1], w, b,
+                                                                 training=fixed is None, momentum=None, eps=eps,
+                                                                 channel_dim=cd)
+        y = engine.run(desc, x, cd, (mean_weight, var_weight, weight, bias))
+        if training and momentum is not None and batch_stats:
+            m_bn = _batch_part(desc)
+            _merge_into_running(running_mean, running_var, m_bn.mean, m_bn.var, momentum)
+        return y
     positions = stat_dims(x.ndim, cd, "spatial")
     m_in = _moments.moments(x, positions) if positions else _points(x)
     m_ln = _moments.reduce_moments(m_in, cd)

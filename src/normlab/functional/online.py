@@ -23,8 +23,7 @@ from torch.autograd.function import once_differentiable
 from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
-from ._fastpaths import affine_eval
-from ._routing import MIN_FUSED_NUMEL, fast_layout
+from ..engine import affine_eval, route
 from ._online_stream import OnlineTrain, decayed_cumsum, scan
 
 ECMS = ("ls", "ac", None)
@@ -249,14 +248,15 @@ def online_norm(
     if training:
         if control_u is None or control_v is None:
             raise ValueError("online_norm: training needs the control buffers control_u and control_v")
-        if fast_layout(x, cd, MIN_FUSED_NUMEL) is not None:  # fused CPU path, layer scaling folded in
+        if route("on", x, cd) == "kernels":  # the compiled kernels, layer scaling folded in
             z = OnlineTrain.apply(x, weight, bias, stream_mean, stream_var, control_u, control_v, float(alpha_fwd),
                                   float(alpha_bkw), float(eps), cd, float(ls_eps) if ecm == "ls" else None)
             return activation_clamp(z, clamp_value) if ecm == "ac" else z
         z = _OnlineNormalize.apply(x, weight, bias, stream_mean, stream_var, control_u, control_v,
                                    float(alpha_fwd), float(alpha_bkw), float(eps), cd)
-    elif fast_layout(x, cd) is not None and stream_mean.dtype == x.dtype and stream_var.dtype == x.dtype:
-        z = affine_eval(x, cd, stream_mean, stream_var, eps, weight, bias)  # the same map, one pass
+    elif (route("on", x, cd) == "kernels" and stream_mean.dtype == x.dtype and stream_var.dtype == x.dtype
+          and (z := affine_eval(x, cd, stream_mean, stream_var, eps, weight, bias)) is not None):
+        pass  # the same map, one pass
     else:
         work = torch.promote_types(_moments.accumulation_dtype(x.dtype), stream_mean.dtype)
         mean = per_channel(stream_mean, x.ndim, cd).to(work)

@@ -81,6 +81,17 @@ class Norm(nn.Module):
     def _describe(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
 
+    # layers whose function takes ``act=``: the activation runs in the engine's output pass
+    fuses_activation = False
+
+    def _act(self) -> dict:
+        """``act``/``negative_slope`` for the function call when an activation is fused
+        (``make_norm(..., act=...)``), else nothing."""
+        act = getattr(self, "act", None)
+        if act is None or not self.fuses_activation:
+            return {}
+        return {"act": act.name, "negative_slope": act.negative_slope}
+
     def check_input(self, x: Tensor) -> int:
         """Validate ``x`` and return the channel axis as a non-negative index."""
         who = self._describe()

@@ -9,6 +9,7 @@ from .base import BatchStatNorm
 
 
 class BatchNorm(BatchStatNorm):
+    fuses_activation = True
     r"""Batch normalization (Ioffe & Szegedy 2015) for ``(N, C, *)`` input of any rank.
 
     ``y = weight * (x - E[x]) / sqrt(Var[x] + eps) + bias`` with moments per channel over
@@ -25,7 +26,8 @@ class BatchNorm(BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, **self._batch_call())
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, **self._batch_call(),
+                            **self._act())
 
 
 class MeanOnlyBatchNorm(BatchStatNorm):

@@ -17,9 +17,11 @@ class LayerNorm(Norm):
     (spec ``lnc``). See :func:`normlab.functional.layer_norm`.
     """
 
+    fuses_activation = True
+
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.layer_norm(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim)
+        return F.layer_norm(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim, **self._act())
 
 
 class InstanceNorm(RunningStatsNorm):
@@ -29,6 +31,8 @@ class InstanceNorm(RunningStatsNorm):
     by default (as in the paper's reference code); ``track_running_stats`` is off, so
     training and eval compute the same thing. See :func:`normlab.functional.instance_norm`.
     """
+
+    fuses_activation = True
 
     min_spatial = 1
     batch_stat_dims = "spatial"
@@ -49,6 +53,7 @@ class InstanceNorm(RunningStatsNorm):
             momentum=self._step_factor(),
             eps=self.eps,
             channel_dim=self.channel_dim,
+            **self._act(),
         )
 
 
@@ -59,6 +64,8 @@ class GroupNorm(Norm):
     ``num_groups=1`` is :class:`LayerNorm`, ``num_groups=C`` is :class:`InstanceNorm`.
     See :func:`normlab.functional.group_norm`.
     """
+
+    fuses_activation = True
 
     def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True,
                  channel_dim: int = 1, **kwargs) -> None:
@@ -83,7 +90,8 @@ class GroupNorm(Norm):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim,
+                            **self._act())
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, " + super().extra_repr()
@@ -96,6 +104,8 @@ class RMSNorm(Norm):
     as ``torch.nn.RMSNorm``). ``eps=None`` means the input dtype's machine epsilon.
     """
 
+    fuses_activation = True
+
     has_bias = False
     eps_none_ok = True
 
@@ -105,7 +115,7 @@ class RMSNorm(Norm):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.rms_norm(x, self.weight, eps=self.eps, channel_dim=self.channel_dim)
+        return F.rms_norm(x, self.weight, eps=self.eps, channel_dim=self.channel_dim, **self._act())
 
 
 class ChannelLayerNorm(Norm):

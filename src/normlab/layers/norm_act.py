@@ -104,7 +104,8 @@ def _attach(norm: nn.Module, act: nn.Module) -> nn.Module:
     if hasattr(norm, "act"):
         raise ValueError(f"{type(norm).__name__}: already has an activation ({norm.act!r})")
     norm.act = act
-    norm.register_forward_hook(_apply_act)
+    if not getattr(norm, "fuses_activation", False):  # (else its function applies it: see Norm._act)
+        norm.register_forward_hook(_apply_act)
     return norm
 
 

@@ -1,0 +1,111 @@
+"""normlab's engine: the one fast path every statistics norm shares.
+
+- :mod:`.routing` decides, once per input signature, which backend runs a call: torch's own
+  kernel, the engine on the compiled kernels, or the plain reference (its table is the policy).
+- :mod:`.describe` holds each norm as a description: its merge of per-(n, c) moments, the
+  closed-form adjoint of that merge, the parameters' gradients.
+- :mod:`.function` is the one autograd Function (:class:`EngineNorm`) that runs any description,
+  with an optional activation epilogue.
+
+This module adds the small helpers the norms' functions call around it: torch's kernels for the
+"torch" route, the eval map, the activation epilogue's rule. The engine never imports
+``normlab.functional`` (which holds the plain math every engine path is tested against).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _kernels
+from .describe import BatchInstanceStats, BatchStats, Description, GroupStats, SwitchableStats
+from .function import EngineNorm, kernel_moments, run
+from .routing import fast_path, forced, is_half, kernel_views, route
+
+__all__ = ["BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GroupStats", "SwitchableStats",
+           "affine_eval", "dtypes_of", "epilogue", "fast_path", "forced", "kernel_moments", "local_only", "route",
+           "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
+
+EPILOGUES = {"relu": 0.0, "leaky_relu": None}
+"""Activations the kernels apply in the output pass (and differentiate in the backward passes):
+ReLU, and leaky ReLU with its negative slope."""
+
+
+def epilogue(act: str | None, negative_slope: float = 0.01) -> float | None:
+    """The kernels' epilogue argument for ``act`` (its negative slope), or None where there is
+    none or the kernels do not fuse it (the caller then applies the activation after the norm)."""
+    if act not in EPILOGUES:
+        return None
+    slope = EPILOGUES[act]
+    return float(negative_slope) if slope is None else slope
+
+
+def dtypes_of(*tensors: Tensor | None) -> tuple:
+    """The dtypes of parameters and buffers (None where absent), for :func:`route`."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+def local_only(process_group) -> bool:
+    """True if batch statistics stay local: no group, or one that is not active (torch.distributed
+    not initialized, or a group of one process)."""
+    if process_group is None:
+        return True
+    from .. import distributed
+
+    return not distributed.is_active(process_group)
+
+
+def stat_shape(ndim: int, cd: int, c: int) -> tuple[int, ...]:
+    """The shape of per-channel statistics kept broadcastable (the synchronized message's shape)."""
+    shape = [1] * ndim
+    shape[cd] = c
+    return tuple(shape)
+
+
+def torch_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                     bias: Tensor | None, training: bool, momentum, eps: float, cd: int) -> Tensor:
+    """Batch norm as one call of torch's kernel (the "torch" route), with normlab's rule: batch
+    statistics in training or without running ones, folded into the running buffers when
+    training with a momentum."""
+    batch = training or running_mean is None or running_var is None
+    keep = not batch or (training and momentum is not None)
+    xm = x if cd == 1 else x.movedim(cd, 1)
+    y = torch.batch_norm(xm, weight, bias, running_mean if keep else None, running_var if keep else None, batch,
+                         0.0 if momentum is None else momentum, eps, False)
+    return y if cd == 1 else y.movedim(1, cd)
+
+
+def torch_group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+                     cd: int) -> Tensor:
+    """Group norm (layer norm: one group; instance norm: one per channel) as one call of torch's
+    kernel (the "torch" route)."""
+    if cd == 1:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    return F.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps).movedim(1, cd)
+
+
+def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float, weight: Tensor | None,
+                bias: Tensor | None, act: float | None = None) -> Tensor | None:
+    """``act(weight * (x - mean) / sqrt(var + eps) + bias)`` with per-channel constants in one
+    pass (``var=None``: ``x - mean + bias``), or None where this does not apply (the caller's
+    plain path). Differentiable calls run torch's eval batch-norm kernel (then the activation);
+    inference (nothing needs a gradient) runs the compiled kernels, whose output pass also
+    applies the activation."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, mean, var, weight, bias))
+    if grad or not _kernels.supports(x.dtype):
+        if cd != 1 or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            return None
+        ones = torch.ones_like(mean) if var is None else var
+        y = torch.batch_norm(x, weight, bias, mean, ones, False, 0.0, 0.0 if var is None else eps, False)
+        return y if act is None else F.leaky_relu(y, act)
+    got = kernel_views(x, cd)
+    if got is None:
+        return None
+    c = x.shape[cd]
+    scale = torch.ones(c, dtype=torch.float64) if var is None else torch.rsqrt(var.double() + eps)
+    scale = scale if weight is None else scale * weight.double()
+    y = torch.empty_like(x)
+    _kernels.affine(got[1], kernel_views(y, cd)[1], got[0], mean, scale,  # type: ignore[index]
+                    torch.zeros_like(scale) if bias is None else bias, act=act)
+    return y

@@ -1,0 +1,294 @@
+"""The statistics norms as descriptions for the engine.
+
+Every norm here is, per (sample n, channel c), the affine map ``y = (x - center) * scale +
+shift`` whose (N, C) coefficients come from per-(n, c) moments of ``x`` (count K, mean, M2)
+and the layer's parameters. A description says how:
+
+``coefficients(mean, m2, count, *params)``
+    the merge of the per-(n, c) moments into the norm's statistics (in :mod:`normlab._moments`,
+    the one place that merges; synchronization across processes is one step of it) and the
+    coefficients ``(center, scale, shift)``, float64, broadcastable to (N, C).
+``input_grad(g, h, *params)``
+    the closed-form adjoint: from the per-(n, c) sums ``g = sum dy`` and
+    ``h = sum dy (x - center)`` the coefficients ``(a, b, k)`` of
+    ``dx = a * dy + b * (x - center) + k``.
+``param_grads(g, h, need, *params)``
+    the parameters' gradients from the same sums.
+
+With ``var = M2 / K`` and gradients ``G_mu``, ``G_var`` of the loss with respect to a
+per-(n, c) mean and variance, ``d mean / dx = 1 / K`` and ``d var / dx = 2 (x - mean) / K``;
+every adjoint below is that chain rule through its merge, written out. Running statistics
+are updated by the caller from the moments a description keeps (``batch_moments``).
+A description is made per call (it holds the call's settings and what its backward needs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _moments
+from .._moments import Moments
+
+__all__ = ["BatchStats", "BatchInstanceStats", "Description", "GroupStats", "SwitchableStats"]
+
+
+def _row(t: Tensor | None, c: int, fill: float) -> Tensor:
+    """A length-C parameter as a float64 (1, C) row (``fill`` where absent)."""
+    if t is None:
+        return torch.full((1, c), fill, dtype=torch.float64)
+    return t.detach().to(torch.float64).reshape(1, c)
+
+
+def _out(t: Tensor, like: Tensor | None) -> Tensor | None:
+    return None if like is None else t.reshape(like.shape).to(like.dtype)
+
+
+class Description:
+    """Base of the descriptions; ``reference(x, *params)`` is the norm's plain function (a double
+    backward differentiates it), ``groups`` the per-sample groups of the fused per-sample passes
+    (None: the norm has none)."""
+
+    groups: int | None = None
+    center: bool = True
+    needs_input: bool = True  # False: the adjoint never reads x (b = 0), so x is not saved
+    reference: Callable[..., Tensor] | None = None
+    moments_given: tuple[Tensor, Tensor] | None = None  # per-(n, c) (mean, M2) already computed
+
+    def coefficients(self, mean: Tensor, m2: Tensor, count: int, *params: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def input_grad(self, g: Tensor, h: Tensor, *params: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def param_grads(self, g: Tensor, h: Tensor, need: tuple[bool, ...], *params: Tensor | None) -> tuple:
+        raise NotImplementedError
+
+
+class BatchStats(Description):
+    """Batch norm (Ioffe & Szegedy 2015) and mean-only batch norm (Salimans & Kingma 2016):
+    per channel, over the batch and every position. Merge: the exact merge over samples,
+    then (``process_group``) over processes. Forward ``y = w rstd (x - mu) + b`` (mean-only:
+    ``x - mu + b``). Adjoint, with ``g``, ``h`` summed over the batch (and all-reduced)::
+
+        G_mu = -w rstd g        G_M2 = -w rstd^3 h / (2 count)      (mean-only: rstd = 1, G_M2 = 0)
+        dx = w rstd dy + 2 G_M2 (x - mu) + G_mu / count
+        dweight = rstd h        dbias = g                           (local sums: DDP averages)
+
+    Batch renorm (Ioffe 2017) is this with weight ``w r`` and bias ``w d + b``, r and d
+    constants, formed by its caller."""
+
+    def __init__(self, eps: float, mean_only: bool = False, process_group=None,
+                 stat_shape: tuple[int, ...] | None = None) -> None:
+        self.eps, self.mean_only, self.group, self.stat_shape = eps, mean_only, process_group, stat_shape
+        self.needs_input = not mean_only  # mean-only: dx = dy - mean_c(dy) + 0 * x
+
+    def merge(self, mean: Tensor, m2: Tensor, count: int, dtype: torch.dtype) -> Moments:
+        """The batch's per-channel moments (C,), over every process of the group."""
+        m = _moments.reduce_moments(Moments(count, mean, m2), 0)
+        m = Moments(m.count, m.mean.reshape(-1), m.m2.reshape(-1))
+        if self.group is not None:
+            from .. import distributed
+
+            acc = _moments.accumulation_dtype(dtype)
+            shape = self.stat_shape or (-1,)
+            s = distributed.all_reduce_moments(Moments(m.count, m.mean.to(acc).reshape(shape),
+                                                       m.m2.to(acc).reshape(shape)), self.group)
+            total = s.count.reshape(-1)[0].item() if isinstance(s.count, Tensor) else s.count
+            m = Moments(total, s.mean.reshape(-1).double(), s.m2.reshape(-1).double())
+        return m
+
+    def coefficients(self, mean, m2, count, weight=None, bias=None):
+        if self.mean_only and weight is not None:
+            raise ValueError("mean-only batch norm has no weight (its backward does not keep x)")
+        m = self.batch_moments = self.merge(mean, m2, count, self.dtype)
+        c = m.mean.numel()
+        self.count = float(m.count)
+        self.rstd = torch.ones(1, c, dtype=torch.float64) if self.mean_only else \
+            torch.rsqrt(m.var.reshape(1, c) + self.eps)
+        self.w = _row(weight, c, 1.0)
+        return m.mean.reshape(1, c), self.w * self.rstd, _row(bias, c, 0.0)
+
+    def input_grad(self, g, h, weight=None, bias=None):
+        g, h = g.sum(0, keepdim=True), h.sum(0, keepdim=True)
+        g_mu = -self.w * self.rstd * g  # (mean-only: rstd = 1)
+        g_m2 = torch.zeros_like(h) if self.mean_only else -0.5 * self.w * self.rstd ** 3 * h / self.count
+        if self.group is not None:
+            from ..distributed import all_reduce_moment_grads
+
+            g_mu, g_m2 = (t.reshape(1, -1) for t in all_reduce_moment_grads(g_mu, g_m2, self.group, self.stat_shape,
+                                                                             self.dtype))
+        return self.w * self.rstd, 2.0 * g_m2, g_mu / self.count
+
+    def param_grads(self, g, h, need, weight=None, bias=None):
+        dw = _out((h.sum(0) * self.rstd.reshape(-1)), weight) if need[0] else None
+        db = _out(g.sum(0), bias) if need[1] else None
+        return dw, db
+
+
+class GroupStats(Description):
+    """Group norm (Wu & He 2018; one group: layer norm, Ba et al. 2016 as in the group-norm
+    paper; C groups: instance norm, Ulyanov et al. 2016) and, ``center=False``, RMS norm (Zhang
+    & Sennrich 2019): per sample and group of C/G consecutive channels. Merge: the exact merge
+    over the group's channels (RMS: the mean square). With ``K`` values a group and
+    ``A = sum_group w g``, ``B = sum_group w h``::
+
+        dx = w rstd dy - rstd^3 B / K (x - mu) - rstd A / K        (RMS: no A term, mu = 0)
+        dweight = sum_n rstd h        dbias = sum_n g
+
+    The engine runs these with both passes fused per (sample, group) from cache when the
+    input has enough such items (:func:`normlab._kernels.group_forward`)."""
+
+    def __init__(self, groups: int, eps: float, center: bool = True) -> None:
+        self.groups, self.eps, self.center = groups, eps, center
+
+    def coefficients(self, mean, m2, count, weight=None, bias=None):
+        ctr, var = _moments.group_moments(mean, m2, count, self.groups, self.center)
+        self.keep(ctr, torch.rsqrt(var + self.eps), count, weight)
+        return ctr, self.w * self.rstd, _row(bias, mean.shape[1], 0.0)
+
+    def keep(self, ctr: Tensor, rstd: Tensor, count: int, weight: Tensor | None) -> None:
+        """What the backward needs (also given by the fused forward pass)."""
+        self.ctr, self.rstd, self.count = ctr, rstd, count
+        self.w = _row(weight, rstd.shape[1], 1.0)
+
+    def input_grad(self, g, h, weight=None, bias=None):
+        n, c = g.shape
+        k = self.count * (c // self.groups)  # values per group
+
+        def group_sum(t: Tensor) -> Tensor:
+            return t.view(n, self.groups, -1).sum(2, keepdim=True).expand(n, self.groups, c // self.groups).reshape(n, c)
+
+        big_b = group_sum(h * self.w)
+        const = -self.rstd * group_sum(g * self.w) / k if self.center else torch.zeros_like(self.rstd)
+        return self.w * self.rstd, -self.rstd ** 3 * big_b / k, const
+
+    def param_grads(self, g, h, need, weight=None, bias=None):
+        dw = _out((self.rstd * h).sum(0), weight) if need[0] else None
+        if len(need) == 1:  # RMS norm: no bias
+            return (dw,)
+        return dw, _out(g.sum(0), bias) if need[1] else None
+
+
+class SwitchableStats(Description):
+    """Switchable norm (Luo et al., ICLR 2019): per (n, c) a softmax-weighted mix of the instance,
+    layer and batch moments (or the running ones), ``mu = sum_k a_k mu_k``, ``var = sum_k b_k
+    var_k``, then ``y = w (x - mu) rstd + b``. Adjoint, with ``G_mu = -w rstd g`` and
+    ``G_var = -w rstd^3 h / 2`` per (n, c), each statistic k receiving ``a_k G_mu`` and
+    ``b_k G_var`` summed over the values that share it (K_k of them)::
+
+        dx = w rstd dy + sum_k [ G_mu,k / K_k + 2 G_var,k (x - mu_k) / K_k ]
+        dL/da_k = sum G_mu mu_k,  dL/db_k = sum G_var var_k  (then the softmax's Jacobian)
+
+    An input without positions mixes the layer and batch moments only. ``fixed``: the running
+    (mean, var) as float64 (1, C) rows, constants, or None for the batch's."""
+
+    def __init__(self, eps: float, fixed: tuple[Tensor, Tensor] | None, positions: bool) -> None:
+        self.eps, self.fixed, self.positions = eps, fixed, positions
+
+    def coefficients(self, mean, m2, count, mean_weight, var_weight, weight=None, bias=None):
+        n, c = mean.shape
+        var = m2 / count
+        ln = _moments.reduce_moments(Moments(count, mean, m2), 1)
+        stats = [(ln.mean, ln.var, c, 1)]  # (mean, var, how many (n, c) share it, the axis they span)
+        if self.fixed is None:
+            bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
+            stats.append((bn.mean, bn.var, n, 0))
+        else:
+            stats.append((self.fixed[0], self.fixed[1], None, None))
+        if self.positions:
+            stats.insert(0, (mean, var, 1, None))
+        k = len(stats)
+        self.wm = torch.softmax(mean_weight.detach()[-k:].double(), 0)
+        self.wv = torch.softmax(var_weight.detach()[-k:].double(), 0)
+        mu = sum(a * s[0] for a, s in zip(self.wm.unbind(0), stats))
+        self.rstd = torch.rsqrt(sum(b * s[1] for b, s in zip(self.wv.unbind(0), stats)) + self.eps)
+        self.w, self.stats, self.count = _row(weight, c, 1.0), stats, count
+        self.mu = mu.expand(n, c)
+        return self.mu, self.w * self.rstd, _row(bias, c, 0.0)
+
+    def input_grad(self, g, h, *params):
+        self.g_mu, self.g_var = -self.w * self.rstd * g, -0.5 * self.w * self.rstd ** 3 * h
+        b_coef = torch.zeros_like(self.g_mu)
+        k_coef = torch.zeros_like(self.g_mu)
+        for i, (m_k, _v, share, dim) in enumerate(self.stats):
+            if share is None:  # running statistics: constants
+                continue
+            gm_k, gv_k = self.wm[i] * self.g_mu, self.wv[i] * self.g_var
+            if dim is not None:
+                gm_k, gv_k = gm_k.sum(dim, keepdim=True), gv_k.sum(dim, keepdim=True)
+            n_k = self.count * share
+            b_coef = b_coef + 2 * gv_k / n_k
+            k_coef = k_coef + gm_k / n_k + 2 * gv_k * (self.mu - m_k) / n_k
+        return self.w * self.rstd, b_coef, k_coef
+
+    def param_grads(self, g, h, need, mean_weight, var_weight, weight=None, bias=None):
+        if not hasattr(self, "g_mu"):
+            self.input_grad(g, h)
+        grads: list = [None, None]
+        for i, (mix, param, which) in enumerate(((self.wm, mean_weight, 0), (self.wv, var_weight, 1))):
+            if need[i]:
+                gsum = self.g_mu if which == 0 else self.g_var
+                ga = torch.stack([(gsum * s[which]).sum() for s in self.stats])
+                d = torch.zeros(param.shape, dtype=torch.float64)
+                d[-len(self.stats):] = mix * (ga - (mix * ga).sum())
+                grads[i] = d.to(param.dtype)
+        dw = _out((self.rstd * h).sum(0), weight) if need[2] else None
+        db = _out(g.sum(0), bias) if need[3] else None
+        return grads[0], grads[1], dw, db
+
+
+class BatchInstanceStats(Description):
+    """Batch-instance norm (Nam & Kim, NeurIPS 2018): ``y = w (rho (x - mu_B) r_B + (1 - rho)
+    (x - mu_I) r_I) + b`` with the batch (per c, or running ``fixed``) and instance (per (n, c))
+    moments; centred on ``mu_I``: scale ``w (rho r_B + (1 - rho) r_I)``, shift
+    ``w rho r_B (mu_I - mu_B) + b``. Adjoint, with ``G = sum_n g`` and ``H = sum_n (h + (mu_I -
+    mu_B) g)`` (the batch branch's sums)::
+
+        dx = w rho r_B (dy - G / NL - (x - mu_B) r_B^2 H / NL)          (batch statistics)
+           + w (1 - rho) r_I (dy - g / L - (x - mu_I) r_I^2 h / L)
+        drho = w (r_B H - sum_n r_I h)     dweight = rho r_B H + (1 - rho) sum_n r_I h"""
+
+    def __init__(self, eps: float, fixed: tuple[Tensor, Tensor] | None) -> None:
+        self.eps, self.fixed = eps, fixed
+
+    def coefficients(self, mean, m2, count, rho, weight=None, bias=None):
+        n, c = mean.shape
+        v_i = m2 / count
+        if self.fixed is None:
+            bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
+            mu_b, v_b = bn.mean, bn.var
+        else:
+            mu_b, v_b = self.fixed
+        self.r_b, self.r_i = torch.rsqrt(v_b + self.eps), torch.rsqrt(v_i + self.eps)
+        self.p, self.w = rho.detach().double().view(1, c), _row(weight, c, 1.0)
+        self.mu_i, self.mu_b, self.count = mean, mu_b, count
+        shift = self.w * self.p * self.r_b * (mean - mu_b) + _row(bias, c, 0.0)
+        return mean, self.w * (self.p * self.r_b + (1 - self.p) * self.r_i), shift
+
+    def _sums(self, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        big_g = g.sum(0, keepdim=True)
+        big_h = (h + (self.mu_i - self.mu_b) * g).sum(0, keepdim=True)
+        return big_g, big_h, (self.r_i * h).sum(0, keepdim=True)
+
+    def input_grad(self, g, h, *params):
+        big_g, big_h, _ = self._sums(g, h)
+        a_b, a_i = self.w * self.p * self.r_b, self.w * (1 - self.p) * self.r_i
+        length = self.count
+        b_coef = -a_i * self.r_i ** 2 / length * h
+        k_coef = -a_i * g / length
+        if self.fixed is None:  # the batch branch's statistics depend on x too
+            nl = g.shape[0] * length
+            b_coef = b_coef - a_b * self.r_b ** 2 * big_h / nl
+            k_coef = k_coef - a_b * big_g / nl - a_b * self.r_b ** 2 * big_h * (self.mu_i - self.mu_b) / nl
+        return a_b + a_i, b_coef, k_coef
+
+    def param_grads(self, g, h, need, rho, weight=None, bias=None):
+        big_g, big_h, sum_ih = self._sums(g, h)
+        d_rho = _out(self.w * (self.r_b * big_h - sum_ih), rho) if need[0] else None
+        dw = _out(self.p * self.r_b * big_h + (1 - self.p) * sum_ih, weight) if need[1] else None
+        db = _out(big_g, bias) if need[2] else None
+        return d_rho, dw, db

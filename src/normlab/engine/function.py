@@ -1,0 +1,150 @@
+"""The engine: one autograd Function that runs any statistics norm's description on the
+compiled kernels.
+
+forward:  per-(n, c) moments (one read)  ->  description.coefficients (small, (N, C))
+          ->  y = act((x - center) * scale + shift)  (one read, one write)
+backward: per-(n, c) g = sum dy', h = sum dy' (x - center)  (one read of dy and x; dy' = dy
+          times the activation's derivative, recomputed from x)  ->  description.input_grad
+          ->  dx = a * dy' + b * (x - center) + k  (one pass)
+
+Per-sample norms (:class:`GroupStats`) without an activation run both passes fused per
+(sample, group), or per sample channels-last, from cache when there are at least two such
+items a thread (:func:`normlab._kernels.group_forward` / ``group_backward``); the transformer's
+RMS norm over the channel axis alone runs row by row (``rowrms_*``). Only ``x`` (one
+input-sized tensor, in its own dtype) and (N, C) statistics are saved for backward.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+from .describe import Description, GroupStats
+from .routing import dy_view, fast_path, kernel_views
+
+__all__ = ["EngineNorm", "run", "kernel_moments"]
+
+
+def _fused(desc: Description, layout: str, n: int, length: int, act: float | None) -> str | None:
+    """Which fused per-sample passes apply: "rows" (RMS over the channels of each position),
+    "group" (per (sample, group) or per sample from cache), or None (the generic passes).
+    The fused passes need at least two work items a thread."""
+    if act is not None or not isinstance(desc, GroupStats) or desc.moments_given is not None:
+        return None
+    if layout == "cl" and length == 1 and desc.groups == 1 and not desc.center:
+        return "rows"
+    items = n * desc.groups if layout == "cf" else n  # type: ignore[operator]
+    return "group" if items >= 2 * torch.get_num_threads() else None
+
+
+def kernel_moments(x: Tensor, cd: int) -> tuple[Tensor, Tensor, int]:
+    """Per-(n, c) mean and M2 (float64 (N, C)) of ``x`` on the kernels, and the count behind each."""
+    layout, v = kernel_views(x, cd)  # type: ignore[misc]
+    mean, m2 = _kernels.moments(v, layout)
+    return mean, m2, v.numel() // max(mean.numel(), 1)
+
+
+def _forward(ctx, x: Tensor, desc: Description, cd: int, act: float | None, params: Sequence[Tensor | None]) -> Tensor:
+    layout, v = kernel_views(x, cd)  # type: ignore[misc]
+    n, c = x.shape[0], x.shape[cd]
+    length = v.numel() // max(n * c, 1)
+    y = torch.empty_like(x)
+    yv = kernel_views(y, cd)[1]  # type: ignore[index]
+    desc.dtype = x.dtype
+    ctx.fused = _fused(desc, layout, n, length, act)
+    if ctx.fused == "rows":
+        rows = v.reshape(-1, c)
+        desc.rstd_rows = _kernels.rowrms_forward(rows, yv.reshape(-1, c), desc.eps, params[0])
+        return y
+    if ctx.fused == "group":
+        mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
+                                                     params[0], params[1] if len(params) > 1 else None)
+        desc.keep(ctr, rstd, length, params[0])  # type: ignore[attr-defined]
+    else:
+        mean, m2 = desc.moments_given or _kernels.moments(v, layout)
+        ctx.coefs = desc.coefficients(mean, m2, length, *params)
+        _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
+    desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
+    return y
+
+
+class EngineNorm(torch.autograd.Function):
+    """``apply(x, desc, channel_dim, act, *params)``: the norm ``desc`` describes, with an
+    optional leaky-ReLU/ReLU epilogue (``act``: its negative slope, 0.0 for ReLU; None: none).
+    After the call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C)) and, for batch norms,
+    ``desc.batch_moments`` hold the moments for running statistics."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, desc: Description, channel_dim: int, act: float | None,  # type: ignore[override]
+                *params: Tensor | None) -> Tensor:
+        y = _forward(ctx, x, desc, channel_dim, act, params)
+        ctx.desc, ctx.cd, ctx.act = desc, channel_dim, act
+        # x is the one input-sized tensor kept, unless the adjoint never reads it (mean-only)
+        ctx.save_for_backward(x if desc.needs_input or act is not None else None, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, *params = ctx.saved_tensors
+        desc, cd, act = ctx.desc, ctx.cd, ctx.act
+        need_x, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        if torch.is_grad_enabled():  # (x not saved: the map's derivative does not depend on it)
+            return (*_double_backward(ctx, torch.zeros_like(dy) if x is None else x, params, dy),)
+        if x is None:  # (not saved: the adjoint has b = 0, so dy stands in for x)
+            x = dy if kernel_views(dy, cd) is not None else dy.contiguous()
+        layout, v = kernel_views(x, cd)  # type: ignore[misc]
+        dyv = dy_view(dy, x, cd, layout)
+        dx = torch.empty_like(x) if need_x else None
+        dxv = kernel_views(dx, cd)[1] if need_x else None  # type: ignore[index]
+        if ctx.fused == "rows":
+            c = x.shape[cd]
+            dw = _kernels.rowrms_backward(dyv.reshape(-1, c), v.reshape(-1, c), (dxv if need_x else torch.empty_like(v)
+                                          ).reshape(-1, c), params[0], desc.rstd_rows, bool(need_p[0]))
+            return (dx, None, None, None, None if dw is None else dw.to(params[0].dtype))
+        if ctx.fused == "group" and need_x:
+            g, h = _kernels.group_backward(dyv, v, dxv, layout, desc.groups, desc.center, params[0], desc.ctr,
+                                           desc.rstd)
+        else:
+            center, scale, shift = ctx.coefs if ctx.fused is None else (desc.ctr, None, None)
+            g, h = _kernels.reduce(dyv, v, layout, center, act, scale, shift)
+            if need_x:
+                a, b, k = desc.input_grad(g, h, *params)
+                _kernels.dx(dyv, v, dxv, layout, center, a, b, k, act, scale, shift)  # type: ignore[arg-type]
+        return (dx, None, None, None, *desc.param_grads(g, h, need_p, *params))
+
+
+def _double_backward(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:
+    """create_graph=True: differentiate the norm's plain function (the reference) instead."""
+    desc, act = ctx.desc, ctx.act
+    if desc.reference is None:
+        raise NotImplementedError("double backward through a normlab engine call needs its reference function "
+                                  "(call the public function, or run under normlab.functional.fast_path(False))")
+    need = ctx.needs_input_grad
+    with torch.enable_grad(), fast_path(False):
+        xs = x if x.requires_grad else x.detach().requires_grad_()
+        y = desc.reference(xs, *params)
+        if act is not None:
+            y = torch.nn.functional.leaky_relu(y, act)
+        inputs = [xs, *params]
+        flags = [need[0], *need[4:]]
+        wrt = [t for t, k in zip(inputs, flags) if k]
+        grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    got = [next(grads) if k else None for k in flags]
+    return (got[0], None, None, None, *got[1:])
+
+
+class _NoGraph:
+    """The autograd context's stand-in when nothing needs a gradient."""
+
+
+def run(desc: Description, x: Tensor, channel_dim: int, params: Sequence[Tensor | None],
+        act: float | None = None) -> Tensor:
+    """The norm ``desc`` describes on ``x`` (a CPU tensor with a kernel view: the route said
+    "kernels"), through :class:`EngineNorm` when anything needs a gradient, else its forward
+    alone (no graph, nothing saved)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return EngineNorm.apply(x, desc, channel_dim, act, *params)
+    return _forward(_NoGraph(), x, desc, channel_dim, act, params)

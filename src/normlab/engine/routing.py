@@ -1,0 +1,200 @@
+"""Which backend runs a statistics norm: decided here, once per input signature, and cached.
+
+The backends are torch's own kernel for the same layer ("torch"), normlab's compiled kernels
+through the engine ("kernels"), and the plain autograd reference in ``normlab.functional``
+("plain"). The table below is the whole policy; :func:`route` applies it and caches the
+answer, so a call pays one dictionary lookup. Also here: the 3-d views of an input that the
+kernels work on, and :class:`fast_path` to force the engine on or off (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+
+__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS",
+           "dy_view", "fast_path", "forced", "is_half", "kernel_views", "route", "views"]
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+"""Half-precision inputs run on the compiled kernels (read and written in their own type,
+computed in float32): torch's own CPU kernels in these types are several times slower."""
+
+MIN_FAST_NUMEL = 1 << 15
+"""Below this many values bn, ln, gn and in call torch's own kernel once: the call is the
+cost there, and one call of torch's is the cheapest (measured, 1 and 2 threads)."""
+
+MIN_KERNEL_NUMEL = 1 << 17
+"""float32/float64 batch norm runs on normlab's kernels from this many values on (channel-first
+with positions); below, and channels-last or without positions at any size, torch's
+batch-norm kernel is as fast (measured)."""
+
+MIN_KERNEL_GROUP_NUMEL = 1 << 22
+"""float32/float64 channel-first group, layer and instance norm: torch's group-norm kernels (one
+pass per group from cache) are only beaten once the input no longer fits in the last-level
+cache (measured: about even at 3M values, 10% faster at 6M)."""
+
+MIN_KERNEL_POSITIONS = 16
+"""The per-(sample, channel) norms (group, instance, layer, RMS, switchable, batch-instance) need
+this many positions per (n, c) on the kernels: with fewer (an (N, C) input has one) their
+per-(n, c) statistics are as large as the input, and plain autograd is faster (measured on
+(256, 4096): sn 9 vs 64 ms, rms 1.8 vs 36 ms, ln 2.7 vs 3.8)."""
+
+
+def is_half(x: Tensor) -> bool:
+    return x.dtype in HALF_DTYPES
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
+    """("cf", (N, C, L) view) or ("cl", (N, L, C) view) of ``x`` without a copy, else None."""
+    xm = x.movedim(cd, 1)
+    n, c = xm.shape[0], xm.shape[1]
+    length = xm.numel() // max(n * c, 1)
+    if xm.is_contiguous():
+        return "cf", xm.reshape(n, c, length)
+    t = xm.movedim(1, -1)
+    if t.is_contiguous():
+        return "cl", t.reshape(n, length, c)
+    return None
+
+
+def kernel_views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
+    """:func:`views` for the kernels: an input without positions ((N, C), one value per (n, c))
+    is taken as channels-last (N, 1, C), whose kernels vectorise over C."""
+    got = views(x, cd)
+    if got is not None and got[0] == "cf" and got[1].shape[2] == 1:
+        v = got[1]
+        return "cl", v.view(v.shape[0], 1, v.shape[1])
+    return got
+
+
+def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str) -> Tensor:
+    """The incoming gradient as ``x``'s kernel view (copied into ``x``'s layout if it arrives
+    in another one, e.g. contiguous for a channels-last input)."""
+    got = kernel_views(dy, cd)
+    if got is None or got[0] != layout:
+        got = kernel_views(torch.empty_like(x).copy_(dy), cd)
+    return got[1]  # type: ignore[index]
+
+
+# None: automatic; True: the engine wherever it can run (tests); False: the plain reference
+_ENABLED: list[bool | None] = [None]
+
+
+def forced() -> bool:
+    """True inside ``fast_path(True)``."""
+    return _ENABLED[0] is True
+
+
+class fast_path:
+    """``with fast_path(False): ...`` runs the plain autograd reference; ``with fast_path(True):
+    ...`` takes the engine wherever it can run, also where torch's kernel or the plain path
+    would be chosen (for tests and benchmarks). Not thread-safe."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.prev = _ENABLED[0]
+        _ENABLED[0] = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        _ENABLED[0] = self.prev
+
+
+# ---------------------------------------------------------------------------------------------
+# The route of one call.
+#
+# route      runs                                            when
+# "plain"    the plain autograd reference (the public        fast_path(False); a device other than
+#            function's own math)                            the CPU (CUDA, meta); torch.compile
+#                                                            tracing; a dtype other than float
+#                                                            32/64, bfloat16, float16; an empty input
+# "torch"    torch's own kernel for the same layer, one      norms torch has (bn, ln, gn, in without
+#            call (bn: torch.batch_norm; ln, gn, in:         running statistics; ln/gn/in not on
+#            F.group_norm), the same running-statistics      channels-last input), local statistics,
+#            rule                                            parameters of the input's dtype (or
+#                                                            float32 with half input), more than one
+#                                                            value per group, not forced, and one of:
+#                                                            fewer than MIN_FAST_NUMEL values; bn in
+#                                                            float32/64 below MIN_KERNEL_NUMEL, or
+#                                                            channels-last, or without positions;
+#                                                            ln/gn/in in float32/64 channel-first
+#                                                            below MIN_KERNEL_GROUP_NUMEL or with
+#                                                            fewer than two (sample, group) items a
+#                                                            thread; no compiled kernels (also when
+#                                                            forced)
+# "kernels"  the engine (normlab.engine.function) on the     every other call the kernels can take:
+#            compiled kernels: moments, the norm's           a channel-first or channels-last dense
+#            description, one output pass; sums, the         view, at least MIN_KERNEL_POSITIONS
+#            adjoint, one input-gradient pass (per-sample    positions per (n, c) for the per-sample
+#            norms: both passes fused per (sample, group)    and mixed norms (any for bn)
+#            from cache when there are enough items)
+# "plain"    (again)                                         where neither applies
+# ---------------------------------------------------------------------------------------------
+
+_ROUTES: dict[tuple, str] = {}
+_MAX_ROUTES = 4096
+TORCH_NORMS = ("bn", "ln", "gn", "in")
+PER_CHANNEL = ("bn", "mobn", "brn", "on")  # (no positions needed: per-channel statistics, or online norm's stream)
+
+
+def _torch_fits(norm: str, x: Tensor, layout: str | None, groups: int, dtypes: tuple, flags: tuple) -> bool:
+    """Whether torch's own kernel computes this call as the norm does. Not its group norm on
+    channels-last input: that kernel computes E[x^2] - E[x]^2 (wrong in every digit at mean =
+    1e4 x spread in float32, tests/test_fused.py), where the engine and the plain path are exact."""
+    half = x.dtype in HALF_DTYPES  # (torch's kernels take float32 parameters with half inputs)
+    return (norm in TORCH_NORMS and all(flags) and (norm == "bn" or layout != "cl")
+            and all(d is None or d == x.dtype or (half and d == torch.float32) for d in dtypes)
+            and x.numel() // (x.shape[0] * groups) > 1)
+
+
+def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tuple) -> str:
+    mode = _ENABLED[0]
+    if (mode is False or x.device.type != "cpu" or _compiling() or x.numel() == 0
+            or x.dtype not in FLOAT_DTYPES + HALF_DTYPES):
+        return "plain"
+    kv = kernel_views(x, cd)
+    supported = kv is not None and _kernels.supports(x.dtype)
+    if _torch_fits(norm, x, kv and kv[0], groups, dtypes, flags) and (mode is None or not supported):
+        half = x.dtype in HALF_DTYPES
+        if not supported or x.numel() < MIN_FAST_NUMEL:
+            return "torch"
+        if norm == "bn" and not half and (x.numel() < MIN_KERNEL_NUMEL or kv[0] == "cl"):  # type: ignore[index]
+            return "torch"
+        if norm != "bn" and not half and kv[0] == "cf" and (  # type: ignore[index]
+                x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
+            return "torch"
+    kernels = supported
+    if kernels and norm not in PER_CHANNEL and norm != "rmsc":
+        kernels = x.numel() // (x.shape[0] * x.shape[cd]) >= MIN_KERNEL_POSITIONS or mode is True
+    return "kernels" if kernels else "plain"
+
+
+def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), flags: tuple = ()) -> str:
+    """"torch", "kernels" or "plain" for a call of ``norm`` on ``x`` (the table above).
+
+    ``cd``: the channel axis (non-negative); ``groups``: the statistics groups per sample (ln
+    1, gn G, in C; bn 1); ``dtypes``: those of the parameters and buffers (None where absent);
+    ``flags``: the norm's own conditions for the "torch" route (all true to take it). Cached
+    per signature (shape, strides, dtype, device, channel axis, grad mode, ``fast_path`` and
+    kernel settings)."""
+    if _compiling():  # torch.compile traces the plain path (and fuses it)
+        return "plain"
+    key = (norm, x.shape, x.stride(), x.dtype, x.device, cd, groups, dtypes, flags, torch.is_grad_enabled(),
+           _ENABLED[0], _kernels.switched_on(), torch.get_num_threads())
+    r = _ROUTES.get(key)
+    if r is None:
+        if len(_ROUTES) >= _MAX_ROUTES:
+            _ROUTES.clear()
+        r = _ROUTES[key] = _decide(norm, x, cd, groups, dtypes, flags)
+    return r
