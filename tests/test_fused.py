@@ -56,6 +56,8 @@ DESCRIPTIONS = {  # (description factory, parameters given) run by the engine di
     "instance": (lambda: engine.GroupStats(4, 1e-3), True),
     "group": (lambda: engine.GroupStats(2, 1e-3), True),
     "rms": (lambda: engine.GroupStats(1, 1e-3, center=False), True),
+    "frn": (lambda: engine.GroupStats(4, 1e-3, center=False), True),  # FRN's statistics: RMS per (n, c)
+    "grn": (lambda: engine.GlobalResponseStats(1e-3), True),
 }
 
 

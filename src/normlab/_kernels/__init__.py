@@ -153,7 +153,9 @@ def _dims(v: Tensor) -> tuple[int, int, int]:
 
 
 def _nc(t: Tensor, n: int, c: int) -> Tensor:
-    """A per-(n, c) coefficient as a contiguous float64 (N, C) tensor."""
+    """A per-(n, c) coefficient as a contiguous float64 (N, C) tensor (no copy if it is one)."""
+    if t.dtype == torch.float64 and t.shape == (n, c) and t.is_contiguous():
+        return t.detach()
     return t.detach().to(torch.float64).expand(n, c).contiguous()
 
 

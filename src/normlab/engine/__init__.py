@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _kernels
-from .describe import BatchInstanceStats, BatchStats, Description, GroupStats, SwitchableStats
+from .describe import BatchInstanceStats, BatchStats, Description, GlobalResponseStats, GroupStats, SwitchableStats
 from .function import EngineNorm, kernel_moments, run
 from .routing import fast_path, forced, is_half, kernel_views, route
 
-__all__ = ["BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GroupStats", "SwitchableStats",
+__all__ = ["BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GlobalResponseStats", "GroupStats",
+           "SwitchableStats",
            "affine_eval", "dtypes_of", "epilogue", "fast_path", "forced", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _moments
 from .._moments import Moments
 
-__all__ = ["BatchStats", "BatchInstanceStats", "Description", "GroupStats", "SwitchableStats"]
+__all__ = ["BatchStats", "BatchInstanceStats", "Description", "GlobalResponseStats", "GroupStats", "SwitchableStats"]
 
 
 def _row(t: Tensor | None, c: int, fill: float) -> Tensor:
@@ -87,7 +87,9 @@ class BatchStats(Description):
         self.needs_input = not mean_only  # mean-only: dx = dy - mean_c(dy) + 0 * x
 
     def merge(self, mean: Tensor, m2: Tensor, count: int, dtype: torch.dtype) -> Moments:
-        """The batch's per-channel moments (C,), over every process of the group."""
+        """The batch's per-channel moments (C,), over every process of the group (kept as
+        ``batch_moments``; a caller that merges first, as batch renorm does, sets
+        ``moments_given`` so that the engine does not merge, or synchronize, twice)."""
         m = _moments.reduce_moments(Moments(count, mean, m2), 0)
         m = Moments(m.count, m.mean.reshape(-1), m.m2.reshape(-1))
         if self.group is not None:
@@ -99,12 +101,13 @@ class BatchStats(Description):
                                                        m.m2.to(acc).reshape(shape)), self.group)
             total = s.count.reshape(-1)[0].item() if isinstance(s.count, Tensor) else s.count
             m = Moments(total, s.mean.reshape(-1).double(), s.m2.reshape(-1).double())
+        self.batch_moments = m
         return m
 
     def coefficients(self, mean, m2, count, weight=None, bias=None):
         if self.mean_only and weight is not None:
             raise ValueError("mean-only batch norm has no weight (its backward does not keep x)")
-        m = self.batch_moments = self.merge(mean, m2, count, self.dtype)
+        m = self.batch_moments if self.moments_given is not None else self.merge(mean, m2, count, self.dtype)
         c = m.mean.numel()
         self.count = float(m.count)
         self.rstd = torch.ones(1, c, dtype=torch.float64) if self.mean_only else \
@@ -292,3 +295,40 @@ class BatchInstanceStats(Description):
         dw = _out(self.p * self.r_b * big_h + (1 - self.p) * sum_ih, weight) if need[1] else None
         db = _out(big_g, bias) if need[2] else None
         return d_rho, dw, db
+
+
+class GlobalResponseStats(Description):
+    """Global Response Normalization (Woo et al., CVPR 2023): per (n, c) the L2 norm over the
+    positions ``G = sqrt(S)``, ``S = sum x^2 = M2 + K mean^2``, divided by its mean over the
+    channels, ``N = G / (mean_c G + eps)``; ``y = x (1 + gamma N) + beta`` (the residual inside),
+    an affine map per (n, c) with no centre. Adjoint, with ``s = sum dy x`` per (n, c),
+    ``A = gamma s`` (the gradient with respect to N) and ``D = mean_c G + eps``::
+
+        dL/dG_nc = A_nc / D_n - mean_c(A_n. G_n.) / D_n^2
+        dx = (1 + gamma N) dy + (dL/dG / G) x        dgamma = sum_n N s    dbeta = sum_n g
+
+    (``G`` is clamped at the smallest normal number, as the plain function does, so that an
+    all-zero channel has a finite gradient.)"""
+
+    center = False
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+
+    def coefficients(self, mean, m2, count, weight=None, bias=None):
+        n, c = mean.shape
+        self.g = (m2 + count * mean * mean).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        self.d = self.g.mean(1, keepdim=True) + self.eps
+        self.nx = self.g / self.d
+        self.gamma = _row(weight, c, 1.0)
+        return torch.zeros_like(mean), 1 + self.gamma * self.nx, _row(bias, c, 0.0).expand(n, c)
+
+    def input_grad(self, g, h, *params):
+        a = self.gamma * h  # (center 0: h = sum dy x)
+        d_g = a / self.d - (a * self.g).mean(1, keepdim=True) / self.d ** 2
+        return 1 + self.gamma * self.nx, d_g / self.g, torch.zeros_like(g)
+
+    def param_grads(self, g, h, need, weight=None, bias=None):
+        dw = _out((self.nx * h).sum(0), weight) if need[0] else None
+        db = _out(g.sum(0), bias) if need[1] else None
+        return dw, db

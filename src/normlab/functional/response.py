@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _moments
-from .._layout import per_channel
+from .. import _moments, engine
+from .._layout import channel_axis, per_channel
+from ..engine import GlobalResponseStats, GroupStats
 from ._common import affine, dims_for
 
 __all__ = ["filter_response_norm", "global_response_norm", "quadratic_mean"]
@@ -59,7 +60,15 @@ def filter_response_norm(
     the denominator becomes ``sqrt(nu2 + |eps| + |learned_eps|)``. eps 1e-6 is the paper's
     (timm uses 1e-5).
     """
-    nu2 = quadratic_mean(x, position_dims(x, channel_dim, "filter_response_norm"))
+    dims = position_dims(x, channel_dim, "filter_response_norm")
+    cd = channel_axis(x.ndim, channel_dim)
+    if learned_eps is None and engine.route("frn", x, cd) == "kernels":
+        # the engine: RMS norm per (sample, channel), i.e. one group per channel, uncentred
+        desc = GroupStats(x.shape[cd], abs(eps), center=False)
+        desc.reference = lambda x, w, b: filter_response_norm(x, w, b, eps=eps, channel_dim=cd)
+        y = engine.run(desc, x, cd, (weight, bias))
+        return y if tau is None else torch.maximum(y, per_channel(tau, x.ndim, cd).to(y.dtype))
+    nu2 = quadratic_mean(x, dims)
     denom = nu2 + abs(eps)
     if learned_eps is not None:
         denom = denom + learned_eps.abs().to(denom.dtype)
@@ -85,6 +94,11 @@ def global_response_norm(
     ``weight=None`` means gamma = 1, ``bias=None`` beta = 0.
     """
     dims = position_dims(x, channel_dim, "global_response_norm")
+    cd = channel_axis(x.ndim, channel_dim)
+    if engine.route("grn", x, cd) == "kernels":
+        desc = GlobalResponseStats(eps)
+        desc.reference = lambda x, w, b: global_response_norm(x, w, b, eps=eps, channel_dim=cd)
+        return engine.run(desc, x, cd, (weight, bias))
     count = 1
     for d in dims:
         count *= x.shape[d]
