@@ -275,7 +275,7 @@ def test_routing_table(name, channels_last, kernel_mode):
     everything else the engine when the kernels built, else the plain path."""
     small = torch.randn(3, 4, 5, 5)
     middle = torch.randn(4, 4, 64, 72)
-    large = torch.randn(4, 4, 128, 136)
+    large = torch.randn(4, 4, 256, 136)
     assert small.numel() < MIN_FAST_NUMEL <= middle.numel() < _routing.MIN_KERNEL_NUMEL <= large.numel()
     assert large.numel() < _routing.MIN_KERNEL_GROUP_NUMEL
     fmt = CL if channels_last else torch.contiguous_format

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .. import _kernels
 
-__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS",
+__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
+           "MIN_KERNEL_POSITIONS",
            "dy_view", "fast_path", "forced", "is_half", "kernel_views", "route", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -26,10 +27,16 @@ MIN_FAST_NUMEL = 1 << 15
 """Below this many values bn, ln, gn and in call torch's own kernel once: the call is the
 cost there, and one call of torch's is the cheapest (measured, 1 and 2 threads)."""
 
-MIN_KERNEL_NUMEL = 1 << 17
+MIN_KERNEL_NUMEL = 1 << 19
 """float32/float64 batch norm runs on normlab's kernels from this many values on (channel-first
 with positions); below, and channels-last or without positions at any size, torch's
-batch-norm kernel is as fast (measured)."""
+batch-norm kernel is as fast (measured, engine / torch forward+backward, one thread: 1.6 at
+131k values, 0.65 at 524k, 0.53 at 1M)."""
+
+MIN_HALF_BN_NUMEL = 1 << 21
+"""bfloat16/float16 batch norm runs on the kernels from this many values on, torch's kernel below
+(the engine's fixed cost, some 0.5 ms a step of small float64 work and calls around the kernels,
+is repaid from about 2M values: measured 2.9x at 131k, 1.2x at 1M, 0.90 at 2M, 0.77 at 6.4M)."""
 
 MIN_KERNEL_GROUP_NUMEL = 1 << 22
 """float32/float64 channel-first group, layer and instance norm: torch's group-norm kernels (one
@@ -127,8 +134,10 @@ class fast_path:
 #                                                            value per group, not forced, and one of:
 #                                                            fewer than MIN_FAST_NUMEL values; bn in
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
-#                                                            channels-last, or without positions;
-#                                                            ln/gn/in in float32/64 channel-first
+#                                                            channels-last, or without positions; bn
+#                                                            in half precision below
+#                                                            MIN_HALF_BN_NUMEL; ln/gn/in channel-
+#                                                            first in half precision, or in float32/64
 #                                                            below MIN_KERNEL_GROUP_NUMEL or with
 #                                                            fewer than two (sample, group) items a
 #                                                            thread; no compiled kernels (also when
@@ -169,11 +178,12 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
         half = x.dtype in HALF_DTYPES
         if not supported or x.numel() < MIN_FAST_NUMEL:
             return "torch"
-        if norm == "bn" and not half and (x.numel() < MIN_KERNEL_NUMEL or kv[0] == "cl"):  # type: ignore[index]
+        if norm == "bn" and (kv[0] == "cl" and not half or  # type: ignore[index]
+                             x.numel() < (MIN_HALF_BN_NUMEL if half else MIN_KERNEL_NUMEL)):
             return "torch"
-        if norm != "bn" and not half and kv[0] == "cf" and (  # type: ignore[index]
+        if norm != "bn" and kv[0] == "cf" and (half or  # type: ignore[index]
                 x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
-            return "torch"
+            return "torch"  # (half precision: torch's group norm was as fast at every size measured)
     kernels = supported
     if kernels and norm not in PER_CHANNEL and norm != "rmsc":
         kernels = x.numel() // (x.shape[0] * x.shape[cd]) >= MIN_KERNEL_POSITIONS or mode is True
