@@ -71,7 +71,9 @@ class _DynamicSquash(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.layout is not None and not torch.is_grad_enabled():  # (create_graph: the torch operations)
+        if torch.is_grad_enabled():  # create_graph=True
+            return _differentiable_backward(ctx, dy)
+        if ctx.layout is not None:
             return _kernel_backward(ctx, dy)
         x, alpha, shift, weight = ctx.saved_tensors
         cd = ctx.cd
@@ -93,6 +95,25 @@ class _DynamicSquash(torch.autograd.Function):
         ds = gd.sum().reshape(shift.shape) if need_s else None
         dx = gd.mul_(alpha) if need_x else None
         return dx, da, ds, dw, db if (need_b and ctx.has_bias) else None, None, None
+
+
+def _differentiable_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients as torch operations that autograd differentiates again (a double
+    backward): the equation's gradient, taken by autograd with ``create_graph``."""
+    x, alpha, shift, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad[:4]
+    wanted = [t for t, n in zip((x, alpha, shift, weight), need) if n]
+    got = iter(torch.autograd.grad(_equation(ctx.kind, x, alpha, shift, weight, ctx.cd), wanted, dy,
+                                   create_graph=True) if wanted else ())
+    db = _other_axes_sum(dy, ctx.cd) if ctx.needs_input_grad[4] and ctx.has_bias else None
+    return (*[next(got) if n else None for n in need], db, None, None)
+
+
+def _equation(kind: str, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, cd: int) -> Tensor:
+    """``weight * f(alpha * x + shift)`` (without the bias), out of place."""
+    z = x * alpha if shift is None else torch.addcmul(shift, x, alpha)
+    f = torch.tanh(z) if kind == "tanh" else torch.erf(z)
+    return f if weight is None else f * per_channel(weight, x.ndim, cd).to(x.dtype)
 
 
 def _kernel_layout(x: Tensor, cd: int) -> str | None:
