@@ -2,7 +2,7 @@
 forward+backward on the same input (issue 16's goal: at most 1.5x), in one process,
 alternating (order reversed every round), medians.
 
-    PYTHONPATH=src python3 benchmarks/squash_speed.py [threads] [rounds]
+    PYTHONPATH=src python3 examples/squash_speed.py [threads] [rounds]
 
 Cases: a transformer activation (32, 256, 768) with the channel axis last and an image batch
 (32, 64, 56, 56) channel-first, in float32 and bfloat16. The baseline is ``y = torch.tanh(x)``
@@ -13,11 +13,10 @@ torch operations (``fast_path(False)``). ``dy`` is random, of x's shape and type
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
+from modern_speed import measure  # (this folder: alternating rounds, medians)
 
 import normlab
 from normlab.functional import fast_path
@@ -33,19 +32,6 @@ def step(fn, x, dy, plain=False):
             y = fn(xx)
         y.backward(dy)
     return run
-
-
-def measure(cases: dict, rounds: int) -> dict:
-    times = {k: [] for k in cases}
-    for f in cases.values():
-        f()
-    order = list(cases)
-    for r in range(rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            cases[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
