@@ -54,7 +54,8 @@ def fit_rational(f, xmax: float, deg_p: int, deg_q: int) -> tuple[np.ndarray, np
     q_prev = np.ones_like(t)
     for _ in range(30):
         # P(t) - g (1 + q1 t + ...) = 0, error relative to g Q_prev
-        a = np.hstack([np.vander(t, deg_p + 1, increasing=True), -g[:, None] * np.vander(t, deg_q + 1, increasing=True)[:, 1:]])
+        a = np.hstack([np.vander(t, deg_p + 1, increasing=True),
+                       -g[:, None] * np.vander(t, deg_q + 1, increasing=True)[:, 1:]])
         scale = 1.0 / (g * q_prev)
         c = lawson(a * scale[:, None], g * scale, rounds=60)
         p, q = c[: deg_p + 1], np.concatenate([[1.0], c[deg_p + 1:]])
