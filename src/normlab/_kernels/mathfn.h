@@ -8,7 +8,7 @@
  *                up to overflow are right. x clamped to [-104, 88.75] (0 and inf beyond).
  *   nl_tanhf     x P(x^2) / Q(x^2), P of degree 4, Q of degree 5 (all of Q's coefficients
  *                positive: no pole), fitted on [0, 9]; x clamped to [-9.2, 9.2] (float32
- *                tanh is +-1 from 9.02 on).
+ *                tanh is +-1 from 9.01 on).
  *   nl_erff      the same form with degrees 5 and 5, x clamped to [-3.92, 3.92].
  *   nl_sigmoidf  1 / (1 + exp(-x)).
  *
