@@ -76,6 +76,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nl_rowrms_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n]
         getattr(lib, f"nl_rowrms_bwd_{s}").argtypes = [p, p, p, i, i, p, p, p, n]
         getattr(lib, f"nl_rowrms_fwd_{s}").restype = getattr(lib, f"nl_rowrms_bwd_{s}").restype = ctypes.c_int
+    from .elementwise import declare as declare_elementwise; declare_elementwise(lib)  # noqa: E702 (imports this module)
 
 
 def _lib() -> ctypes.CDLL | None:

@@ -33,7 +33,7 @@ from typing import Callable
 from ._selftest import SelfTestFailed, self_test
 
 _SOURCE = Path(__file__).with_name("kernels.c")
-_SOURCES = (_SOURCE, Path(__file__).with_name("kernels_impl.h"))
+_SOURCES = (_SOURCE, *sorted(Path(__file__).parent.glob("*.h")))  # every header kernels.c includes
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 _LIBS = ["-lm"]
 _memfds: list[int] = []  # kept open for the process's life: a reused /proc/self/fd name would hit dlopen's cache

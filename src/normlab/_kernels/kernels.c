@@ -159,3 +159,62 @@ static inline uint16_t f16_st(float f) {
 #define ST(v) f16_st(v)
 #define S(name) name##_f16
 #include "kernels_impl.h"
+
+/* ---- the element-wise norms (Dynamic Tanh, Dynamic erf): elementwise_impl.h, once per type;
+ * float32 and the half types with mathfn.h's float functions, float64 with libm's ---- */
+#include "mathfn.h"
+#undef T
+#undef CB
+#undef LD
+#undef ST
+#undef S
+#define EW_EXP nl_expf
+#define EW_TANH nl_tanhf
+#define EW_ERF nl_erff
+#define EW_SIGMOID nl_sigmoidf
+
+#define T float
+#define LD(v) (v)
+#define ST(v) (v)
+#define S(name) name##_f32
+#include "elementwise_impl.h"
+
+#undef T
+#define T uint16_t
+#undef LD
+#undef ST
+#undef S
+#define LD(v) bf16_ld(v)
+#define ST(v) bf16_st(v)
+#define S(name) name##_bf16
+#include "elementwise_impl.h"
+
+#undef LD
+#undef ST
+#undef S
+#define LD(v) f16_ld(v)
+#define ST(v) f16_st(v)
+#define S(name) name##_f16
+#include "elementwise_impl.h"
+
+#undef T
+#undef F
+#undef A
+#undef LD
+#undef ST
+#undef S
+#undef EW_EXP
+#undef EW_TANH
+#undef EW_ERF
+#undef EW_SIGMOID
+#define T double
+#define F double
+#define A double
+#define LD(v) (v)
+#define ST(v) (v)
+#define S(name) name##_f64
+#define EW_EXP nl_exp
+#define EW_TANH nl_tanh
+#define EW_ERF nl_erf
+#define EW_SIGMOID nl_sigmoid
+#include "elementwise_impl.h"

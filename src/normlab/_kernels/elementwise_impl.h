@@ -1,0 +1,240 @@
+/* The element-wise normalization-free norms, Dynamic Tanh and Dynamic erf, for one storage type
+ * T (arithmetic F, accumulator A, names S(...), LD/ST as in kernels_impl.h; EW_TANH, EW_ERF and
+ * EW_EXP name the float or double functions of mathfn.h). Included by kernels.c once per type.
+ *
+ *   forward   y = w_c f(z) + b_c,  z = alpha x + s,  f = tanh (kind 0) or erf (kind 1)
+ *             read x, write y
+ *   backward  g = dy w_c f'(z);  dx = alpha g                            read dy, x, write dx
+ *             and in the same pass: per channel sum dy f(z) (dweight) and sum dy (dbias);
+ *             over everything sum g x (dalpha) and sum g (dshift)
+ *
+ * w and b may be NULL (1 and 0). Two layouts: rows of an (M, C) matrix, the channel axis last
+ * ("cl"), and (N, C, L), channel-first ("cf"). Sums are accumulated in A over a row or at most
+ * MAX_ROWS rows (CF_CHUNK values of a channel-first row), then in double; the partial sums are
+ * added in a fixed order, so the results depend only on the shape and the thread count.
+ */
+
+#define EW_TWO_OVER_SQRT_PI 1.1283791670955126
+
+/* f(z) and, with fd, f'(z); kind is a constant after inlining, so each loop has one f */
+static inline __attribute__((always_inline)) F S(ew_f)(F z, const int kind) {
+    return kind ? EW_ERF(z) : EW_TANH(z);
+}
+
+static inline __attribute__((always_inline)) F S(ew_fd)(F z, const int kind, F *fd) {
+    if (kind) {
+        *fd = (F)EW_TWO_OVER_SQRT_PI * EW_EXP(-z * z);
+        return EW_ERF(z);
+    }
+    F t = EW_TANH(z);
+    *fd = 1 - t * t;
+    return t;
+}
+
+/* w and b as F vectors of length C (1 and 0 where absent); NULL if out of memory */
+static F *S(ew_affine)(const double *weight, const double *bias, i64 C) {
+    F *w = malloc(sizeof(F) * C * 2);
+    if (w)
+        for (i64 c = 0; c < C; c++) {
+            w[c] = (F)(weight ? weight[c] : 1.0);
+            w[C + c] = (F)(bias ? bias[c] : 0.0);
+        }
+    return w;
+}
+
+/* ---- forward ---- */
+
+static inline __attribute__((always_inline)) void S(ew_fwd_row)(const T *p, T *o, i64 C, F a, F s, const F *w,
+                                                                const F *b, const int kind) {
+#pragma omp simd
+    for (i64 c = 0; c < C; c++) o[c] = ST(w[c] * S(ew_f)(a * LD(p[c]) + s, kind) + b[c]);
+}
+
+static inline __attribute__((always_inline)) void S(ew_fwd_run)(const T *p, T *o, i64 L, F a, F s, F w, F b,
+                                                                const int kind) {
+#pragma omp simd
+    for (i64 i = 0; i < L; i++) o[i] = ST(w * S(ew_f)(a * LD(p[i]) + s, kind) + b);
+}
+
+int S(nl_squash_fwd_cl)(const T *x, T *y, i64 M, i64 C, int kind, double alpha, double shift, const double *weight,
+                        const double *bias, int nt) {
+    F *w = S(ew_affine)(weight, bias, C);
+    if (!w) return 1;
+    const F a = (F)alpha, s = (F)shift, *b = w + C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < M; r++) {
+        if (kind)
+            S(ew_fwd_row)(x + r * C, y + r * C, C, a, s, w, b, 1);
+        else
+            S(ew_fwd_row)(x + r * C, y + r * C, C, a, s, w, b, 0);
+    }
+    free(w);
+    return 0;
+}
+
+int S(nl_squash_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, double alpha, double shift,
+                        const double *weight, const double *bias, int nt) {
+    F *w = S(ew_affine)(weight, bias, C);
+    if (!w) return 1;
+    const F a = (F)alpha, s = (F)shift;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        i64 c = r % C;
+        if (kind)
+            S(ew_fwd_run)(x + r * L, y + r * L, L, a, s, w[c], w[C + c], 1);
+        else
+            S(ew_fwd_run)(x + r * L, y + r * L, L, a, s, w[c], w[C + c], 0);
+    }
+    free(w);
+    return 0;
+}
+
+/* ---- backward ---- */
+
+/* one row of C channels: dx, per-channel sums into fw (dy f) and fb (dy), the row's scalar
+ * sums into sums[0] (g x) and sums[1] (g) */
+static inline __attribute__((always_inline)) void S(ew_bwd_row)(const T *d, const T *p, T *o, i64 C, F a, F s,
+                                                                const F *w, A *fw, A *fb, double *sums,
+                                                                const int kind) {
+    A gx = 0, gs = 0;
+#pragma omp simd reduction(+ : gx, gs)
+    for (i64 c = 0; c < C; c++) {
+        F xv = LD(p[c]), dv = LD(d[c]), fd;
+        F f = S(ew_fd)(a * xv + s, kind, &fd);
+        F g = dv * w[c] * fd;
+        o[c] = ST(a * g);
+        fw[c] += dv * f;
+        fb[c] += dv;
+        gx += g * xv;
+        gs += g;
+    }
+    sums[0] += gx;
+    sums[1] += gs;
+}
+
+/* one channel-first run of L <= CF_CHUNK values: dx, and its four sums added to out[0..3]
+ * (dy f, dy, g x, g) */
+static inline __attribute__((always_inline)) void S(ew_bwd_run)(const T *d, const T *p, T *o, i64 L, F a, F s, F w,
+                                                                double *out, const int kind) {
+    A sf = 0, sb = 0, gx = 0, gs = 0;
+#pragma omp simd reduction(+ : sf, sb, gx, gs)
+    for (i64 i = 0; i < L; i++) {
+        F xv = LD(p[i]), dv = LD(d[i]), fd;
+        F f = S(ew_fd)(a * xv + s, kind, &fd);
+        F g = dv * w * fd;
+        o[i] = ST(a * g);
+        sf += dv * f;
+        sb += dv;
+        gx += g * xv;
+        gs += g;
+    }
+    out[0] += sf;
+    out[1] += sb;
+    out[2] += gx;
+    out[3] += gs;
+}
+
+/* dw, db: per channel (C); dscal: {sum g x, sum g}. Per-thread partial sums (static schedule,
+ * rows in order), added in thread order. */
+int S(nl_squash_bwd_cl)(const T *dy, const T *x, T *dx, i64 M, i64 C, int kind, double alpha, double shift,
+                        const double *weight, double *dw, double *db, double *dscal, int nt) {
+    F *w = S(ew_affine)(weight, NULL, C);
+    double *part = calloc((size_t)nt * (2 * C + 2), sizeof(double));
+    if (!w || !part) {
+        free(w);
+        free(part);
+        return 1;
+    }
+    const F a = (F)alpha, s = (F)shift;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        double *mine = part + (i64)omp_get_thread_num() * (2 * C + 2);
+        A *acc = calloc((size_t)C * 2, sizeof(A)); /* dy f and dy over up to MAX_ROWS rows */
+        i64 pending = 0;
+        if (!acc) failed = 1;
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < M; r++) {
+            if (!acc) continue;
+            if (kind)
+                S(ew_bwd_row)(dy + r * C, x + r * C, dx + r * C, C, a, s, w, acc, acc + C, mine + 2 * C, 1);
+            else
+                S(ew_bwd_row)(dy + r * C, x + r * C, dx + r * C, C, a, s, w, acc, acc + C, mine + 2 * C, 0);
+            if (++pending == MAX_ROWS) {
+                for (i64 c = 0; c < 2 * C; c++) {
+                    mine[c] += acc[c];
+                    acc[c] = 0;
+                }
+                pending = 0;
+            }
+        }
+        if (acc)
+            for (i64 c = 0; c < 2 * C; c++) mine[c] += acc[c];
+        free(acc);
+    }
+    for (i64 j = 0; j < 2 * C + 2; j++) {
+        double t = 0.0;
+        for (int th = 0; th < nt; th++) t += part[(i64)th * (2 * C + 2) + j];
+        if (j < C)
+            dw[j] = t;
+        else if (j < 2 * C)
+            db[j - C] = t;
+        else
+            dscal[j - 2 * C] = t;
+    }
+    free(w);
+    free(part);
+    return failed;
+}
+
+/* The same, channel-first: the four sums per (n, c) row (in double, chunk by chunk), then
+ * added over n per channel and over every row for the scalars, in index order. */
+int S(nl_squash_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int kind, double alpha, double shift,
+                        const double *weight, double *dw, double *db, double *dscal, int nt) {
+    F *w = S(ew_affine)(weight, NULL, C);
+    double *rows = calloc((size_t)N * C * 4, sizeof(double));
+    if (!w || !rows) {
+        free(w);
+        free(rows);
+        return 1;
+    }
+    const F a = (F)alpha, s = (F)shift;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        const F wc = w[r % C];
+        for (i64 s0 = 0; s0 < L; s0 += CF_CHUNK) {
+            i64 k = MIN(CF_CHUNK, L - s0), at = r * L + s0;
+            if (kind)
+                S(ew_bwd_run)(dy + at, x + at, dx + at, k, a, s, wc, rows + 4 * r, 1);
+            else
+                S(ew_bwd_run)(dy + at, x + at, dx + at, k, a, s, wc, rows + 4 * r, 0);
+        }
+    }
+    dscal[0] = dscal[1] = 0.0;
+    for (i64 c = 0; c < C; c++) dw[c] = db[c] = 0.0;
+    for (i64 r = 0; r < N * C; r++) {
+        dw[r % C] += rows[4 * r];
+        db[r % C] += rows[4 * r + 1];
+        dscal[0] += rows[4 * r + 2];
+        dscal[1] += rows[4 * r + 3];
+    }
+    free(w);
+    free(rows);
+    return 0;
+}
+
+/* y = f(x) for f = exp (0), tanh (1), erf (2), sigmoid (3): the math functions alone (in the
+ * same vectorised loops as the kernels), for tests */
+#define EW_MAP(fn)                                                                                                    \
+    _Pragma("omp simd") for (i64 i = 0; i < n; i++) y[i] = ST(fn(LD(x[i])))
+void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
+    if (which == 0)
+        EW_MAP(EW_EXP);
+    else if (which == 1)
+        EW_MAP(EW_TANH);
+    else if (which == 2)
+        EW_MAP(EW_ERF);
+    else
+        EW_MAP(EW_SIGMOID);
+}
+#undef EW_MAP

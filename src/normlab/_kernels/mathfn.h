@@ -1,0 +1,108 @@
+/* Branch-free float32 exp, tanh, erf and sigmoid that GCC vectorises inside `#pragma omp simd`
+ * loops (no libm calls, no tables, no branches: clamps and selects only). For the element-wise
+ * norms (Dynamic Tanh, Dynamic erf) and the activation epilogues (silu, gelu) of the kernels.
+ *
+ *   nl_expf      exp(x) = 2^k exp(r), k = nearest integer to x / ln 2, r = x - k ln 2 (two-part
+ *                ln 2, |r| <= ln2/2), exp(r) = 1 + r + r^2 P(r) with P of degree 4; 2^k built in
+ *                the exponent bits, as two factors so that results down to the subnormals and
+ *                up to overflow are right. x clamped to [-104, 88.75] (0 and inf beyond).
+ *   nl_tanhf     x P(x^2) / Q(x^2), P of degree 4, Q of degree 5 (all of Q's coefficients
+ *                positive: no pole), fitted on [0, 9]; x clamped to [-9.2, 9.2] (float32
+ *                tanh is +-1 from 9.01 on).
+ *   nl_erff      the same form with degrees 5 and 5, x clamped to [-3.92, 3.92].
+ *   nl_sigmoidf  1 / (1 + exp(-x)).
+ *
+ * The coefficients are near-minimax fits of the relative error in float64
+ * (benchmarks/fit_mathfn.py); the float32 errors against float64 torch are measured by
+ * tests/test_mathfn.py. NaN in gives NaN out; +-inf and +-0 give the function's limits (tanh
+ * and erf keep the sign of zero). With FMA hardware the polynomials use fused multiply-adds.
+ *
+ * Double precision calls libm (exact to the last bit or so, and float64 inputs are rare):
+ * nl_exp, nl_tanh, nl_erf, nl_sigmoid, so that a kernel written once per element type can
+ * name either set through a macro.
+ */
+#ifndef NORMLAB_MATHFN_H
+#define NORMLAB_MATHFN_H
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__FMA__)
+#define NL_FMA(a, b, c) fmaf(a, b, c)
+#else
+#define NL_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+typedef union {
+    uint32_t u;
+    int32_t i;
+    float f;
+} nl_bits;
+
+/* x limited to [lo, hi]; NaN stays NaN (both comparisons are false) */
+static inline float nl_clampf(float x, float lo, float hi) {
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+}
+
+/* 2^k for integer k in [-126, 127], from the exponent bits */
+static inline float nl_pow2i(int32_t k) {
+    nl_bits b;
+    b.i = (k + 127) << 23;
+    return b.f;
+}
+
+static inline float nl_expf(float x) {
+    x = nl_clampf(x, -104.0f, 88.75f);
+    const float shifter = 0x1.8p23f; /* adding it rounds to an integer (|x / ln 2| < 2^22) */
+    float kf = (x * 1.44269504f + shifter) - shifter;
+    float r = NL_FMA(kf, -0.693145752f, x);   /* ln 2, high part (exact times any k here) */
+    r = NL_FMA(kf, -1.42860677e-06f, r);       /* ln 2, low part */
+    float p = NL_FMA(0.00138146128f, r, 0.00836871006f);
+    p = NL_FMA(p, r, 0.041668389f);
+    p = NL_FMA(p, r, 0.166665211f);
+    p = NL_FMA(p, r, 0.49999994f);
+    float e = NL_FMA(p, r * r, r) + 1.0f;
+    int32_t k = (int32_t)kf, k1 = k / 2; /* two factors: 2^k may lie outside the normal range */
+    return e * nl_pow2i(k1) * nl_pow2i(k - k1);
+}
+
+static inline float nl_tanhf(float x) {
+    x = nl_clampf(x, -9.2f, 9.2f);
+    float t = x * x;
+    float p = NL_FMA(5.40039018e-08f, t, 3.25208384e-05f);
+    p = NL_FMA(p, t, 0.00405152468f);
+    p = NL_FMA(p, t, 0.138191476f);
+    p = NL_FMA(p, t, 1.0f);
+    float q = NL_FMA(8.02188482e-10f, t, 1.68943166e-06f);
+    q = NL_FMA(q, t, 0.000428507716f);
+    q = NL_FMA(q, t, 0.0278931316f);
+    q = NL_FMA(q, t, 0.471524805f);
+    q = NL_FMA(q, t, 1.0f);
+    return nl_clampf(x * p / q, -1.0f, 1.0f);
+}
+
+static inline float nl_erff(float x) {
+    x = nl_clampf(x, -3.92f, 3.92f);
+    float t = x * x;
+    float p = NL_FMA(2.05004608e-06f, t, 0.000284880021f);
+    p = NL_FMA(p, t, 0.00376561983f);
+    p = NL_FMA(p, t, 0.0527487174f);
+    p = NL_FMA(p, t, 0.190406889f);
+    p = NL_FMA(p, t, 1.12837911f);
+    float q = NL_FMA(3.80911515e-05f, t, 0.00116253109f);
+    q = NL_FMA(q, t, 0.0149692232f);
+    q = NL_FMA(q, t, 0.114109233f);
+    q = NL_FMA(q, t, 0.502076447f);
+    q = NL_FMA(q, t, 1.0f);
+    return nl_clampf(x * p / q, -1.0f, 1.0f);
+}
+
+static inline float nl_sigmoidf(float x) { return 1.0f / (1.0f + nl_expf(-x)); }
+
+static inline double nl_exp(double x) { return exp(x); }
+static inline double nl_tanh(double x) { return tanh(x); }
+static inline double nl_erf(double x) { return erf(x); }
+static inline double nl_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+#endif

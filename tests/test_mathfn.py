@@ -1,0 +1,79 @@
+"""The compiled kernels' float32 exp, tanh, erf and sigmoid (``_kernels/mathfn.h``) against
+torch in float64, over a dense sweep, random bit patterns, tiny and huge values and the
+special values, in float32 ulps of the correctly rounded result.
+
+Measured (gcc 12, AVX-512 with FMA): exp 1.01 ulp, tanh 5.29 ulp (near |x| = 8, where tanh is
+1 - 2e-7), erf 5.08 ulp (near |x| = 3.6), sigmoid 2.25 ulp where its value is a normal float
+(torch's own float32 sigmoid: 2.25 too; below x = -87.3 both round 1 / (1 + inf) to 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlab import _kernels
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason="compiled kernels unavailable")
+
+BOUND_ULPS = {"exp": 1.5, "tanh": 6.0, "erf": 6.0, "sigmoid": 3.0}
+REFERENCE = {"exp": torch.exp, "tanh": torch.tanh, "erf": torch.erf, "sigmoid": torch.sigmoid}
+FLT_MIN = 2.0**-126
+
+
+def _math(name: str, x: torch.Tensor) -> torch.Tensor:
+    from normlab._kernels.elementwise import math_function
+
+    return math_function(name, x)
+
+
+def _sweep() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (1_000_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    tiny = torch.logspace(-45, 1.5, 50_000)
+    x = torch.cat([torch.linspace(-120, 120, 1_000_001), torch.linspace(-10, 10, 1_000_001), tiny, -tiny,
+                   bits.view(torch.float32)])
+    return x[torch.isfinite(x)]
+
+
+def _ulps(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|got - ref| in units of the last place of ref rounded to float32."""
+    a = ref.float().abs()
+    ulp = (torch.nextafter(a, torch.tensor(float("inf"))) - a).double()
+    return (got.double() - ref).abs() / ulp
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_float32_error_in_ulps(name):
+    x = _sweep()
+    got, ref = _math(name, x), REFERENCE[name](x.double())
+    fin = torch.isfinite(ref.float())
+    assert torch.equal(got[~fin], ref[~fin].float())  # overflow to inf where float32 overflows
+    checked = fin & (ref.abs() >= FLT_MIN) if name == "sigmoid" else fin
+    err = _ulps(got[checked], ref[checked])
+    assert err.max().item() <= BOUND_ULPS[name], (name, err.max().item(), x[checked][err.argmax()].item())
+    if name == "sigmoid":  # subnormal values: as torch's float32 sigmoid, within FLT_MIN
+        assert (got[~checked] - ref[~checked]).abs().max().item() <= FLT_MIN
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_special_values_as_torch(name):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 200.0, -200.0])
+    got, want = _math(name, x), REFERENCE[name](x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-6, atol=0)
+    assert torch.equal(torch.signbit(got[ok]), torch.signbit(want[ok]))  # tanh(-0) = -0, erf(-0) = -0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_other_types_round_the_float_result(name, dtype):
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64).to(dtype)
+    got, ref = _math(name, x), REFERENCE[name](x.double())
+    if dtype == torch.float64:  # libm
+        torch.testing.assert_close(got, ref, rtol=1e-15, atol=1e-300)
+    else:  # computed in float32, rounded once: at most one ulp of the half type off
+        ulp = torch.finfo(dtype).eps * ref.abs().clamp(min=torch.finfo(dtype).tiny)
+        fin = torch.isfinite(ref.to(dtype))
+        assert ((got.double() - ref).abs()[fin] <= ulp[fin]).all()
