@@ -27,6 +27,8 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include "mathfn.h" /* vectorisable float exp, tanh, erf, sigmoid (the activation epilogues, dyt, derf) */
+
 typedef int64_t i64;
 
 #define BLOCK_BYTES 32768 /* rows of one channels-last block: stay in L1 for the second pass */

@@ -154,7 +154,9 @@ class fast_path:
 _ROUTES: dict[tuple, str] = {}
 _MAX_ROUTES = 4096
 TORCH_NORMS = ("bn", "ln", "gn", "in")
-PER_CHANNEL = ("bn", "mobn", "brn", "on")  # (no positions needed: per-channel statistics, or online norm's stream)
+PER_CHANNEL = ("bn", "mobn", "brn", "on", "squash")
+"""Norms that need no positions on the kernels: per-channel statistics, online norm's stream,
+and the element-wise ones (dyt, derf: ``normlab._kernels.elementwise``)."""
 
 
 def _torch_fits(norm: str, x: Tensor, layout: str | None, groups: int, dtypes: tuple, flags: tuple) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _kernels
 from .._kernels import elementwise as _ew
 from .._layout import channel_axis, per_channel
-from ._routing import dy_view, fast_layout, kernel_views
+from ..engine.routing import dy_view, kernel_views, route
 
 __all__ = ["dynamic_tanh", "dynamic_erf"]
 
@@ -119,16 +119,15 @@ def _equation(kind: str, x: Tensor, alpha: Tensor, shift: Tensor | None, weight:
 def _kernel_layout(x: Tensor, cd: int) -> str | None:
     """The compiled kernels' layout for ``x`` ("cl": rows with the channel axis last, "cf":
     channel-first), or None where the torch operations run."""
-    if fast_layout(x, cd, min_numel=0, half=True) is None or not _kernels.supports(x.dtype):
+    if route("squash", x, cd) != "kernels":
         return None
-    got = kernel_views(x, cd)
-    return None if got is None else got[0]
+    return kernel_views(x, cd)[0]  # type: ignore[index]
 
 
 def _view(t: Tensor, like: Tensor, cd: int, layout: str) -> Tensor:
     """``t`` as the kernels take it: (M, C) rows ("cl") or (N, C, L) ("cf"), in the layout of
     ``like`` (``x``; an incoming gradient in another layout is copied into it)."""
-    v = dy_view(t, like, cd, layout, kernel=True)
+    v = dy_view(t, like, cd, layout)
     return v.reshape(-1, v.shape[-1]) if layout == "cl" else v
 
 
