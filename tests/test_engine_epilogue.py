@@ -1,6 +1,6 @@
-"""Norm + activation (``make_norm(spec, C, act=...)``): ReLU and leaky ReLU run in the engine's
-output pass (and their derivative in its backward passes, from the saved input); silu and
-gelu follow the norm. Checked against torch's own layers followed by torch's activation
+"""Norm + activation (``make_norm(spec, C, act=...)``): ReLU, leaky ReLU, SiLU and exact GELU
+run in the engine's output pass (and their derivative in its backward passes, from the saved
+input). Checked against torch's own layers followed by torch's activation
 (an independent reference), train and eval, both layouts, and for memory."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_norm_with_activation_equals_torch_then_activation(spec, act, channels_l
 
 
 @pytest.mark.parametrize("spec", ["bn", "gn:2", "ln", "in", "rms"])
-@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "gelu"])
 def test_fused_activation_runs_in_the_engine_and_saves_one_input(spec, act):
     if not _kernels.available():
         pytest.skip(_kernels.status())

@@ -63,7 +63,7 @@ DESCRIPTIONS = {  # (description factory, parameters given) run by the engine di
 
 @pytest.mark.parametrize("desc", list(DESCRIPTIONS))
 @pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
-@pytest.mark.parametrize("act", [None, 0.0, 0.2])
+@pytest.mark.parametrize("act", [None, (1, 0.0), (1, 0.2), (2, 0.0), (3, 0.0)])  # none, relu, leaky, silu, gelu
 def test_gradcheck_engine_descriptions(desc, layout, act, kernel_mode):
     """Every description's closed-form adjoint, with and without the activation epilogue,
     against finite differences (float64), in both layouts."""

@@ -11,7 +11,7 @@ reduce          per (n, c): sum dy' and sum dy' * (x - center)    2T
 dx              dx = a * dy' + b * (x - center) + k               3T
 ==============  ===============================================  =========
 
-``act`` is an optional leaky-ReLU/ReLU epilogue (its slope; None: none), with
+``act`` is an optional activation epilogue (leaky ReLU/ReLU, SiLU, exact GELU), with
 ``dy' = dy * act'(y)`` recomputed from ``x`` in the backward passes. That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
 layout, where torch's own kernels for channels-last group and instance norm make many
 more passes. Moments are two-pass inside cache-sized blocks (x is read from memory once),
@@ -178,31 +178,37 @@ def moments(v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
     return mean, m2
 
 
-def _act_args(act: float | None, v: Tensor, layout: str, scale: Tensor | None,
+ACTIVATIONS = {"leaky_relu": 1, "silu": 2, "gelu": 3}
+"""The epilogues the kernels apply to the normalized value: ``act=(code, negative_slope)``
+(ReLU is leaky ReLU with slope 0; GELU is the exact, erf form)."""
+
+
+def _act_args(act: tuple[int, float] | None, v: Tensor, layout: str, scale: Tensor | None,
               shift: Tensor | None) -> tuple[list, int, float]:
-    """The epilogue's kernel arguments: (per-(n, c) scale and shift, act flag, slope)."""
+    """The epilogue's kernel arguments: (per-(n, c) scale and shift, act code, slope)."""
     if act is None:
         return [None, None], 0, 0.0
     n, c = _nc_shape(v, layout)
-    return [_nc(scale, n, c), _nc(shift, n, c)], 1, float(act)  # type: ignore[arg-type]
+    return [_nc(scale, n, c), _nc(shift, n, c)], int(act[0]), float(act[1])  # type: ignore[arg-type]
 
 
 def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
-           act: float | None = None) -> None:
+           act: tuple[int, float] | None = None) -> None:
     """``out = act((v - center) * scale + shift)`` with per-(n, c) coefficients (``out`` may be
-    ``v``); ``act``: None, or the slope of a leaky ReLU epilogue (0.0: ReLU)."""
+    ``v``); ``act``: None, or ``(code, negative_slope)`` from :data:`ACTIVATIONS`."""
     n, c = _nc_shape(v, layout)
     _dims(out)
     args = [_nc(t, n, c) for t in (center, scale, shift)]
-    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), int(act is not None),
-                                          0.0 if act is None else float(act), torch.get_num_threads()), "affine")
+    code, slope = (0, 0.0) if act is None else (int(act[0]), float(act[1]))
+    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), code, slope,
+                                          torch.get_num_threads()), "affine")
 
 
 def _ptrs(ts: list) -> list:
     return [None if t is None else _ptr(t) for t in ts]
 
 
-def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: float | None = None,
+def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: tuple[int, float] | None = None,
            scale: Tensor | None = None, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-(n, c) ``sum(dy')`` and ``sum(dy' * (x - center))``, float64 (N, C), with ``dy' = dy``
     or, given the forward's ``act``, ``scale`` and ``shift``, ``dy * act'((x - center) * scale + shift)``."""
@@ -218,7 +224,7 @@ def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: float | Non
 
 
 def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tensor, b: Tensor, k: Tensor,
-       act: float | None = None, scale: Tensor | None = None, shift: Tensor | None = None) -> None:
+       act: tuple[int, float] | None = None, scale: Tensor | None = None, shift: Tensor | None = None) -> None:
     """``out = a * dy' + b * (x - center) + k`` with per-(n, c) coefficients (``dy'`` as in :func:`reduce`)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)

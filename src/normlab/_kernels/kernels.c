@@ -56,11 +56,12 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
     *na = n;
 }
 
-/* The activation epilogue (act != 0): leaky ReLU with slope sl (ReLU: sl = 0) applied to the
- * normalized value v; its gradient passes dy where v > 0 and sl * dy elsewhere (torch's
- * convention at v = 0). Branch-free selects: the loops stay vectorised. */
-#define LEAKY(v, sl) ((v) > 0 ? (v) : (v) * (sl))
-#define LEAKY_GRAD(d, v, sl) ((v) > 0 ? (d) : (d) * (sl))
+/* The activation epilogue's functions (kernels_impl.h: act_fwd, act_grad): float versions for
+ * the float-computed types, libm's for float64. Leaky ReLU passes dy where v > 0 and sl * dy
+ * elsewhere (torch's convention at v = 0). */
+#define EP_SIGMOID nl_sigmoidf
+#define EP_ERF nl_erff
+#define EP_EXP nl_expf
 
 /* channels per register block of the channels-last reductions: 4 vector registers a row */
 #if defined(__AVX512F__)
@@ -84,12 +85,24 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #undef CB
 #undef S
 
+#undef EP_SIGMOID
+#undef EP_ERF
+#undef EP_EXP
+#define EP_SIGMOID nl_sigmoid
+#define EP_ERF nl_erf
+#define EP_EXP nl_exp
 #define T double
 #define F double
 #define A double
 #define CB (4 * VEC_BYTES / 8)
 #define S(name) name##_f64
 #include "kernels_impl.h"
+#undef EP_SIGMOID
+#undef EP_ERF
+#undef EP_EXP
+#define EP_SIGMOID nl_sigmoidf
+#define EP_ERF nl_erff
+#define EP_EXP nl_expf
 #undef T
 #undef F
 #undef A

@@ -6,6 +6,26 @@
  * would wait on the add latency at every step ---- */
 #define LANES 64
 
+/* the activation epilogue on a normalized value v (act: 1 leaky ReLU with slope sl, ReLU at
+ * sl = 0; 2 SiLU; 3 exact GELU) and its gradient times d; act is loop-invariant, so GCC
+ * unswitches the loops that call these into one vectorised loop per activation */
+static inline F S(act_fwd)(F v, int act, F sl) {
+    if (act == 2) return v * EP_SIGMOID(v);
+    if (act == 3) return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
+    return v > 0 ? v : v * sl;
+}
+
+static inline F S(act_grad)(F d, F v, int act, F sl) {
+    if (act == 2) {
+        F sg = EP_SIGMOID(v);
+        return d * sg * ((F)1 + v * ((F)1 - sg));
+    }
+    if (act == 3)
+        return d * ((F)0.5 * ((F)1 + EP_ERF(v * (F)0.70710678118654752)) +
+                    v * (F)0.39894228040143268 * EP_EXP((F)-0.5 * v * v));
+    return v > 0 ? d : d * sl;
+}
+
 /* the sum of the LANES accumulators as a tree of vector adds (a plain loop would be 64
  * dependent scalar adds: most of the work on short rows) */
 static inline A S(lanes_total)(A *acc) {
@@ -84,17 +104,17 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 }
 
 /* the same with the activation's gradient applied to dy: d = dy * leaky'((p - m) * s + b) */
-static inline void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, F sl, A *g, A *h) {
+static inline void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, A *g, A *h) {
     A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) {
-            F xc = LD(p[i + j]) - m, dd = LEAKY_GRAD(LD(d[i + j]), xc * s + b, sl);
+            F xc = LD(p[i + j]) - m, dd = S(act_grad)(LD(d[i + j]), xc * s + b, act, sl);
             ag[j] += dd;
             ah[j] += dd * xc;
         }
     for (; i < k; i++) {
-        F xc = LD(p[i]) - m, dd = LEAKY_GRAD(LD(d[i]), xc * s + b, sl);
+        F xc = LD(p[i]) - m, dd = S(act_grad)(LD(d[i]), xc * s + b, act, sl);
         sg += dd;
         sh += dd * xc;
     }
@@ -102,11 +122,12 @@ static inline void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, 
     *h = sh + S(lanes_total)(ah);
 }
 
-static inline void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, F sl, double *sg, double *sh) {
+static inline void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, double *sg,
+                                    double *sh) {
     *sg = *sh = 0.0;
     for (i64 o = 0; o < L; o += CF_CHUNK) {
         A g, h;
-        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, sl, &g, &h);
+        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, act, sl, &g, &h);
         *sg += g;
         *sh += h;
     }
@@ -134,7 +155,7 @@ void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center
 #pragma omp simd
             for (i64 i = 0; i < L; i++) {
                 F v = (LD(p[i]) - m) * s + b;
-                o[i] = ST(LEAKY(v, sl));
+                o[i] = ST(S(act_fwd)(v, act, sl));
             }
         } else {
 #pragma omp simd
@@ -148,7 +169,8 @@ void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double 
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         if (act)
-            S(row_sums_act)(dy + r * L, x + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], (F)slope, &g[r], &h[r]);
+            S(row_sums_act)(dy + r * L, x + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope, &g[r],
+                               &h[r]);
         else
             S(row_sums)(dy + r * L, x + r * L, L, (F)center[r], &g[r], &h[r]);
     }
@@ -168,7 +190,7 @@ void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const doub
 #pragma omp simd
             for (i64 i = 0; i < L; i++) {
                 F xc = LD(p[i]) - m;
-                o[i] = ST(ar * LEAKY_GRAD(LD(d[i]), xc * s + sb, sl) + br * xc + kr);
+                o[i] = ST(ar * S(act_grad)(LD(d[i]), xc * s + sb, act, sl) + br * xc + kr);
             }
         } else {
 #pragma omp simd
@@ -215,14 +237,14 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
 }
 
 static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
-                                                                      const A *m, const F *s, const F *b, F sl, A *sg,
-                                                                      A *sh) {
+                                                                      const A *m, const F *s, const F *b, int act, F sl,
+                                                                      A *sg, A *sh) {
     for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
-            F xc = LD(p[c]) - m[c], dd = LEAKY_GRAD(LD(d[c]), xc * s[c] + b[c], sl);
+            F xc = LD(p[c]) - m[c], dd = S(act_grad)(LD(d[c]), xc * s[c] + b[c], act, sl);
             sg[c] += dd;
             sh[c] += dd * xc;
         }
@@ -293,9 +315,9 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
                     b[c] = (F)shift[n * C + c0 + c];
                 }
                 if (w == CB)
-                    S(block_reduce_act)(dy + at, x + at, k, C, CB, m, s, b, sl, sg, sh);
+                    S(block_reduce_act)(dy + at, x + at, k, C, CB, m, s, b, act, sl, sg, sh);
                 else
-                    S(block_reduce_act)(dy + at, x + at, k, C, w, m, s, b, sl, sg, sh);
+                    S(block_reduce_act)(dy + at, x + at, k, C, w, m, s, b, act, sl, sg, sh);
             } else if (w == CB)
                 S(block_reduce)(dy + at, x + at, k, C, CB, m, sg, sh);
             else
@@ -347,7 +369,7 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 #pragma omp simd
             for (i64 c = 0; c < C; c++) {
                 F v = (LD(p[c]) - m[c]) * s[c] + b[c];
-                o[c] = ST(LEAKY(v, sl));
+                o[c] = ST(S(act_fwd)(v, act, sl));
             }
         } else {
 #pragma omp simd
@@ -376,7 +398,7 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
 #pragma omp simd
             for (i64 c = 0; c < C; c++) {
                 F xc = LD(p[c]) - m[c];
-                o[c] = ST(ar[c] * LEAKY_GRAD(LD(d[c]), xc * s[c] + sb[c], sl) + br[c] * xc + kr[c]);
+                o[c] = ST(ar[c] * S(act_grad)(LD(d[c]), xc * s[c] + sb[c], act, sl) + br[c] * xc + kr[c]);
             }
         } else {
 #pragma omp simd

@@ -25,21 +25,17 @@ from .routing import fast_path, forced, is_half, kernel_views, route
 
 __all__ = ["BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GlobalResponseStats", "GroupStats",
            "SwitchableStats",
-           "affine_eval", "dtypes_of", "epilogue", "fast_path", "forced", "kernel_moments", "local_only", "route",
+           "activate", "affine_eval", "dtypes_of", "epilogue", "fast_path", "forced", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 
-EPILOGUES = {"relu": 0.0, "leaky_relu": None}
-"""Activations the kernels apply in the output pass (and differentiate in the backward passes):
-ReLU, and leaky ReLU with its negative slope."""
-
-
-def epilogue(act: str | None, negative_slope: float = 0.01) -> float | None:
-    """The kernels' epilogue argument for ``act`` (its negative slope), or None where there is
-    none or the kernels do not fuse it (the caller then applies the activation after the norm)."""
-    if act not in EPILOGUES:
-        return None
-    slope = EPILOGUES[act]
-    return float(negative_slope) if slope is None else slope
+def epilogue(act: str | None, negative_slope: float = 0.01) -> tuple[int, float] | None:
+    """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu), or None
+    where there is none (the caller applies any other activation after the norm)."""
+    if act == "relu":
+        return _kernels.ACTIVATIONS["leaky_relu"], 0.0
+    if act in _kernels.ACTIVATIONS:
+        return _kernels.ACTIVATIONS[act], float(negative_slope)
+    return None
 
 
 def dtypes_of(*tensors: Tensor | None) -> tuple:
@@ -87,7 +83,7 @@ def torch_group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Te
 
 
 def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float, weight: Tensor | None,
-                bias: Tensor | None, act: float | None = None) -> Tensor | None:
+                bias: Tensor | None, act: tuple[int, float] | None = None) -> Tensor | None:
     """``act(weight * (x - mean) / sqrt(var + eps) + bias)`` with per-channel constants in one
     pass (``var=None``: ``x - mean + bias``), or None where this does not apply (the caller's
     plain path). Differentiable calls run torch's eval batch-norm kernel (then the activation);
@@ -99,7 +95,7 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float
             return None
         ones = torch.ones_like(mean) if var is None else var
         y = torch.batch_norm(x, weight, bias, mean, ones, False, 0.0, 0.0 if var is None else eps, False)
-        return y if act is None else F.leaky_relu(y, act)
+        return y if act is None else activate(y, act)
     got = kernel_views(x, cd)
     if got is None:
         return None
@@ -110,3 +106,13 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float
     _kernels.affine(got[1], kernel_views(y, cd)[1], got[0], mean, scale,  # type: ignore[index]
                     torch.zeros_like(scale) if bias is None else bias, act=act)
     return y
+
+
+def activate(y: Tensor, act: tuple[int, float]) -> Tensor:
+    """The epilogue ``act`` applied by torch's own activation (the reference of the kernels')."""
+    code, slope = act
+    if code == _kernels.ACTIVATIONS["silu"]:
+        return F.silu(y)
+    if code == _kernels.ACTIVATIONS["gelu"]:
+        return F.gelu(y)
+    return F.leaky_relu(y, slope)

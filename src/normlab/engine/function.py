@@ -2,7 +2,8 @@
 compiled kernels.
 
 forward:  per-(n, c) moments (one read)  ->  description.coefficients (small, (N, C))
-          ->  y = act((x - center) * scale + shift)  (one read, one write)
+          ->  y = act((x - center) * scale + shift)  (one read, one write; act: ReLU, leaky
+          ReLU, SiLU, exact GELU or none)
 backward: per-(n, c) g = sum dy', h = sum dy' (x - center)  (one read of dy and x; dy' = dy
           times the activation's derivative, recomputed from x)  ->  description.input_grad
           ->  dx = a * dy' + b * (x - center) + k  (one pass)
@@ -28,7 +29,7 @@ from .routing import dy_view, fast_path, kernel_views
 __all__ = ["EngineNorm", "run", "kernel_moments"]
 
 
-def _fused(desc: Description, layout: str, n: int, length: int, act: float | None) -> str | None:
+def _fused(desc: Description, layout: str, n: int, length: int, act: tuple[int, float] | None) -> str | None:
     """Which fused per-sample passes apply: "rows" (RMS over the channels of each position),
     "group" (per (sample, group) or per sample from cache), or None (the generic passes).
     The fused passes need at least two work items a thread."""
@@ -47,7 +48,8 @@ def kernel_moments(x: Tensor, cd: int) -> tuple[Tensor, Tensor, int]:
     return mean, m2, v.numel() // max(mean.numel(), 1)
 
 
-def _forward(ctx, x: Tensor, desc: Description, cd: int, act: float | None, params: Sequence[Tensor | None]) -> Tensor:
+def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] | None,
+             params: Sequence[Tensor | None]) -> Tensor:
     layout, v = kernel_views(x, cd)  # type: ignore[misc]
     n, c = x.shape[0], x.shape[cd]
     length = v.numel() // max(n * c, 1)
@@ -73,12 +75,13 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: float | None, para
 
 class EngineNorm(torch.autograd.Function):
     """``apply(x, desc, channel_dim, act, *params)``: the norm ``desc`` describes, with an
-    optional leaky-ReLU/ReLU epilogue (``act``: its negative slope, 0.0 for ReLU; None: none).
+    optional activation epilogue (``act``: ``(code, negative_slope)`` of
+    :data:`normlab._kernels.ACTIVATIONS`, from :func:`normlab.engine.epilogue`; None: none).
     After the call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C)) and, for batch norms,
     ``desc.batch_moments`` hold the moments for running statistics."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, desc: Description, channel_dim: int, act: float | None,  # type: ignore[override]
+    def forward(ctx, x: Tensor, desc: Description, channel_dim: int, act: tuple[int, float] | None,  # type: ignore[override]
                 *params: Tensor | None) -> Tensor:
         y = _forward(ctx, x, desc, channel_dim, act, params)
         ctx.desc, ctx.cd, ctx.act = desc, channel_dim, act
@@ -127,7 +130,9 @@ def _double_backward(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:
         xs = x if x.requires_grad else x.detach().requires_grad_()
         y = desc.reference(xs, *params)
         if act is not None:
-            y = torch.nn.functional.leaky_relu(y, act)
+            from . import activate  # (the package's helper; imported here: the package imports this module)
+
+            y = activate(y, act)
         inputs = [xs, *params]
         flags = [need[0], *need[4:]]
         wrt = [t for t, k in zip(inputs, flags) if k]
@@ -141,7 +146,7 @@ class _NoGraph:
 
 
 def run(desc: Description, x: Tensor, channel_dim: int, params: Sequence[Tensor | None],
-        act: float | None = None) -> Tensor:
+        act: tuple[int, float] | None = None) -> Tensor:
     """The norm ``desc`` describes on ``x`` (a CPU tensor with a kernel view: the route said
     "kernels"), through :class:`EngineNorm` when anything needs a gradient, else its forward
     alone (no graph, nothing saved)."""
