@@ -62,6 +62,15 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define EP_SIGMOID nl_sigmoidf
 #define EP_ERF nl_erff
 #define EP_EXP nl_expf
+/* M(K) once per activation code K, as a literal (see act_fwd in kernels_impl.h) */
+#define ACT_SWITCH(act, M)                                                                                     \
+    do {                                                                                                       \
+        switch (act) {                                                                                         \
+        case 2: M(2) break;                                                                                    \
+        case 3: M(3) break;                                                                                    \
+        default: M(1) break;                                                                                   \
+        }                                                                                                      \
+    } while (0)
 
 /* channels per register block of the channels-last reductions: 4 vector registers a row */
 #if defined(__AVX512F__)

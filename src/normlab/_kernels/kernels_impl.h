@@ -7,15 +7,16 @@
 #define LANES 64
 
 /* the activation epilogue on a normalized value v (act: 1 leaky ReLU with slope sl, ReLU at
- * sl = 0; 2 SiLU; 3 exact GELU) and its gradient times d; act is loop-invariant, so GCC
- * unswitches the loops that call these into one vectorised loop per activation */
-static inline F S(act_fwd)(F v, int act, F sl) {
+ * sl = 0; 2 SiLU; 3 exact GELU) and its gradient times d. Callers pass act as a literal
+ * constant through ACT_SWITCH (kernels.c), so that each loop is compiled, and vectorised, once
+ * per activation with the branches folded away */
+static inline __attribute__((always_inline)) F S(act_fwd)(F v, int act, F sl) {
     if (act == 2) return v * EP_SIGMOID(v);
     if (act == 3) return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
     return v > 0 ? v : v * sl;
 }
 
-static inline F S(act_grad)(F d, F v, int act, F sl) {
+static inline __attribute__((always_inline)) F S(act_grad)(F d, F v, int act, F sl) {
     if (act == 2) {
         F sg = EP_SIGMOID(v);
         return d * sg * ((F)1 + v * ((F)1 - sg));
@@ -104,7 +105,7 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 }
 
 /* the same with the activation's gradient applied to dy: d = dy * leaky'((p - m) * s + b) */
-static inline void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, A *g, A *h) {
+static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, A *g, A *h) {
     A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
@@ -122,7 +123,7 @@ static inline void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, 
     *h = sh + S(lanes_total)(ah);
 }
 
-static inline void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, double *sg,
+static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, double *sg,
                                     double *sh) {
     *sg = *sh = 0.0;
     for (i64 o = 0; o < L; o += CF_CHUNK) {
@@ -152,11 +153,10 @@ void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center
         T *o = y + r * L;
         const F m = (F)center[r], s = (F)scale[r], b = (F)shift[r];
         if (act) {
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) {
-                F v = (LD(p[i]) - m) * s + b;
-                o[i] = ST(S(act_fwd)(v, act, sl));
-            }
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl));
+            ACT_SWITCH(act, LOOP);
+#undef LOOP
         } else {
 #pragma omp simd
             for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
@@ -168,10 +168,12 @@ void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double 
                      const double *scale, const double *shift, int act, double slope, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
-        if (act)
-            S(row_sums_act)(dy + r * L, x + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope, &g[r],
-                               &h[r]);
-        else
+        if (act) {
+#define SUMS(K) S(row_sums_act)(dy + r * L, x + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], K, (F)slope, \
+                                &g[r], &h[r]);
+            ACT_SWITCH(act, SUMS);
+#undef SUMS
+        } else
             S(row_sums)(dy + r * L, x + r * L, L, (F)center[r], &g[r], &h[r]);
     }
 }
@@ -187,11 +189,13 @@ void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const doub
         const F m = (F)center[r], ar = (F)a[r], br = (F)b[r], kr = (F)k[r];
         if (act) {
             const F s = (F)scale[r], sb = (F)shift[r];
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) {
-                F xc = LD(p[i]) - m;
-                o[i] = ST(ar * S(act_grad)(LD(d[i]), xc * s + sb, act, sl) + br * xc + kr);
-            }
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
+        F xc = LD(p[i]) - m;                                                                                   \
+        o[i] = ST(ar * S(act_grad)(LD(d[i]), xc * s + sb, K, sl) + br * xc + kr);                              \
+    }
+            ACT_SWITCH(act, LOOP);
+#undef LOOP
         } else {
 #pragma omp simd
             for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(d[i]) + br * (LD(p[i]) - m) + kr);
@@ -314,10 +318,13 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
                     s[c] = (F)scale[n * C + c0 + c];
                     b[c] = (F)shift[n * C + c0 + c];
                 }
-                if (w == CB)
-                    S(block_reduce_act)(dy + at, x + at, k, C, CB, m, s, b, act, sl, sg, sh);
-                else
-                    S(block_reduce_act)(dy + at, x + at, k, C, w, m, s, b, act, sl, sg, sh);
+#define RED(K)                                                                                                 \
+    if (w == CB)                                                                                               \
+        S(block_reduce_act)(dy + at, x + at, k, C, CB, m, s, b, K, sl, sg, sh);                                \
+    else                                                                                                       \
+        S(block_reduce_act)(dy + at, x + at, k, C, w, m, s, b, K, sl, sg, sh);
+                ACT_SWITCH(act, RED);
+#undef RED
             } else if (w == CB)
                 S(block_reduce)(dy + at, x + at, k, C, CB, m, sg, sh);
             else
@@ -366,11 +373,10 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
         const F *m = co + n * C, *s = co + (N + n) * C, *b = co + (2 * N + n) * C;
         T *o = y + r * C;
         if (act) {
-#pragma omp simd
-            for (i64 c = 0; c < C; c++) {
-                F v = (LD(p[c]) - m[c]) * s[c] + b[c];
-                o[c] = ST(S(act_fwd)(v, act, sl));
-            }
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(act_fwd)((LD(p[c]) - m[c]) * s[c] + b[c], K, sl));
+            ACT_SWITCH(act, LOOP);
+#undef LOOP
         } else {
 #pragma omp simd
             for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
@@ -395,11 +401,13 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
         T *o = dx + r * C;
         if (act) {
             const F *s = co + (4 * N + n) * C, *sb = co + (5 * N + n) * C;
-#pragma omp simd
-            for (i64 c = 0; c < C; c++) {
-                F xc = LD(p[c]) - m[c];
-                o[c] = ST(ar[c] * S(act_grad)(LD(d[c]), xc * s[c] + sb[c], act, sl) + br[c] * xc + kr[c]);
-            }
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
+        F xc = LD(p[c]) - m[c];                                                                                \
+        o[c] = ST(ar[c] * S(act_grad)(LD(d[c]), xc * s[c] + sb[c], K, sl) + br[c] * xc + kr[c]);               \
+    }
+            ACT_SWITCH(act, LOOP);
+#undef LOOP
         } else {
 #pragma omp simd
             for (i64 c = 0; c < C; c++) o[c] = ST(ar[c] * LD(d[c]) + br[c] * (LD(p[c]) - m[c]) + kr[c]);
