@@ -132,7 +132,8 @@ class Task:
     # ----------------------------------------------------------------- model
     def default_norms(self) -> list[str]:
         """``default_norm_specs`` when the task sets them, else every registered norm whose
-        ``applies_to`` includes this task's kind."""
+        ``applies_to`` includes this task's kind (and, for a conv task, ``default_ws_specs``
+        with their convs weight-standardized: ``gn:4+ws``)."""
         if self.default_norm_specs is not None:
             return [self.full_spec(s) for s in self.default_norm_specs]
         specs = [self.spec_for(e) for e in describe_norms() if self.kind in e.applies_to]
