@@ -24,6 +24,8 @@ from normlab.cli import main
     (["--model", "mlp", "--dtype", "float16"], "--model runs float32 or bfloat16"),
     (["--model", "mlp", "--batch-size", "8,-1"], "--batch-size must be"),
     (["--threads", "0"], "--threads must be a positive integer"),
+    (["--norms", "bn+tanh"], "unknown activation 'tanh' after '+'; known: relu, leaky_relu, silu, gelu"),
+    (["--norms", "foo+relu"], "unknown norm 'foo'"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -87,3 +89,69 @@ def test_small_mode(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["torch_layer"] for r in rows] == ["BatchNorm2d", "LayerNorm"]
     assert all(r["fwd_us"] > 0 and r["torch_fwd_bwd_us"] > 0 for r in rows)
+
+
+def test_default_norms_include_the_new_specs_and_a_fused_row():
+    from normlab.bench import DEFAULT_NORMS, split_act
+    from normlab.registry import parse_spec
+
+    for spec in ("frn", "evob0", "grn", "pn", "dyt", "derf"):
+        assert spec in DEFAULT_NORMS
+    assert any(s.startswith("evos0:") for s in DEFAULT_NORMS)
+    assert any(split_act(s)[1] == "relu" for s in DEFAULT_NORMS)
+    for spec in DEFAULT_NORMS:
+        parse_spec(split_act(spec)[0])  # every default is a real spec
+    assert split_act("bn+relu") == ("bn", "relu") and split_act("gn:8+ws") == ("gn:8+ws", None)
+    assert split_act("gn:4+SiLU") == ("gn:4", "silu")
+
+
+def test_elementwise_and_fused_rows_point_at_their_baselines(tmp_path, capsys):
+    """dyt/derf are measured against one torch.tanh row on the channel-last tensor, bn+relu
+    against normlab bn then relu, which is measured against torch's BatchNorm2d then relu."""
+    out = tmp_path / "b.json"
+    assert main(["bench", "--shape", "2,8,3,3", "--norms", "dyt,derf,bn+relu,frn,evob0,evos0:4,grn,pn", "--quick",
+                 "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "torch.tanh forward+backward" in text and "goal" in text.splitlines()[1]
+    data = json.loads(out.read_text())
+    assert data["skipped"] == {}
+    rows = {r["name"]: r for r in data["rows"]}
+    assert [n for n in rows if n == "tanh"] == ["tanh"] and rows["tanh"]["native"]
+    nbytes = 2 * 8 * 3 * 3 * 4
+    assert rows["tanh"]["saved_bytes"] == nbytes  # its output
+    assert nbytes <= rows["dyt"]["saved_bytes"] < nbytes + 64  # x, and parameter-sized tensors
+    for name, counterpart, goal in (("dyt", "tanh", 1.5), ("derf", "tanh", 1.5), ("bn+relu", "bn then relu", 0.8),
+                                    ("bn then relu", "BatchNorm2d then relu", None)):
+        r = rows[name]
+        assert r["counterpart"] == counterpart and r["goal"] == goal
+        assert r["ratio_to_counterpart"] == pytest.approx(r["train_fwd_bwd_ms"] / rows[counterpart]["train_fwd_bwd_ms"])
+    assert rows["BatchNorm2d then relu"]["native"] and not rows["bn then relu"]["native"]
+    for spec in ("frn", "evob0", "evos0:4", "grn", "pn"):
+        assert rows[spec]["ratio_to_native_bn"] > 0 and rows[spec]["saved_bytes"] > 0
+
+
+def test_goal_rows_compute_what_their_names_say():
+    """The fused layer, normlab's norm then the activation and torch's norm then it give one
+    result (same parameters), and the tanh row is torch.tanh: the ratios compare like with like."""
+    from normlab.bench import TANH, _Case, _goal_cases, _native_for, _layer
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    dy = torch.randn_like(x)
+    fused = _layer("bn+silu", 6)
+    case = _Case("bn+silu", fused, x, dy, False)
+    extra = _goal_cases(case, "bn", "silu", _native_for("bn", 6, 4), _layer("bn", 6), torch.float32, set())
+    assert [k.name for k in extra] == ["bn then silu", "BatchNorm2d then silu"] and case.counterpart == "bn then silu"
+    with torch.no_grad():
+        for m in (fused, extra[0].module[0], extra[1].module[0]):
+            m.weight.copy_(torch.linspace(-1, 2, 6))
+            m.bias.copy_(torch.linspace(0.5, -0.5, 6))
+    ref = torch.nn.functional.silu(torch.nn.functional.batch_norm(x, None, None, torch.linspace(-1, 2, 6),
+                                                                  torch.linspace(0.5, -0.5, 6), training=True))
+    for m in (fused, extra[0].module, extra[1].module):
+        torch.testing.assert_close(m.train()(x), ref, atol=1e-5, rtol=1e-5)
+    el = _Case("dyt", _layer("dyt", 6, channel_dim=-1), x, dy, False)
+    (tanh,) = _goal_cases(el, "dyt", None, None, _layer("dyt", 6), torch.float32, {"bn"})
+    assert tanh.name == TANH and el.goal == 1.5
+    torch.testing.assert_close(tanh.module(x), torch.tanh(x))
+    assert _goal_cases(el, "dyt", None, None, _layer("dyt", 6), torch.float32, {TANH}) == []

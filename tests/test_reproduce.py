@@ -53,6 +53,29 @@ def test_within_rule() -> None:
         verdict(0.1, 0.1, rule="two-sided")
 
 
+def test_identical_arms_reproduce_a_within_claim() -> None:
+    """sync-bn.match's edge, on hand-made errors counted in validation images: arms computing the
+    same thing give d = 0 and se = 0, which the within rule calls reproduced; the same non-zero
+    difference on every seed (se = 0, or an ulp from it) is contradicted; the note says which."""
+    from normlab.study.reproduce.run import same_difference_note
+
+    sync = [707 / 2000, 866 / 2000]
+    same = [b - a for a, b in zip(sync, list(sync))]
+    d, se = paired_stats(same)
+    assert (d, se) == (0.0, 0.0)
+    assert verdict(d, se, rule="within") == "reproduced" and verdict(d, se) == "inconclusive"
+    assert "same difference (se = 0), +0 of 2000 validation examples" in same_difference_note(same, "within", 2000)
+    one_off = [708 / 2000 - 707 / 2000, 865 / 2000 - 864 / 2000]  # one image apart on both seeds
+    d, se = paired_stats(one_off)
+    assert d == pytest.approx(0.0005) and se < 1e-15
+    assert verdict(d, se, rule="within") == "contradicted"
+    note = same_difference_note(one_off, "within", 2000)
+    assert note is not None and "+1 of 2000" in note and "needs d = 0 exactly" in note
+    assert same_difference_note(one_off, "directional") == ("every seed gave the same difference (se = 0): the rule "
+                                                            "then reads d alone")
+    assert same_difference_note([0.1, 0.2], "within", 2000) is None and same_difference_note([0.1], "within") is None
+
+
 # ------------------------------------------------------------ the claims
 def test_the_issue_claims_are_all_defined_and_paired() -> None:
     assert [c.id for c in CLAIMS] == ISSUE_IDS
@@ -104,13 +127,12 @@ def test_a_claim_whose_spec_is_missing_is_reported_not_run(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("claim_id, spec", [("gn-ws", "gn:8+ws"), ("frn-batch-one", "frn"), ("dyt-ln", "dyt")])
-def test_claims_on_other_helpers_norms(claim_id: str, spec: str) -> None:
-    """Claims 14-16 need norms (and a task) that other work adds: skipped, with the reason,
-    until they are registered; then every arm's model trains one step on its real data."""
+def test_claims_on_the_modern_norms_run(claim_id: str, spec: str) -> None:
+    """Claims 14-16 (gn:8+ws, frn, dyt and the transformer task) are available, quick and full,
+    and every arm's model trains one step on its real data."""
     (claim,) = get_claims([claim_id])
-    reason = availability(claim, quick=True)
-    if reason is not None:
-        pytest.skip(f"{claim_id}: {reason}")
+    assert availability(claim, quick=True) is None and availability(claim, quick=False) is None
+    assert spec in {arm.norm for arm in claim.arms}
     for arm in claim.arms:
         cell = claim.cell(arm, 0, True)
         task = get_task(cell.task)
@@ -225,3 +247,5 @@ def test_ws_task_standardizes_or_says_why() -> None:
         return
     assert standardizes_convs(task.build_model("gn:8+ws"), task.input_shape)
     assert not standardizes_convs(get_task("fashion-mnist").build_model("gn:8"), task.input_shape)
+    # the study's own tasks build "+ws" through normlab.convert: standardized too
+    assert standardizes_convs(get_task("fashion-mnist").build_model("gn:8+ws"), task.input_shape)

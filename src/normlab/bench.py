@@ -14,7 +14,14 @@ is ``4 * t_copy`` and ``fraction = 4 * t_copy / t_fwd_bwd`` (1.0 = at the limit)
 ``lnc`` and ``rmsc`` normalize over the channel axis alone (transformer style); they are
 timed on the channel-last version of the shape, ``(N, *spatial, C)`` with ``channel_dim=-1``,
 against ``torch.nn.LayerNorm(C)`` / ``torch.nn.RMSNorm(C)``: ``--shape 64,768,256`` is the
-``(64, 256, 768)`` sequence batch of the issue.
+``(64, 256, 768)`` sequence batch of the issue. ``dyt`` and ``derf`` (element-wise, no
+statistics) run on that channel-last input too, against a ``torch.tanh`` forward+backward
+on the same tensor (row ``torch tanh``; their goal: at most 1.5x).
+
+``NORM+ACT`` (``bn+relu``; ACT one of relu, leaky_relu, silu, gelu) times the fused layer
+``make_norm(NORM, C, act=ACT)`` against the same normlab norm followed by torch's activation
+(row ``NORM then ACT``; the goal: at most 0.8x) and, where torch has the norm, against
+torch's layer followed by the activation (row ``torch BatchNorm2d then ACT``).
 """
 
 from __future__ import annotations
@@ -29,10 +36,37 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BenchRow", "DEFAULT_NORMS", "run_bench", "format_table", "saved_bytes"]
+__all__ = ["BenchRow", "DEFAULT_NORMS", "run_bench", "saved_bytes", "split_act"]
 
-DEFAULT_NORMS = ("bn", "ln", "in", "gn", "rms", "mobn", "brn", "bin", "sn", "on", "lnc", "rmsc")
-CHANNEL_LAST_SPECS = ("lnc", "rmsc")
+# evos0 with gn's 32 groups (timm's default), so the two group-statistics rows compare alike
+DEFAULT_NORMS = ("bn", "ln", "in", "gn", "rms", "mobn", "brn", "bin", "sn", "on", "lnc", "rmsc",
+                 "frn", "evob0", "evos0:32", "grn", "pn", "dyt", "derf", "bn+relu")
+CHANNEL_LAST_SPECS = ("lnc", "rmsc", "dyt", "derf")
+ELEMENTWISE_SPECS = ("dyt", "derf")  # timed against torch.tanh forward+backward
+TANH = "tanh"  # the element-wise baseline's row name
+GOALS = {"elementwise": 1.5, "fused": 0.8}  # the issue's limits on /counterpart
+
+
+def split_act(spec: str) -> tuple[str, str | None]:
+    """``"bn+relu"`` -> ("bn", "relu"): a fused norm + activation row; else (spec, None)."""
+    from .functional.norm_act import ACTIVATIONS
+
+    base, plus, act = spec.strip().rpartition("+")
+    if plus and act.lower() in ACTIVATIONS:
+        return base, act.lower()
+    return spec.strip(), None
+
+
+class _Tanh(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x)
+
+
+def _layer(spec: str, c: int, **kw: Any) -> nn.Module:
+    base, act = split_act(spec)
+    from .registry import make_norm
+
+    return make_norm(base, c, act=act, **kw) if act else make_norm(base, c, **kw)
 
 
 @dataclass
@@ -54,6 +88,7 @@ class BenchRow:
     memory_limit_fraction: float = math.nan
     counterpart: str | None = None
     ratio_to_counterpart: float | None = None
+    goal: float | None = None  # the issue's limit on ratio_to_counterpart, where it sets one
     compile_s: float | None = None
     ratio_to_contiguous: float | None = None
     page_faults_per_step: float = math.nan
@@ -72,6 +107,7 @@ class _Case:
     faults: list[int] = field(default_factory=list)
     compile_s: float | None = None
     layout_of: str | None = None  # a contiguous twin of this channels-last case: its name
+    goal: float | None = None
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> int:
@@ -111,6 +147,26 @@ def _native_for(spec: str, c: int, ndim: int) -> tuple[str, nn.Module] | None:
     if spec == "rmsc" and hasattr(nn, "RMSNorm"):
         return "RMSNorm", nn.RMSNorm(c)
     return None
+
+
+def _goal_cases(case: _Case, base: str, act: str | None, nat: tuple[str, nn.Module] | None, norm: nn.Module,
+                dtype: torch.dtype, have: set[str]) -> list[_Case]:
+    """The rows a fused (``act``) or element-wise row is measured against, not yet in ``have``;
+    sets the row's counterpart and goal to them."""
+    from .layers.norm_act import Activation
+
+    def like(name: str, module: nn.Module, native: bool, counterpart: str | None = None) -> _Case:
+        return _Case(name, module.to(dtype), case.x.detach().clone().requires_grad_(), case.dy, native, counterpart)
+
+    if act is None:  # element-wise: torch.tanh on the same tensor
+        case.counterpart, case.goal = TANH, GOALS["elementwise"]
+        return [] if TANH in have else [like(TANH, _Tanh(), True)]
+    case.counterpart, case.goal = f"{base} then {act}", GOALS["fused"]
+    torch_pair = f"{nat[0]} then {act}" if nat else None
+    out = [like(case.counterpart, nn.Sequential(norm, Activation(act)), False, torch_pair)]
+    if nat and torch_pair not in have:
+        out.append(like(torch_pair, nn.Sequential(nat[1], Activation(act)), True))
+    return [k for k in out if k.name not in have]
 
 
 def _time(f: Callable[[], Any]) -> float:
@@ -216,17 +272,18 @@ def run_bench(
     cases: list[_Case] = []
     skipped: dict[str, str] = {}
     for spec in norms:
-        chan = spec.split(":")[0] in CHANNEL_LAST_SPECS
+        base, act = split_act(spec)
+        chan = base.split(":")[0] in CHANNEL_LAST_SPECS
         x = x_cl if chan else x_cf
         try:
             kw: dict[str, Any] = {"channel_dim": -1} if chan else {}
-            mod = make_norm(spec, c, **kw).to(dtype)
+            mod = _layer(spec, c, **kw).to(dtype)
             with torch.no_grad():
                 mod(x)  # e.g. instance norm on an input without positions: the layer says why
         except Exception as err:  # unknown spec, or one that cannot apply to this shape
             skipped[spec] = f"{type(err).__name__}: {err}"
             continue
-        nat = _native_for(spec, c, len(shape)) if natives else None
+        nat = _native_for(base, c, len(shape)) if natives else None
         xg = x.detach().clone().requires_grad_()
         dy = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
         dy = dy.contiguous(memory_format=torch.channels_last) if channels_last and not chan and x.ndim == 4 else dy
@@ -240,11 +297,15 @@ def run_bench(
             case.compile_s = time.perf_counter() - t0
         cases.append(case)
         if channels_last and not chan:  # the same layer on the contiguous layout, for the ratio
-            twin = copy.deepcopy(case.module) if not compile else torch.compile(make_norm(spec, c).to(dtype),
+            twin = copy.deepcopy(case.module) if not compile else torch.compile(_layer(spec, c).to(dtype),
                                                                                 fullgraph=True)
             cases.append(_Case(f"{spec} (contiguous)", twin, x_contig.detach().clone().requires_grad_(),
                                dy.contiguous(), False))
             case.layout_of = f"{spec} (contiguous)"
+        if act or base.split(":")[0] in ELEMENTWISE_SPECS:
+            cases += _goal_cases(case, base, act, nat, make_norm(base, c, **kw).to(dtype), dtype,
+                                 {k.name for k in cases})
+            nat = None  # a fused row's torch norm runs with the activation
         if nat and not any(k.name == nat[0] for k in cases):
             cases.append(_Case(nat[0], nat[1].to(dtype), x.detach().clone().requires_grad_(), dy, True))
     if natives and not any(k.name.startswith("BatchNorm") for k in cases):
@@ -285,7 +346,7 @@ def run_bench(
         sb = saved_bytes(lambda: (case.module.train(), case.module(case.x))[1])
         med = {k: statistics.median(v) for k, v in case.times.items()}
         rows.append(BenchRow(case.name, case.native, med["fwd"], med["fb"], med["eval"], sb, sb / nbytes,
-                             train_fwd_bwd_best_ms=min(case.times["fb"]), counterpart=case.counterpart,
+                             train_fwd_bwd_best_ms=min(case.times["fb"]), counterpart=case.counterpart, goal=case.goal,
                              compile_s=case.compile_s, page_faults_per_step=statistics.median(case.faults)))
     bn_native = next((r for r in rows if r.native and r.name.startswith("BatchNorm")), None)
     bn_case = next((k for k in cases if k.native and k.name.startswith("BatchNorm")), None)
@@ -327,32 +388,3 @@ def _spread(times: list[float]) -> float:
         return 0.0
     q = statistics.quantiles(times, n=4)
     return (q[2] - q[0]) / statistics.median(times)
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The result of :func:`run_bench` as a plain-text table."""
-    head = (f"torch {result['torch']}, {result['threads']} threads, shape {tuple(result['shape'])} "
-            f"{result['dtype']} {result['layout']}{' (compiled)' if result['compile'] else ''}; "
-            f"copy {result['copy_ms']:.2f} ms ({result['copy_GBps']:.0f} GB/s), "
-            f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds; "
-            f"allocator {result.get('allocator', 'default')}; {result.get('kernels', '')}")
-    cols = ("layer", "fwd ms", "fwd+bwd ms", "eval ms", "/native BN", "/counterpart", "limit frac", "saved (T)",
-            "best f+b ms", "faults/step")
-    if any(r.get("ratio_to_contiguous") is not None for r in result["rows"]):
-        cols += ("/contiguous",)
-    lines = [head, "  ".join(f"{c:>12}" if i else f"{c:<16}" for i, c in enumerate(cols))]
-    for r in result["rows"]:
-        name = ("torch " if r["native"] else "") + r["name"]
-        cp = f"{r['ratio_to_counterpart']:.2f}" if r.get("ratio_to_counterpart") is not None else "-"
-        cells = (f"{r['train_fwd_ms']:.2f}", f"{r['train_fwd_bwd_ms']:.2f}", f"{r['eval_fwd_ms']:.2f}",
-                 f"{r['ratio_to_native_bn']:.2f}", cp, f"{r['memory_limit_fraction']:.2f}", f"{r['saved_T']:.2f}",
-                 f"{r.get('train_fwd_bwd_best_ms', math.nan):.2f}", f"{r.get('page_faults_per_step', math.nan):.0f}")
-        if "/contiguous" in cols:
-            rc = r.get("ratio_to_contiguous")
-            cells += (f"{rc:.2f}" if rc is not None else "-",)
-        lines.append(f"{name:<16}  " + "  ".join(f"{c:>12}" for c in cells))
-        if r.get("compile_s") is not None:
-            lines[-1] += f"  (compile {r['compile_s']:.1f} s)"
-    for spec, why in result.get("skipped", {}).items():
-        lines.append(f"skipped {spec}: {why}")
-    return "\n".join(lines)

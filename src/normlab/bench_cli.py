@@ -1,5 +1,5 @@
 """``normlab bench``: its arguments, their validation (a clear message and exit code 2, no
-traceback), the legend of the table's columns and the warning when the machine was loaded.
+traceback), the layer table, the legend of its columns and the warning when the machine was loaded.
 
 Three modes: the layers on one input shape (default; :func:`normlab.bench.run_bench`),
 ``--small`` (per-call times on small inputs) and ``--model resnet|mlp|transformer`` (whole
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "format_table"]
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -22,7 +23,11 @@ over torch's own version of the same layer; limit frac = the memory limit (8 inp
 the measured copy speed) over fwd+bwd (1.0 = at the limit); saved (T) = bytes saved for backward in
 input-sized tensors; best f+b ms = the fastest round; faults/step = minor page faults of one fwd+bwd;
 /contiguous = channels-last time over the same layer's time on the contiguous copy. Medians of alternating
-rounds (ABBA) in one process."""
+rounds (ABBA) in one process. lnc, rmsc, dyt, derf run on the channel-last copy (N, *spatial, C). dyt and
+derf (element-wise) have torch tanh as counterpart: torch.tanh forward+backward on the same tensor (goal:
+/counterpart <= 1.5). NORM+ACT rows (bn+relu) are make_norm(NORM, C, act=ACT), their counterpart the row
+"NORM then ACT": the same normlab norm followed by torch's activation (goal: /counterpart <= 0.8); "torch
+BatchNorm2d then ACT" is torch's norm followed by it. goal = the issue's limit on /counterpart."""
 
 LOADED_SPREAD = 0.3
 """A baseline whose interquartile range exceeds this fraction of its median was measured on a
@@ -35,7 +40,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16; with "
                                                       "--model: float32 or bfloat16 (autocast)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (4-d/5-d shapes)")
-    p.add_argument("--norms", default="", help="comma-separated specs (default: bn,ln,in,gn,rms,mobn,brn,bin,sn,on,lnc,rmsc)")
+    from .bench import DEFAULT_NORMS
+
+    p.add_argument("--norms", default="", help=f"comma-separated specs; NORM+ACT (e.g. bn+relu, gn+silu) times a "
+                                               f"fused norm + activation (default: {','.join(DEFAULT_NORMS)})")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(fullgraph=True) layers; reports compile time")
     p.add_argument("--repeats", type=int, default=20, help="alternating rounds per figure (default 20)")
@@ -69,6 +77,8 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from .bench_models import MODELS
+    from .bench import split_act
+    from .functional.norm_act import ACTIVATIONS
     from .registry import parse_spec
 
     parser = args.parser
@@ -97,7 +107,11 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     norms = [n for n in args.norms.split(",") if n.strip()] if args.norms else None
     for spec in norms or ():
         try:
-            parse_spec(spec)
+            base, act = split_act(spec)
+            if act is None and "+" in base and not base.lower().endswith("+ws"):
+                raise ValueError(f"--norms {spec!r}: unknown activation {base.rpartition('+')[2]!r} after '+'; "
+                                 f"known: {', '.join(ACTIVATIONS)}")
+            parse_spec(base)
         except ValueError as err:
             parser.error(str(err))
     out.update(shape=shape, norms=norms)
@@ -115,7 +129,7 @@ def loaded_warning(spreads: dict[str, float]) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .bench import DEFAULT_NORMS, format_table, run_bench
+    from .bench import DEFAULT_NORMS, run_bench
     from .bench_models import format_models, format_small, run_models, run_small
 
     cfg = _validate(args)
@@ -145,3 +159,37 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result of :func:`normlab.bench.run_bench` as a plain-text table."""
+    head = (f"torch {result['torch']}, {result['threads']} threads, shape {tuple(result['shape'])} "
+            f"{result['dtype']} {result['layout']}{' (compiled)' if result['compile'] else ''}; "
+            f"copy {result['copy_ms']:.2f} ms ({result['copy_GBps']:.0f} GB/s), "
+            f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds; "
+            f"allocator {result.get('allocator', 'default')}; {result.get('kernels', '')}")
+    cols = ("layer", "fwd ms", "fwd+bwd ms", "eval ms", "/native BN", "/counterpart", "limit frac", "saved (T)",
+            "best f+b ms", "faults/step")
+    if any(r.get("ratio_to_contiguous") is not None for r in result["rows"]):
+        cols += ("/contiguous",)
+    if any(r.get("goal") is not None for r in result["rows"]):
+        cols += ("goal",)
+    w = max([16] + [len(r["name"]) + 6 * r["native"] for r in result["rows"]])  # "torch " + name
+    lines = [head, "  ".join(f"{c:>12}" if i else f"{c:<{w}}" for i, c in enumerate(cols))]
+    for r in result["rows"]:
+        name = ("torch " if r["native"] else "") + r["name"]
+        cp = f"{r['ratio_to_counterpart']:.2f}" if r.get("ratio_to_counterpart") is not None else "-"
+        cells = (f"{r['train_fwd_ms']:.2f}", f"{r['train_fwd_bwd_ms']:.2f}", f"{r['eval_fwd_ms']:.2f}",
+                 f"{r['ratio_to_native_bn']:.2f}", cp, f"{r['memory_limit_fraction']:.2f}", f"{r['saved_T']:.2f}",
+                 f"{r.get('train_fwd_bwd_best_ms', math.nan):.2f}", f"{r.get('page_faults_per_step', math.nan):.0f}")
+        if "/contiguous" in cols:
+            rc = r.get("ratio_to_contiguous")
+            cells += (f"{rc:.2f}" if rc is not None else "-",)
+        if "goal" in cols:
+            cells += (f"<= {r['goal']:.1f}" if r.get("goal") is not None else "-",)
+        lines.append(f"{name:<{w}}  " + "  ".join(f"{c:>12}" for c in cells))
+        if r.get("compile_s") is not None:
+            lines[-1] += f"  (compile {r['compile_s']:.1f} s)"
+    for spec, why in result.get("skipped", {}).items():
+        lines.append(f"skipped {spec}: {why}")
+    return "\n".join(lines)

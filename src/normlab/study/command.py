@@ -55,8 +55,10 @@ def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--task", default="mnist1d",
                    help="mnist1d (default), digits, transformer, fashion-mnist, sunspots, or pkg.module:factory "
                         "(a function returning a normlab.study.Task: your own data and model)")
-    p.add_argument("--norms", help="comma-separated norm specs (e.g. bn,gn,gn:4,none; a bare gn takes the task's "
-                                   "group count); default: every registered norm that applies to the task's network")
+    p.add_argument("--norms", help="comma-separated norm specs (e.g. bn,gn,gn:4,gn+ws,none; a bare gn takes the "
+                                   "task's group count; NORM+ws also weight-standardizes the conv before each norm); "
+                                   "default: every registered norm that applies to the task's network, and gn:G+ws "
+                                   "for digits and fashion-mnist (mnist1d: the 13 classic norms)")
     p.add_argument("--batch-sizes", type=_int_list,
                    help="comma-separated batch sizes (default: the task's; 8,32,128 for mnist1d, else 2,4,8,16,32,64)")
     p.add_argument("--seeds", type=_positive, help="seeds per cell: 0..K-1 (default: the task's, 3 or more)")

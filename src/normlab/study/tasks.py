@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..registry import NormEntry, describe_norms, make_norm, parse_spec
+from ..registry import NormEntry, describe_norms, make_norm, parse_spec, split_ws
 
 __all__ = ["Task", "Split", "get_task", "task_names", "ConvNet", "DataMissingError", "FASHION_DIR", "norm_slot"]
 
@@ -105,8 +105,11 @@ class Task:
     default_batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     default_seeds: int = 3  # the fewest that give a paired interval (stats.MIN_SEEDS)
     # the norms a study of this task takes without --norms (bare specs); None: every registered
-    # norm that applies to the task's kind
+    # norm that applies to the task's kind, and for a conv task ``default_ws_specs`` with "+ws"
     default_norm_specs: tuple[str, ...] | None = None
+    # norms a conv task also takes with their convs weight-standardized ("gn:G+ws": GN + WS,
+    # Qiao et al. 2019, the micro-batch recipe of BiT)
+    default_ws_specs: tuple[str, ...] = ("gn",)
 
     # ------------------------------------------------------------------ data
     def arrays(self, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,25 +132,40 @@ class Task:
     # ----------------------------------------------------------------- model
     def default_norms(self) -> list[str]:
         """``default_norm_specs`` when the task sets them, else every registered norm whose
-        ``applies_to`` includes this task's kind."""
+        ``applies_to`` includes this task's kind (and, for a conv task, ``default_ws_specs``
+        with their convs weight-standardized: ``gn:4+ws``)."""
         if self.default_norm_specs is not None:
             return [self.full_spec(s) for s in self.default_norm_specs]
-        return [self.spec_for(e) for e in describe_norms() if self.kind in e.applies_to]
+        specs = [self.spec_for(e) for e in describe_norms() if self.kind in e.applies_to]
+        if self.kind == "conv":
+            specs += [self.full_spec(f"{s}+ws") for s in self.default_ws_specs]
+        return specs
 
     def spec_for(self, entry: NormEntry) -> str:
         return f"{entry.name}:{self.groups}" if entry.arg == "num_groups" else entry.name
 
     def full_spec(self, spec: str) -> str:
-        """A spec as typed, completed for this task: a bare ``gn`` takes the task's group count."""
-        entry, kwargs = parse_spec(spec)  # unknown norm: a clear error
-        if entry.arg == "num_groups" and ":" not in spec:
-            return self.spec_for(entry)
+        """A spec as typed, completed for this task: a bare ``gn`` takes the task's group count
+        (``gn+ws`` -> ``gn:4+ws``)."""
+        base, ws = split_ws(spec)
+        entry, kwargs = parse_spec(base)  # unknown norm: a clear error
+        if entry.arg == "num_groups" and ":" not in base:
+            return self.spec_for(entry) + "+ws" * ws
         return spec.strip()
 
     def build_model(self, norm_spec: str, width: int = 16) -> nn.Module:
-        parse_spec(norm_spec)  # unknown norm: a clear error before anything is built
-        return ConvNet(self.in_channels, tuple(width * m for m in self.widths), self.strides, self.num_classes,
-                       lambda c: norm_slot(norm_spec, c), dim=self.dim)
+        """The ``ConvNet``; a ``NORM+ws`` spec builds it with NORM, then ``normlab.convert``
+        standardizes the weight of the conv before each norm (``make_norm`` cannot see the conv)."""
+        base, ws = split_ws(norm_spec)
+        parse_spec(base)  # unknown norm: a clear error before anything is built
+        model = ConvNet(self.in_channels, tuple(width * m for m in self.widths), self.strides, self.num_classes,
+                        lambda c: norm_slot(base, c), dim=self.dim)
+        if ws:
+            from ..convert import convert
+
+            with torch.random.fork_rng(devices=[]):  # the other layers' initialisation as without +ws
+                model = convert(model, norm_spec)
+        return model
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(out, y)

@@ -14,7 +14,7 @@ from ..tasks import get_task
 from .claims import Claim, Comparison
 from .verdict import RULE_TEXT, paired_stats, verdict
 
-__all__ = ["availability", "claim_cells", "run_claims", "evaluate_claims", "arm_value"]
+__all__ = ["availability", "claim_cells", "run_claims", "evaluate_claims", "arm_value", "same_difference_note"]
 
 
 def availability(claim: Claim, quick: bool = False) -> str | None:
@@ -151,9 +151,11 @@ def evaluate_claims(claims: list[Claim], seeds: list[int], quick: bool, store: S
             entry["differences"] = [_finite(x) for x in diffs]
             entry["d"], entry["se"] = _finite(d), _finite(se)
             entry["verdict"] = verdict(d, se, comp.rule)
-            if se == 0.0:
-                entry["note"] = ("every seed gave the same difference (se = 0): the rule then reads d alone"
-                                 + (", and a within claim needs d = 0 exactly" if comp.rule == "within" else ""))
+            sizes = {rows[k]["val_size"] for keys in entry["cells"].values() for k in keys}
+            note = same_difference_note(diffs, comp.rule, sizes.pop() if len(sizes) == 1 and comp.metric ==
+                                        "validation error" and comp.curve_target is None else None)
+            if note:
+                entry["note"] = note
             for name in comp.arms:
                 vals = raw[name]
                 entry["intervals"][name] = ([math.fsum(vals) / len(vals), *_interval(vals)]
@@ -162,6 +164,24 @@ def evaluate_claims(claims: list[Claim], seeds: list[int], quick: bool, store: S
     cell_s = math.fsum(rows[k]["wall_s"] for k in ran)
     return {"rule": RULE_TEXT, "quick": quick, "seeds": list(seeds), "cells": len(ran),
             "cell_wall_s": round(cell_s, 1), "claims": entries}
+
+
+def same_difference_note(diffs: list[float], rule: str, val_size: int | None = None) -> str | None:
+    """The report's note when every seed gave the same paired difference (to rounding), so
+    se = 0; None otherwise. ``val_size``: the metric is an error rate over that many validation
+    examples, so it moves in whole examples (d is given in examples too). Arms that compute
+    the same thing up to floating-point rounding land here: a difference of 0 or +-1 example on
+    every seed."""
+    if len(diffs) < 2 or not all(math.isfinite(x) for x in diffs):
+        return None
+    d = math.fsum(diffs) / len(diffs)
+    if max(diffs) - min(diffs) > 1e-12 * max(1.0, abs(d)):
+        return None
+    text = "every seed gave the same difference (se = 0)"
+    if val_size:
+        text += f", {d * val_size:+.0f} of {val_size} validation examples"
+    return text + ": the rule then reads d alone" + (", and a within claim needs d = 0 exactly" if rule == "within"
+                                                     else "")
 
 
 def _summary(claim: Claim, arm: Any, quick: bool) -> str:
