@@ -132,7 +132,8 @@ class fast_path:
 #            rule                                            parameters of the input's dtype (or
 #                                                            float32 with half input), more than one
 #                                                            value per group, not forced, and one of:
-#                                                            fewer than MIN_FAST_NUMEL values; bn in
+#                                                            fewer than MIN_FAST_NUMEL values (the
+#                                                            only case with an activation); bn in
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
 #                                                            channels-last, or without positions; bn
 #                                                            in half precision below
@@ -169,7 +170,7 @@ def _torch_fits(norm: str, x: Tensor, layout: str | None, groups: int, dtypes: t
             and x.numel() // (x.shape[0] * groups) > 1)
 
 
-def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tuple) -> str:
+def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tuple, act: bool) -> str:
     mode = _ENABLED[0]
     if (mode is False or x.device.type != "cpu" or _compiling() or x.numel() == 0
             or x.dtype not in FLOAT_DTYPES + HALF_DTYPES):
@@ -180,6 +181,8 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
         half = x.dtype in HALF_DTYPES
         if not supported or x.numel() < MIN_FAST_NUMEL:
             return "torch"
+        if act:  # the activation in the engine's output pass saves two of torch's five passes
+            return "kernels"
         if norm == "bn" and (kv[0] == "cl" and not half or  # type: ignore[index]
                              x.numel() < (MIN_HALF_BN_NUMEL if half else MIN_KERNEL_NUMEL)):
             return "torch"
@@ -192,21 +195,24 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
     return "kernels" if kernels else "plain"
 
 
-def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), flags: tuple = ()) -> str:
+def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), flags: tuple = (),
+          act: bool = False) -> str:
     """"torch", "kernels" or "plain" for a call of ``norm`` on ``x`` (the table above).
 
     ``cd``: the channel axis (non-negative); ``groups``: the statistics groups per sample (ln
     1, gn G, in C; bn 1); ``dtypes``: those of the parameters and buffers (None where absent);
-    ``flags``: the norm's own conditions for the "torch" route (all true to take it). Cached
+    ``flags``: the norm's own conditions for the "torch" route (all true to take it); ``act``: an
+    activation follows (then the engine, which applies it in its output pass, from
+    MIN_FAST_NUMEL values on; on the "torch" route the caller applies it after). Cached
     per signature (shape, strides, dtype, device, channel axis, grad mode, ``fast_path`` and
     kernel settings)."""
     if _compiling():  # torch.compile traces the plain path (and fuses it)
         return "plain"
-    key = (norm, x.shape, x.stride(), x.dtype, x.device, cd, groups, dtypes, flags, torch.is_grad_enabled(),
+    key = (norm, x.shape, x.stride(), x.dtype, x.device, cd, groups, dtypes, flags, act, torch.is_grad_enabled(),
            _ENABLED[0], _kernels.switched_on(), torch.get_num_threads())
     r = _ROUTES.get(key)
     if r is None:
         if len(_ROUTES) >= _MAX_ROUTES:
             _ROUTES.clear()
-        r = _ROUTES[key] = _decide(norm, x, cd, groups, dtypes, flags)
+        r = _ROUTES[key] = _decide(norm, x, cd, groups, dtypes, flags, act)
     return r

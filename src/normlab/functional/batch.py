@@ -46,10 +46,11 @@ def batch_norm(
     """
     cd = channel_axis(x.ndim, channel_dim)
     way = route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
-                (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None),
-                 act is None))
+                (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None)),
+                act is not None)
     if way == "torch":
-        return engine.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, cd)
+        y = engine.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, cd)
+        return y if act is None else activation(y, act, negative_slope)
     group = None if local_only(process_group) else process_group
     if way == "kernels":
         fused = engine.epilogue(act, negative_slope)

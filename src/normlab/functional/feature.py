@@ -22,9 +22,9 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
     """Layer, group, instance or RMS norm on the route :func:`normlab.engine.route` picks:
     ``(y, None)`` from torch's kernel, ``(y, description)`` from the engine (the description
     keeps the per-(n, c) moments), or None (the caller's plain path)."""
-    way = route(norm, x, cd, groups, dtypes_of(weight, bias), flags + (act is None,))
+    way = route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None)
     if way == "torch":
-        return engine.torch_group_norm(x, groups, weight, bias, eps, cd), None
+        return _act(engine.torch_group_norm(x, groups, weight, bias, eps, cd), act, negative_slope), None
     if way != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
