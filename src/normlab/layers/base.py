@@ -87,15 +87,16 @@ class Norm(nn.Module):
     def _act(self) -> dict:
         """``act``/``negative_slope`` for the function call when an activation is fused
         (``make_norm(..., act=...)``), else nothing."""
-        act = getattr(self, "act", None)
-        if act is None or not self.fuses_activation:
+        act = self._modules.get("act") if self.fuses_activation else None
+        if act is None:
             return {}
         return {"act": act.name, "negative_slope": act.negative_slope}
 
     def check_input(self, x: Tensor) -> int:
         """Validate ``x`` and return the channel axis as a non-negative index."""
         who = self._describe()
-        if self._synchronized():  # counted before any error, so the other ranks notice a skipped step
+        sync = self._synchronized()
+        if sync:  # counted before any error, so the other ranks notice a skipped step
             distributed.begin_call(self.process_group)  # type: ignore[attr-defined]
         if not isinstance(x, Tensor):
             raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
@@ -117,7 +118,7 @@ class Norm(nn.Module):
             )
         # a synchronized layer's batch statistics span every process's batch, so one sample here is fine
         if self.batch_stat_dims is not None and self._uses_batch_stats() and not (
-            self.batch_stat_dims == "batch" and self._synchronized()
+            self.batch_stat_dims == "batch" and sync
         ):
             dims = stat_dims(x.ndim, self.channel_dim, self.batch_stat_dims)  # type: ignore[arg-type]
             count = 1
