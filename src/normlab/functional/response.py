@@ -66,8 +66,12 @@ def filter_response_norm(
         # the engine: RMS norm per (sample, channel), i.e. one group per channel, uncentred
         desc = GroupStats(x.shape[cd], abs(eps), center=False)
         desc.reference = lambda x, w, b: filter_response_norm(x, w, b, eps=eps, channel_dim=cd)
-        y = engine.run(desc, x, cd, (weight, bias))
-        return y if tau is None else torch.maximum(y, per_channel(tau, x.ndim, cd).to(y.dtype))
+        if tau is None:
+            return engine.run(desc, x, cd, (weight, bias))
+        # TLU in the engine's output pass: max(y, tau) = relu(y - tau) + tau
+        shift = -tau if bias is None else bias - tau
+        z = engine.run(desc, x, cd, (weight, shift), engine.epilogue("relu"))
+        return z + per_channel(tau, x.ndim, cd).to(z.dtype)
     nu2 = quadratic_mean(x, dims)
     denom = nu2 + abs(eps)
     if learned_eps is not None:
