@@ -1,6 +1,6 @@
 /* The element-wise normalization-free norms, Dynamic Tanh and Dynamic erf, for one storage type
- * T (arithmetic F, accumulator A, names S(...), LD/ST as in kernels_impl.h; EW_TANH, EW_ERF and
- * EW_EXP name the float or double functions of mathfn.h). Included by kernels.c once per type.
+ * T (arithmetic F, accumulator A, names S(...), LD/ST as in kernels_impl.h; EP_TANH, EP_ERF and
+ * EP_EXP name the float or double functions of mathfn.h). Included by kernels.c once per type.
  *
  *   forward   y = w_c f(z) + b_c,  z = alpha x + s,  f = tanh (kind 0) or erf (kind 1)
  *             read x, write y
@@ -18,15 +18,15 @@
 
 /* f(z) and, with fd, f'(z); kind is a constant after inlining, so each loop has one f */
 static inline __attribute__((always_inline)) F S(ew_f)(F z, const int kind) {
-    return kind ? EW_ERF(z) : EW_TANH(z);
+    return kind ? EP_ERF(z) : EP_TANH(z);
 }
 
 static inline __attribute__((always_inline)) F S(ew_fd)(F z, const int kind, F *fd) {
     if (kind) {
-        *fd = (F)EW_TWO_OVER_SQRT_PI * EW_EXP(-z * z);
-        return EW_ERF(z);
+        *fd = (F)EW_TWO_OVER_SQRT_PI * EP_EXP(-z * z);
+        return EP_ERF(z);
     }
-    F t = EW_TANH(z);
+    F t = EP_TANH(z);
     *fd = 1 - t * t;
     return t;
 }
@@ -229,12 +229,12 @@ int S(nl_squash_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
     _Pragma("omp simd") for (i64 i = 0; i < n; i++) y[i] = ST(fn(LD(x[i])))
 void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
     if (which == 0)
-        EW_MAP(EW_EXP);
+        EW_MAP(EP_EXP);
     else if (which == 1)
-        EW_MAP(EW_TANH);
+        EW_MAP(EP_TANH);
     else if (which == 2)
-        EW_MAP(EW_ERF);
+        EW_MAP(EP_ERF);
     else
-        EW_MAP(EW_SIGMOID);
+        EW_MAP(EP_SIGMOID);
 }
 #undef EW_MAP

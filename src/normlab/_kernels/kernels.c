@@ -62,6 +62,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define EP_SIGMOID nl_sigmoidf
 #define EP_ERF nl_erff
 #define EP_EXP nl_expf
+#define EP_TANH nl_tanhf
 /* M(K) once per activation code K, as a literal (see act_fwd in kernels_impl.h) */
 #define ACT_SWITCH(act, M)                                                                                     \
     do {                                                                                                       \
@@ -79,6 +80,10 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define VEC_BYTES 32
 #endif
 
+/* One block per element type: the statistics kernels (kernels_impl.h) and the element-wise
+ * ones (elementwise_impl.h), with the math functions of that arithmetic type (EP_*: mathfn.h's
+ * vectorisable float versions, libm's for float64). */
+
 /* float32 and float64: stored and computed in their own type */
 #define LD(v) (v)
 #define ST(v) (v)
@@ -88,6 +93,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define CB (4 * VEC_BYTES / 4)
 #define S(name) name##_f32
 #include "kernels_impl.h"
+#include "elementwise_impl.h"
 #undef T
 #undef F
 #undef A
@@ -97,21 +103,26 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #undef EP_SIGMOID
 #undef EP_ERF
 #undef EP_EXP
+#undef EP_TANH
 #define EP_SIGMOID nl_sigmoid
 #define EP_ERF nl_erf
 #define EP_EXP nl_exp
+#define EP_TANH nl_tanh
 #define T double
 #define F double
 #define A double
 #define CB (4 * VEC_BYTES / 8)
 #define S(name) name##_f64
 #include "kernels_impl.h"
+#include "elementwise_impl.h"
 #undef EP_SIGMOID
 #undef EP_ERF
 #undef EP_EXP
+#undef EP_TANH
 #define EP_SIGMOID nl_sigmoidf
 #define EP_ERF nl_erff
 #define EP_EXP nl_expf
+#define EP_TANH nl_tanhf
 #undef T
 #undef F
 #undef A
@@ -175,6 +186,7 @@ static inline uint16_t f16_st(float f) {
 #define ST(v) bf16_st(v)
 #define S(name) name##_bf16
 #include "kernels_impl.h"
+#include "elementwise_impl.h"
 #undef LD
 #undef ST
 #undef S
@@ -183,62 +195,4 @@ static inline uint16_t f16_st(float f) {
 #define ST(v) f16_st(v)
 #define S(name) name##_f16
 #include "kernels_impl.h"
-
-/* ---- the element-wise norms (Dynamic Tanh, Dynamic erf): elementwise_impl.h, once per type;
- * float32 and the half types with mathfn.h's float functions, float64 with libm's ---- */
-#include "mathfn.h"
-#undef T
-#undef CB
-#undef LD
-#undef ST
-#undef S
-#define EW_EXP nl_expf
-#define EW_TANH nl_tanhf
-#define EW_ERF nl_erff
-#define EW_SIGMOID nl_sigmoidf
-
-#define T float
-#define LD(v) (v)
-#define ST(v) (v)
-#define S(name) name##_f32
-#include "elementwise_impl.h"
-
-#undef T
-#define T uint16_t
-#undef LD
-#undef ST
-#undef S
-#define LD(v) bf16_ld(v)
-#define ST(v) bf16_st(v)
-#define S(name) name##_bf16
-#include "elementwise_impl.h"
-
-#undef LD
-#undef ST
-#undef S
-#define LD(v) f16_ld(v)
-#define ST(v) f16_st(v)
-#define S(name) name##_f16
-#include "elementwise_impl.h"
-
-#undef T
-#undef F
-#undef A
-#undef LD
-#undef ST
-#undef S
-#undef EW_EXP
-#undef EW_TANH
-#undef EW_ERF
-#undef EW_SIGMOID
-#define T double
-#define F double
-#define A double
-#define LD(v) (v)
-#define ST(v) (v)
-#define S(name) name##_f64
-#define EW_EXP nl_exp
-#define EW_TANH nl_tanh
-#define EW_ERF nl_erf
-#define EW_SIGMOID nl_sigmoid
 #include "elementwise_impl.h"
