@@ -223,3 +223,24 @@ def test_driver_killed_mid_grid_then_rerun_stores_every_cell_once(ray_address: s
         keys = [r[0] for r in conn.execute("SELECT key FROM runs")]
         norms = sorted(r[0] for r in conn.execute("SELECT norm FROM runs"))
     assert len(keys) == len(set(keys)) == 4 and norms == ["bn", "bn", "none", "none"]
+
+
+@pytest.mark.slow
+def test_reproduce_runs_claims_on_ray_with_the_local_values(ray_address: str, tmp_path: Path) -> None:
+    """``normlab reproduce --backend ray``: the claim's cells run as Ray tasks, and its per-seed
+    values (hence d, se and the verdict) equal those of the same cells run locally."""
+    import json
+
+    from normlab.cli import main
+
+    common = ["reproduce", "--claims", "input-scaling", "--quick", "--seeds", "2", "-q"]
+    results = {}
+    for backend in ("ray", "local"):
+        out = tmp_path / backend
+        assert main(common + ["--backend", backend, "--db", str(tmp_path / f"{backend}.sqlite"), "--out", str(out)]) == 0
+        results[backend] = json.loads((out / "reproduce.json").read_text())["claims"]
+    ray_claims, local_claims = results["ray"], results["local"]
+    assert [c["id"] for c in ray_claims] == [c["id"] for c in local_claims] == ["input-scaling"]
+    for a, b in zip(ray_claims, local_claims):
+        assert a["arms"] == b["arms"] and len(next(iter(a["arms"].values()))) == 2
+        assert (a["d"], a["se"], a["verdict"]) == (b["d"], b["se"], b["verdict"])
