@@ -49,15 +49,15 @@ def _params(c: int, dtype=torch.float64):
 
 
 # ----------------------------------------------------------------------------- gradcheck
-DESCRIPTIONS = {  # (description factory, parameters given) run by the engine directly
-    "batch": (lambda: engine.BatchStats(1e-3), True),
-    "mean-only": (lambda: engine.BatchStats(0.0, mean_only=True), True),
-    "layer": (lambda: engine.GroupStats(1, 1e-3), True),
-    "instance": (lambda: engine.GroupStats(4, 1e-3), True),
-    "group": (lambda: engine.GroupStats(2, 1e-3), True),
-    "rms": (lambda: engine.GroupStats(1, 1e-3, center=False), True),
-    "frn": (lambda: engine.GroupStats(4, 1e-3, center=False), True),  # FRN's statistics: RMS per (n, c)
-    "grn": (lambda: engine.GlobalResponseStats(1e-3), True),
+DESCRIPTIONS = {  # description factories, run by the engine directly
+    "batch": lambda: engine.BatchStats(1e-3),
+    "mean-only": lambda: engine.BatchStats(0.0, mean_only=True),
+    "layer": lambda: engine.GroupStats(1, 1e-3),
+    "instance": lambda: engine.GroupStats(4, 1e-3),
+    "group": lambda: engine.GroupStats(2, 1e-3),
+    "rms": lambda: engine.GroupStats(1, 1e-3, center=False),
+    "frn": lambda: engine.GroupStats(4, 1e-3, center=False),  # FRN's statistics: RMS per (n, c)
+    "grn": lambda: engine.GlobalResponseStats(1e-3),
 }
 
 
@@ -76,7 +76,7 @@ def test_gradcheck_engine_descriptions(desc, layout, act, kernel_mode):
     elif layout == "seq":
         x, cd = torch.randn(3, 5, 4, dtype=torch.float64), 2
     x.requires_grad_()
-    make, _ = DESCRIPTIONS[desc]
+    make = DESCRIPTIONS[desc]
     w, b = _params(4)
     params = (w,) if desc == "rms" else (None, b) if desc == "mean-only" else (w, b)
     f = lambda x, *p: engine.run(make(), x, cd, p, act)  # noqa: E731

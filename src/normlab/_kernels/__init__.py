@@ -178,7 +178,7 @@ def moments(v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
     return mean, m2
 
 
-ACTIVATIONS = {"leaky_relu": 1, "silu": 2, "gelu": 3}
+EPILOGUES = {"leaky_relu": 1, "silu": 2, "gelu": 3}
 """The epilogues the kernels apply to the normalized value: ``act=(code, negative_slope)``
 (ReLU is leaky ReLU with slope 0; GELU is the exact, erf form)."""
 
@@ -195,7 +195,7 @@ def _act_args(act: tuple[int, float] | None, v: Tensor, layout: str, scale: Tens
 def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
            act: tuple[int, float] | None = None) -> None:
     """``out = act((v - center) * scale + shift)`` with per-(n, c) coefficients (``out`` may be
-    ``v``); ``act``: None, or ``(code, negative_slope)`` from :data:`ACTIVATIONS`."""
+    ``v``); ``act``: None, or ``(code, negative_slope)`` from :data:`EPILOGUES`."""
     n, c = _nc_shape(v, layout)
     _dims(out)
     args = [_nc(t, n, c) for t in (center, scale, shift)]

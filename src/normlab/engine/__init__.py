@@ -21,20 +21,30 @@ from torch import Tensor
 from .. import _kernels
 from .describe import BatchInstanceStats, BatchStats, Description, GlobalResponseStats, GroupStats, SwitchableStats
 from .function import EngineNorm, kernel_moments, run
-from .routing import fast_path, forced, is_half, kernel_views, route
+from .routing import fast_path, is_half, kernel_views, route
 
-__all__ = ["BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GlobalResponseStats", "GroupStats",
+__all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GlobalResponseStats", "GroupStats",
            "SwitchableStats",
-           "activate", "affine_eval", "dtypes_of", "epilogue", "fast_path", "forced", "kernel_moments", "local_only", "route",
+           "activate", "affine_eval", "dtypes_of", "epilogue", "fast_path", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
+
+# name -> f(x, negative_slope): torch's activations as a norm + activation applies them (leaky
+# ReLU's default slope 0.01, exact erf GELU); the kernels' epilogue computes the same functions
+ACTIVATIONS = {
+    "relu": lambda x, s: F.relu(x),
+    "leaky_relu": lambda x, s: F.leaky_relu(x, s),
+    "silu": lambda x, s: F.silu(x),
+    "gelu": lambda x, s: F.gelu(x),
+}
+
 
 def epilogue(act: str | None, negative_slope: float = 0.01) -> tuple[int, float] | None:
     """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu), or None
     where there is none (the caller applies any other activation after the norm)."""
     if act == "relu":
-        return _kernels.ACTIVATIONS["leaky_relu"], 0.0
-    if act in _kernels.ACTIVATIONS:
-        return _kernels.ACTIVATIONS[act], float(negative_slope)
+        return _kernels.EPILOGUES["leaky_relu"], 0.0
+    if act in _kernels.EPILOGUES:
+        return _kernels.EPILOGUES[act], float(negative_slope)
     return None
 
 
@@ -111,8 +121,5 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float
 def activate(y: Tensor, act: tuple[int, float]) -> Tensor:
     """The epilogue ``act`` applied by torch's own activation (the reference of the kernels')."""
     code, slope = act
-    if code == _kernels.ACTIVATIONS["silu"]:
-        return F.silu(y)
-    if code == _kernels.ACTIVATIONS["gelu"]:
-        return F.gelu(y)
-    return F.leaky_relu(y, slope)
+    name = next(n for n, c in _kernels.EPILOGUES.items() if c == code)
+    return ACTIVATIONS[name](y, slope)

@@ -76,7 +76,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
 class EngineNorm(torch.autograd.Function):
     """``apply(x, desc, channel_dim, act, *params)``: the norm ``desc`` describes, with an
     optional activation epilogue (``act``: ``(code, negative_slope)`` of
-    :data:`normlab._kernels.ACTIVATIONS`, from :func:`normlab.engine.epilogue`; None: none).
+    :data:`normlab._kernels.EPILOGUES`, from :func:`normlab.engine.epilogue`; None: none).
     After the call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C)) and, for batch norms,
     ``desc.batch_moments`` hold the moments for running statistics."""
 

@@ -16,7 +16,7 @@ from .. import _kernels
 
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
            "MIN_KERNEL_POSITIONS",
-           "dy_view", "fast_path", "forced", "is_half", "kernel_views", "route", "views"]
+           "dy_view", "fast_path", "is_half", "kernel_views", "route", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -95,11 +95,6 @@ def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str) -> Tensor:
 
 # None: automatic; True: the engine wherever it can run (tests); False: the plain reference
 _ENABLED: list[bool | None] = [None]
-
-
-def forced() -> bool:
-    """True inside ``fast_path(True)``."""
-    return _ENABLED[0] is True
 
 
 class fast_path:

@@ -42,7 +42,7 @@ def batch_norm(
     fixed affine map. ``process_group`` all-reduces the moments so that every process
     normalizes with those of the global batch. ``act`` (relu, leaky_relu with
     ``negative_slope``, silu, gelu) applies an activation to the output, fused into the
-    output pass where the engine runs (relu, leaky_relu): ``act(batch_norm(x))``.
+    output pass where the engine runs: ``act(batch_norm(x))``.
     """
     cd = channel_axis(x.ndim, channel_dim)
     way = route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
@@ -50,7 +50,7 @@ def batch_norm(
                 act is not None)
     if way == "torch":
         y = engine.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, cd)
-        return y if act is None else activation(y, act, negative_slope)
+        return activation(y, act, negative_slope)
     group = None if local_only(process_group) else process_group
     if way == "kernels":
         fused = engine.epilogue(act, negative_slope)
@@ -64,10 +64,10 @@ def batch_norm(
         else:
             y = engine.affine_eval(x, cd, running_mean, running_var, eps, weight, bias, fused)
         if y is not None:
-            return y if act is None or fused is not None else activation(y, act, negative_slope)
+            return y if fused is not None else activation(y, act, negative_slope)
     mean, var = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
     y = normalize(x, mean, var, eps, weight, bias, cd)
-    return y if act is None else activation(y, act, negative_slope)
+    return activation(y, act, negative_slope)
 
 def mean_only_batch_norm(
     x: Tensor,

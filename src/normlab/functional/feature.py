@@ -24,20 +24,15 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
     keeps the per-(n, c) moments), or None (the caller's plain path)."""
     way = route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None)
     if way == "torch":
-        return _act(engine.torch_group_norm(x, groups, weight, bias, eps, cd), act, negative_slope), None
+        return activation(engine.torch_group_norm(x, groups, weight, bias, eps, cd), act, negative_slope), None
     if way != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
     desc.reference = reference
     fused = engine.epilogue(act, negative_slope)
     y = engine.run(desc, x, cd, (weight, bias) if center else (weight,), fused)
-    if act is not None and fused is None:
-        y = activation(y, act, negative_slope)
-    return y, desc
+    return (y if fused is not None else activation(y, act, negative_slope)), desc
 
-
-def _act(y: Tensor, act: str | None, negative_slope: float) -> Tensor:
-    return y if act is None else activation(y, act, negative_slope)
 
 def layer_norm(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5, channel_dim: int = 1,
@@ -58,7 +53,7 @@ def layer_norm(
     if fast is not None:
         return fast[0]
     mean, var = _moments.mean_var(x, dims_for(x, cd, "sample"))
-    return _act(normalize(x, mean, var, eps, weight, bias, cd), act, negative_slope)
+    return activation(normalize(x, mean, var, eps, weight, bias, cd), act, negative_slope)
 
 def instance_norm(
     x: Tensor,
@@ -89,7 +84,7 @@ def instance_norm(
             raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
         from .._layout import per_channel
 
-        return _act(normalize(
+        return activation(normalize(
             x,
             per_channel(running_mean, x.ndim, channel_dim),
             per_channel(running_var, x.ndim, channel_dim),
@@ -116,7 +111,7 @@ def instance_norm(
         # batch average of the per-instance moments (the mean of unbiased variances);
         # an empty batch has none to average (torch turns its running stats into NaN)
         _moments.update_running_stats(running_mean, running_var, Moments(m.count, m.mean.mean(0), m.m2.mean(0)), momentum)
-    return _act(normalize(x, m.mean, m.var, eps, weight, bias, cd), act, negative_slope)
+    return activation(normalize(x, m.mean, m.var, eps, weight, bias, cd), act, negative_slope)
 
 def group_norm(
     x: Tensor,
@@ -151,7 +146,7 @@ def group_norm(
     dims = tuple(d for d in range(1, xg.ndim) if d != cd)
     mean, var = _moments.mean_var(xg, dims)
     y = normalize(xg, mean, var, eps, None, None, cd).flatten(cd, cd + 1)
-    return _act(affine(y, weight, bias, channel_dim).to(x.dtype), act, negative_slope)
+    return activation(affine(y, weight, bias, channel_dim).to(x.dtype), act, negative_slope)
 
 def _rms_eps(eps: float | None, x: Tensor) -> float:
     # torch.nn.RMSNorm's eps=None means the machine epsilon of the input's dtype
@@ -176,7 +171,7 @@ def rms_norm(
         return fast[0]
     dims = dims_for(x, cd, "sample")
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(dims, keepdim=True)
-    return _act(normalize(x, None, ms, e, weight, None, cd), act, negative_slope)
+    return activation(normalize(x, None, ms, e, weight, None, cd), act, negative_slope)
 
 def _channel_last_view(x: Tensor, cd: int) -> Tensor | None:
     """``x`` with its channel axis moved last, if that is a contiguous view (no copy)."""

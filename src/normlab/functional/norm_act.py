@@ -4,28 +4,24 @@ which keeps only its output for backward."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
 from .._layout import channel_axis, per_channel, stat_dims
+from ..engine import ACTIVATIONS
 from ._common import batch_statistics
 
 __all__ = ["ACTIVATIONS", "activation", "batch_norm_leaky_relu_inplace"]
 
-# name -> f(x, negative_slope); torch's defaults (leaky slope 0.01, exact erf GELU)
-ACTIVATIONS: dict[str, Callable[[Tensor, float], Tensor]] = {
-    "relu": lambda x, s: TF.relu(x),
-    "leaky_relu": lambda x, s: TF.leaky_relu(x, s),
-    "silu": lambda x, s: TF.silu(x),
-    "gelu": lambda x, s: TF.gelu(x),
-}
 
-
-def activation(x: Tensor, act: str, negative_slope: float = 0.01) -> Tensor:
-    """``act(x)`` for ``act`` in :data:`ACTIVATIONS`; an error listing them otherwise."""
+def activation(x: Tensor, act: str | None, negative_slope: float = 0.01) -> Tensor:
+    """``act(x)`` for ``act`` in :data:`ACTIVATIONS` (``None``: ``x`` unchanged); an error
+    listing them otherwise."""
+    if act is None:
+        return x
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[act](x, negative_slope)

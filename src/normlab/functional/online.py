@@ -254,10 +254,10 @@ def online_norm(
             return activation_clamp(z, clamp_value) if ecm == "ac" else z
         z = _OnlineNormalize.apply(x, weight, bias, stream_mean, stream_var, control_u, control_v,
                                    float(alpha_fwd), float(alpha_bkw), float(eps), cd)
-    elif (route("on", x, cd) == "kernels" and stream_mean.dtype == x.dtype and stream_var.dtype == x.dtype
-          and (z := affine_eval(x, cd, stream_mean, stream_var, eps, weight, bias)) is not None):
-        pass  # the same map, one pass
-    else:
+    else:  # the same map, in one pass where the kernels take it
+        fast = route("on", x, cd) == "kernels" and stream_mean.dtype == x.dtype and stream_var.dtype == x.dtype
+        z = affine_eval(x, cd, stream_mean, stream_var, eps, weight, bias) if fast else None
+    if not training and z is None:
         work = torch.promote_types(_moments.accumulation_dtype(x.dtype), stream_mean.dtype)
         mean = per_channel(stream_mean, x.ndim, cd).to(work)
         rstd = torch.rsqrt(per_channel(stream_var, x.ndim, cd).to(work) + eps)
