@@ -5,6 +5,8 @@ input). Checked against torch's own layers followed by torch's activation
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -92,3 +94,46 @@ def test_fused_activation_half_precision_output(dtype):
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
     assert (y >= 0).all()
+
+
+@pytest.mark.parametrize("spec", ["gn:4", "ln", "in", "rms"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "leaky_relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sample_norm_with_activation_in_the_one_pass_kernels(spec, act, channels_last, dtype, monkeypatch):
+    # enough samples for the per-(sample, group) passes from cache, which then apply the
+    # activation (SiLU and GELU keep dy' between the backward's two passes): against the float64
+    # plain path (the norm, then torch's activation)
+    if not _kernels.supports(dtype):
+        pytest.skip(_kernels.status())
+    from normlab.engine import function
+
+    calls = []
+    for name in ("group_forward", "group_backward"):
+        real = getattr(function._kernels, name)
+        monkeypatch.setattr(function._kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    c = 16
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, c, 40, 36, generator=g) * 1.5 + 0.4
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    m = normlab.make_norm(spec, c, act=act, negative_slope=0.1)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        if getattr(m, "bias", None) is not None:
+            m.bias.copy_(torch.randn(c, generator=g))
+    dy = torch.randn(x.shape, generator=g)
+    xa = x.to(dtype).requires_grad_()
+    with normlab.functional.fast_path(True):
+        y = m(xa)  # (a float32 layer takes bfloat16 input, as under autocast)
+        got = torch.autograd.grad(y, (xa, m.weight), dy.to(dtype))
+    assert calls == ["group_forward", "group_backward"]
+    m64 = copy.deepcopy(m).double()
+    xr = xa.detach().double().requires_grad_()
+    with normlab.functional.fast_path(False):
+        want = m64(xr)
+        ref = torch.autograd.grad(want, (xr, m64.weight), dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(got[1].double(), ref[1], rtol=tol, atol=tol * x.numel() ** 0.5)

@@ -77,3 +77,15 @@ def test_other_types_round_the_float_result(name, dtype):
         ulp = torch.finfo(dtype).eps * ref.abs().clamp(min=torch.finfo(dtype).tiny)
         fin = torch.isfinite(ref.to(dtype))
         assert ((got.double() - ref).abs()[fin] <= ulp[fin]).all()
+
+
+def test_activation_exp_in_its_range_and_clamped_beyond():
+    # the epilogues' exp (SiLU, GELU): nl_expf's accuracy on [-86, 88], the value at the range's
+    # end beyond it (finite and normal: no overflow or subnormal handling there)
+    x = torch.cat([torch.linspace(-86, 88, 2_000_001), torch.linspace(-1, 1, 100_001)])
+    got, ref = _math("exp_act", x), torch.exp(x.double())
+    assert _ulps(got, ref).max().item() <= BOUND_ULPS["exp"]
+    far = torch.tensor([-1e30, -500.0, -86.5, 88.5, 1000.0, float("inf"), float("-inf")])
+    want = torch.exp(far.clamp(-86, 88).double()).float()
+    torch.testing.assert_close(_math("exp_act", far), want, rtol=2e-7, atol=0)
+    assert torch.isnan(_math("exp_act", torch.tensor([float("nan")]))).all()

@@ -68,10 +68,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
         for layout in ("cf", "cl"):
             fn = getattr(lib, f"nl_group_fwd_{layout}_{s}")
-            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, p, p, p, p, n]
+            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, n, d, p, p, p, p, n]
             fn.restype = ctypes.c_int
             fn = getattr(lib, f"nl_group_bwd_{layout}_{s}")
-            fn.argtypes = [p, p, p, i, i, i, i, n, p, p, p, p, p, n]
+            fn.argtypes = [p, p, p, i, i, i, i, n, p, p, n, d, p, p, p, p, n]
             fn.restype = ctypes.c_int
         getattr(lib, f"nl_rowrms_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n]
         getattr(lib, f"nl_rowrms_bwd_{s}").argtypes = [p, p, p, i, i, p, p, p, n]
@@ -183,13 +183,17 @@ EPILOGUES = {"leaky_relu": 1, "silu": 2, "gelu": 3}
 (ReLU is leaky ReLU with slope 0; GELU is the exact, erf form)."""
 
 
+def _code(act: tuple[int, float] | None) -> tuple[int, float]:
+    return (0, 0.0) if act is None else (int(act[0]), float(act[1]))
+
+
 def _act_args(act: tuple[int, float] | None, v: Tensor, layout: str, scale: Tensor | None,
               shift: Tensor | None) -> tuple[list, int, float]:
     """The epilogue's kernel arguments: (per-(n, c) scale and shift, act code, slope)."""
     if act is None:
         return [None, None], 0, 0.0
     n, c = _nc_shape(v, layout)
-    return [_nc(scale, n, c), _nc(shift, n, c)], int(act[0]), float(act[1])  # type: ignore[arg-type]
+    return [_nc(scale, n, c), _nc(shift, n, c)], *_code(act)  # type: ignore[arg-type]
 
 
 def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
@@ -199,8 +203,7 @@ def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, s
     n, c = _nc_shape(v, layout)
     _dims(out)
     args = [_nc(t, n, c) for t in (center, scale, shift)]
-    code, slope = (0, 0.0) if act is None else (int(act[0]), float(act[1]))
-    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), code, slope,
+    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_code(act),
                                           torch.get_num_threads()), "affine")
 
 
@@ -239,37 +242,39 @@ def _opt(t: Tensor | None) -> Tensor | None:
 
 
 def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: float, center: bool,
-                  weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  weight: Tensor | None, bias: Tensor | None,
+                  act: tuple[int, float] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A per-sample norm in one pass from cache: group norm (``num_groups`` groups of
     consecutive channels; 1 = layer norm, C = instance norm) or, with ``center=False``, RMS
-    norm; ``out = (x - center) * weight * rstd + bias``. Channels-last, one sample per work
-    item (use it for N at least twice the thread count); channel-first, one (sample, group).
-    Returns the per-(n, c) mean and M2 and, for the backward, the per-(n, c) group centre (0
-    for RMS) and 1/std, all float64 (N, C)."""
+    norm; ``out = act((x - center) * weight * rstd + bias)`` (``act`` as in :func:`affine`).
+    Channels-last, one sample per work item (use it for N at least twice the thread count);
+    channel-first, one (sample, group). Returns the per-(n, c) mean and M2 and, for the
+    backward, the per-(n, c) group centre (0 for RMS) and 1/std, all float64 (N, C)."""
     n, c = _nc_shape(v, layout)
     _dims(out)
     mean, m2, ctr, rstd = torch.empty(4, n, c, dtype=torch.float64).unbind(0)
     w, b = _opt(weight), _opt(bias)
     _check(_fn("group_fwd", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), num_groups, float(eps), int(center),
-                                             None if w is None else _ptr(w), None if b is None else _ptr(b),
-                                             _ptr(mean), _ptr(m2), _ptr(ctr), _ptr(rstd), torch.get_num_threads()),
-           "group_fwd")
+                                             *_ptrs([w, b]), *_code(act), _ptr(mean), _ptr(m2), _ptr(ctr),
+                                             _ptr(rstd), torch.get_num_threads()), "group_fwd")
     return mean, m2, ctr, rstd
 
 
 def group_backward(dyv: Tensor, v: Tensor, out: Tensor, layout: str, num_groups: int, center: bool,
-                   weight: Tensor | None, ctr: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+                   weight: Tensor | None, ctr: Tensor, rstd: Tensor, bias: Tensor | None = None,
+                   act: tuple[int, float] | None = None) -> tuple[Tensor, Tensor]:
     """The input gradient of :func:`group_forward`'s norm into ``out``, from cache (same work
-    items), given the forward's per-(n, c) group centre and 1/std; returns the per-(n, c)
-    ``sum dy`` and ``sum dy (x - centre)`` (for the weight and bias gradients)."""
+    items), given the forward's per-(n, c) group centre and 1/std (and, with ``act``, its bias);
+    returns the per-(n, c) ``sum dy'`` and ``sum dy' (x - centre)`` (for the weight and bias
+    gradients; ``dy'`` is ``dy`` times the activation's derivative)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
     g = torch.empty(n, c, dtype=torch.float64)
     h = torch.empty(n, c, dtype=torch.float64)
-    w = _opt(weight)
+    w, b = _opt(weight), _opt(bias)
     ctr64, rstd64 = _nc(ctr, n, c), _nc(rstd, n, c)
     _check(_fn("group_bwd", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), num_groups, int(center),
-                                             None if w is None else _ptr(w), _ptr(ctr64), _ptr(rstd64), _ptr(g),
+                                             *_ptrs([w, b]), *_code(act), _ptr(ctr64), _ptr(rstd64), _ptr(g),
                                              _ptr(h), torch.get_num_threads()), "group_bwd")
     return g, h
 

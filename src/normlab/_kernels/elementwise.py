@@ -20,7 +20,7 @@ __all__ = ["KINDS", "declare", "squash_forward", "squash_backward", "math_functi
 KINDS = {"tanh": 0, "erf": 1}
 """The squashing functions f, by name, as the kernels number them."""
 
-MATH_FUNCTIONS = {"exp": 0, "tanh": 1, "erf": 2, "sigmoid": 3}
+MATH_FUNCTIONS = {"exp": 0, "tanh": 1, "erf": 2, "sigmoid": 3, "exp_act": 4}
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -84,7 +84,7 @@ def squash_backward(dy: Tensor, v: Tensor, out: Tensor, layout: str, kind: str, 
 
 
 def math_function(name: str, x: Tensor) -> Tensor:
-    """``name`` ("exp", "tanh", "erf", "sigmoid") of every value of ``x`` by the kernels' own
+    """``name`` ("exp", "tanh", "erf", "sigmoid"; "exp_act": the activation epilogues' exp) of every value of ``x`` by the kernels' own
     functions (mathfn.h for the float types, libm for float64), for tests."""
     x = x.contiguous()
     y = torch.empty_like(x)

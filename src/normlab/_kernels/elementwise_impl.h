@@ -223,8 +223,8 @@ int S(nl_squash_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
     return 0;
 }
 
-/* y = f(x) for f = exp (0), tanh (1), erf (2), sigmoid (3): the math functions alone (in the
- * same vectorised loops as the kernels), for tests */
+/* y = f(x) for f = exp (0), tanh (1), erf (2), sigmoid (3), the activations' exp (4): the math
+ * functions alone (in the same vectorised loops as the kernels), for tests */
 #define EW_MAP(fn)                                                                                                    \
     _Pragma("omp simd") for (i64 i = 0; i < n; i++) y[i] = ST(fn(LD(x[i])))
 void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
@@ -234,7 +234,9 @@ void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
         EW_MAP(EP_TANH);
     else if (which == 2)
         EW_MAP(EP_ERF);
-    else
+    else if (which == 3)
         EW_MAP(EP_SIGMOID);
+    else
+        EW_MAP(EP_EXPA);
 }
 #undef EW_MAP

@@ -62,6 +62,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define EP_SIGMOID nl_sigmoidf
 #define EP_ERF nl_erff
 #define EP_EXP nl_expf
+#define EP_EXPA nl_expf_act
 #define EP_TANH nl_tanhf
 /* M(K) once per activation code K, as a literal (see act_fwd in kernels_impl.h) */
 #define ACT_SWITCH(act, M)                                                                                     \
@@ -72,6 +73,12 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
         default: M(1) break;                                                                                   \
         }                                                                                                      \
     } while (0)
+
+/* Whether the per-sample backward from cache keeps dy' = dy act'(y) in a float buffer of one
+ * work item between its sums pass and its input-gradient pass, instead of evaluating the
+ * derivative twice: for SiLU and GELU (an exp, an erf), not for leaky ReLU (a select is cheaper
+ * than the buffer). */
+#define KEEPS(act) ((act) >= 2)
 
 /* channels per register block of the channels-last reductions: 4 vector registers a row */
 #if defined(__AVX512F__)
@@ -103,10 +110,12 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #undef EP_SIGMOID
 #undef EP_ERF
 #undef EP_EXP
+#undef EP_EXPA
 #undef EP_TANH
 #define EP_SIGMOID nl_sigmoid
 #define EP_ERF nl_erf
 #define EP_EXP nl_exp
+#define EP_EXPA nl_exp
 #define EP_TANH nl_tanh
 #define T double
 #define F double
@@ -118,10 +127,12 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #undef EP_SIGMOID
 #undef EP_ERF
 #undef EP_EXP
+#undef EP_EXPA
 #undef EP_TANH
 #define EP_SIGMOID nl_sigmoidf
 #define EP_ERF nl_erff
 #define EP_EXP nl_expf
+#define EP_EXPA nl_expf_act
 #define EP_TANH nl_tanhf
 #undef T
 #undef F

@@ -11,19 +11,19 @@
  * constant through ACT_SWITCH (kernels.c), so that each loop is compiled, and vectorised, once
  * per activation with the branches folded away */
 static inline __attribute__((always_inline)) F S(act_fwd)(F v, int act, F sl) {
-    if (act == 2) return v * EP_SIGMOID(v);
+    if (act == 2) return v / ((F)1 + EP_EXPA(-v));
     if (act == 3) return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
     return v > 0 ? v : v * sl;
 }
 
 static inline __attribute__((always_inline)) F S(act_grad)(F d, F v, int act, F sl) {
     if (act == 2) {
-        F sg = EP_SIGMOID(v);
+        F sg = (F)1 / ((F)1 + EP_EXPA(-v));
         return d * sg * ((F)1 + v * ((F)1 - sg));
     }
     if (act == 3)
         return d * ((F)0.5 * ((F)1 + EP_ERF(v * (F)0.70710678118654752)) +
-                    v * (F)0.39894228040143268 * EP_EXP((F)-0.5 * v * v));
+                    v * (F)0.39894228040143268 * EP_EXPA((F)-0.5 * v * v));
     return v > 0 ? d : d * sl;
 }
 
@@ -105,17 +105,19 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 }
 
 /* the same with the activation's gradient applied to dy: d = dy * leaky'((p - m) * s + b) */
-static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, A *g, A *h) {
+static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F *kp, A *g, A *h) {
     A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) {
             F xc = LD(p[i + j]) - m, dd = S(act_grad)(LD(d[i + j]), xc * s + b, act, sl);
+            if (kp) kp[i + j] = dd;
             ag[j] += dd;
             ah[j] += dd * xc;
         }
     for (; i < k; i++) {
         F xc = LD(p[i]) - m, dd = S(act_grad)(LD(d[i]), xc * s + b, act, sl);
+        if (kp) kp[i] = dd;
         sg += dd;
         sh += dd * xc;
     }
@@ -123,14 +125,95 @@ static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, con
     *h = sh + S(lanes_total)(ah);
 }
 
-static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, double *sg,
-                                    double *sh) {
+/* (kp: where to keep dy', or NULL) */
+static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, F *kp,
+                                    double *sg, double *sh) {
     *sg = *sh = 0.0;
     for (i64 o = 0; o < L; o += CF_CHUNK) {
         A g, h;
-        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, act, sl, &g, &h);
+        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, act, sl, kp ? kp + o : NULL, &g, &h);
         *sg += g;
         *sh += h;
+    }
+}
+
+/* one channel-first output row, o = act((p - m) * s + b), and one input-gradient row,
+ * o = a dy' + bc (p - m) + k with dy' = dy act'((p - m) * s + b) (dy' = dy without act): shared
+ * by the generic passes and the per-sample passes from cache */
+static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o, i64 L, F m, F s, F b, int act,
+                                                                F sl) {
+    if (act) {
+#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl));
+        ACT_SWITCH(act, LOOP);
+#undef LOOP
+    } else {
+#pragma omp simd
+        for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
+    }
+}
+
+static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T *p, T *o, i64 L, F m, F a, F bc, F k,
+                                                            F s, F b, int act, F sl, const F *kp) {
+    if (kp) { /* dy' kept by the sums pass */
+#pragma omp simd
+        for (i64 i = 0; i < L; i++) o[i] = ST(a * kp[i] + bc * (LD(p[i]) - m) + k);
+    } else if (act) {
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
+        F xc = LD(p[i]) - m;                                                                                   \
+        o[i] = ST(a * S(act_grad)(LD(d[i]), xc * s + b, K, sl) + bc * xc + k);                                 \
+    }
+        ACT_SWITCH(act, LOOP);
+#undef LOOP
+    } else {
+#pragma omp simd
+        for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(d[i]) + bc * (LD(p[i]) - m) + k);
+    }
+}
+
+/* sum dy' and sum dy' (p - m) of one channel-first row, dy' as in dx_row; with kp, dy' is
+ * also stored there (dx_row then reads it instead of evaluating the derivative again) */
+static inline __attribute__((always_inline)) void S(sums_row)(const T *d, const T *p, i64 L, F m, F s, F b, int act,
+                                                              F sl, F *kp, double *sg, double *sh) {
+    if (act) {
+#define SUMS(K) S(row_sums_act)(d, p, L, m, s, b, K, sl, kp, sg, sh);
+        ACT_SWITCH(act, SUMS);
+#undef SUMS
+    } else
+        S(row_sums)(d, p, L, m, sg, sh);
+}
+
+/* the same three for one channels-last row of C channels, coefficients per channel */
+static inline __attribute__((always_inline)) void S(affine_row_cl)(const T *p, T *o, i64 C, const F *m, const F *s,
+                                                                   const F *b, int act, F sl) {
+    if (act) {
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(act_fwd)((LD(p[c]) - m[c]) * s[c] + b[c], K, sl));
+        ACT_SWITCH(act, LOOP);
+#undef LOOP
+    } else {
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
+    }
+}
+
+static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const T *p, T *o, i64 C, const F *m,
+                                                               const F *a, const F *bc, const F *k, const F *s,
+                                                               const F *b, int act, F sl, const F *kp) {
+    if (kp) {
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * kp[c] + bc[c] * (LD(p[c]) - m[c]) + k[c]);
+    } else if (act) {
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
+        F xc = LD(p[c]) - m[c];                                                                                \
+        o[c] = ST(a[c] * S(act_grad)(LD(d[c]), xc * s[c] + b[c], K, sl) + bc[c] * xc + k[c]);                  \
+    }
+        ACT_SWITCH(act, LOOP);
+#undef LOOP
+    } else {
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * LD(d[c]) + bc[c] * (LD(p[c]) - m[c]) + k[c]);
     }
 }
 
@@ -146,61 +229,26 @@ void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2,
 
 void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
                      const double *shift, int act, double slope, int nt) {
-    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        const T *p = x + r * L;
-        T *o = y + r * L;
-        const F m = (F)center[r], s = (F)scale[r], b = (F)shift[r];
-        if (act) {
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl));
-            ACT_SWITCH(act, LOOP);
-#undef LOOP
-        } else {
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
-        }
-    }
+    for (i64 r = 0; r < N * C; r++)
+        S(affine_row)(x + r * L, y + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope);
 }
 
 void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
                      const double *scale, const double *shift, int act, double slope, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        if (act) {
-#define SUMS(K) S(row_sums_act)(dy + r * L, x + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], K, (F)slope, \
-                                &g[r], &h[r]);
-            ACT_SWITCH(act, SUMS);
-#undef SUMS
-        } else
-            S(row_sums)(dy + r * L, x + r * L, L, (F)center[r], &g[r], &h[r]);
-    }
+    for (i64 r = 0; r < N * C; r++)
+        S(sums_row)(dy + r * L, x + r * L, L, (F)center[r], act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act,
+                    (F)slope, NULL, &g[r], &h[r]);
 }
 
 void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
                  const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
                  int nt) {
-    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        const T *d = dy + r * L, *p = x + r * L;
-        T *o = dx + r * L;
-        const F m = (F)center[r], ar = (F)a[r], br = (F)b[r], kr = (F)k[r];
-        if (act) {
-            const F s = (F)scale[r], sb = (F)shift[r];
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
-        F xc = LD(p[i]) - m;                                                                                   \
-        o[i] = ST(ar * S(act_grad)(LD(d[i]), xc * s + sb, K, sl) + br * xc + kr);                              \
-    }
-            ACT_SWITCH(act, LOOP);
-#undef LOOP
-        } else {
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(d[i]) + br * (LD(p[i]) - m) + kr);
-        }
-    }
+    for (i64 r = 0; r < N * C; r++)
+        S(dx_row)(dy + r * L, x + r * L, dx + r * L, L, (F)center[r], (F)a[r], (F)b[r], (F)k[r],
+                  act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope, NULL);
 }
 
 /* ---- channels-last (N, L, C): work items are (sample, block of rows); inside one, CB
@@ -242,17 +290,38 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
 
 static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                       const A *m, const F *s, const F *b, int act, F sl,
-                                                                      A *sg, A *sh) {
+                                                                      F *kp, A *sg, A *sh) {
     for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
+        F *q = kp ? kp + l * C : NULL;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
             F xc = LD(p[c]) - m[c], dd = S(act_grad)(LD(d[c]), xc * s[c] + b[c], act, sl);
+            if (q) q[c] = dd;
             sg[c] += dd;
             sh[c] += dd * xc;
         }
     }
+}
+
+/* sums of rows [0, k) over channels [0, w) of a block, dy' = dy act'(...) with act, else dy;
+ * the full-width call with a literal CB is the vectorised one */
+static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
+                                                                const A *m, const F *s, const F *b, int act, F sl,
+                                                                F *kp, A *sg, A *sh) {
+    if (act) {
+#define RED(K)                                                                                                 \
+    if (w == CB)                                                                                               \
+        S(block_reduce_act)(d0, p0, k, C, CB, m, s, b, K, sl, kp, sg, sh);                                     \
+    else                                                                                                       \
+        S(block_reduce_act)(d0, p0, k, C, w, m, s, b, K, sl, kp, sg, sh);
+        ACT_SWITCH(act, RED);
+#undef RED
+    } else if (w == CB)
+        S(block_reduce)(d0, p0, k, C, CB, m, sg, sh);
+    else
+        S(block_reduce)(d0, p0, k, C, w, m, sg, sh);
 }
 
 /* merge per-(item, c) partial moments over the blocks of each sample */
@@ -312,23 +381,12 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
             A m[CB], sg[CB], sh[CB];
             i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
             for (i64 c = 0; c < w; c++) m[c] = (A)center[n * C + c0 + c];
-            if (act) {
-                F s[CB], b[CB];
-                for (i64 c = 0; c < w; c++) {
-                    s[c] = (F)scale[n * C + c0 + c];
-                    b[c] = (F)shift[n * C + c0 + c];
-                }
-#define RED(K)                                                                                                 \
-    if (w == CB)                                                                                               \
-        S(block_reduce_act)(dy + at, x + at, k, C, CB, m, s, b, K, sl, sg, sh);                                \
-    else                                                                                                       \
-        S(block_reduce_act)(dy + at, x + at, k, C, w, m, s, b, K, sl, sg, sh);
-                ACT_SWITCH(act, RED);
-#undef RED
-            } else if (w == CB)
-                S(block_reduce)(dy + at, x + at, k, C, CB, m, sg, sh);
-            else
-                S(block_reduce)(dy + at, x + at, k, C, w, m, sg, sh);
+            F s[CB], b[CB];
+            for (i64 c = 0; c < w && act; c++) {
+                s[c] = (F)scale[n * C + c0 + c];
+                b[c] = (F)shift[n * C + c0 + c];
+            }
+            S(block_sums)(dy + at, x + at, k, C, w, m, s, b, act, sl, NULL, sg, sh);
             for (i64 c = 0; c < w; c++) {
                 pg[it * C + c0 + c] = sg[c];
                 ph[it * C + c0 + c] = sh[c];
@@ -365,22 +423,10 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
     const double *src[3] = {center, scale, shift};
     F *co = S(coef_rows)(src, 3, N * C);
     if (!co) return 1;
-    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
-        const T *p = x + r * C;
-        const F *m = co + n * C, *s = co + (N + n) * C, *b = co + (2 * N + n) * C;
-        T *o = y + r * C;
-        if (act) {
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(act_fwd)((LD(p[c]) - m[c]) * s[c] + b[c], K, sl));
-            ACT_SWITCH(act, LOOP);
-#undef LOOP
-        } else {
-#pragma omp simd
-            for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
-        }
+        S(affine_row_cl)(x + r * C, y + r * C, C, co + n * C, co + (N + n) * C, co + (2 * N + n) * C, act, (F)slope);
     }
     free(co);
     return 0;
@@ -392,26 +438,13 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     const double *src[6] = {center, a, b, k, scale, shift};
     F *co = S(coef_rows)(src, act ? 6 : 4, N * C);
     if (!co) return 1;
-    const F sl = (F)slope;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
-        const T *d = dy + r * C, *p = x + r * C;
-        const F *m = co + n * C, *ar = co + (N + n) * C, *br = co + (2 * N + n) * C, *kr = co + (3 * N + n) * C;
-        T *o = dx + r * C;
-        if (act) {
-            const F *s = co + (4 * N + n) * C, *sb = co + (5 * N + n) * C;
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
-        F xc = LD(p[c]) - m[c];                                                                                \
-        o[c] = ST(ar[c] * S(act_grad)(LD(d[c]), xc * s[c] + sb[c], K, sl) + br[c] * xc + kr[c]);               \
-    }
-            ACT_SWITCH(act, LOOP);
-#undef LOOP
-        } else {
-#pragma omp simd
-            for (i64 c = 0; c < C; c++) o[c] = ST(ar[c] * LD(d[c]) + br[c] * (LD(p[c]) - m[c]) + kr[c]);
-        }
+        const F *row[6];
+        for (int j = 0; j < 6; j++) row[j] = co + ((j < 4 || act ? j : 0) * N + n) * C;
+        S(dx_row_cl)(dy + r * C, x + r * C, dx + r * C, C, row[0], row[1], row[2], row[3], row[4], row[5], act,
+                     (F)slope, NULL);
     }
     free(co);
     return 0;
@@ -425,7 +458,8 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
  * running statistics. Parallel over samples: the caller uses it when N is at least twice the
  * thread count. ---- */
 int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps, int center, const double *weight,
-                       const double *bias, double *mean, double *m2, double *ctr, double *rstd_out, int nt) {
+                       const double *bias, int act, double slope, double *mean, double *m2, double *ctr,
+                       double *rstd_out, int nt) {
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     int failed = 0;
 #pragma omp parallel num_threads(nt)
@@ -472,12 +506,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                 mean[n * C + c] = ma[c];
                 m2[n * C + c] = qa[c];
             }
-            for (i64 l = 0; l < L; l++) {
-                const T *p = xs + l * C;
-                T *o = ys + l * C;
-#pragma omp simd
-                for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - cm[c]) * cs[c] + cb[c]);
-            }
+            for (i64 l = 0; l < L; l++) S(affine_row_cl)(xs + l * C, ys + l * C, C, cm, cs, cb, act, (F)slope);
         }
         free(na);
         free(cm);
@@ -489,7 +518,8 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
  * (a group's channels are consecutive), small enough to stay in cache between the moments
  * and the output. */
 int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps, int center, const double *weight,
-                       const double *bias, double *mean, double *m2, double *ctr, double *rstd_out, int nt) {
+                       const double *bias, int act, double slope, double *mean, double *m2, double *ctr,
+                       double *rstd_out, int nt) {
     i64 cpg = C / G;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * G; it++) {
@@ -509,13 +539,9 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
             ctr[n * C + c] = center ? gm : 0.0;
             rstd_out[n * C + c] = rstd;
         }
-        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* the output, from cache */
-            const T *p = x + (n * C + c) * L;
-            T *o = y + (n * C + c) * L;
-            const F s = (F)(weight ? weight[c] * rstd : rstd), b = (F)(bias ? bias[c] : 0.0);
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
-        }
+        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) /* the output, from cache */
+            S(affine_row)(x + (n * C + c) * L, y + (n * C + c) * L, L, m, (F)(weight ? weight[c] * rstd : rstd),
+                          (F)(bias ? bias[c] : 0.0), act, (F)slope);
     }
     return 0;
 }
@@ -526,57 +552,71 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
  * per-(n, c) g and h are returned for the weight and bias gradients. ctr and rstd are the
  * per-(n, c) group centre and 1/std from the forward. */
 int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 G, int center, const double *weight,
-                       const double *ctr, const double *rstd, double *g, double *h, int nt) {
+                       const double *bias, int act, double slope, const double *ctr, const double *rstd, double *g,
+                       double *h, int nt) {
     i64 cpg = C / G;
     double K = (double)(cpg * L);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 it = 0; it < N * G; it++) {
-        i64 n = it / G, gi = it % G;
-        double big_a = 0.0, big_b = 0.0;
-        const F m = (F)ctr[n * C + gi * cpg];
-        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            double sg, sh;
-            S(row_sums)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, &sg, &sh);
-            g[n * C + c] = sg;
-            h[n * C + c] = sh;
-            double w = weight ? weight[c] : 1.0;
-            big_a += w * sg;
-            big_b += w * sh;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        F *keep = KEEPS(act) ? malloc(sizeof(F) * cpg * L) : NULL;
+        if (KEEPS(act) && !keep) failed = 1;
+#pragma omp for schedule(static)
+        for (i64 it = 0; it < N * G; it++) {
+            if (KEEPS(act) && !keep) continue;
+            i64 n = it / G, gi = it % G;
+            double big_a = 0.0, big_b = 0.0;
+            const F m = (F)ctr[n * C + gi * cpg];
+            const double r = rstd[n * C + gi * cpg];
+            for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+                double sg, sh;
+                S(sums_row)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, (F)((weight ? weight[c] : 1.0) * r),
+                            (F)(bias ? bias[c] : 0.0), act, (F)slope, keep ? keep + (c - gi * cpg) * L : NULL, &sg,
+                            &sh);
+                g[n * C + c] = sg;
+                h[n * C + c] = sh;
+                double w = weight ? weight[c] : 1.0;
+                big_a += w * sg;
+                big_b += w * sh;
+            }
+            const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
+            for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+                const F a = (F)((weight ? weight[c] : 1.0) * r);
+                S(dx_row)(dy + (n * C + c) * L, x + (n * C + c) * L, dx + (n * C + c) * L, L, m, a, bcoef, kcoef, a,
+                          (F)(bias ? bias[c] : 0.0), act, (F)slope, keep ? keep + (c - gi * cpg) * L : NULL);
+            }
         }
-        double r = rstd[n * C + gi * cpg];
-        const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
-        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            const T *d = dy + (n * C + c) * L, *p = x + (n * C + c) * L;
-            T *o = dx + (n * C + c) * L;
-            const F a = (F)((weight ? weight[c] : 1.0) * r);
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(d[i]) + bcoef * (LD(p[i]) - m) + kcoef);
-        }
+        free(keep);
     }
-    return 0;
+    return failed;
 }
 
 /* The same, channels-last, one sample per work item (callers use it when N is at least twice
  * the thread count). */
 int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 G, int center, const double *weight,
-                       const double *ctr, const double *rstd, double *g, double *h, int nt) {
+                       const double *bias, int act, double slope, const double *ctr, const double *rstd, double *g,
+                       double *h, int nt) {
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     double K = (double)(cpg * L);
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        F *co = malloc(sizeof(F) * C * 4), *cm = co + C, *ca = co + 2 * C, *cb = co + 3 * C;
+        /* per channel: a = w rstd (also the epilogue's scale), centre, b, k, the epilogue's shift */
+        F *ca = malloc(sizeof(F) * C * 5), *cm = ca + C, *cb = ca + 2 * C, *ck = ca + 3 * C, *csh = ca + 4 * C;
         double *ab = malloc(sizeof(double) * G * 2);
-        if (!co || !ab) failed = 1;
+        F *keep = KEEPS(act) ? malloc(sizeof(F) * L * C) : NULL;
+        if (!ca || !ab || (KEEPS(act) && !keep)) failed = 1;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            if (!co || !ab) continue;
+            if (!ca || !ab || (KEEPS(act) && !keep)) continue;
             const T *ds = dy + n * L * C, *xs = x + n * L * C;
             T *os = dx + n * L * C;
             double *gs = g + n * C, *hs = h + n * C;
             for (i64 c = 0; c < C; c++) {
                 gs[c] = hs[c] = 0.0;
                 cm[c] = (F)ctr[n * C + c];
+                ca[c] = (F)((weight ? weight[c] : 1.0) * rstd[n * C + c]);
+                csh[c] = (F)(bias ? bias[c] : 0.0);
             }
             for (i64 l0 = 0; l0 < L; l0 += R) {
                 i64 k = MIN(R, L - l0);
@@ -584,10 +624,8 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                     A m[CB], sg[CB], sh[CB];
                     i64 w = MIN(CB, C - c0), at = l0 * C + c0;
                     for (i64 c = 0; c < w; c++) m[c] = cm[c0 + c];
-                    if (w == CB)
-                        S(block_reduce)(ds + at, xs + at, k, C, CB, m, sg, sh);
-                    else
-                        S(block_reduce)(ds + at, xs + at, k, C, w, m, sg, sh);
+                    S(block_sums)(ds + at, xs + at, k, C, w, m, ca + c0, csh + c0, act, (F)slope,
+                                  keep ? keep + at : NULL, sg, sh);
                     for (i64 c = 0; c < w; c++) {
                         gs[c0 + c] += sg[c];
                         hs[c0 + c] += sh[c];
@@ -602,19 +640,16 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             }
             for (i64 c = 0; c < C; c++) {
                 double r = rstd[n * C + c];
-                co[c] = (F)((weight ? weight[c] : 1.0) * r);
-                ca[c] = (F)(-r * r * r * ab[G + c / cpg] / K);
-                cb[c] = (F)(center ? -r * ab[c / cpg] / K : 0.0);
+                cb[c] = (F)(-r * r * r * ab[G + c / cpg] / K);
+                ck[c] = (F)(center ? -r * ab[c / cpg] / K : 0.0);
             }
-            for (i64 l = 0; l < L; l++) {
-                const T *d = ds + l * C, *p = xs + l * C;
-                T *o = os + l * C;
-#pragma omp simd
-                for (i64 c = 0; c < C; c++) o[c] = ST(co[c] * LD(d[c]) + ca[c] * (LD(p[c]) - cm[c]) + cb[c]);
-            }
+            for (i64 l = 0; l < L; l++)
+                S(dx_row_cl)(ds + l * C, xs + l * C, os + l * C, C, cm, ca, cb, ck, ca, csh, act, (F)slope,
+                             keep ? keep + l * C : NULL);
         }
-        free(co);
+        free(ca);
         free(ab);
+        free(keep);
     }
     return failed;
 }

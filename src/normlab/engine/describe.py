@@ -151,7 +151,11 @@ class GroupStats(Description):
     def coefficients(self, mean, m2, count, weight=None, bias=None):
         ctr, var = _moments.group_moments(mean, m2, count, self.groups, self.center)
         self.keep(ctr, torch.rsqrt(var + self.eps), count, weight)
-        return ctr, self.w * self.rstd, _row(bias, mean.shape[1], 0.0)
+        return self.affine_coefficients(bias)
+
+    def affine_coefficients(self, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The output pass's per-(n, c) centre, scale and shift, from what :meth:`keep` holds."""
+        return self.ctr, self.w * self.rstd, _row(bias, self.rstd.shape[1], 0.0)
 
     def keep(self, ctr: Tensor, rstd: Tensor, count: int, weight: Tensor | None) -> None:
         """What the backward needs (also given by the fused forward pass)."""

@@ -32,13 +32,17 @@ __all__ = ["EngineNorm", "run", "kernel_moments"]
 def _fused(desc: Description, layout: str, n: int, length: int, act: tuple[int, float] | None) -> str | None:
     """Which fused per-sample passes apply: "rows" (RMS over the channels of each position),
     "group" (per (sample, group) or per sample from cache), or None (the generic passes).
-    The fused passes need at least two work items a thread."""
-    if act is not None or not isinstance(desc, GroupStats) or desc.moments_given is not None:
+    The fused passes need at least two work items a thread; the rows kernel has no epilogue."""
+    if not isinstance(desc, GroupStats) or desc.moments_given is not None:
         return None
     if layout == "cl" and length == 1 and desc.groups == 1 and not desc.center:
-        return "rows"
+        return "rows" if act is None else None
     items = n * desc.groups if layout == "cf" else n  # type: ignore[operator]
     return "group" if items >= 2 * torch.get_num_threads() else None
+
+
+def _bias(params: Sequence[Tensor | None]) -> Tensor | None:
+    return params[1] if len(params) > 1 else None
 
 
 def kernel_moments(x: Tensor, cd: int) -> tuple[Tensor, Tensor, int]:
@@ -63,7 +67,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         return y
     if ctx.fused == "group":
         mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
-                                                     params[0], params[1] if len(params) > 1 else None)
+                                                     params[0], _bias(params), act)
         desc.keep(ctr, rstd, length, params[0])  # type: ignore[attr-defined]
     else:
         mean, m2 = desc.moments_given or _kernels.moments(v, layout)
@@ -109,9 +113,9 @@ class EngineNorm(torch.autograd.Function):
             return (dx, None, None, None, None if dw is None else dw.to(params[0].dtype))
         if ctx.fused == "group" and need_x:
             g, h = _kernels.group_backward(dyv, v, dxv, layout, desc.groups, desc.center, params[0], desc.ctr,
-                                           desc.rstd)
+                                           desc.rstd, _bias(params), act)
         else:
-            center, scale, shift = ctx.coefs if ctx.fused is None else (desc.ctr, None, None)
+            center, scale, shift = ctx.coefs if ctx.fused is None else desc.affine_coefficients(_bias(params))
             g, h = _kernels.reduce(dyv, v, layout, center, act, scale, shift)
             if need_x:
                 a, b, k = desc.input_grad(g, h, *params)
