@@ -62,8 +62,8 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"nl_moments_{layout}_{s}").argtypes = [p, i, i, i, p, p, n]
             d = ctypes.c_double
             getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n, d, n]
-            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, n]
-            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, n]
+            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, p, n]
+            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, n, n]
             for kind in ("moments", "affine", "reduce", "dx"):
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
         for layout in ("cf", "cl"):
@@ -212,29 +212,35 @@ def _ptrs(ts: list) -> list:
 
 
 def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: tuple[int, float] | None = None,
-           scale: Tensor | None = None, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+           scale: Tensor | None = None, shift: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-(n, c) ``sum(dy')`` and ``sum(dy' * (x - center))``, float64 (N, C), with ``dy' = dy``
-    or, given the forward's ``act``, ``scale`` and ``shift``, ``dy * act'((x - center) * scale + shift)``."""
+    or, given the forward's ``act``, ``scale`` and ``shift``, ``dy * act'((x - center) * scale + shift)``.
+    ``keep``: the input-gradient buffer of the :func:`dx` call to follow (``kept=True``), where
+    the kernels keep ``dy'`` when that is cheaper than evaluating it again (SiLU, GELU)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv)
     ctr = _nc(center, n, c)
     g = torch.empty(n, c, dtype=torch.float64)
     h = torch.empty(n, c, dtype=torch.float64)
     extra, flag, slope = _act_args(act, v, layout, scale, shift)
+    if keep is not None:
+        _dims(keep)
     _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), _ptr(ctr), _ptr(g), _ptr(h), *_ptrs(extra),
-                                          flag, slope, torch.get_num_threads()), "reduce")
+                                          flag, slope, *_ptrs([keep]), torch.get_num_threads()), "reduce")
     return g, h
 
 
 def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tensor, b: Tensor, k: Tensor,
-       act: tuple[int, float] | None = None, scale: Tensor | None = None, shift: Tensor | None = None) -> None:
-    """``out = a * dy' + b * (x - center) + k`` with per-(n, c) coefficients (``dy'`` as in :func:`reduce`)."""
+       act: tuple[int, float] | None = None, scale: Tensor | None = None, shift: Tensor | None = None,
+       kept: bool = False) -> None:
+    """``out = a * dy' + b * (x - center) + k`` with per-(n, c) coefficients (``dy'`` as in
+    :func:`reduce`; ``kept``: the reduce call was given ``keep=out``)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
     args = [_nc(t, n, c) for t in (center, a, b, k)]
     extra, flag, slope = _act_args(act, v, layout, scale, shift)
     _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_ptrs(extra),
-                                      flag, slope, torch.get_num_threads()), "dx")
+                                      flag, slope, int(kept), torch.get_num_threads()), "dx")
 
 
 def _opt(t: Tensor | None) -> Tensor | None:

@@ -7,9 +7,10 @@
  *   reduce    per (n, c): sum dy' and sum dy' * (x - center)                read dy, x    2T
  *   dx        dx = a * dy' + b * (x - center) + k, per (n, c)               read 2, write 3T
  *
- * act is an optional elementwise epilogue (leaky ReLU / ReLU) fused into the output pass;
- * then dy' = dy * act'(y) is formed on the fly in the backward passes from x and the same
- * per-(n, c) scale and shift, so nothing more is saved or read.
+ * act is an optional elementwise epilogue (leaky ReLU / ReLU, SiLU, exact GELU) fused into the
+ * output pass; then dy' = dy * act'(y) is formed in the backward from x and the same per-(n, c)
+ * scale and shift, so nothing more is saved (for SiLU and GELU the sums pass also writes dy'
+ * into dx, which the dx pass then reads instead of dy: KEEPS).
  *
  * Forward + backward is then 8T, the memory limit of a normalization whose statistics do not
  * fit in cache. Moments are two-pass within blocks that stay in L1 (x is read from memory
@@ -74,10 +75,10 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
         }                                                                                                      \
     } while (0)
 
-/* Whether the per-sample backward from cache keeps dy' = dy act'(y) in a float buffer of one
- * work item between its sums pass and its input-gradient pass, instead of evaluating the
- * derivative twice: for SiLU and GELU (an exp, an erf), not for leaky ReLU (a select is cheaper
- * than the buffer). */
+/* Whether the backward keeps dy' = dy act'(y) between its sums pass and its input-gradient pass
+ * (stored in the input-gradient buffer, in x's type, as the unfused activation's backward would
+ * hand it on), instead of evaluating the derivative twice: for SiLU and GELU (an exp, an erf:
+ * dearer than the extra write), not for leaky ReLU (a select). */
 #define KEEPS(act) ((act) >= 2)
 
 /* channels per register block of the channels-last reductions: 4 vector registers a row */

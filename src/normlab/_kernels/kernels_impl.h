@@ -105,19 +105,19 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 }
 
 /* the same with the activation's gradient applied to dy: d = dy * leaky'((p - m) * s + b) */
-static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F *kp, A *g, A *h) {
+static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, T *kp, A *g, A *h) {
     A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) {
             F xc = LD(p[i + j]) - m, dd = S(act_grad)(LD(d[i + j]), xc * s + b, act, sl);
-            if (kp) kp[i + j] = dd;
+            if (kp) kp[i + j] = ST(dd);
             ag[j] += dd;
             ah[j] += dd * xc;
         }
     for (; i < k; i++) {
         F xc = LD(p[i]) - m, dd = S(act_grad)(LD(d[i]), xc * s + b, act, sl);
-        if (kp) kp[i] = dd;
+        if (kp) kp[i] = ST(dd);
         sg += dd;
         sh += dd * xc;
     }
@@ -126,7 +126,7 @@ static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, con
 }
 
 /* (kp: where to keep dy', or NULL) */
-static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, F *kp,
+static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, T *kp,
                                     double *sg, double *sh) {
     *sg = *sh = 0.0;
     for (i64 o = 0; o < L; o += CF_CHUNK) {
@@ -153,10 +153,10 @@ static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o
 }
 
 static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T *p, T *o, i64 L, F m, F a, F bc, F k,
-                                                            F s, F b, int act, F sl, const F *kp) {
-    if (kp) { /* dy' kept by the sums pass */
+                                                            F s, F b, int act, F sl, const T *kp) {
+    if (kp) { /* dy' kept by the sums pass (kp may be o) */
 #pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ST(a * kp[i] + bc * (LD(p[i]) - m) + k);
+        for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(kp[i]) + bc * (LD(p[i]) - m) + k);
     } else if (act) {
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
@@ -174,7 +174,7 @@ static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T 
 /* sum dy' and sum dy' (p - m) of one channel-first row, dy' as in dx_row; with kp, dy' is
  * also stored there (dx_row then reads it instead of evaluating the derivative again) */
 static inline __attribute__((always_inline)) void S(sums_row)(const T *d, const T *p, i64 L, F m, F s, F b, int act,
-                                                              F sl, F *kp, double *sg, double *sh) {
+                                                              F sl, T *kp, double *sg, double *sh) {
     if (act) {
 #define SUMS(K) S(row_sums_act)(d, p, L, m, s, b, K, sl, kp, sg, sh);
         ACT_SWITCH(act, SUMS);
@@ -199,10 +199,10 @@ static inline __attribute__((always_inline)) void S(affine_row_cl)(const T *p, T
 
 static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const T *p, T *o, i64 C, const F *m,
                                                                const F *a, const F *bc, const F *k, const F *s,
-                                                               const F *b, int act, F sl, const F *kp) {
+                                                               const F *b, int act, F sl, const T *kp) {
     if (kp) {
 #pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * kp[c] + bc[c] * (LD(p[c]) - m[c]) + k[c]);
+        for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * LD(kp[c]) + bc[c] * (LD(p[c]) - m[c]) + k[c]);
     } else if (act) {
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
@@ -234,21 +234,24 @@ void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center
         S(affine_row)(x + r * L, y + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope);
 }
 
+/* keep: the input-gradient buffer, where dy' is kept for nl_dx_cf (kept = 1) when KEEPS(act); or NULL */
 void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
-                     const double *scale, const double *shift, int act, double slope, int nt) {
+                     const double *scale, const double *shift, int act, double slope, T *keep, int nt) {
+    if (!KEEPS(act)) keep = NULL;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++)
         S(sums_row)(dy + r * L, x + r * L, L, (F)center[r], act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act,
-                    (F)slope, NULL, &g[r], &h[r]);
+                    (F)slope, keep ? keep + r * L : NULL, &g[r], &h[r]);
 }
 
 void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
                  const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
-                 int nt) {
+                 int kept, int nt) {
+    kept = kept && KEEPS(act);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++)
         S(dx_row)(dy + r * L, x + r * L, dx + r * L, L, (F)center[r], (F)a[r], (F)b[r], (F)k[r],
-                  act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope, NULL);
+                  act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope, kept ? dx + r * L : NULL);
 }
 
 /* ---- channels-last (N, L, C): work items are (sample, block of rows); inside one, CB
@@ -290,15 +293,15 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
 
 static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                       const A *m, const F *s, const F *b, int act, F sl,
-                                                                      F *kp, A *sg, A *sh) {
+                                                                      T *kp, A *sg, A *sh) {
     for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
-        F *q = kp ? kp + l * C : NULL;
+        T *q = kp ? kp + l * C : NULL;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
             F xc = LD(p[c]) - m[c], dd = S(act_grad)(LD(d[c]), xc * s[c] + b[c], act, sl);
-            if (q) q[c] = dd;
+            if (q) q[c] = ST(dd);
             sg[c] += dd;
             sh[c] += dd * xc;
         }
@@ -309,7 +312,7 @@ static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d
  * the full-width call with a literal CB is the vectorised one */
 static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                 const A *m, const F *s, const F *b, int act, F sl,
-                                                                F *kp, A *sg, A *sh) {
+                                                                T *kp, A *sg, A *sh) {
     if (act) {
 #define RED(K)                                                                                                 \
     if (w == CB)                                                                                               \
@@ -368,7 +371,8 @@ int S(nl_moments_cl)(const T *x, i64 N, i64 L, i64 C, double *mean, double *m2, 
 }
 
 int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *center, double *g, double *h,
-                    const double *scale, const double *shift, int act, double slope, int nt) {
+                    const double *scale, const double *shift, int act, double slope, T *keep, int nt) {
+    if (!KEEPS(act)) keep = NULL;
     const F sl = (F)slope;
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R;
     double *pg = malloc(sizeof(double) * N * nb * C * 2);
@@ -386,7 +390,7 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
                 s[c] = (F)scale[n * C + c0 + c];
                 b[c] = (F)shift[n * C + c0 + c];
             }
-            S(block_sums)(dy + at, x + at, k, C, w, m, s, b, act, sl, NULL, sg, sh);
+            S(block_sums)(dy + at, x + at, k, C, w, m, s, b, act, sl, keep ? keep + at : NULL, sg, sh);
             for (i64 c = 0; c < w; c++) {
                 pg[it * C + c0 + c] = sg[c];
                 ph[it * C + c0 + c] = sh[c];
@@ -434,7 +438,8 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
                 const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
-                int nt) {
+                int kept, int nt) {
+    kept = kept && KEEPS(act);
     const double *src[6] = {center, a, b, k, scale, shift};
     F *co = S(coef_rows)(src, act ? 6 : 4, N * C);
     if (!co) return 1;
@@ -444,7 +449,7 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
         const F *row[6];
         for (int j = 0; j < 6; j++) row[j] = co + ((j < 4 || act ? j : 0) * N + n) * C;
         S(dx_row_cl)(dy + r * C, x + r * C, dx + r * C, C, row[0], row[1], row[2], row[3], row[4], row[5], act,
-                     (F)slope, NULL);
+                     (F)slope, kept ? dx + r * C : NULL);
     }
     free(co);
     return 0;
@@ -556,39 +561,31 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
                        double *h, int nt) {
     i64 cpg = C / G;
     double K = (double)(cpg * L);
-    int failed = 0;
-#pragma omp parallel num_threads(nt)
-    {
-        F *keep = KEEPS(act) ? malloc(sizeof(F) * cpg * L) : NULL;
-        if (KEEPS(act) && !keep) failed = 1;
-#pragma omp for schedule(static)
-        for (i64 it = 0; it < N * G; it++) {
-            if (KEEPS(act) && !keep) continue;
-            i64 n = it / G, gi = it % G;
-            double big_a = 0.0, big_b = 0.0;
-            const F m = (F)ctr[n * C + gi * cpg];
-            const double r = rstd[n * C + gi * cpg];
-            for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-                double sg, sh;
-                S(sums_row)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, (F)((weight ? weight[c] : 1.0) * r),
-                            (F)(bias ? bias[c] : 0.0), act, (F)slope, keep ? keep + (c - gi * cpg) * L : NULL, &sg,
-                            &sh);
-                g[n * C + c] = sg;
-                h[n * C + c] = sh;
-                double w = weight ? weight[c] : 1.0;
-                big_a += w * sg;
-                big_b += w * sh;
-            }
-            const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
-            for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-                const F a = (F)((weight ? weight[c] : 1.0) * r);
-                S(dx_row)(dy + (n * C + c) * L, x + (n * C + c) * L, dx + (n * C + c) * L, L, m, a, bcoef, kcoef, a,
-                          (F)(bias ? bias[c] : 0.0), act, (F)slope, keep ? keep + (c - gi * cpg) * L : NULL);
-            }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 it = 0; it < N * G; it++) {
+        i64 n = it / G, gi = it % G;
+        double big_a = 0.0, big_b = 0.0;
+        const F m = (F)ctr[n * C + gi * cpg];
+        const double r = rstd[n * C + gi * cpg];
+        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+            double sg, sh;
+            S(sums_row)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, (F)((weight ? weight[c] : 1.0) * r),
+                        (F)(bias ? bias[c] : 0.0), act, (F)slope, KEEPS(act) ? dx + (n * C + c) * L : NULL, &sg,
+                        &sh);
+            g[n * C + c] = sg;
+            h[n * C + c] = sh;
+            double w = weight ? weight[c] : 1.0;
+            big_a += w * sg;
+            big_b += w * sh;
         }
-        free(keep);
+        const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
+        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+            const F a = (F)((weight ? weight[c] : 1.0) * r);
+            S(dx_row)(dy + (n * C + c) * L, x + (n * C + c) * L, dx + (n * C + c) * L, L, m, a, bcoef, kcoef, a,
+                      (F)(bias ? bias[c] : 0.0), act, (F)slope, KEEPS(act) ? dx + (n * C + c) * L : NULL);
+        }
     }
-    return failed;
+    return 0;
 }
 
 /* The same, channels-last, one sample per work item (callers use it when N is at least twice
@@ -604,11 +601,10 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
         /* per channel: a = w rstd (also the epilogue's scale), centre, b, k, the epilogue's shift */
         F *ca = malloc(sizeof(F) * C * 5), *cm = ca + C, *cb = ca + 2 * C, *ck = ca + 3 * C, *csh = ca + 4 * C;
         double *ab = malloc(sizeof(double) * G * 2);
-        F *keep = KEEPS(act) ? malloc(sizeof(F) * L * C) : NULL;
-        if (!ca || !ab || (KEEPS(act) && !keep)) failed = 1;
+        if (!ca || !ab) failed = 1;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            if (!ca || !ab || (KEEPS(act) && !keep)) continue;
+            if (!ca || !ab) continue;
             const T *ds = dy + n * L * C, *xs = x + n * L * C;
             T *os = dx + n * L * C;
             double *gs = g + n * C, *hs = h + n * C;
@@ -625,7 +621,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                     i64 w = MIN(CB, C - c0), at = l0 * C + c0;
                     for (i64 c = 0; c < w; c++) m[c] = cm[c0 + c];
                     S(block_sums)(ds + at, xs + at, k, C, w, m, ca + c0, csh + c0, act, (F)slope,
-                                  keep ? keep + at : NULL, sg, sh);
+                                  KEEPS(act) ? os + at : NULL, sg, sh);
                     for (i64 c = 0; c < w; c++) {
                         gs[c0 + c] += sg[c];
                         hs[c0 + c] += sh[c];
@@ -645,11 +641,10 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             }
             for (i64 l = 0; l < L; l++)
                 S(dx_row_cl)(ds + l * C, xs + l * C, os + l * C, C, cm, ca, cb, ck, ca, csh, act, (F)slope,
-                             keep ? keep + l * C : NULL);
+                             KEEPS(act) ? os + l * C : NULL);
         }
         free(ca);
         free(ab);
-        free(keep);
     }
     return failed;
 }

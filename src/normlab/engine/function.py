@@ -116,10 +116,10 @@ class EngineNorm(torch.autograd.Function):
                                            desc.rstd, _bias(params), act)
         else:
             center, scale, shift = ctx.coefs if ctx.fused is None else desc.affine_coefficients(_bias(params))
-            g, h = _kernels.reduce(dyv, v, layout, center, act, scale, shift)
+            g, h = _kernels.reduce(dyv, v, layout, center, act, scale, shift, keep=dxv)
             if need_x:
                 a, b, k = desc.input_grad(g, h, *params)
-                _kernels.dx(dyv, v, dxv, layout, center, a, b, k, act, scale, shift)  # type: ignore[arg-type]
+                _kernels.dx(dyv, v, dxv, layout, center, a, b, k, act, scale, shift, kept=True)  # type: ignore[arg-type]
         return (dx, None, None, None, *desc.param_grads(g, h, need_p, *params))
 
 
