@@ -71,7 +71,9 @@ def filter_response_norm(
         # TLU in the engine's output pass: max(y, tau) = relu(y - tau) + tau
         shift = -tau if bias is None else bias - tau
         z = engine.run(desc, x, cd, (weight, shift), engine.epilogue("relu"))
-        return z + per_channel(tau, x.ndim, cd).to(z.dtype)
+        # in place: z is the engine's fresh output and its backward does not read it (a new
+        # input-sized buffer would cost page faults as well as its pass)
+        return z.add_(per_channel(tau, x.ndim, cd).to(z.dtype))
     nu2 = quadratic_mean(x, dims)
     denom = nu2 + abs(eps)
     if learned_eps is not None:
