@@ -235,12 +235,79 @@ def test_power_norm_algorithm_1_forward_backward_and_running_statistics():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
-def test_power_norm_first_step_gradient_is_exact():
+@pytest.mark.parametrize("fast", [False, True])
+def test_power_norm_first_step_gradient_is_exact(fast):
     # nu starts at 0 and alpha_bkw = 1 keeps it there: the backward is then the true gradient
+    # (fast: the engine's closed form, PowerStats, also for the weight and bias)
     phi = torch.rand(4, dtype=D) + 0.5
     x = torch.randn(3, 4, 5, dtype=D, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x: NF.power_norm(x, phi.clone(), torch.zeros(4, dtype=D), alpha_bkw=1.0), (x,))
+    w = (torch.rand(4, dtype=D) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=D, requires_grad=True)
+    with NF.fast_path(fast):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: NF.power_norm(x, phi.clone(), torch.zeros(4, dtype=D), w, b, alpha_bkw=1.0), (x, w, b))
+
+
+def test_power_norm_takes_the_engine_on_large_inputs_only():
+    from _helpers import graph_nodes
+
+    m = normlab.make_norm("pn", 64)
+    for shape, engine in (((8, 64, 32, 32), True), ((8, 64, 4, 4), False), ((4096, 64), False)):
+        y = m(torch.randn(shape, requires_grad=True))
+        assert ("EngineNormBackward" in graph_nodes(y)) == engine, shape
+
+
+def _power_norm_steps(layout, dtype, fast, steps=3):
+    """Three training steps and one eval step of a PowerNorm(6): what each gives, and its buffers."""
+    from _helpers import graph_nodes
+
+    torch.manual_seed(0)
+    m = _random_params(normlab.make_norm("pn", 6, channel_dim=-1 if layout == "last" else 1))
+    m.to(dtype if dtype != torch.bfloat16 else torch.float32)  # half input: float32 parameters (autocast's)
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for step in range(steps + 1):
+        x = (torch.randn(4, 6, 5, 7, generator=g) * (step + 1) + 0.4).to(dtype)
+        x = x.movedim(1, -1).contiguous() if layout == "last" else \
+            x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        dy = torch.randn(x.shape, generator=g).to(dtype)
+        x.requires_grad_()
+        m.train(step < steps)
+        with NF.fast_path(fast):
+            y = m(x)
+        assert ("EngineNormBackward" in graph_nodes(y)) == (fast and step < steps)
+        y.backward(dy)
+        out += [y, x.grad] + [p.grad.clone() for p in m.parameters()] + [b.clone() for b in m.buffers()]
+        m.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
+def test_power_norm_engine_equals_plain_path(layout, dtype):
+    # outputs, input and parameter gradients, running_phi and ema_gz (nu) after each step: the
+    # engine's closed form (PowerStats) against the plain path's Function
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(_power_norm_steps(layout, dtype, True), _power_norm_steps(layout, dtype, False)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.float().abs().max().item()))
+
+
+def test_power_norm_engine_double_backward_differentiates_the_plain_path():
+    # a gradient penalty: the second pass runs through the same call again (dy = 2y); nu moves once
+    w = (torch.rand(4, dtype=D) + 0.5).requires_grad_()
+    nu = torch.rand(4, dtype=D)
+    got = []
+    for fast in (True, False):
+        x = torch.randn(3, 4, 5, dtype=D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        ema, phi = nu.clone(), torch.rand(4, dtype=D) * 0 + 1.5
+        with NF.fast_path(fast):
+            y = NF.power_norm(x, phi, ema, w)
+            (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+            (dw,) = torch.autograd.grad(dx.pow(2).sum(), w)
+        got.append((dx.detach(), dw, ema, phi))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b)
 
 
 # ------------------------------------------------------------------ state, errors, convert

@@ -1,0 +1,68 @@
+"""The norms since 2020 that are per-(n, c) moment norms, as descriptions for the engine
+(the conventions of :mod:`.describe`: per-(n, c) moments in, ``(center, scale, shift)`` out,
+the closed-form adjoint from ``g = sum dy`` and ``h = sum dy (x - center)``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _moments
+from .._moments import Moments
+from .describe import Description, _out, _row
+
+__all__ = ["PowerStats"]
+
+
+class PowerStats(Description):
+    """PowerNorm (Shen et al., ICML 2020, Algorithm 1): per channel, no centre, divided by the
+    running quadratic mean of EARLIER batches, ``psi = sqrt(psi2_{t-1} + eps)`` (``running_phi``
+    holds psi2): ``y = w x / psi + b``, an affine map per channel whose scale does not depend on
+    this batch. The merge only feeds the running update: the batch's quadratic mean per channel
+    ``mean(x^2) = var + mean^2`` of the moments merged over the batch (``quadratic_mean``, (1, C)).
+
+    Backward is the paper's approximation, not the derivative of the map: with
+    ``dL/dx_hat = w dy``, over the batch's ``NK`` values per channel (``h = sum dy x``, centre 0)::
+
+        Lambda = mean(x_hat w dy) = w sum_n h / (psi NK)      Gamma = mean(x_hat^2) = quadratic_mean / psi^2
+        dx = (w dy - nu_{t-1} x_hat) / psi  =  (w / psi) dy - (nu_{t-1} / psi^2) x
+        nu_t = nu_{t-1} (1 - (1 - alpha_bkw) Gamma) + (1 - alpha_bkw) Lambda    (``ema_gz``, in place)
+        dweight = sum_n h / psi        dbias = sum_n g
+
+    ``nu`` is updated where the input's gradient is computed (:meth:`input_grad`), as the plain
+    path's Function does (no input gradient asked: no update), once per forward call (a second
+    pass through the same call, e.g. a gradient penalty's, leaves it; the double-backward
+    reference sets ``nu_updated`` when its own backward updates it)."""
+
+    nu_updated = False
+
+    center = False
+
+    def __init__(self, eps: float, running_phi: Tensor, ema_gz: Tensor, alpha_bkw: float) -> None:
+        self.eps, self.phi, self.nu, self.alpha = eps, running_phi, ema_gz, alpha_bkw
+
+    def coefficients(self, mean, m2, count, weight=None, bias=None):
+        n, c = mean.shape
+        self.phi_prev = self.phi.detach().to(torch.float64, copy=True)  # psi2_{t-1} (the buffer moves on)
+        self.inv_psi = torch.rsqrt(self.phi_prev.reshape(1, c) + self.eps)
+        m = _moments.reduce_moments(Moments(count, mean, m2), 0)
+        self.quadratic_mean = (m.var + m.mean * m.mean).reshape(1, c)
+        self.w, self.values = _row(weight, c, 1.0), float(m.count)
+        return torch.zeros(1, c, dtype=torch.float64), self.w * self.inv_psi, _row(bias, c, 0.0)
+
+    def input_grad(self, g, h, weight=None, bias=None):
+        nu = self.nu.detach().to(torch.float64).reshape(1, -1)
+        a, b = self.w * self.inv_psi, -nu * self.inv_psi ** 2
+        if self.nu_updated:
+            return a, b, torch.zeros_like(a)
+        self.nu_updated = True
+        with torch.no_grad():
+            big_gamma = (self.quadratic_mean * self.inv_psi ** 2).reshape(-1).to(self.nu.dtype)
+            big_lambda = (self.w * h.sum(0, keepdim=True) * self.inv_psi / self.values).reshape(-1).to(self.nu.dtype)
+            self.nu.mul_(1 - (1 - self.alpha) * big_gamma).add_((1 - self.alpha) * big_lambda)
+        return a, b, torch.zeros_like(a)
+
+    def param_grads(self, g, h, need, weight=None, bias=None):
+        dw = _out(h.sum(0) * self.inv_psi.reshape(-1), weight) if need[0] else None
+        db = _out(g.sum(0), bias) if need[1] else None
+        return dw, db
