@@ -14,7 +14,7 @@ from _helpers import graph_nodes
 from normlab.functional import fast_path
 from normlab.registry import make_norm
 
-NORMS = ("bn", "ln", "in", "gn:2", "rms", "mobn", "brn", "bin", "sn", "lnc", "rmsc", "pn")
+NORMS = ("bn", "ln", "in", "gn:2", "rms", "mobn", "brn", "bin", "sn", "lnc", "rmsc", "pn", "evos0:2")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 

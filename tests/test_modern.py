@@ -206,6 +206,27 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(lambda *a: GRADCHECK[name](*a), (x, w, b, t, s))
 
 
+@pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
+def test_evonorm_s0_engine_gradcheck(layout):
+    # the engine's closed-form backward (EvoS0Stats) against finite differences, every parameter
+    from _helpers import graph_nodes
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 4, 5, dtype=D, generator=g)
+    cd = 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "last":
+        x, cd = x.movedim(1, -1).contiguous(), -1
+    x.requires_grad_()
+    w, b, v = (torch.rand(4, dtype=D, generator=g) + 0.5).requires_grad_(), torch.randn(4, dtype=D, generator=g), \
+        torch.randn(4, dtype=D, generator=g)
+    b.requires_grad_(), v.requires_grad_()
+    with NF.fast_path(True):
+        assert "EngineNormBackward" in graph_nodes(NF.evonorm_s0(x, 2, w, b, v, channel_dim=cd))
+        assert torch.autograd.gradcheck(lambda *a: NF.evonorm_s0(*a[:1], 2, *a[1:], channel_dim=cd), (x, w, b, v))
+
+
 # ---------------------------------------------------------------------------- PowerNorm
 def test_power_norm_algorithm_1_forward_backward_and_running_statistics():
     m = _random_params(normlab.make_norm("pn", 4, dtype=D))
@@ -257,12 +278,13 @@ def test_power_norm_takes_the_engine_on_large_inputs_only():
         assert ("EngineNormBackward" in graph_nodes(y)) == engine, shape
 
 
-def _power_norm_steps(layout, dtype, fast, steps=3):
-    """Three training steps and one eval step of a PowerNorm(6): what each gives, and its buffers."""
+def _engine_steps(spec, layout, dtype, fast, steps=3):
+    """Three training steps and one eval step of ``spec`` on 6 channels: what each gives (output,
+    input and parameter gradients) and the buffers after it."""
     from _helpers import graph_nodes
 
     torch.manual_seed(0)
-    m = _random_params(normlab.make_norm("pn", 6, channel_dim=-1 if layout == "last" else 1))
+    m = _random_params(normlab.make_norm(spec, 6, channel_dim=-1 if layout == "last" else 1))
     m.to(dtype if dtype != torch.bfloat16 else torch.float32)  # half input: float32 parameters (autocast's)
     g = torch.Generator().manual_seed(5)
     out = []
@@ -275,7 +297,8 @@ def _power_norm_steps(layout, dtype, fast, steps=3):
         m.train(step < steps)
         with NF.fast_path(fast):
             y = m(x)
-        assert ("EngineNormBackward" in graph_nodes(y)) == (fast and step < steps)
+        if step < steps:
+            assert ("EngineNormBackward" in graph_nodes(y)) == fast
         y.backward(dy)
         out += [y, x.grad] + [p.grad.clone() for p in m.parameters()] + [b.clone() for b in m.buffers()]
         m.zero_grad()
@@ -284,11 +307,12 @@ def _power_norm_steps(layout, dtype, fast, steps=3):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
-def test_power_norm_engine_equals_plain_path(layout, dtype):
-    # outputs, input and parameter gradients, running_phi and ema_gz (nu) after each step: the
-    # engine's closed form (PowerStats) against the plain path's Function
+@pytest.mark.parametrize("spec", ["pn", "evos0:2"])
+def test_engine_equals_plain_path(spec, layout, dtype):
+    # outputs, input and parameter gradients, buffers (pn: running_phi and ema_gz, its nu) after
+    # each step: the engine's closed forms (PowerStats, EvoS0Stats) against the plain path
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for a, b in zip(_power_norm_steps(layout, dtype, True), _power_norm_steps(layout, dtype, False)):
+    for a, b in zip(_engine_steps(spec, layout, dtype, True), _engine_steps(spec, layout, dtype, False)):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.float().abs().max().item()))
 

@@ -8,10 +8,11 @@ import torch
 from torch import Tensor
 
 from .. import _moments
+from .._kernels import evonorm as _evonorm
 from .._moments import Moments
 from .describe import Description, _out, _row
 
-__all__ = ["PowerStats"]
+__all__ = ["EvoS0Stats", "PowerStats"]
 
 
 class PowerStats(Description):
@@ -66,3 +67,49 @@ class PowerStats(Description):
         dw = _out(h.sum(0) * self.inv_psi.reshape(-1), weight) if need[0] else None
         db = _out(g.sum(0), bias) if need[1] else None
         return dw, db
+
+
+class EvoS0Stats(Description):
+    """EvoNorm-S0 (Liu et al., NeurIPS 2020): ``y = f(x) r gamma + beta`` with ``f(x) = x
+    sigmoid(v x)`` and ``r = 1 / sqrt(var_g + eps)`` over the sample's group of C/G channels
+    (the merge of group norm, :func:`normlab._moments.group_moments`). Not an affine map of x,
+    so it runs its own element map (``elementwise``; kernels in ``_kernels/evonorm_impl.h``):
+    coefficients ``(mu_g, gamma r, beta)``, output ``f(x) * scale + shift``.
+
+    Adjoint. With ``s = sigmoid(v x)``, ``f'(x) = s + v x s (1 - s)``, ``df/dv = x^2 s (1 - s)``,
+    the per-(n, c) sums of one backward read ``F = sum dy f(x)``, ``Q = sum dy x^2 s (1 - s)``,
+    ``g = sum dy``, ``A_ng = sum_{c in g} gamma_c F_nc`` (the gradient of r) and ``K`` values a
+    group; ``dr/dvar = -r^3 / 2`` and ``dvar/dx = 2 (x - mu_g) / K``, so::
+
+        dx = gamma r f'(x) dy - (r^3 A / K) (x - mu_g)
+        dgamma = sum_n r F        dbeta = sum_n g        dv = gamma sum_n r Q
+    """
+
+    elementwise = True
+
+    def __init__(self, groups: int, eps: float) -> None:
+        self.groups, self.eps = groups, eps
+
+    def coefficients(self, mean, m2, count, weight=None, bias=None, v=None):
+        c = mean.shape[1]
+        self.ctr, var = _moments.group_moments(mean, m2, count, self.groups, True)
+        self.rstd, self.count, self.w, self.v = torch.rsqrt(var + self.eps), count, _row(weight, c, 1.0), v
+        return self.ctr, self.w * self.rstd, _row(bias, c, 0.0)
+
+    def output(self, x: Tensor, y: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor) -> None:
+        _evonorm.evos0_forward(x, y, layout, self.v, scale, shift)
+
+    def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
+                 weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
+        """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
+        big_f, q, g = _evonorm.evos0_reduce(dy, x, layout, v)
+        if dx is not None:
+            n, c = g.shape
+            per = c // self.groups
+            big_a = (self.w * big_f).view(n, self.groups, per).sum(2, keepdim=True).expand(n, self.groups, per)
+            b = -self.rstd ** 3 * big_a.reshape(n, c) / (self.count * per)
+            _evonorm.evos0_dx(dy, x, dx, layout, v, self.w * self.rstd, b, self.ctr)
+        dw = _out((self.rstd * big_f).sum(0), weight) if need[0] else None
+        db = _out(g.sum(0), bias) if need[1] else None
+        dv = _out((self.w * self.rstd * q).sum(0), v) if need[2] else None
+        return dw, db, dv
