@@ -33,6 +33,7 @@ LAYERS = {
     "mobn": lambda c: normlab.MeanOnlyBatchNorm(c),
     "pn": lambda c: normlab.PowerNorm(c),
     "evos0": lambda c: normlab.EvoNormS0(c, num_groups=2),
+    "evob0": lambda c: normlab.EvoNormB0(c),
 }
 
 
@@ -93,7 +94,7 @@ def test_half_fast_path_equals_plain_path(name, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms", "brn", "bin", "sn", "mobn", "pn", "evos0"])
+@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms", "brn", "bin", "sn", "mobn", "pn", "evos0", "evob0"])
 def test_half_eval_fast_path_equals_plain_path(name, dtype):
     x = _input("cf", dtype)
     m = _layer(name, 6)
@@ -130,7 +131,7 @@ def test_half_kernels_match_a_float64_reference_at_large_mean(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms", "brn", "bin", "sn", "pn", "evos0"])
+@pytest.mark.parametrize("name", ["bn", "ln", "in", "gn", "rms", "brn", "bin", "sn", "pn", "evos0", "evob0"])
 def test_half_saves_one_input_sized_tensor(name, dtype):
     x = _input("cf", dtype).requires_grad_()
     m = _layer(name, 6)

@@ -227,6 +227,34 @@ def test_evonorm_s0_engine_gradcheck(layout):
         assert torch.autograd.gradcheck(lambda *a: NF.evonorm_s0(*a[:1], 2, *a[1:], channel_dim=cd), (x, w, b, v))
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
+def test_evonorm_b0_engine_gradcheck(layout, training):
+    # EvoB0Stats' closed-form backward, batch variance (training) or running variance (eval),
+    # with values on both sides of the max (the test checks that both occur)
+    from _helpers import graph_nodes
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 4, 5, dtype=D, generator=g)
+    w, b = (torch.rand(4, dtype=D, generator=g) + 0.5), torch.randn(4, dtype=D, generator=g)
+    v, rv = torch.tensor([-1.5, -0.3, 0.4, 1.2], dtype=D), torch.rand(4, dtype=D, generator=g) + 0.5
+    var_b = rv if not training else _var(x, (0, 2, 3)).reshape(-1)
+    right = _pc(v) * x + torch.sqrt(_var(x, (2, 3)) + 1e-3)
+    left = torch.sqrt(_pc(var_b) + 1e-3) >= right
+    assert 0.1 < left.double().mean() < 0.9
+    cd = 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "last":
+        x, cd = x.movedim(1, -1).contiguous(), -1
+    args = [t.requires_grad_() for t in (x, w, b, v)]
+    with NF.fast_path(True):
+        assert "EngineNormBackward" in graph_nodes(NF.evonorm_b0(x, rv, w, b, v, training=training, channel_dim=cd,
+                                                                 momentum=None))
+        assert torch.autograd.gradcheck(
+            lambda *a: NF.evonorm_b0(a[0], rv, *a[1:], training=training, momentum=None, channel_dim=cd), args)
+
+
 # ---------------------------------------------------------------------------- PowerNorm
 def test_power_norm_algorithm_1_forward_backward_and_running_statistics():
     m = _random_params(normlab.make_norm("pn", 4, dtype=D))
@@ -307,10 +335,11 @@ def _engine_steps(spec, layout, dtype, fast, steps=3):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
-@pytest.mark.parametrize("spec", ["pn", "evos0:2"])
+@pytest.mark.parametrize("spec", ["pn", "evos0:2", "evob0"])
 def test_engine_equals_plain_path(spec, layout, dtype):
-    # outputs, input and parameter gradients, buffers (pn: running_phi and ema_gz, its nu) after
-    # each step: the engine's closed forms (PowerStats, EvoS0Stats) against the plain path
+    # outputs, input and parameter gradients, buffers (pn: running_phi and ema_gz, its nu; evob0:
+    # running_var) after each step, then in eval: the engine's closed forms (PowerStats,
+    # EvoS0Stats, EvoB0Stats) against the plain path
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for a, b in zip(_engine_steps(spec, layout, dtype, True), _engine_steps(spec, layout, dtype, False)):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -12,7 +12,7 @@ from .._kernels import evonorm as _evonorm
 from .._moments import Moments
 from .describe import Description, _out, _row
 
-__all__ = ["EvoS0Stats", "PowerStats"]
+__all__ = ["EvoB0Stats", "EvoS0Stats", "PowerStats"]
 
 
 class PowerStats(Description):
@@ -112,4 +112,64 @@ class EvoS0Stats(Description):
         dw = _out((self.rstd * big_f).sum(0), weight) if need[0] else None
         db = _out(g.sum(0), bias) if need[1] else None
         dv = _out((self.w * self.rstd * q).sum(0), v) if need[2] else None
+        return dw, db, dv
+
+
+class EvoB0Stats(Description):
+    """EvoNorm-B0 (Liu et al., NeurIPS 2020): ``y = gamma x u + beta``, ``u = 1 / max(D, v x + E)``
+    with ``D = sqrt(var_b + eps)`` per channel (the per-(n, c) moments merged over the batch, as
+    batch norm; or the running variance, a constant: ``running_var``) and ``E = sqrt(var_i + eps)``
+    per (n, c) (the moments as they are). Not an affine map of x: its own element map
+    (``elementwise``; kernels in ``_kernels/evonorm_impl.h``).
+
+    Adjoint. Left where ``D >= v x + E`` (there ``dy/dx = gamma / D`` and ``dy/dD = -gamma x u^2``),
+    right elsewhere (``dy/dx = gamma E u^2``, ``dy/dE = -gamma x u^2``, ``dy/dv = -gamma x^2 u^2``).
+    With the per-(n, c) sums ``P = sum dy x u``, ``g = sum dy``, ``S_L = sum_left dy x u^2``,
+    ``S_R = sum_right dy x u^2``, ``S_V = sum_right dy x^2 u^2``, ``K`` positions and ``N``
+    samples, ``dD/dx = (x - mu_b) / (D N K)`` and ``dE/dx = (x - mu_i) / (E K)``::
+
+        dx = gamma dy (left: u; right: E u^2) + b_B (x - mu_b) + b_I (x - mu_i)
+        b_B = -gamma sum_n S_L / (D N K)   (0 with the running variance)     b_I = -gamma S_R / (E K)
+        dgamma = sum_n P        dbeta = sum_n g        dv = -gamma sum_n S_V
+
+    The input-gradient pass is centred on ``mu_i``: ``b = b_B + b_I``, ``k = b_B (mu_i - mu_b)``.
+    ``batch_moments`` (batch statistics) holds the merged moments for the running update."""
+
+    elementwise = True
+
+    def __init__(self, eps: float, running_var: Tensor | None) -> None:
+        self.eps, self.running_var = eps, running_var
+
+    def coefficients(self, mean, m2, count, weight=None, bias=None, v=None):
+        c = mean.shape[1]
+        self.e_std = torch.sqrt(m2 / count + self.eps)
+        if self.running_var is None:
+            self.batch_moments = _moments.reduce_moments(Moments(count, mean, m2), 0)
+            self.mu_b = self.batch_moments.mean.reshape(1, c)
+            var_b = self.batch_moments.var.reshape(1, c)
+        else:
+            var_b = self.running_var.detach().to(torch.float64).reshape(1, c)
+        self.d_std = torch.sqrt(var_b + self.eps)
+        self.mu_i, self.count, self.w, self.v = mean, count, _row(weight, c, 1.0), v
+        return mean, self.w, _row(bias, c, 0.0)
+
+    def output(self, x: Tensor, y: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor) -> None:
+        _evonorm.evob0_forward(x, y, layout, self.v, self.d_std, self.e_std, scale, shift)
+
+    def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
+                 weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
+        """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
+        p, g, s_l, s_r, s_v = _evonorm.evob0_reduce(dy, x, layout, v, self.d_std, self.e_std).unbind(0)
+        if dx is not None:
+            n = g.shape[0]
+            b_i = -self.w * s_r / (self.e_std * self.count)
+            if self.running_var is None:
+                b_b = -self.w * s_l.sum(0, keepdim=True) / (self.d_std * n * self.count)
+                b, k = b_b + b_i, b_b * (self.mu_i - self.mu_b)
+            else:
+                b, k = b_i, torch.zeros_like(b_i)
+            _evonorm.evob0_dx(dy, x, dx, layout, v, self.d_std, self.e_std, self.w, b, self.mu_i, k)
+        dw = _out(p.sum(0), weight) if need[0] else None
+        db = _out(g.sum(0), bias) if need[1] else None
+        dv = _out(-self.w.reshape(-1) * s_v.sum(0), v) if need[2] else None
         return dw, db, dv

@@ -42,11 +42,24 @@ def evonorm_b0(
     with the unbiased batch variance (timm's and torch's rule); in eval it replaces s2_b.
     ``v=None`` is the layer without nonlinearity (official ``nonlinearity=False``, timm's
     ``apply_act=False``): only ``gamma * x + beta``, no statistics (the running variance is
-    left alone). eps 1e-3 is timm's default (the official code 1e-5).
+    left alone). eps 1e-3 is timm's default (the official code 1e-5). Inputs with positions run
+    on the engine (:class:`normlab.engine.EvoB0Stats`, its closed-form backward; x saved); the
+    math here is its reference.
     """
     if v is None:
         return affine(x, weight, bias, channel_dim).to(x.dtype)
-    inst = _moments.moments(x, position_dims(x, channel_dim, "evonorm_b0"))  # per (n, c)
+    dims = position_dims(x, channel_dim, "evonorm_b0")
+    cd = channel_axis(x.ndim, channel_dim)
+    if engine.route("evob0", x, cd) == "kernels":  # the engine's element map, x saved
+        batch = training or running_var is None
+        desc = engine.EvoB0Stats(eps, None if batch else running_var)
+        desc.reference = lambda x, w, b, v: evonorm_b0(x, None if batch else running_var, w, b, v, training=batch,
+                                                       eps=eps, channel_dim=cd)
+        y = engine.run(desc, x, cd, (weight, bias, v))
+        if training and running_var is not None and momentum is not None:
+            _moments.update_running_stats(None, running_var, desc.batch_moments, momentum)
+        return y
+    inst = _moments.moments(x, dims)  # per (n, c)
     if training or running_var is None:
         batch = _moments.reduce_moments(inst, 0)  # merged over the batch: per channel
         if training and running_var is not None and momentum is not None:
