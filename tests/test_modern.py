@@ -255,6 +255,18 @@ def test_evonorm_b0_engine_gradcheck(layout, training):
             lambda *a: NF.evonorm_b0(a[0], rv, *a[1:], training=training, momentum=None, channel_dim=cd), args)
 
 
+@pytest.mark.parametrize("name", ["evos0", "evob0"])
+def test_evonorm_engine_double_backward(name):
+    # create_graph through the engine differentiates the description's reference (the plain function)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 4, 4, dtype=D, generator=g, requires_grad=True)
+    w, b, v = (torch.rand(4, dtype=D, generator=g) + 0.5 for _ in range(3))
+    f = (lambda x, w, b, v: NF.evonorm_s0(x, 2, w, b, v)) if name == "evos0" else \
+        (lambda x, w, b, v: NF.evonorm_b0(x, None, w, b, v))
+    with NF.fast_path(True):
+        assert torch.autograd.gradgradcheck(f, (x, w.requires_grad_(), b.requires_grad_(), v.requires_grad_()))
+
+
 # ---------------------------------------------------------------------------- PowerNorm
 def test_power_norm_algorithm_1_forward_backward_and_running_statistics():
     m = _random_params(normlab.make_norm("pn", 4, dtype=D))
