@@ -206,6 +206,67 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(lambda *a: GRADCHECK[name](*a), (x, w, b, t, s))
 
 
+@pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
+def test_evonorm_s0_engine_gradcheck(layout):
+    # the engine's closed-form backward (EvoS0Stats) against finite differences, every parameter
+    from _helpers import graph_nodes
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 4, 5, dtype=D, generator=g)
+    cd = 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "last":
+        x, cd = x.movedim(1, -1).contiguous(), -1
+    x.requires_grad_()
+    w, b, v = (torch.rand(4, dtype=D, generator=g) + 0.5).requires_grad_(), torch.randn(4, dtype=D, generator=g), \
+        torch.randn(4, dtype=D, generator=g)
+    b.requires_grad_(), v.requires_grad_()
+    with NF.fast_path(True):
+        assert "EngineNormBackward" in graph_nodes(NF.evonorm_s0(x, 2, w, b, v, channel_dim=cd))
+        assert torch.autograd.gradcheck(lambda *a: NF.evonorm_s0(*a[:1], 2, *a[1:], channel_dim=cd), (x, w, b, v))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
+def test_evonorm_b0_engine_gradcheck(layout, training):
+    # EvoB0Stats' closed-form backward, batch variance (training) or running variance (eval),
+    # with values on both sides of the max (the test checks that both occur)
+    from _helpers import graph_nodes
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 4, 5, dtype=D, generator=g)
+    w, b = (torch.rand(4, dtype=D, generator=g) + 0.5), torch.randn(4, dtype=D, generator=g)
+    v, rv = torch.tensor([-1.5, -0.3, 0.4, 1.2], dtype=D), torch.rand(4, dtype=D, generator=g) + 0.5
+    var_b = rv if not training else _var(x, (0, 2, 3)).reshape(-1)
+    right = _pc(v) * x + torch.sqrt(_var(x, (2, 3)) + 1e-3)
+    left = torch.sqrt(_pc(var_b) + 1e-3) >= right
+    assert 0.1 < left.double().mean() < 0.9
+    cd = 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "last":
+        x, cd = x.movedim(1, -1).contiguous(), -1
+    args = [t.requires_grad_() for t in (x, w, b, v)]
+    with NF.fast_path(True):
+        assert "EngineNormBackward" in graph_nodes(NF.evonorm_b0(x, rv, w, b, v, training=training, channel_dim=cd,
+                                                                 momentum=None))
+        assert torch.autograd.gradcheck(
+            lambda *a: NF.evonorm_b0(a[0], rv, *a[1:], training=training, momentum=None, channel_dim=cd), args)
+
+
+@pytest.mark.parametrize("name", ["evos0", "evob0"])
+def test_evonorm_engine_double_backward(name):
+    # create_graph through the engine differentiates the description's reference (the plain function)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 4, 4, dtype=D, generator=g, requires_grad=True)
+    w, b, v = (torch.rand(4, dtype=D, generator=g) + 0.5 for _ in range(3))
+    f = (lambda x, w, b, v: NF.evonorm_s0(x, 2, w, b, v)) if name == "evos0" else \
+        (lambda x, w, b, v: NF.evonorm_b0(x, None, w, b, v))
+    with NF.fast_path(True):
+        assert torch.autograd.gradgradcheck(f, (x, w.requires_grad_(), b.requires_grad_(), v.requires_grad_()))
+
+
 # ---------------------------------------------------------------------------- PowerNorm
 def test_power_norm_algorithm_1_forward_backward_and_running_statistics():
     m = _random_params(normlab.make_norm("pn", 4, dtype=D))
@@ -235,12 +296,83 @@ def test_power_norm_algorithm_1_forward_backward_and_running_statistics():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
-def test_power_norm_first_step_gradient_is_exact():
+@pytest.mark.parametrize("fast", [False, True])
+def test_power_norm_first_step_gradient_is_exact(fast):
     # nu starts at 0 and alpha_bkw = 1 keeps it there: the backward is then the true gradient
+    # (fast: the engine's closed form, PowerStats, also for the weight and bias)
     phi = torch.rand(4, dtype=D) + 0.5
     x = torch.randn(3, 4, 5, dtype=D, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x: NF.power_norm(x, phi.clone(), torch.zeros(4, dtype=D), alpha_bkw=1.0), (x,))
+    w = (torch.rand(4, dtype=D) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=D, requires_grad=True)
+    with NF.fast_path(fast):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: NF.power_norm(x, phi.clone(), torch.zeros(4, dtype=D), w, b, alpha_bkw=1.0), (x, w, b))
+
+
+def test_power_norm_takes_the_engine_on_large_inputs_only():
+    from _helpers import graph_nodes
+
+    m = normlab.make_norm("pn", 64)
+    for shape, engine in (((8, 64, 32, 32), True), ((8, 64, 4, 4), False), ((4096, 64), False)):
+        y = m(torch.randn(shape, requires_grad=True))
+        assert ("EngineNormBackward" in graph_nodes(y)) == engine, shape
+
+
+def _engine_steps(spec, layout, dtype, fast, steps=3):
+    """Three training steps and one eval step of ``spec`` on 6 channels: what each gives (output,
+    input and parameter gradients) and the buffers after it."""
+    from _helpers import graph_nodes
+
+    torch.manual_seed(0)
+    m = _random_params(normlab.make_norm(spec, 6, channel_dim=-1 if layout == "last" else 1))
+    m.to(dtype if dtype != torch.bfloat16 else torch.float32)  # half input: float32 parameters (autocast's)
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for step in range(steps + 1):
+        x = (torch.randn(4, 6, 5, 7, generator=g) * (step + 1) + 0.4).to(dtype)
+        x = x.movedim(1, -1).contiguous() if layout == "last" else \
+            x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        dy = torch.randn(x.shape, generator=g).to(dtype)
+        x.requires_grad_()
+        m.train(step < steps)
+        with NF.fast_path(fast):
+            y = m(x)
+        if step < steps:
+            assert ("EngineNormBackward" in graph_nodes(y)) == fast
+        y.backward(dy)
+        out += [y, x.grad] + [p.grad.clone() for p in m.parameters()] + [b.clone() for b in m.buffers()]
+        m.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["first", "channels_last", "last"])
+@pytest.mark.parametrize("spec", ["pn", "evos0:2", "evob0"])
+def test_engine_equals_plain_path(spec, layout, dtype):
+    # outputs, input and parameter gradients, buffers (pn: running_phi and ema_gz, its nu; evob0:
+    # running_var) after each step, then in eval: the engine's closed forms (PowerStats,
+    # EvoS0Stats, EvoB0Stats) against the plain path
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(_engine_steps(spec, layout, dtype, True), _engine_steps(spec, layout, dtype, False)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.float().abs().max().item()))
+
+
+def test_power_norm_engine_double_backward_differentiates_the_plain_path():
+    # a gradient penalty: the second pass runs through the same call again (dy = 2y); nu moves once
+    w = (torch.rand(4, dtype=D) + 0.5).requires_grad_()
+    nu = torch.rand(4, dtype=D)
+    got = []
+    for fast in (True, False):
+        x = torch.randn(3, 4, 5, dtype=D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        ema, phi = nu.clone(), torch.rand(4, dtype=D) * 0 + 1.5
+        with NF.fast_path(fast):
+            y = NF.power_norm(x, phi, ema, w)
+            (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+            (dw,) = torch.autograd.grad(dx.pow(2).sum(), w)
+        got.append((dx.detach(), dw, ema, phi))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b)
 
 
 # ------------------------------------------------------------------ state, errors, convert

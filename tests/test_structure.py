@@ -31,7 +31,7 @@ OWN = {
     "normlab.functional.elementwise": {"_DynamicSquash"},
     # in-place activated batch norm saves only its output: not a moments-and-affine backward
     "normlab.functional.norm_act": {"_BatchNormLeakyReLUInplace"},
-    # PowerNorm's approximate backward runs the backward statistics (not per-(n, c) moments)
+    # PowerNorm's approximate backward on the plain path: the reference of the engine's PowerStats
     "normlab.functional.powernorm": {"_PowerNormTrain"},
 }
 

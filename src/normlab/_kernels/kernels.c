@@ -102,6 +102,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define S(name) name##_f32
 #include "kernels_impl.h"
 #include "elementwise_impl.h"
+#include "evonorm_impl.h"
 #undef T
 #undef F
 #undef A
@@ -125,6 +126,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define S(name) name##_f64
 #include "kernels_impl.h"
 #include "elementwise_impl.h"
+#include "evonorm_impl.h"
 #undef EP_SIGMOID
 #undef EP_ERF
 #undef EP_EXP
@@ -199,6 +201,7 @@ static inline uint16_t f16_st(float f) {
 #define S(name) name##_bf16
 #include "kernels_impl.h"
 #include "elementwise_impl.h"
+#include "evonorm_impl.h"
 #undef LD
 #undef ST
 #undef S
@@ -208,3 +211,4 @@ static inline uint16_t f16_st(float f) {
 #define S(name) name##_f16
 #include "kernels_impl.h"
 #include "elementwise_impl.h"
+#include "evonorm_impl.h"

@@ -20,11 +20,13 @@ from torch import Tensor
 
 from .. import _kernels
 from .describe import BatchInstanceStats, BatchStats, Description, GlobalResponseStats, GroupStats, SwitchableStats
+from .describe_modern import EvoB0Stats, EvoS0Stats, PowerStats
 from .function import EngineNorm, kernel_moments, run
 from .routing import fast_path, is_half, kernel_views, route
 
-__all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "GlobalResponseStats", "GroupStats",
-           "SwitchableStats",
+__all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "EvoB0Stats", "EvoS0Stats",
+           "GlobalResponseStats", "GroupStats",
+           "PowerStats", "SwitchableStats",
            "activate", "affine_eval", "dtypes_of", "epilogue", "fast_path", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 

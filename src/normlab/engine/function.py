@@ -72,7 +72,10 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     else:
         mean, m2 = desc.moments_given or _kernels.moments(v, layout)
         ctx.coefs = desc.coefficients(mean, m2, length, *params)
-        _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
+        if desc.elementwise:  # its own element map (EvoNorm), its own passes
+            desc.output(v, yv, layout, *ctx.coefs)
+        else:
+            _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
     desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
     return y
 
@@ -106,6 +109,8 @@ class EngineNorm(torch.autograd.Function):
         dyv = dy_view(dy, x, cd, layout)
         dx = torch.empty_like(x) if need_x else None
         dxv = kernel_views(dx, cd)[1] if need_x else None  # type: ignore[index]
+        if desc.elementwise:
+            return (dx, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
         if ctx.fused == "rows":
             c = x.shape[cd]
             dw = _kernels.rowrms_backward(dyv.reshape(-1, c), v.reshape(-1, c), (dxv if need_x else torch.empty_like(v)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _moments
+from .. import _moments, engine
 from .._layout import channel_axis, per_channel
 from ._common import affine
 from .response import position_dims
@@ -42,11 +42,24 @@ def evonorm_b0(
     with the unbiased batch variance (timm's and torch's rule); in eval it replaces s2_b.
     ``v=None`` is the layer without nonlinearity (official ``nonlinearity=False``, timm's
     ``apply_act=False``): only ``gamma * x + beta``, no statistics (the running variance is
-    left alone). eps 1e-3 is timm's default (the official code 1e-5).
+    left alone). eps 1e-3 is timm's default (the official code 1e-5). Inputs with positions run
+    on the engine (:class:`normlab.engine.EvoB0Stats`, its closed-form backward; x saved); the
+    math here is its reference.
     """
     if v is None:
         return affine(x, weight, bias, channel_dim).to(x.dtype)
-    inst = _moments.moments(x, position_dims(x, channel_dim, "evonorm_b0"))  # per (n, c)
+    dims = position_dims(x, channel_dim, "evonorm_b0")
+    cd = channel_axis(x.ndim, channel_dim)
+    if engine.route("evob0", x, cd) == "kernels":  # the engine's element map, x saved
+        batch = training or running_var is None
+        desc = engine.EvoB0Stats(eps, None if batch else running_var)
+        desc.reference = lambda x, w, b, v: evonorm_b0(x, None if batch else running_var, w, b, v, training=batch,
+                                                       eps=eps, channel_dim=cd)
+        y = engine.run(desc, x, cd, (weight, bias, v))
+        if training and running_var is not None and momentum is not None:
+            _moments.update_running_stats(None, running_var, desc.batch_moments, momentum)
+        return y
+    inst = _moments.moments(x, dims)  # per (n, c)
     if training or running_var is None:
         batch = _moments.reduce_moments(inst, 0)  # merged over the batch: per channel
         if training and running_var is not None and momentum is not None:
@@ -79,6 +92,8 @@ def evonorm_s0(
     No batch statistics: the same in training and eval, batch 1 works. ``v=None`` is the
     layer without nonlinearity (official ``nonlinearity=False``, timm's ``apply_act=False``):
     only ``gamma * x + beta``. Groups 32 and eps 1e-5 are the paper's and timm's defaults.
+    Inputs with positions run on the engine (:class:`normlab.engine.EvoS0Stats`, its closed-form
+    backward; x saved); the math here is its reference.
     """
     if v is None:
         return affine(x, weight, bias, channel_dim).to(x.dtype)
@@ -86,6 +101,10 @@ def evonorm_s0(
     c = x.shape[cd]
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
         raise ValueError(f"evonorm_s0: num_groups must be a positive divisor of the {c} channels, got {num_groups!r}")
+    if engine.route("evos0", x, cd, num_groups) == "kernels":  # the engine's element map, x saved
+        desc = engine.EvoS0Stats(num_groups, eps)
+        desc.reference = lambda x, w, b, v: evonorm_s0(x, num_groups, w, b, v, eps=eps, channel_dim=cd)
+        return engine.run(desc, x, cd, (weight, bias, v))
     xc = x.movedim(cd, 1)
     xg = xc.reshape(xc.shape[0], num_groups, c // num_groups, -1)  # (N, G, C/G, positions)
     per_nc = _moments.moments(xg, 3)  # per (n, c)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _moments
+from .. import _moments, engine
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
 
@@ -77,14 +77,34 @@ def power_norm(
 
     In eval ``y = gamma_c * x / sqrt(psi2_T + eps) + beta_c``, buffers unchanged. The
     official code's warm-up on batch statistics and its GroupScaling pre-step are not part
-    of Algorithm 1 and are not applied here.
+    of Algorithm 1 and are not applied here. Large inputs run on the engine
+    (:class:`normlab.engine.PowerStats`, the same backward in closed form, x saved); the
+    Function here is its reference.
     """
     cd = channel_axis(x.ndim, channel_dim)
+    if training and ema_gz is None:
+        raise ValueError("power_norm: training needs the ema_gz buffer (the backward statistic nu)")
+    if engine.route("pn", x, cd, 1, engine.dtypes_of(running_phi, ema_gz, weight, bias)) == "kernels":
+        if not training:  # batch norm's eval map with centre 0 and variance psi2
+            y = engine.affine_eval(x, cd, torch.zeros_like(running_phi), running_phi, eps, weight, bias)
+            if y is not None:
+                return y
+        else:  # the engine: x and (N, C) statistics saved, nu updated by the description's adjoint
+            desc = engine.PowerStats(eps, running_phi, ema_gz, alpha_bkw)
+
+            def reference(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:  # (double backward)
+                desc.nu_updated = True  # by this reference's own backward
+                return power_norm(x, desc.phi_prev.to(running_phi.dtype), ema_gz, w, b, alpha_fwd=alpha_fwd,
+                                  alpha_bkw=alpha_bkw, eps=eps, channel_dim=cd)
+
+            desc.reference = reference
+            y = engine.run(desc, x, cd, (weight, bias))
+            with torch.no_grad():
+                running_phi.lerp_(desc.quadratic_mean.reshape(-1).to(running_phi.dtype), 1 - alpha_fwd)
+            return y
     if not training:
         x_hat = x * per_channel(torch.rsqrt(running_phi + eps), x.ndim, cd).to(x.dtype)
         return affine(x_hat, weight, bias, cd).to(x.dtype)
-    if ema_gz is None:
-        raise ValueError("power_norm: training needs the ema_gz buffer (the backward statistic nu)")
     x_hat = _PowerNormTrain.apply(x, running_phi, ema_gz, alpha_bkw, eps, cd)
     with torch.no_grad():
         running_phi.lerp_(_batch_quadratic_mean(x.detach(), cd).to(running_phi.dtype), 1 - alpha_fwd)

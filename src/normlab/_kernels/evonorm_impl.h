@@ -1,0 +1,256 @@
+/* EvoNorm's element maps (Liu et al., NeurIPS 2020) for one storage type T (arithmetic F,
+ * accumulator A, channel block CB, names S(...), LD/ST, EP_SIGMOID as in kernels_impl.h).
+ * Included by kernels.c once per type, after kernels_impl.h.
+ *
+ * Unlike the other norms, EvoNorm's output is not an affine map of x per (n, c) but
+ * y = f(x) * scale + shift with an element map f of a kind (per channel v, per (n, c) D, E):
+ *
+ *   kind 0, S0   f(x) = x s,  s = sigmoid(v x)          slope f'(x) = s + v x s (1 - s)
+ *   kind 1, B0   f(x) = x u,  u = 1 / max(D, v x + E)   slope dy/dx: u where D >= v x + E (left),
+ *                                                       E u^2 elsewhere (right)
+ *
+ *   evonorm_fwd   y = f(x) * scale + shift                                    read x, write y    2T
+ *   evonorm_red   per (n, c) five sums: t0 = sum dy f(x), t1 = sum dy, and    read dy, x         2T
+ *                 S0: t2 = sum dy x^2 s (1 - s) (t3 = t4 = 0);
+ *                 B0: t2 = sum_left dy x u^2, t3 = sum_right dy x u^2, t4 = sum_right dy x^2 u^2
+ *   evonorm_dx    dx = a * dy * slope(x) + b * (x - m) + k                    read 2, write      3T
+ *
+ * (the statistics come from the moments kernel; the adjoints are in
+ * normlab/engine/describe_modern.py). Per-(n, c) arrays are double (N, C) (D, E unused by S0);
+ * the five sums are (N, C) arrays one after the other. Two layouts as the other kernels:
+ * (N, C, L) "cf" and (N, L, C) "cl". Sums are accumulated in A over at most CF_CHUNK values of
+ * a channel-first row or one block of channels-last rows (rows_per_block), then in double in
+ * a fixed order. Each loop is compiled once per kind (EV_SWITCH, a literal constant). */
+
+#ifndef EV_SWITCH
+#define EV_SWITCH(kind, M)                                                                                     \
+    do {                                                                                                       \
+        if (kind) {                                                                                            \
+            M(1)                                                                                               \
+        } else {                                                                                               \
+            M(0)                                                                                               \
+        }                                                                                                      \
+    } while (0)
+#endif
+
+static inline __attribute__((always_inline)) F S(ev_map)(const int kind, F xv, F vc, F D, F E) {
+    if (kind == 0) return xv * EP_SIGMOID(vc * xv);
+    F r = vc * xv + E;
+    return xv / (D >= r ? D : r);
+}
+
+static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv, F vc, F D, F E) {
+    if (kind == 0) {
+        F s = EP_SIGMOID(vc * xv);
+        return s + vc * xv * s * ((F)1 - s);
+    }
+    F r = vc * xv + E, u = (F)1 / (D >= r ? D : r);
+    return D >= r ? u : E * u * u;
+}
+
+/* the five terms of one element (see above) */
+#define EV_TERMS(kind, xv, dv, vc, D, E)                                                                       \
+    F t0, t1 = (dv), t2, t3, t4;                                                                               \
+    if ((kind) == 0) {                                                                                         \
+        F s_ = EP_SIGMOID((vc) * (xv));                                                                        \
+        t0 = (dv) * (xv) * s_;                                                                                 \
+        t2 = (dv) * (xv) * (xv) * s_ * ((F)1 - s_);                                                            \
+        t3 = t4 = 0;                                                                                           \
+    } else {                                                                                                   \
+        F r_ = (vc) * (xv) + (E), l_ = (D) >= r_ ? (F)1 : (F)0, u_ = (F)1 / ((D) >= r_ ? (D) : r_);            \
+        F q_ = (dv) * (xv) * u_ * u_;                                                                          \
+        t0 = (dv) * (xv) * u_;                                                                                 \
+        t2 = l_ * q_;                                                                                          \
+        t3 = ((F)1 - l_) * q_;                                                                                 \
+        t4 = ((F)1 - l_) * q_ * (xv);                                                                          \
+    }
+
+/* ---- channel-first (N, C, L): one (n, c) row at a time ---- */
+
+int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const double *v, const double *dstd,
+                         const double *istd, const double *scale, const double *shift, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        const T *p = x + r * L;
+        T *o = y + r * L;
+        const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r], s = (F)scale[r], b = (F)shift[r];
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(ev_map)(K, LD(p[i]), vc, D, E) * s + b);
+        EV_SWITCH(kind, LOOP);
+#undef LOOP
+    }
+    return 0;
+}
+
+/* the five sums of a run of k values, added to acc */
+static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, const T *d, const T *p, i64 k, F vc,
+                                                                F D, F E, double *acc) {
+    A a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
+    for (i64 i = 0; i < k; i++) {
+        F xv = LD(p[i]), dv = LD(d[i]);
+        EV_TERMS(kind, xv, dv, vc, D, E)
+        a0 += t0, a1 += t1, a2 += t2, a3 += t3, a4 += t4;
+    }
+    acc[0] += a0, acc[1] += a1, acc[2] += a2, acc[3] += a3, acc[4] += a4;
+}
+
+int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind, const double *v,
+                         const double *dstd, const double *istd, double *sums, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        double acc[5] = {0};
+        const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r];
+        for (i64 i0 = 0; i0 < L; i0 += CF_CHUNK) {
+            const T *d = dy + r * L + i0, *p = x + r * L + i0;
+            i64 k = MIN(CF_CHUNK, L - i0);
+#define RED(K) S(ev_run_red)(K, d, p, k, vc, D, E, acc);
+            EV_SWITCH(kind, RED);
+#undef RED
+        }
+        for (int j = 0; j < 5; j++) sums[j * N * C + r] = acc[j];
+    }
+    return 0;
+}
+
+int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int kind, const double *v,
+                        const double *dstd, const double *istd, const double *a, const double *b, const double *m,
+                        const double *k, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * C; r++) {
+        const T *d = dy + r * L, *p = x + r * L;
+        T *o = dx + r * L;
+        const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r], br = (F)b[r], mr = (F)m[r],
+                kr = (F)k[r];
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
+        F xv = LD(p[i]);                                                                                       \
+        o[i] = ST(ar * LD(d[i]) * S(ev_slope)(K, xv, vc, D, E) + br * (xv - mr) + kr);                         \
+    }
+        EV_SWITCH(kind, LOOP);
+#undef LOOP
+    }
+    return 0;
+}
+
+/* ---- channels-last (N, L, C): the element passes row by row with the sample's coefficients
+ * as F rows; the reduction per (sample, block of rows), CB channels at a time ---- */
+
+/* ``count`` per-(n, c) arrays as F rows (N * C each), then v as an F row of C; NULL if out of memory */
+static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, const double *v) {
+    F *co = malloc(sizeof(F) * (N * C * count + C));
+    if (co) {
+        for (int j = 0; j < count; j++)
+            for (i64 i = 0; i < N * C; i++) co[j * N * C + i] = (F)src[j][i];
+        for (i64 c = 0; c < C; c++) co[N * C * count + c] = (F)v[c];
+    }
+    return co;
+}
+
+int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const double *v, const double *dstd,
+                         const double *istd, const double *scale, const double *shift, int nt) {
+    const double *src[4] = {dstd, istd, scale, shift};
+    F *co = S(ev_coefs)(src, 4, N, C, v);
+    if (!co) return 1;
+    const F *vr = co + 4 * N * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * L; r++) {
+        i64 n = r / L;
+        const T *p = x + r * C;
+        const F *D = co + n * C, *E = co + (N + n) * C, *s = co + (2 * N + n) * C, *b = co + (3 * N + n) * C;
+        T *o = y + r * C;
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(ev_map)(K, LD(p[c]), vr[c], D[c], E[c]) * s[c] + b[c]);
+        EV_SWITCH(kind, LOOP);
+#undef LOOP
+    }
+    free(co);
+    return 0;
+}
+
+/* the five sums of rows [0, k) of a block, channels [0, w) of a channel block, into acc (5 x CB) */
+static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind, const T *d0, const T *p0, i64 k,
+                                                                  i64 C, i64 w, const F *vr, const F *D, const F *E,
+                                                                  A *acc) {
+    A *a0 = acc, *a1 = acc + CB, *a2 = acc + 2 * CB, *a3 = acc + 3 * CB, *a4 = acc + 4 * CB;
+    for (i64 c = 0; c < 5 * CB; c++) acc[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const T *d = d0 + l * C, *p = p0 + l * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; c++) {
+            F xv = LD(p[c]), dv = LD(d[c]);
+            EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
+            a0[c] += t0, a1[c] += t1, a2[c] += t2, a3[c] += t3, a4[c] += t4;
+        }
+    }
+}
+
+int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind, const double *v,
+                         const double *dstd, const double *istd, double *sums, int nt) {
+    i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R, NC = N * C, P = N * nb * C;
+    const double *src[2] = {dstd, istd};
+    F *co = S(ev_coefs)(src, 2, N, C, v);
+    double *part = malloc(sizeof(double) * P * 5);
+    if (!co || !part) {
+        free(co), free(part);
+        return 1;
+    }
+    const F *vr = co + 2 * NC;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 it = 0; it < N * nb; it++) {
+        i64 n = it / nb, l0 = (it % nb) * R, k = MIN(R, L - l0);
+        for (i64 c0 = 0; c0 < C; c0 += CB) {
+            A acc[5 * CB];
+            i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
+            const F *D = co + n * C + c0, *E = co + NC + n * C + c0;
+#define RED(K)                                                                                                 \
+    if (w == CB)                                                                                               \
+        S(ev_block_red)(K, dy + at, x + at, k, C, CB, vr + c0, D, E, acc);                                     \
+    else                                                                                                       \
+        S(ev_block_red)(K, dy + at, x + at, k, C, w, vr + c0, D, E, acc);
+            EV_SWITCH(kind, RED);
+#undef RED
+            for (int j = 0; j < 5; j++)
+                for (i64 c = 0; c < w; c++) part[j * P + it * C + c0 + c] = acc[j * CB + c];
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < NC; r++) { /* the blocks of each sample, in block order */
+        i64 n = r / C, c = r % C;
+        for (int j = 0; j < 5; j++) {
+            double t = 0.0;
+            for (i64 b = 0; b < nb; b++) t += part[j * P + (n * nb + b) * C + c];
+            sums[j * NC + r] = t;
+        }
+    }
+    free(co), free(part);
+    return 0;
+}
+
+int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int kind, const double *v,
+                        const double *dstd, const double *istd, const double *a, const double *b, const double *m,
+                        const double *k, int nt) {
+    const double *src[6] = {dstd, istd, a, b, m, k};
+    F *co = S(ev_coefs)(src, 6, N, C, v);
+    if (!co) return 1;
+    const F *vr = co + 6 * N * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < N * L; r++) {
+        i64 n = r / L;
+        const T *d = dy + r * C, *p = x + r * C;
+        const F *D = co + n * C, *E = co + (N + n) * C, *ar = co + (2 * N + n) * C, *br = co + (3 * N + n) * C,
+                *mr = co + (4 * N + n) * C, *kr = co + (5 * N + n) * C;
+        T *o = dx + r * C;
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
+        F xv = LD(p[c]);                                                                                       \
+        o[c] = ST(ar[c] * LD(d[c]) * S(ev_slope)(K, xv, vr[c], D[c], E[c]) + br[c] * (xv - mr[c]) + kr[c]);    \
+    }
+        EV_SWITCH(kind, LOOP);
+#undef LOOP
+    }
+    free(co);
+    return 0;
+}
+
+#undef EV_TERMS
