@@ -1,5 +1,5 @@
 /* EvoNorm's element maps (Liu et al., NeurIPS 2020) for one storage type T (arithmetic F,
- * accumulator A, channel block CB, names S(...), LD/ST, EP_SIGMOID as in kernels_impl.h).
+ * accumulator A, channel block CB, names S(...), LD/ST, EP_SIGMOIDA as in kernels_impl.h).
  * Included by kernels.c once per type, after kernels_impl.h.
  *
  * Unlike the other norms, EvoNorm's output is not an affine map of x per (n, c) but
@@ -34,14 +34,14 @@
 #endif
 
 static inline __attribute__((always_inline)) F S(ev_map)(const int kind, F xv, F vc, F D, F E) {
-    if (kind == 0) return xv * EP_SIGMOID(vc * xv);
+    if (kind == 0) return xv * EP_SIGMOIDA(vc * xv);
     F r = vc * xv + E;
     return xv / (D >= r ? D : r);
 }
 
 static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv, F vc, F D, F E) {
     if (kind == 0) {
-        F s = EP_SIGMOID(vc * xv);
+        F s = EP_SIGMOIDA(vc * xv);
         return s + vc * xv * s * ((F)1 - s);
     }
     F r = vc * xv + E, u = (F)1 / (D >= r ? D : r);
@@ -52,7 +52,7 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 #define EV_TERMS(kind, xv, dv, vc, D, E)                                                                       \
     F t0, t1 = (dv), t2, t3, t4;                                                                               \
     if ((kind) == 0) {                                                                                         \
-        F s_ = EP_SIGMOID((vc) * (xv));                                                                        \
+        F s_ = EP_SIGMOIDA((vc) * (xv));                                                                        \
         t0 = (dv) * (xv) * s_;                                                                                 \
         t2 = (dv) * (xv) * (xv) * s_ * ((F)1 - s_);                                                            \
         t3 = t4 = 0;                                                                                           \

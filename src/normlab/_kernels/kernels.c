@@ -65,6 +65,8 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #define EP_EXP nl_expf
 #define EP_EXPA nl_expf_act
 #define EP_TANH nl_tanhf
+/* the activations' sigmoid: on the epilogue's exp (EP_EXPA) */
+#define EP_SIGMOIDA(v) ((F)1 / ((F)1 + EP_EXPA(-(v))))
 /* M(K) once per activation code K, as a literal (see act_fwd in kernels_impl.h) */
 #define ACT_SWITCH(act, M)                                                                                     \
     do {                                                                                                       \

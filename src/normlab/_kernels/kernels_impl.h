@@ -11,14 +11,14 @@
  * constant through ACT_SWITCH (kernels.c), so that each loop is compiled, and vectorised, once
  * per activation with the branches folded away */
 static inline __attribute__((always_inline)) F S(act_fwd)(F v, int act, F sl) {
-    if (act == 2) return v / ((F)1 + EP_EXPA(-v));
+    if (act == 2) return v * EP_SIGMOIDA(v);
     if (act == 3) return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
     return v > 0 ? v : v * sl;
 }
 
 static inline __attribute__((always_inline)) F S(act_grad)(F d, F v, int act, F sl) {
     if (act == 2) {
-        F sg = (F)1 / ((F)1 + EP_EXPA(-v));
+        F sg = EP_SIGMOIDA(v);
         return d * sg * ((F)1 + v * ((F)1 - sg));
     }
     if (act == 3)
