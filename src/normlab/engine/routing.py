@@ -16,7 +16,7 @@ from .. import _kernels
 
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
            "MIN_KERNEL_POSITIONS",
-           "dy_view", "fast_path", "is_half", "kernel_views", "route", "views"]
+           "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -190,6 +190,14 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
     return "kernels" if kernels else "plain"
 
 
+def signature(x: Tensor) -> tuple:
+    """What a route depends on besides the norm's own arguments: the input's shape, strides, dtype,
+    device and requires_grad, the grad mode, and the :class:`fast_path`, kernel and thread settings.
+    (Layers key their cached calls on it too: ``normlab.layers.base.Norm``.)"""
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(), _ENABLED[0],
+            _kernels.switched_on(), torch.get_num_threads())
+
+
 def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), flags: tuple = (),
           act: bool = False) -> str:
     """"torch", "kernels" or "plain" for a call of ``norm`` on ``x`` (the table above).
@@ -199,12 +207,11 @@ def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), fl
     ``flags``: the norm's own conditions for the "torch" route (all true to take it); ``act``: an
     activation follows (then the engine, which applies it in its output pass, from
     MIN_FAST_NUMEL values on; on the "torch" route the caller applies it after). Cached
-    per signature (shape, strides, dtype, device, channel axis, grad mode, ``fast_path`` and
-    kernel settings)."""
+    per norm, arguments and :func:`signature` (shape, strides, dtype, device, grad mode,
+    ``fast_path``, kernel and thread settings)."""
     if _compiling():  # torch.compile traces the plain path (and fuses it)
         return "plain"
-    key = (norm, x.shape, x.stride(), x.dtype, x.device, cd, groups, dtypes, flags, act, torch.is_grad_enabled(),
-           _ENABLED[0], _kernels.switched_on(), torch.get_num_threads())
+    key = (norm, cd, groups, dtypes, flags, act) + signature(x)
     r = _ROUTES.get(key)
     if r is None:
         if len(_ROUTES) >= _MAX_ROUTES:
