@@ -105,6 +105,22 @@ class Norm(nn.Module):
         with :meth:`_cached_call`."""
         return None
 
+    def _reads(self, *names: str) -> bool:
+        """Whether each of ``names`` is a registered parameter or buffer, or None: what a ready
+        call reads from the layer's dicts. Not so under parametrizations or weight-norm style
+        hooks (a property, or a plain tensor attribute), and then nothing is kept."""
+        d = self.__dict__
+        return all(n in self._parameters or n in self._buffers or d.get(n, 0) is None for n in names)
+
+    def _affine_call(self, f: Callable[..., Tensor] | None, bias: bool = True) -> Callable[[Norm, Tensor], Tensor] | None:
+        """``f(x, weight[, bias])`` as a ready call ``g(layer, x)`` that reads the layer's
+        parameters at each call, or None (no ``f``, or parameters it cannot read)."""
+        if f is None or not self._reads("weight", "bias"):
+            return None
+        if bias:
+            return lambda layer, x: f(x, layer._parameters["weight"], layer._parameters.get("bias"))
+        return lambda layer, x: f(x, layer._parameters["weight"])
+
     def _cached_call(self, x: Tensor) -> Tensor | None:
         """The output of this call from the ready call kept for ``x``'s signature (deciding and
         keeping it on the first call of a signature), or None: the caller takes its full path."""
@@ -349,10 +365,3 @@ class BatchStatNorm(RunningStatsNorm):
             "process_group": self.process_group if self.training else None,
         }
 
-
-def reading_affine(f: Callable[..., Tensor], bias: bool = True) -> Callable[[Norm, Tensor], Tensor]:
-    """``f(x, weight[, bias])`` as a layer's ready call ``g(layer, x)`` that reads the layer's
-    parameters at each call (see ``Norm._cached_call``)."""
-    if bias:
-        return lambda layer, x: f(x, layer._parameters["weight"], layer._parameters.get("bias"))
-    return lambda layer, x: f(x, layer._parameters["weight"])

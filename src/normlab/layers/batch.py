@@ -38,7 +38,7 @@ class BatchNorm(BatchStatNorm):
     def _torch_call(self, x: Tensor, cd: int) -> Callable[[BatchNorm, Tensor], Tensor] | None:
         f = batch_norm_call(x, self.running_mean, self.running_var, self.weight, self.bias,
                             **self._batch_call(count=False))
-        if f is None:
+        if f is None or not self._reads("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             return None
         count = self._counts_steps()
 

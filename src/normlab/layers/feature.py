@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..functional.feature import channel_layer_norm_call, per_sample_call
-from .base import Norm, RunningStatsNorm, reading_affine
+from .base import Norm, RunningStatsNorm
 
 
 class LayerNorm(Norm):
@@ -31,7 +31,7 @@ class LayerNorm(Norm):
 
     def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
         f = per_sample_call("ln", x, 1, self.weight, self.bias, eps=self.eps, channel_dim=cd)  # type: ignore[arg-type]
-        return None if f is None else reading_affine(f)
+        return self._affine_call(f)
 
 
 class InstanceNorm(RunningStatsNorm):
@@ -109,7 +109,7 @@ class GroupNorm(Norm):
     def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
         f = per_sample_call("gn", x, self.num_groups, self.weight, self.bias, eps=self.eps,  # type: ignore[arg-type]
                             channel_dim=cd)
-        return None if f is None else reading_affine(f)
+        return self._affine_call(f)
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, " + super().extra_repr()
@@ -153,7 +153,7 @@ class ChannelLayerNorm(Norm):
 
     def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
         f = channel_layer_norm_call(x, self.weight, self.bias, eps=self.eps, channel_dim=cd)  # type: ignore[arg-type]
-        return None if f is None else reading_affine(f)
+        return self._affine_call(f)
 
 
 class ChannelRMSNorm(Norm):
