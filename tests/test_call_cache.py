@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from normlab import _kernels
 from normlab.engine import fast_path
-from normlab.layers import BatchNorm, ChannelLayerNorm, GroupNorm, LayerNorm
+from normlab.layers import BatchNorm, ChannelLayerNorm, ChannelRMSNorm, GroupNorm, LayerNorm
 from normlab.layers.base import _MAX_CALLS, _NO_CALL
 
 from _helpers import randomize_affine
@@ -42,6 +42,8 @@ def _pair(kind: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[nn.Modul
         ours, ref, shape = LayerNorm(16, **kw), nn.GroupNorm(1, 16, **kw), (8, 16, 8, 8)
     elif kind == "lnc":
         ours, ref, shape = ChannelLayerNorm(32, channel_dim=-1, **kw), nn.LayerNorm(32, **kw), (4, 10, 32)
+    elif kind == "rmsc":
+        ours, ref, shape = ChannelRMSNorm(32, channel_dim=-1, **kw), nn.RMSNorm(32, eps=1e-6, **kw), (4, 10, 32)
     else:
         raise AssertionError(kind)
     ours, ref = ours.to(dtype), ref.to(dtype)
@@ -76,7 +78,7 @@ def _check_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, backward: bool
         torch.testing.assert_close(mine[k], v, rtol=1e-6, atol=1e-7, msg=f"{k} differs")
 
 
-@pytest.mark.parametrize("kind", ["bn2d", "bn1d", "bn_seq", "gn", "ln", "lnc"])
+@pytest.mark.parametrize("kind", ["bn2d", "bn1d", "bn_seq", "gn", "ln", "lnc", "rmsc"])
 def test_cached_calls_equal_torch_through_changes(kind):
     torch.manual_seed(0)
     ours, ref, shape = _pair(kind)
@@ -117,7 +119,7 @@ def test_cached_calls_equal_torch_through_changes(kind):
         _check_step(ours, ref, x.double(), backward=False)
 
 
-@pytest.mark.parametrize("kind", ["bn2d", "gn", "lnc"])
+@pytest.mark.parametrize("kind", ["bn2d", "gn", "lnc", "rmsc"])
 def test_cached_calls_under_autocast(kind):
     torch.manual_seed(1)
     ours, ref, shape = _pair(kind)

@@ -233,6 +233,22 @@ def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tenso
     return lambda x, w, b: torch.layer_norm(x.movedim(cd, -1), shape, w, b, eps, cudnn).movedim(-1, cd)
 
 
+def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6,
+                          channel_dim: int = 1) -> Callable[..., Tensor] | None:
+    """The call of torch's RMS-norm kernel that :func:`channel_rms_norm` makes for inputs of
+    ``x``'s signature (channel axis innermost in memory, and not routed to the engine's row
+    passes: :func:`normlab.engine.route`), ready to apply as ``f(x, weight)``; else None.
+    Layers keep it per input signature."""
+    cd = channel_axis(x.ndim, channel_dim)
+    view = _channel_last_view(x, cd)
+    if view is None or route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
+        return None
+    shape = (x.shape[cd],)
+    if cd == x.ndim - 1:
+        return lambda x, w: torch.rms_norm(x, shape, w, eps)
+    return lambda x, w: torch.rms_norm(x.movedim(cd, -1), shape, w, eps).movedim(-1, cd)
+
+
 def channel_rms_norm(
     x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6, channel_dim: int = 1
 ) -> Tensor:
@@ -241,18 +257,19 @@ def channel_rms_norm(
     ``y = weight_c * x / sqrt(mean_c(x^2) + eps)``; with ``channel_dim=-1`` this is
     ``torch.nn.RMSNorm(C)`` (whose ``eps=None`` means the dtype's machine epsilon).
     """
+    torch_call = channel_rms_norm_call(x, weight, eps=eps, channel_dim=channel_dim)
+    if torch_call is not None:
+        return torch_call(x, weight)
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
     e = _rms_eps(eps, x)
-    if view is not None and route("rmsc", view, view.ndim - 1) == "kernels":
+    if view is not None:
         # the engine's row passes: one read of each row forward and backward (torch's CPU
         # RMSNorm is a composite with several full-size temporaries)
         rows = view.reshape(-1, 1, x.shape[cd])  # (positions, 1, C): one "sample" per position
         desc = GroupStats(1, e, center=False)
         desc.reference = lambda r, w: channel_rms_norm(r, w, eps=e, channel_dim=-1)
-        y = engine.run(desc, rows, 2, (weight,))
-        return y.view(view.shape).movedim(-1, cd)
-    if view is not None:
-        return F.rms_norm(view, (x.shape[cd],), weight, eps).movedim(-1, cd)
+        y = engine.run(desc, rows, 2, (weight,)).view(view.shape)
+        return y if cd == x.ndim - 1 else y.movedim(-1, cd)
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(cd, keepdim=True)
     return normalize(x, None, ms, e, weight, None, channel_dim)

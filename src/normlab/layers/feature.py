@@ -7,7 +7,7 @@ from typing import Callable
 from torch import Tensor
 
 from .. import functional as F
-from ..functional.feature import channel_layer_norm_call, per_sample_call
+from ..functional.feature import channel_layer_norm_call, channel_rms_norm_call, per_sample_call
 from .base import Norm, RunningStatsNorm
 
 
@@ -171,5 +171,11 @@ class ChannelRMSNorm(Norm):
         super().__init__(num_features, eps, affine, channel_dim, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._cached_call(x)
+        if y is not None:
+            return y
         self.check_input(x)
         return F.channel_rms_norm(x, self.weight, eps=self.eps, channel_dim=self.channel_dim)
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
+        return self._affine_call(channel_rms_norm_call(x, self.weight, eps=self.eps, channel_dim=cd), bias=False)
