@@ -241,3 +241,22 @@ def test_compile_traces_past_the_cache():
     _check_step(ours, ref, x)
     compiled = torch.compile(ours, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rmsc_rows_route_torch_below_the_crossover_and_the_kernels_above():
+    torch.manual_seed(8)
+    for shape, kept in (((64, 512), 1), ((4, 64, 512), 0)):
+        ours, ref = ChannelRMSNorm(512, channel_dim=-1), nn.RMSNorm(512, eps=1e-6)
+        randomize_affine(ref)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(shape)
+        for _ in range(2):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ours(xa), ref(xb)
+            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(ya)
+            ya.backward(g), yb.backward(g)
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+            ours.zero_grad(), ref.zero_grad()
+        assert _kept(ours) == (kept if _kernels.available() else 1)

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _kernels
 
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
-           "MIN_KERNEL_POSITIONS",
+           "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL",
            "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -25,12 +25,15 @@ computed in float32): torch's own CPU kernels in these types are several times s
 
 MIN_FAST_NUMEL = 1 << 15
 """Below this many values bn, ln, gn and in call torch's own kernel once: the call is the
-cost there, and one call of torch's is the cheapest (measured, 1 and 2 threads). So does rmsc
-(torch's RMS-norm kernel on the channel-last rows), with parameters of the input's dtype: the
-engine's row passes cost a fixed ~50 us a call around a kernel as fast as torch's (measured one
-thread, float32, engine / torch: forward 2.4-2.7x and forward+backward 0.96-1.17 at 32k values;
-forward 1.9-2.1x, forward+backward 0.77-1.2 at 65k; forward+backward 0.45 at 131k and 0.21-0.26
-at 262k, where torch's RMSNorm backward is a composite of several full-size passes)."""
+cost there, and one call of torch's is the cheapest (measured, 1 and 2 threads)."""
+
+MIN_KERNEL_ROWS_NUMEL = 1 << 16
+"""Below this many values rmsc (RMS norm over the channel axis alone) calls torch's RMS-norm
+kernel on the channel-last rows (with parameters of the input's dtype): the engine's row passes
+cost a fixed ~50 us a call around a kernel as fast as torch's (measured one thread, float32,
+engine / torch: forward 2.3-2.7x and forward+backward 0.96-1.17 at 32k values; forward 1.9-2.1x,
+forward+backward 0.77-1.2 at 65k; forward+backward 0.45 at 131k and 0.21-0.26 at 262k, where
+torch's RMSNorm backward is a composite of several full-size passes)."""
 
 MIN_KERNEL_NUMEL = 1 << 19
 """float32/float64 batch norm runs on normlab's kernels from this many values on (channel-first
@@ -144,7 +147,7 @@ class fast_path:
 #                                                            thread; no compiled kernels (also when
 #                                                            forced); rmsc (torch's RMS-norm kernel on
 #                                                            the channel-last rows) below
-#                                                            MIN_FAST_NUMEL with parameters of the
+#                                                            MIN_KERNEL_ROWS_NUMEL, parameters of the
 #                                                            input's dtype, not forced
 # "kernels"  the engine (normlab.engine.function) on the     every other call the kernels can take:
 #            compiled kernels: moments, the norm's           a channel-first or channels-last dense
@@ -192,7 +195,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
         if norm != "bn" and kv[0] == "cf" and (half or  # type: ignore[index]
                 x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
             return "torch"  # (half precision: torch's group norm was as fast at every size measured)
-    if (norm == "rmsc" and mode is None and x.numel() < MIN_FAST_NUMEL
+    if (norm == "rmsc" and mode is None and x.numel() < MIN_KERNEL_ROWS_NUMEL
             and all(d is None or d == x.dtype for d in dtypes)):
         return "torch"
     kernels = supported
