@@ -69,6 +69,7 @@ def batch_norm(
     y = normalize(x, mean, var, eps, weight, bias, cd)
     return activation(y, act, negative_slope)
 
+
 def _route(x: Tensor, cd: int, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
            bias: Tensor | None, momentum: float | Tensor | None, process_group, act: str | None) -> str:
     return route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
@@ -76,20 +77,9 @@ def _route(x: Tensor, cd: int, running_mean: Tensor | None, running_var: Tensor 
                  act is not None)
 
 
-def batch_norm_call(
-    x: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    training: bool = True,
-    momentum: float | Tensor | None = 0.1,
-    eps: float = 1e-5,
-    channel_dim: int = 1,
-    process_group=None,
-    act: str | None = None,
-) -> Callable[..., Tensor] | None:
+def batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                    bias: Tensor | None, *, training: bool, momentum: float | Tensor | None, eps: float,
+                    channel_dim: int, process_group=None, act: str | None = None) -> Callable[..., Tensor] | None:
     """The one call of torch's kernel that :func:`batch_norm` makes for inputs of ``x``'s
     signature with these arguments (its "torch" route, e.g. small inputs), ready to apply as
     ``f(x, running_mean, running_var, weight, bias)``; None where another route is taken. Layers
