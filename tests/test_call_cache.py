@@ -202,6 +202,12 @@ def test_copies_and_pickles_do_not_share_the_cache():
     ref = nn.BatchNorm2d(16)
     ref.load_state_dict(loaded.state_dict())
     _check_step(loaded, ref, x)
+    state = loaded.__getstate__()
+    del state["_calls"]  # as a layer pickled before the cache existed
+    old = BatchNorm.__new__(BatchNorm)
+    old.__setstate__(state)
+    _check_step(old, ref, x)
+    _check_step(old, ref, x)
 
 
 def test_functional_call_and_parametrizations_see_their_own_tensors():

@@ -163,6 +163,10 @@ class Norm(nn.Module):
         state["_calls"] = {}
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_calls", {})  # layers pickled before the cache existed
+
     # ----------------------------------------------------------------- validation
     def _describe(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
