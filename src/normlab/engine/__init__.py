@@ -14,6 +14,8 @@ This module adds the small helpers the norms' functions call around it: torch's 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,26 +74,39 @@ def stat_shape(ndim: int, cd: int, c: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def torch_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-                     bias: Tensor | None, training: bool, momentum, eps: float, cd: int) -> Tensor:
-    """Batch norm as one call of torch's kernel (the "torch" route), with normlab's rule: batch
-    statistics in training or without running ones, folded into the running buffers when
-    training with a momentum."""
-    batch = training or running_mean is None or running_var is None
+def torch_batch_norm(training: bool, momentum: float | None, eps: float, cd: int,
+                     running: bool) -> Callable[..., Tensor]:
+    """Batch norm as one call of torch's kernel (the "torch" route), ready to apply:
+    ``f(x, running_mean, running_var, weight, bias)``, with normlab's rule: batch statistics in
+    training or without running ones (``running``: both buffers given), folded into the running
+    buffers when training with a momentum. Built once per input signature (layers keep ``f``)."""
+    batch = training or not running
     keep = not batch or (training and momentum is not None)
-    xm = x if cd == 1 else x.movedim(cd, 1)
-    y = torch.batch_norm(xm, weight, bias, running_mean if keep else None, running_var if keep else None, batch,
-                         0.0 if momentum is None else momentum, eps, False)
-    return y if cd == 1 else y.movedim(1, cd)
+    m = 0.0 if momentum is None else momentum
+
+    def f(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+          bias: Tensor | None) -> Tensor:
+        rm, rv = (running_mean, running_var) if keep else (None, None)
+        if cd == 1:
+            return torch.batch_norm(x, weight, bias, rm, rv, batch, m, eps, False)
+        return torch.batch_norm(x.movedim(cd, 1), weight, bias, rm, rv, batch, m, eps, False).movedim(1, cd)
+
+    return f
 
 
-def torch_group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
-                     cd: int) -> Tensor:
+def torch_group_norm(num_groups: int, eps: float, cd: int) -> Callable[..., Tensor]:
     """Group norm (layer norm: one group; instance norm: one per channel) as one call of torch's
-    kernel (the "torch" route)."""
-    if cd == 1:
-        return F.group_norm(x, num_groups, weight, bias, eps)
-    return F.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps).movedim(1, cd)
+    kernel (the "torch" route), ready to apply: ``f(x, weight, bias)``. The route has checked
+    what ``F.group_norm`` checks in Python (more than one value per group), so ``f`` calls the
+    kernel directly."""
+    cudnn = torch.backends.cudnn.enabled
+
+    def f(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if cd == 1:
+            return torch.group_norm(x, num_groups, weight, bias, eps, cudnn)
+        return torch.group_norm(x.movedim(cd, 1), num_groups, weight, bias, eps, cudnn).movedim(1, cd)
+
+    return f
 
 
 def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float, weight: Tensor | None,

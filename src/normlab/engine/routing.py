@@ -15,8 +15,8 @@ from torch import Tensor
 from .. import _kernels
 
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
-           "MIN_KERNEL_POSITIONS", "MIN_PN_NUMEL",
-           "dy_view", "fast_path", "is_half", "kernel_views", "route", "views"]
+           "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
+           "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -26,6 +26,14 @@ computed in float32): torch's own CPU kernels in these types are several times s
 MIN_FAST_NUMEL = 1 << 15
 """Below this many values bn, ln, gn and in call torch's own kernel once: the call is the
 cost there, and one call of torch's is the cheapest (measured, 1 and 2 threads)."""
+
+MIN_KERNEL_ROWS_NUMEL = 1 << 16
+"""Below this many values rmsc (RMS norm over the channel axis alone) calls torch's RMS-norm
+kernel on the channel-last rows (with parameters of the input's dtype): the engine's row passes
+cost a fixed ~50 us a call around a kernel as fast as torch's (measured one thread, float32,
+engine / torch: forward 2.3-2.7x and forward+backward 0.96-1.17 at 32k values; forward 1.9-2.1x,
+forward+backward 0.77-1.2 at 65k; forward+backward 0.45 at 131k and 0.21-0.26 at 262k, where
+torch's RMSNorm backward is a composite of several full-size passes)."""
 
 MIN_KERNEL_NUMEL = 1 << 19
 """float32/float64 batch norm runs on normlab's kernels from this many values on (channel-first
@@ -143,7 +151,10 @@ class fast_path:
 #                                                            below MIN_KERNEL_GROUP_NUMEL or with
 #                                                            fewer than two (sample, group) items a
 #                                                            thread; no compiled kernels (also when
-#                                                            forced)
+#                                                            forced); rmsc (torch's RMS-norm kernel on
+#                                                            the channel-last rows) below
+#                                                            MIN_KERNEL_ROWS_NUMEL, parameters of the
+#                                                            input's dtype, not forced
 # "kernels"  the engine (normlab.engine.function) on the     every other call the kernels can take:
 #            compiled kernels: moments, the norm's           a channel-first or channels-last dense
 #            description, one output pass; sums, the         view, at least MIN_KERNEL_POSITIONS
@@ -190,12 +201,23 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
         if norm != "bn" and kv[0] == "cf" and (half or  # type: ignore[index]
                 x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
             return "torch"  # (half precision: torch's group norm was as fast at every size measured)
+    if (norm == "rmsc" and mode is None and x.numel() < MIN_KERNEL_ROWS_NUMEL
+            and all(d is None or d == x.dtype for d in dtypes)):
+        return "torch"
     kernels = supported
     if kernels and norm not in PER_CHANNEL and norm != "rmsc":
         kernels = x.numel() // (x.shape[0] * x.shape[cd]) >= MIN_KERNEL_POSITIONS or mode is True
     if kernels and norm == "pn":
         kernels = x.numel() >= MIN_PN_NUMEL or mode is True
     return "kernels" if kernels else "plain"
+
+
+def signature(x: Tensor) -> tuple:
+    """What a route depends on besides the norm's own arguments: the input's shape, strides, dtype,
+    device and requires_grad, the grad mode, and the :class:`fast_path`, kernel and thread settings.
+    (Layers key their cached calls on it too: ``normlab.layers.base.Norm``.)"""
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(), _ENABLED[0],
+            _kernels.switched_on(), torch.get_num_threads())
 
 
 def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), flags: tuple = (),
@@ -207,12 +229,11 @@ def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), fl
     ``flags``: the norm's own conditions for the "torch" route (all true to take it); ``act``: an
     activation follows (then the engine, which applies it in its output pass, from
     MIN_FAST_NUMEL values on; on the "torch" route the caller applies it after). Cached
-    per signature (shape, strides, dtype, device, channel axis, grad mode, ``fast_path`` and
-    kernel settings)."""
+    per norm, arguments and :func:`signature` (shape, strides, dtype, device, grad mode,
+    ``fast_path``, kernel and thread settings)."""
     if _compiling():  # torch.compile traces the plain path (and fuses it)
         return "plain"
-    key = (norm, x.shape, x.stride(), x.dtype, x.device, cd, groups, dtypes, flags, act, torch.is_grad_enabled(),
-           _ENABLED[0], _kernels.switched_on(), torch.get_num_threads())
+    key = (norm, cd, groups, dtypes, flags, act) + signature(x)
     r = _ROUTES.get(key)
     if r is None:
         if len(_ROUTES) >= _MAX_ROUTES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -44,15 +46,13 @@ def batch_norm(
     ``negative_slope``, silu, gelu) applies an activation to the output, fused into the
     output pass where the engine runs: ``act(batch_norm(x))``.
     """
+    torch_call = batch_norm_call(x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
+                                 eps=eps, channel_dim=channel_dim, process_group=process_group, act=act)
+    if torch_call is not None:
+        return activation(torch_call(x, running_mean, running_var, weight, bias), act, negative_slope)
     cd = channel_axis(x.ndim, channel_dim)
-    way = route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
-                (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None)),
-                act is not None)
-    if way == "torch":
-        y = engine.torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, cd)
-        return activation(y, act, negative_slope)
     group = None if local_only(process_group) else process_group
-    if way == "kernels":
+    if _route(x, cd, running_mean, running_var, weight, bias, momentum, process_group, act) == "kernels":
         fused = engine.epilogue(act, negative_slope)
         if training or running_mean is None or running_var is None:
             desc = BatchStats(eps, process_group=group, stat_shape=stat_shape(x.ndim, cd, x.shape[cd]))
@@ -68,6 +68,28 @@ def batch_norm(
     mean, var = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
     y = normalize(x, mean, var, eps, weight, bias, cd)
     return activation(y, act, negative_slope)
+
+
+def _route(x: Tensor, cd: int, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+           bias: Tensor | None, momentum: float | Tensor | None, process_group, act: str | None) -> str:
+    return route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
+                 (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None)),
+                 act is not None)
+
+
+def batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                    bias: Tensor | None, *, training: bool, momentum: float | Tensor | None, eps: float,
+                    channel_dim: int, process_group=None, act: str | None = None) -> Callable[..., Tensor] | None:
+    """The one call of torch's kernel that :func:`batch_norm` makes for inputs of ``x``'s
+    signature with these arguments (its "torch" route, e.g. small inputs), ready to apply as
+    ``f(x, running_mean, running_var, weight, bias)``; None where another route is taken. Layers
+    keep it per input signature (``normlab.layers.base.Norm._cached_call``). ``act`` changes the
+    route; ``f`` does not apply it."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if _route(x, cd, running_mean, running_var, weight, bias, momentum, process_group, act) != "torch":
+        return None
+    return engine.torch_batch_norm(training, momentum, eps, cd, running_mean is not None and running_var is not None)  # type: ignore[arg-type]
+
 
 def mean_only_batch_norm(
     x: Tensor,

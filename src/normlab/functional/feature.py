@@ -4,8 +4,9 @@ behaves the same in training and evaluation (instance norm unless it tracks runn
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _moments, engine
@@ -22,16 +23,30 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
     """Layer, group, instance or RMS norm on the route :func:`normlab.engine.route` picks:
     ``(y, None)`` from torch's kernel, ``(y, description)`` from the engine (the description
     keeps the per-(n, c) moments), or None (the caller's plain path)."""
-    way = route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None)
-    if way == "torch":
-        return activation(engine.torch_group_norm(x, groups, weight, bias, eps, cd), act, negative_slope), None
-    if way != "kernels":
+    torch_call = per_sample_call(norm, x, groups, weight, bias, eps=eps, channel_dim=cd, act=act, flags=flags)
+    if torch_call is not None:
+        return activation(torch_call(x, weight, bias), act, negative_slope), None
+    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None) != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
     desc.reference = reference
     fused = engine.epilogue(act, negative_slope)
     y = engine.run(desc, x, cd, (weight, bias) if center else (weight,), fused)
     return (y if fused is not None else activation(y, act, negative_slope)), desc
+
+
+def per_sample_call(norm: str, x: Tensor, groups: int, weight: Tensor | None = None, bias: Tensor | None = None, *,
+                    eps: float = 1e-5, channel_dim: int = 1, act: str | None = None,
+                    flags: tuple = ()) -> Callable[..., Tensor] | None:
+    """The one call of torch's group-norm kernel that layer (``norm="ln"``, one group), group
+    (``"gn"``) or instance norm (``"in"``, a group per channel) makes for inputs of ``x``'s
+    signature (its "torch" route, e.g. small inputs), ready to apply as ``f(x, weight, bias)``;
+    None where another route is taken. Layers keep it per input signature
+    (``normlab.layers.base.Norm._cached_call``). ``act`` changes the route; ``f`` does not apply it."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None) != "torch":
+        return None
+    return engine.torch_group_norm(groups, eps, cd)
 
 
 def layer_norm(
@@ -195,13 +210,42 @@ def channel_layer_norm(
     innermost in memory (channel-last tensors, ``channels_last`` images) the native kernel
     runs on a view; otherwise the moments come from the statistics core.
     """
+    torch_call = channel_layer_norm_call(x, weight, bias, eps=eps, channel_dim=channel_dim)
+    if torch_call is not None:
+        return torch_call(x, weight, bias)
     cd = channel_axis(x.ndim, channel_dim)
-    view = _channel_last_view(x, cd)
-    if view is not None:
-        y = F.layer_norm(view, (x.shape[cd],), weight, bias, eps)
-        return y if cd == x.ndim - 1 else y.movedim(-1, cd)
     mean, var = _moments.mean_var(x, (cd,))
     return normalize(x, mean, var, eps, weight, bias, channel_dim)
+
+
+def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *,
+                            eps: float = 1e-5, channel_dim: int = 1) -> Callable[..., Tensor] | None:
+    """The call of torch's layer-norm kernel that :func:`channel_layer_norm` makes for inputs of
+    ``x``'s signature (those whose channel axis is innermost in memory), ready to apply as
+    ``f(x, weight, bias)``; else None. Layers keep it per input signature."""
+    cd = channel_axis(x.ndim, channel_dim)
+    if _channel_last_view(x, cd) is None:
+        return None
+    shape, cudnn = (x.shape[cd],), torch.backends.cudnn.enabled
+    if cd == x.ndim - 1:
+        return lambda x, w, b: torch.layer_norm(x, shape, w, b, eps, cudnn)
+    return lambda x, w, b: torch.layer_norm(x.movedim(cd, -1), shape, w, b, eps, cudnn).movedim(-1, cd)
+
+
+def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6,
+                          channel_dim: int = 1) -> Callable[..., Tensor] | None:
+    """The call of torch's RMS-norm kernel that :func:`channel_rms_norm` makes for inputs of
+    ``x``'s signature (channel axis innermost in memory, and not routed to the engine's row
+    passes: :func:`normlab.engine.route`), ready to apply as ``f(x, weight)``; else None.
+    Layers keep it per input signature."""
+    cd = channel_axis(x.ndim, channel_dim)
+    view = _channel_last_view(x, cd)
+    if view is None or route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
+        return None
+    shape = (x.shape[cd],)
+    if cd == x.ndim - 1:
+        return lambda x, w: torch.rms_norm(x, shape, w, eps)
+    return lambda x, w: torch.rms_norm(x.movedim(cd, -1), shape, w, eps).movedim(-1, cd)
 
 
 def channel_rms_norm(
@@ -212,18 +256,19 @@ def channel_rms_norm(
     ``y = weight_c * x / sqrt(mean_c(x^2) + eps)``; with ``channel_dim=-1`` this is
     ``torch.nn.RMSNorm(C)`` (whose ``eps=None`` means the dtype's machine epsilon).
     """
+    torch_call = channel_rms_norm_call(x, weight, eps=eps, channel_dim=channel_dim)
+    if torch_call is not None:
+        return torch_call(x, weight)
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
     e = _rms_eps(eps, x)
-    if view is not None and route("rmsc", view, view.ndim - 1) == "kernels":
+    if view is not None:
         # the engine's row passes: one read of each row forward and backward (torch's CPU
         # RMSNorm is a composite with several full-size temporaries)
         rows = view.reshape(-1, 1, x.shape[cd])  # (positions, 1, C): one "sample" per position
         desc = GroupStats(1, e, center=False)
         desc.reference = lambda r, w: channel_rms_norm(r, w, eps=e, channel_dim=-1)
-        y = engine.run(desc, rows, 2, (weight,))
-        return y.view(view.shape).movedim(-1, cd)
-    if view is not None:
-        return F.rms_norm(view, (x.shape[cd],), weight, eps).movedim(-1, cd)
+        y = engine.run(desc, rows, 2, (weight,)).view(view.shape)
+        return y if cd == x.ndim - 1 else y.movedim(-1, cd)
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(cd, keepdim=True)
     return normalize(x, None, ms, e, weight, None, channel_dim)

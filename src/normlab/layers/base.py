@@ -8,16 +8,19 @@ the base, and call its function in ``normlab.functional``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import _moments, distributed
 from .._layout import channel_axis, stat_dims
+from ..engine.routing import signature
 
 
 _HALF = (torch.float16, torch.bfloat16)
+_MAX_CALLS = 8  # input signatures a layer remembers (a full cache is emptied, then refilled)
+_NO_CALL = object()  # a remembered signature whose calls take the full path
 
 
 class Norm(nn.Module):
@@ -55,6 +58,7 @@ class Norm(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        self.__dict__["_calls"] = {}  # input signature -> ready call (see _cached_call)
         name = type(self).__name__
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
@@ -76,6 +80,92 @@ class Norm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------- cached calls
+    # On small inputs a norm routes to torch's own kernel (normlab.engine.routing), and then
+    # the Python around the kernel (validation, routing, the calls through normlab.functional)
+    # costs as much as the kernel. So a layer whose function can take that route decides once
+    # per input signature: the first call is validated and routed in full, and the ready call of
+    # torch's kernel it resolves to is kept, keyed by the signature; later calls with that
+    # signature pay one dictionary lookup (DESIGN.md: "decided once per layer and input
+    # signature and cached"). The key is routing.signature (shape, strides, dtype, device,
+    # requires_grad, grad mode, fast_path / kernel / thread settings); the parameters and
+    # buffers are read at each call (so torch.func.functional_call sees its own); everything
+    # else the answer depends on empties the cache when it changes: assigning any attribute,
+    # parameter or buffer (train()/eval(), momentum, eps, load_state_dict(assign=True), ...),
+    # .to()/.half()/.double() and the other _apply conversions, register_buffer/_parameter.
+    # Not cached at all: synchronized layers, check_finite=True, a fused activation, tensor
+    # subclasses, torch.compile tracing. A copy (deepcopy, pickle) starts with an empty cache.
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
+        """For a validated ``x``: the call of torch's kernel this layer's function makes for
+        inputs of its signature, as ``f(layer, x)`` (reading the layer's tensors at each call,
+        counting a training step where the layer does), or None where it takes another route.
+        Layers whose function can route to torch's kernel override this and start ``forward``
+        with :meth:`_cached_call`."""
+        return None
+
+    def _reads(self, *names: str) -> bool:
+        """Whether each of ``names`` is a registered parameter or buffer, or None: what a ready
+        call reads from the layer's dicts. Not so under parametrizations or weight-norm style
+        hooks (a property, or a plain tensor attribute), and then nothing is kept."""
+        d = self.__dict__
+        return all(n in self._parameters or n in self._buffers or d.get(n, 0) is None for n in names)
+
+    def _affine_call(self, f: Callable[..., Tensor] | None, bias: bool = True) -> Callable[[Norm, Tensor], Tensor] | None:
+        """``f(x, weight[, bias])`` as a ready call ``g(layer, x)`` that reads the layer's
+        parameters at each call, or None (no ``f``, or parameters it cannot read)."""
+        if f is None or not self._reads("weight", "bias"):
+            return None
+        if bias:
+            return lambda layer, x: f(x, layer._parameters["weight"], layer._parameters.get("bias"))
+        return lambda layer, x: f(x, layer._parameters["weight"])
+
+    def _cached_call(self, x: Tensor) -> Tensor | None:
+        """The output of this call from the ready call kept for ``x``'s signature (deciding and
+        keeping it on the first call of a signature), or None: the caller takes its full path."""
+        if type(x) is not Tensor or torch.compiler.is_compiling():
+            return None
+        calls = self.__dict__["_calls"]
+        key = signature(x)
+        call = calls.get(key)
+        if call is None:
+            call = _NO_CALL
+            if (getattr(self, "process_group", None) is None and not self.check_finite and not self._act()):
+                call = self._torch_call(x, self.check_input(x)) or _NO_CALL
+            if len(calls) >= _MAX_CALLS:
+                calls.clear()
+            calls[key] = call
+        return None if call is _NO_CALL else call(self, x)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__.get("_calls", {}).clear()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        self.__dict__["_calls"].clear()
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self.__dict__.get("_calls", {}).clear()
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        super().register_parameter(name, param)
+        self.__dict__.get("_calls", {}).clear()
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Norm:
+        self.__dict__["_calls"].clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_calls"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_calls", {})  # layers pickled before the cache existed
 
     # ----------------------------------------------------------------- validation
     def _describe(self) -> str:
@@ -222,14 +312,20 @@ class RunningStatsNorm(Norm):
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
-    def _step_factor(self) -> float | Tensor | None:
+    def _counts_steps(self) -> bool:
+        """Whether a call counts a training step in ``num_batches_tracked``."""
+        return self.training and self.track_running_stats
+
+    def _step_factor(self, count: bool = True) -> float | Tensor | None:
         """Count this training batch and return the running-average weight it gets.
 
         Call only after the input has been validated, so a bad call changes nothing.
+        ``count=False``: the weight's kind only, without counting (for deciding a route).
         """
-        if not (self.training and self.track_running_stats):
+        if not self._counts_steps():
             return None
-        self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        if count:
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         return _moments.running_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
@@ -259,15 +355,17 @@ class BatchStatNorm(RunningStatsNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, **kwargs)
         self.process_group = process_group
 
-    def _batch_call(self) -> dict[str, Any]:
+    def _batch_call(self, count: bool = True) -> dict[str, Any]:
         """The keywords every batch-statistic function takes, for this call.
 
-        Counts the training step (``_step_factor``), so call it once, after validation.
+        Counts the training step (``_step_factor``), so call it once, after validation
+        (``count=False``: for deciding a route, without counting).
         """
         return {
             "training": self._uses_batch_stats(),
-            "momentum": self._step_factor(),
+            "momentum": self._step_factor(count),
             "eps": self.eps,
             "channel_dim": self.channel_dim,
             "process_group": self.process_group if self.training else None,
         }
+

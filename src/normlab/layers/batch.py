@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor
 
 from .. import functional as F
+from ..functional.batch import batch_norm_call
 from .base import BatchStatNorm
 
 
@@ -25,9 +28,27 @@ class BatchNorm(BatchStatNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._cached_call(x)
+        if y is not None:
+            return y
         self.check_input(x)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, **self._batch_call(),
                             **self._act())
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[BatchNorm, Tensor], Tensor] | None:
+        f = batch_norm_call(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            **self._batch_call(count=False))
+        if f is None or not self._reads("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            return None
+        count = self._counts_steps()
+
+        def call(layer: BatchNorm, x: Tensor) -> Tensor:
+            p, b = layer._parameters, layer._buffers
+            if count:
+                b["num_batches_tracked"].add_(1)  # type: ignore[union-attr]
+            return f(x, b["running_mean"], b["running_var"], p["weight"], p.get("bias"))
+
+        return call
 
 
 class MeanOnlyBatchNorm(BatchStatNorm):

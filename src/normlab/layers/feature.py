@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor
 
 from .. import functional as F
+from ..functional.feature import channel_layer_norm_call, channel_rms_norm_call, per_sample_call
 from .base import Norm, RunningStatsNorm
 
 
@@ -20,8 +23,15 @@ class LayerNorm(Norm):
     fuses_activation = True
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._cached_call(x)
+        if y is not None:
+            return y
         self.check_input(x)
         return F.layer_norm(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim, **self._act())
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
+        f = per_sample_call("ln", x, 1, self.weight, self.bias, eps=self.eps, channel_dim=cd)  # type: ignore[arg-type]
+        return self._affine_call(f)
 
 
 class InstanceNorm(RunningStatsNorm):
@@ -89,9 +99,17 @@ class GroupNorm(Norm):
         return cd
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._cached_call(x)
+        if y is not None:
+            return y
         self.check_input(x)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim,
                             **self._act())
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
+        f = per_sample_call("gn", x, self.num_groups, self.weight, self.bias, eps=self.eps,  # type: ignore[arg-type]
+                            channel_dim=cd)
+        return self._affine_call(f)
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, " + super().extra_repr()
@@ -127,8 +145,15 @@ class ChannelLayerNorm(Norm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._cached_call(x)
+        if y is not None:
+            return y
         self.check_input(x)
         return F.channel_layer_norm(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim)
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
+        f = channel_layer_norm_call(x, self.weight, self.bias, eps=self.eps, channel_dim=cd)  # type: ignore[arg-type]
+        return self._affine_call(f)
 
 
 class ChannelRMSNorm(Norm):
@@ -146,5 +171,11 @@ class ChannelRMSNorm(Norm):
         super().__init__(num_features, eps, affine, channel_dim, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._cached_call(x)
+        if y is not None:
+            return y
         self.check_input(x)
         return F.channel_rms_norm(x, self.weight, eps=self.eps, channel_dim=self.channel_dim)
+
+    def _torch_call(self, x: Tensor, cd: int) -> Callable[[Norm, Tensor], Tensor] | None:
+        return self._affine_call(channel_rms_norm_call(x, self.weight, eps=self.eps, channel_dim=cd), bias=False)
