@@ -137,3 +137,21 @@ def test_per_sample_norm_with_activation_in_the_one_pass_kernels(spec, act, chan
     torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(got[0].double(), ref[0], rtol=tol, atol=tol * 4)
     torch.testing.assert_close(got[1].double(), ref[1], rtol=tol, atol=tol * x.numel() ** 0.5)
+
+
+@pytest.mark.parametrize("spec", ["bn", "gn:4", "rms"])
+def test_half_precision_gelu_is_not_fused_silu_is(spec):
+    # the rule of normlab.engine.fuses: in half precision the exact GELU runs after the norm
+    # (torch's activation), SiLU in the engine's output pass; both equal the norm then torch's act
+    if not _kernels.supports(torch.bfloat16):
+        pytest.skip(_kernels.status())
+    x = (torch.randn(8, 16, 32, 32) * 2 + 0.5).to(torch.bfloat16).requires_grad_()
+    for act, node in (("gelu", "GeluBackward0"), ("silu", "EngineNormBackward")):
+        m = normlab.make_norm(spec, 16, act=act)
+        y = m(x)
+        assert type(y.grad_fn).__name__ == node
+        assert normlab.engine.fuses(act, torch.float32) and normlab.engine.fuses(act, torch.bfloat16) == (act == "silu")
+        plain = normlab.make_norm(spec, 16)
+        plain.load_state_dict(m.state_dict(), strict=False)
+        want = ACTS[act](plain(x.detach().float())).to(torch.bfloat16)
+        torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)

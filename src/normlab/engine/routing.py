@@ -234,9 +234,9 @@ def route(norm: str, x: Tensor, cd: int, groups: int = 1, dtypes: tuple = (), fl
 
     ``cd``: the channel axis (non-negative); ``groups``: the statistics groups per sample (ln
     1, gn G, in C; bn 1); ``dtypes``: those of the parameters and buffers (None where absent);
-    ``flags``: the norm's own conditions for the "torch" route (all true to take it); ``act``: an
-    activation follows (then the engine, which applies it in its output pass, from
-    MIN_FAST_NUMEL values on; on the "torch" route the caller applies it after). Cached
+    ``flags``: the norm's own conditions for the "torch" route (all true to take it); ``act``: the
+    engine would fuse the activation that follows (:func:`normlab.engine.fuses`; then the engine,
+    from MIN_FAST_NUMEL values on; on the "torch" route the caller applies it after). Cached
     per norm, arguments and :func:`signature` (shape, strides, dtype, device, grad mode,
     ``fast_path``, kernel and thread settings)."""
     if _compiling():  # torch.compile traces the plain path (and fuses it)

@@ -26,11 +26,11 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
     torch_call = per_sample_call(norm, x, groups, weight, bias, eps=eps, channel_dim=cd, act=act, flags=flags)
     if torch_call is not None:
         return activation(torch_call(x, weight, bias), act, negative_slope), None
-    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None) != "kernels":
+    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act, x.dtype)) != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
     desc.reference = reference
-    fused = engine.epilogue(act, negative_slope)
+    fused = engine.epilogue(act, negative_slope, x.dtype)
     y = engine.run(desc, x, cd, (weight, bias) if center else (weight,), fused)
     return (y if fused is not None else activation(y, act, negative_slope)), desc
 
@@ -44,7 +44,7 @@ def per_sample_call(norm: str, x: Tensor, groups: int, weight: Tensor | None = N
     None where another route is taken. Layers keep it per input signature
     (``normlab.layers.base.Norm._cached_call``). ``act`` changes the route; ``f`` does not apply it."""
     cd = channel_axis(x.ndim, channel_dim)
-    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, act is not None) != "torch":
+    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act, x.dtype)) != "torch":
         return None
     return engine.torch_group_norm(groups, eps, cd)
 
