@@ -66,22 +66,27 @@ def evonorm_forward(kind: str, x: Tensor, out: Tensor, layout: str, v: Tensor, d
 
 
 def evonorm_reduce(kind: str, dy: Tensor, x: Tensor, layout: str, v: Tensor, dstd: Tensor | None,
-                   istd: Tensor | None) -> Tensor:
-    """The five per-(n, c) sums of the map ``kind``, float64 (5, N, C)."""
+                   istd: Tensor | None, keep: Tensor | None = None) -> Tensor:
+    """The five per-(n, c) sums of the map ``kind``, float64 (5, N, C). ``keep``: the buffer of
+    the :func:`evonorm_dx` call to follow (``kept=True``), where ``dy * slope(x)`` is stored."""
     n, c = _nc_shape(x, layout)
     _dims(dy)
+    if keep is not None:
+        _dims(keep)
     sums = torch.empty(5, n, c, dtype=torch.float64)
     args = [*_arrays(v, n, c, dstd, istd), sums]
-    _check(_fn("red", layout, x.dtype, 2, 4)(_ptr(dy), _ptr(x), *_dims(x), KINDS[kind], *map(_ptr, args),
-                                              torch.get_num_threads()), "evonorm_red")
+    _check(_fn("red", layout, x.dtype, 2, 5)(_ptr(dy), _ptr(x), *_dims(x), KINDS[kind], *map(_ptr, args),
+                                              None if keep is None else _ptr(keep), torch.get_num_threads()),
+           "evonorm_red")
     return sums
 
 
 def evonorm_dx(kind: str, dy: Tensor, x: Tensor, out: Tensor, layout: str, v: Tensor, dstd: Tensor | None,
-               istd: Tensor | None, a: Tensor, b: Tensor, m: Tensor, k: Tensor | None) -> None:
-    """``out = a dy slope(x) + b (x - m) + k`` for the map ``kind``."""
+               istd: Tensor | None, a: Tensor, b: Tensor, m: Tensor, k: Tensor | None, kept: bool = False) -> None:
+    """``out = a dy slope(x) + b (x - m) + k`` for the map ``kind`` (``kept``: ``dy slope(x)`` is
+    already in ``out``, from :func:`evonorm_reduce` with ``keep=out``)."""
     n, c = _nc_shape(x, layout)
     _dims(dy), _dims(out)
     args = _arrays(v, n, c, dstd, istd, a, b, m, k)
-    _check(_fn("dx", layout, x.dtype, 3, 7)(_ptr(dy), _ptr(x), _ptr(out), *_dims(x), KINDS[kind], *map(_ptr, args),
-                                             torch.get_num_threads()), "evonorm_dx")
+    _check(_fn("dx", layout, x.dtype, 3, 8)(_ptr(dy), _ptr(x), _ptr(out), *_dims(x), KINDS[kind], *map(_ptr, args),
+                                             _ptr(out) if kept else None, torch.get_num_threads()), "evonorm_dx")

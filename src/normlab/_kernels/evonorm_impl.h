@@ -15,6 +15,10 @@
  *                 B0: t2 = sum_left dy x u^2, t3 = sum_right dy x u^2, t4 = sum_right dy x^2 u^2
  *   evonorm_dx    dx = a * dy * slope(x) + b * (x - m) + k                    read 2, write      3T
  *
+ * With keep (the input-gradient buffer), evonorm_red also stores dy * slope(x) there (in x's
+ * type) and evonorm_dx reads it back instead of evaluating the map's slope again (a sigmoid or
+ * a division a value: dearer than the extra write).
+ *
  * (the statistics come from the moments kernel; the adjoints are in
  * normlab/engine/describe_modern.py). Per-(n, c) arrays are double (N, C) (D, E unused by S0);
  * the five sums are (N, C) arrays one after the other. Two layouts as the other kernels:
@@ -48,14 +52,15 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
     return D >= r ? u : E * u * u;
 }
 
-/* the five terms of one element (see above) */
+/* the five terms of one element (see above), and sl_ = slope(x) */
 #define EV_TERMS(kind, xv, dv, vc, D, E)                                                                       \
-    F t0, t1 = (dv), t2, t3, t4;                                                                               \
+    F t0, t1 = (dv), t2, t3, t4, sl_;                                                                          \
     if ((kind) == 0) {                                                                                         \
-        F s_ = EP_SIGMOIDA((vc) * (xv));                                                                        \
+        F s_ = EP_SIGMOIDA((vc) * (xv));                                                                       \
         t0 = (dv) * (xv) * s_;                                                                                 \
         t2 = (dv) * (xv) * (xv) * s_ * ((F)1 - s_);                                                            \
         t3 = t4 = 0;                                                                                           \
+        sl_ = s_ + (vc) * (xv) * s_ * ((F)1 - s_);                                                             \
     } else {                                                                                                   \
         F r_ = (vc) * (xv) + (E), l_ = (D) >= r_ ? (F)1 : (F)0, u_ = (F)1 / ((D) >= r_ ? (D) : r_);            \
         F q_ = (dv) * (xv) * u_ * u_;                                                                          \
@@ -63,6 +68,7 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
         t2 = l_ * q_;                                                                                          \
         t3 = ((F)1 - l_) * q_;                                                                                 \
         t4 = ((F)1 - l_) * q_ * (xv);                                                                          \
+        sl_ = l_ * u_ + ((F)1 - l_) * (E) * u_ * u_;                                                           \
     }
 
 /* ---- channel-first (N, C, L): one (n, c) row at a time ---- */
@@ -84,19 +90,20 @@ int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const 
 
 /* the five sums of a run of k values, added to acc */
 static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, const T *d, const T *p, i64 k, F vc,
-                                                                F D, F E, double *acc) {
+                                                                F D, F E, double *acc, T *kp) {
     A a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
     for (i64 i = 0; i < k; i++) {
         F xv = LD(p[i]), dv = LD(d[i]);
         EV_TERMS(kind, xv, dv, vc, D, E)
+        if (kp) kp[i] = ST(dv * sl_);
         a0 += t0, a1 += t1, a2 += t2, a3 += t3, a4 += t4;
     }
     acc[0] += a0, acc[1] += a1, acc[2] += a2, acc[3] += a3, acc[4] += a4;
 }
 
 int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind, const double *v,
-                         const double *dstd, const double *istd, double *sums, int nt) {
+                         const double *dstd, const double *istd, double *sums, T *keep, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         double acc[5] = {0};
@@ -104,7 +111,7 @@ int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind,
         for (i64 i0 = 0; i0 < L; i0 += CF_CHUNK) {
             const T *d = dy + r * L + i0, *p = x + r * L + i0;
             i64 k = MIN(CF_CHUNK, L - i0);
-#define RED(K) S(ev_run_red)(K, d, p, k, vc, D, E, acc);
+#define RED(K) S(ev_run_red)(K, d, p, k, vc, D, E, acc, keep ? keep + r * L + i0 : NULL);
             EV_SWITCH(kind, RED);
 #undef RED
         }
@@ -115,13 +122,18 @@ int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind,
 
 int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
-                        const double *k, int nt) {
+                        const double *k, const T *kept, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         const T *d = dy + r * L, *p = x + r * L;
         T *o = dx + r * L;
         const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r], br = (F)b[r], mr = (F)m[r],
                 kr = (F)k[r];
+        if (kept) { /* dy slope(x), kept in dx by evonorm_red */
+#pragma omp simd
+            for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(o[i]) + br * (LD(p[i]) - mr) + kr);
+            continue;
+        }
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
         F xv = LD(p[i]);                                                                                       \
@@ -171,22 +183,24 @@ int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const 
 /* the five sums of rows [0, k) of a block, channels [0, w) of a channel block, into acc (5 x CB) */
 static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind, const T *d0, const T *p0, i64 k,
                                                                   i64 C, i64 w, const F *vr, const F *D, const F *E,
-                                                                  A *acc) {
+                                                                  A *acc, T *kp) {
     A *a0 = acc, *a1 = acc + CB, *a2 = acc + 2 * CB, *a3 = acc + 3 * CB, *a4 = acc + 4 * CB;
     for (i64 c = 0; c < 5 * CB; c++) acc[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
+        T *q = kp ? kp + l * C : NULL;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
             F xv = LD(p[c]), dv = LD(d[c]);
             EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
+            if (q) q[c] = ST(dv * sl_);
             a0[c] += t0, a1[c] += t1, a2[c] += t2, a3[c] += t3, a4[c] += t4;
         }
     }
 }
 
 int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind, const double *v,
-                         const double *dstd, const double *istd, double *sums, int nt) {
+                         const double *dstd, const double *istd, double *sums, T *keep, int nt) {
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R, NC = N * C, P = N * nb * C;
     const double *src[2] = {dstd, istd};
     F *co = S(ev_coefs)(src, 2, N, C, v);
@@ -205,9 +219,9 @@ int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind,
             const F *D = co + n * C + c0, *E = co + NC + n * C + c0;
 #define RED(K)                                                                                                 \
     if (w == CB)                                                                                               \
-        S(ev_block_red)(K, dy + at, x + at, k, C, CB, vr + c0, D, E, acc);                                     \
+        S(ev_block_red)(K, dy + at, x + at, k, C, CB, vr + c0, D, E, acc, keep ? keep + at : NULL);            \
     else                                                                                                       \
-        S(ev_block_red)(K, dy + at, x + at, k, C, w, vr + c0, D, E, acc);
+        S(ev_block_red)(K, dy + at, x + at, k, C, w, vr + c0, D, E, acc, keep ? keep + at : NULL);
             EV_SWITCH(kind, RED);
 #undef RED
             for (int j = 0; j < 5; j++)
@@ -229,7 +243,7 @@ int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind,
 
 int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
-                        const double *k, int nt) {
+                        const double *k, const T *kept, int nt) {
     const double *src[6] = {dstd, istd, a, b, m, k};
     F *co = S(ev_coefs)(src, 6, N, C, v);
     if (!co) return 1;
@@ -241,6 +255,11 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
         const F *D = co + n * C, *E = co + (N + n) * C, *ar = co + (2 * N + n) * C, *br = co + (3 * N + n) * C,
                 *mr = co + (4 * N + n) * C, *kr = co + (5 * N + n) * C;
         T *o = dx + r * C;
+        if (kept) {
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) o[c] = ST(ar[c] * LD(o[c]) + br[c] * (LD(p[c]) - mr[c]) + kr[c]);
+            continue;
+        }
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
         F xv = LD(p[c]);                                                                                       \

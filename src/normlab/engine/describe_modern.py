@@ -102,13 +102,14 @@ class EvoS0Stats(Description):
     def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
                  weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
         """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
-        big_f, g, q = _evonorm.evonorm_reduce("s0", dy, x, layout, v, None, None)[:3]
+        big_f, g, q = _evonorm.evonorm_reduce("s0", dy, x, layout, v, None, None, keep=dx)[:3]
         if dx is not None:
             n, c = g.shape
             per = c // self.groups
             big_a = (self.w * big_f).view(n, self.groups, per).sum(2, keepdim=True).expand(n, self.groups, per)
             b = -self.rstd ** 3 * big_a.reshape(n, c) / (self.count * per)
-            _evonorm.evonorm_dx("s0", dy, x, dx, layout, v, None, None, self.w * self.rstd, b, self.ctr, None)
+            _evonorm.evonorm_dx("s0", dy, x, dx, layout, v, None, None, self.w * self.rstd, b, self.ctr, None,
+                                kept=True)
         dw = _out((self.rstd * big_f).sum(0), weight) if need[0] else None
         db = _out(g.sum(0), bias) if need[1] else None
         dv = _out((self.w * self.rstd * q).sum(0), v) if need[2] else None
@@ -159,7 +160,8 @@ class EvoB0Stats(Description):
     def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
                  weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
         """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
-        p, g, s_l, s_r, s_v = _evonorm.evonorm_reduce("b0", dy, x, layout, v, self.d_std, self.e_std).unbind(0)
+        p, g, s_l, s_r, s_v = _evonorm.evonorm_reduce("b0", dy, x, layout, v, self.d_std, self.e_std,
+                                                      keep=dx).unbind(0)
         if dx is not None:
             n = g.shape[0]
             b_i = -self.w * s_r / (self.e_std * self.count)
@@ -168,7 +170,8 @@ class EvoB0Stats(Description):
                 b, k = b_b + b_i, b_b * (self.mu_i - self.mu_b)
             else:
                 b, k = b_i, torch.zeros_like(b_i)
-            _evonorm.evonorm_dx("b0", dy, x, dx, layout, v, self.d_std, self.e_std, self.w, b, self.mu_i, k)
+            _evonorm.evonorm_dx("b0", dy, x, dx, layout, v, self.d_std, self.e_std, self.w, b, self.mu_i, k,
+                                kept=True)
         dw = _out(p.sum(0), weight) if need[0] else None
         db = _out(g.sum(0), bias) if need[1] else None
         dv = _out(-self.w.reshape(-1) * s_v.sum(0), v) if need[2] else None
