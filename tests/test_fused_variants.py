@@ -408,3 +408,21 @@ def test_inputs_without_positions_take_the_plain_path_for_per_sample_statistics(
             assert _route_of(ENTRY[name](x)) == "torch"
         else:
             assert _fast(ENTRY[name](x)) == (name in ("mobn", "brn") and _kernels.available())
+
+
+def test_batch_norm_threshold_is_per_thread(kernel_mode):
+    # the engine's fixed cost a call does not shrink with threads, torch's kernel does: batch norm
+    # takes the engine from MIN_KERNEL_NUMEL values a thread on
+    if kernel_mode != "c-kernels":
+        pytest.skip("without compiled kernels batch norm always takes torch's kernel")
+    x = torch.randn(4, 4, 256, 136, requires_grad=True)  # between 1x and 2x MIN_KERNEL_NUMEL
+    assert _routing.MIN_KERNEL_NUMEL <= x.numel() < 2 * _routing.MIN_KERNEL_NUMEL
+    before = torch.get_num_threads()
+    try:
+        with fast_path(None):
+            torch.set_num_threads(1)
+            assert _route_of(ENTRY["bn"](x)) == "normlab"
+            torch.set_num_threads(2)
+            assert _route_of(ENTRY["bn"](x)) == "torch"
+    finally:
+        torch.set_num_threads(before)

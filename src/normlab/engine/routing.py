@@ -36,15 +36,18 @@ forward+backward 0.77-1.2 at 65k; forward+backward 0.45 at 131k and 0.21-0.26 at
 torch's RMSNorm backward is a composite of several full-size passes)."""
 
 MIN_KERNEL_NUMEL = 1 << 19
-"""float32/float64 batch norm runs on normlab's kernels from this many values on (channel-first
-with positions); below, and channels-last or without positions at any size, torch's
-batch-norm kernel is as fast (measured, engine / torch forward+backward, one thread: 1.6 at
-131k values, 0.65 at 524k, 0.53 at 1M)."""
+"""float32/float64 batch norm runs on normlab's kernels from this many values per thread on
+(channel-first with positions); below, and channels-last or without positions at any size,
+torch's batch-norm kernel is as fast. Per thread: the engine's fixed cost a call does not
+shrink with more threads, torch's kernel does (measured, engine / torch forward+backward: one
+thread 1.6 at 131k values, 0.65 at 524k, 0.53 at 1M; two threads 2.04 at 262k, 1.34 at 524k,
+0.91 at 1M)."""
 
 MIN_HALF_BN_NUMEL = 1 << 21
-"""bfloat16/float16 batch norm runs on the kernels from this many values on, torch's kernel below
-(the engine's fixed cost, some 0.5 ms a step of small float64 work and calls around the kernels,
-is repaid from about 2M values: measured 2.9x at 131k, 1.2x at 1M, 0.90 at 2M, 0.77 at 6.4M)."""
+"""bfloat16/float16 batch norm runs on the kernels from this many values per thread on, torch's
+kernel below (the engine's fixed cost, some 0.5 ms a step of small float64 work and calls
+around the kernels, is repaid from about 2M values a thread: measured one thread 2.9x at 131k,
+1.2x at 1M, 0.90 at 2M, 0.77 at 6.4M; two threads 1.33 at 2M, 0.99 at 4M, 1.02 at 6.4M)."""
 
 MIN_KERNEL_GROUP_NUMEL = 1 << 22
 """float32/float64 channel-first group, layer and instance norm: torch's group-norm kernels (one
@@ -204,7 +207,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
         if not (x.requires_grad and torch.is_grad_enabled()):
             return "torch"  # forward only (eval, inference): torch's one call is the faster there
         if norm == "bn" and (kv[0] == "cl" and not half or  # type: ignore[index]
-                             x.numel() < (MIN_HALF_BN_NUMEL if half else MIN_KERNEL_NUMEL)):
+                             x.numel() < (MIN_HALF_BN_NUMEL if half else MIN_KERNEL_NUMEL) * torch.get_num_threads()):
             return "torch"
         if norm != "bn" and kv[0] == "cf" and (half or  # type: ignore[index]
                 x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
