@@ -46,13 +46,13 @@ def batch_norm(
     ``negative_slope``, silu, gelu) applies an activation to the output, fused into the
     output pass where the engine runs: ``act(batch_norm(x))``.
     """
-    torch_call = batch_norm_call(x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
-                                 eps=eps, channel_dim=channel_dim, process_group=process_group, act=act)
-    if torch_call is not None:
-        return activation(torch_call(x, running_mean, running_var, weight, bias), act, negative_slope)
     cd = channel_axis(x.ndim, channel_dim)
+    way = _route(x, cd, running_mean, running_var, weight, bias, momentum, process_group, act)
+    if way == "torch":
+        f = engine.torch_batch_norm(training, momentum, eps, cd, running_mean is not None and running_var is not None)  # type: ignore[arg-type]
+        return activation(f(x, running_mean, running_var, weight, bias), act, negative_slope)
     group = None if local_only(process_group) else process_group
-    if _route(x, cd, running_mean, running_var, weight, bias, momentum, process_group, act) == "kernels":
+    if way == "kernels":
         fused = engine.epilogue(act, negative_slope, x.dtype)
         if training or running_mean is None or running_var is None:
             desc = BatchStats(eps, process_group=group, stat_shape=stat_shape(x.ndim, cd, x.shape[cd]))

@@ -23,10 +23,10 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
     """Layer, group, instance or RMS norm on the route :func:`normlab.engine.route` picks:
     ``(y, None)`` from torch's kernel, ``(y, description)`` from the engine (the description
     keeps the per-(n, c) moments), or None (the caller's plain path)."""
-    torch_call = per_sample_call(norm, x, groups, weight, bias, eps=eps, channel_dim=cd, act=act, flags=flags)
-    if torch_call is not None:
-        return activation(torch_call(x, weight, bias), act, negative_slope), None
-    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act, x.dtype)) != "kernels":
+    way = _route(norm, x, cd, groups, weight, bias, act, flags)
+    if way == "torch":
+        return activation(engine.torch_group_norm(groups, eps, cd)(x, weight, bias), act, negative_slope), None
+    if way != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
     desc.reference = reference
@@ -44,9 +44,14 @@ def per_sample_call(norm: str, x: Tensor, groups: int, weight: Tensor | None = N
     None where another route is taken. Layers keep it per input signature
     (``normlab.layers.base.Norm._cached_call``). ``act`` changes the route; ``f`` does not apply it."""
     cd = channel_axis(x.ndim, channel_dim)
-    if route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act, x.dtype)) != "torch":
+    if _route(norm, x, cd, groups, weight, bias, act, flags) != "torch":
         return None
     return engine.torch_group_norm(groups, eps, cd)
+
+
+def _route(norm: str, x: Tensor, cd: int, groups: int, weight: Tensor | None, bias: Tensor | None, act: str | None,
+           flags: tuple) -> str:
+    return route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act, x.dtype))
 
 
 def layer_norm(
