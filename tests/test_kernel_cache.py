@@ -11,6 +11,7 @@ against torch's own group norm, so a library that computed wrongly would fail he
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -60,6 +61,30 @@ def _built(cache: Path, tmp_path: Path) -> Path:
     return lib
 
 
+@pytest.fixture(scope="module")
+def seed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One build, in a cache folder that did not exist: it is created private (mode 0700)."""
+    tmp_path = tmp_path_factory.mktemp("seed")
+    cache = tmp_path / "new" / "cache"
+    _built(cache, tmp_path)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    return cache
+
+
+def _cached(seed_cache: Path, tmp_path: Path) -> Path:
+    """A cache folder holding the seed's library and its build record (as a build leaves them):
+    the cases below tamper with it without each paying a build first."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    for f in seed_cache.iterdir():
+        shutil.copy2(f, cache / f.name)
+    (lib,) = cache.glob("normlab_kernels_*.so")
+    res = _run(tmp_path, cache)  # loaded as is, not rebuilt
+    assert res.returncode == 0 and res.stdout.startswith("True normlab CPU kernels loaded\n"), res.stdout + res.stderr
+    assert lib.read_bytes() == (seed_cache / lib.name).read_bytes()
+    return lib
+
+
 def test_a_cache_folder_others_can_write_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -89,10 +114,9 @@ def test_with_no_private_folder_at_all_torch_kernels_run(tmp_path: Path) -> None
     assert not list(shared.glob("**/*.so")) and not list(shared.glob("normlab-kernels-*"))
 
 
-def test_a_new_cache_folder_is_created_private(tmp_path: Path) -> None:
-    cache = tmp_path / "new" / "cache"
-    _built(cache, tmp_path)
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+def test_a_new_cache_folder_is_created_private(seed_cache: Path) -> None:
+    assert stat.S_IMODE(seed_cache.stat().st_mode) == 0o700
+    assert [p.name for p in seed_cache.iterdir() if not p.name.startswith("normlab_kernels_")] == []  # no leftovers
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
@@ -135,9 +159,9 @@ def _no_op_library(tmp_path: Path) -> bytes:
 
 
 @pytest.mark.parametrize("forged_record", [False, True])
-def test_a_planted_no_op_library_is_never_used(tmp_path: Path, forged_record: bool) -> None:
+def test_a_planted_no_op_library_is_never_used(tmp_path: Path, seed_cache: Path, forged_record: bool) -> None:
     cache = tmp_path / "cache"
-    lib = _built(cache, tmp_path)
+    lib = _cached(seed_cache, tmp_path)
     planted = _no_op_library(tmp_path)
     lib.write_bytes(planted)
     if forged_record:  # its size and hash recorded as if built here: the self-test still refuses it
@@ -155,9 +179,9 @@ def test_a_planted_no_op_library_is_never_used(tmp_path: Path, forged_record: bo
     assert again.stdout.startswith("True normlab CPU kernels loaded\n"), again.stdout + again.stderr
 
 
-def test_a_truncated_library_is_rebuilt_and_the_process_lives(tmp_path: Path) -> None:
+def test_a_truncated_library_is_rebuilt_and_the_process_lives(tmp_path: Path, seed_cache: Path) -> None:
     cache = tmp_path / "cache"
-    lib = _built(cache, tmp_path)
+    lib = _cached(seed_cache, tmp_path)
     whole = lib.read_bytes()
     with open(lib, "r+b") as f:
         f.truncate(len(whole) // 2)
@@ -169,9 +193,9 @@ def test_a_truncated_library_is_rebuilt_and_the_process_lives(tmp_path: Path) ->
     assert again.stdout.startswith("True normlab CPU kernels loaded\n"), again.stdout + again.stderr
 
 
-def test_a_library_others_can_write_is_not_loaded(tmp_path: Path) -> None:
+def test_a_library_others_can_write_is_not_loaded(tmp_path: Path, seed_cache: Path) -> None:
     cache = tmp_path / "cache"
-    lib = _built(cache, tmp_path)
+    lib = _cached(seed_cache, tmp_path)
     lib.chmod(0o666)
     res = _run(tmp_path, cache)
     assert res.returncode == 0 and "not a private regular file" in res.stdout, res.stdout + res.stderr

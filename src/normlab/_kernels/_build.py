@@ -23,6 +23,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -34,8 +35,14 @@ from ._selftest import SelfTestFailed, self_test
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _SOURCES = (_SOURCE, *sorted(Path(__file__).parent.glob("*.h")))  # every header kernels.c includes
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c99"]
+_LINK = ["-shared", "-fopenmp"]
 _LIBS = ["-lm"]
+# kernels.c's translation units (NL_UNIT: float32, float64, bfloat16, float16), compiled in
+# parallel and linked into one library: the build's wall time is that of the slowest unit
+# where there are cores for all four, not the sum.
+_UNITS = (1, 2, 3, 4)
+_TIMEOUT_S = 300
 _memfds: list[int] = []  # kept open for the process's life: a reused /proc/self/fd name would hit dlopen's cache
 
 
@@ -202,25 +209,57 @@ def _move_aside(lib_path: Path) -> str:
     return aside.name
 
 
+def _raise_failed(commands: list[list[str]], procs: list[subprocess.Popen], logs: list) -> None:
+    for cmd, proc, log in zip(commands, procs, logs):
+        if proc.returncode:  # (None while running, 0 when done)
+            log.seek(0)
+            raise RuntimeError(f"{cmd[0]} failed: {log.read().strip()[-500:]}")
+
+
+def _run_all(commands: list[list[str]], work: Path) -> None:
+    """Run the compiler commands at once (their messages to files in ``work``); the first
+    failure, or the timeout, stops the others."""
+    logs = [open(work / f"cc{i}.log", "w+") for i in range(len(commands))]
+    # each in its own process group: stopping one stops what it started (gcc's cc1, as)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+             for cmd, log in zip(commands, logs)]
+    deadline = time.monotonic() + _TIMEOUT_S
+    try:
+        while None in [proc.poll() for proc in procs]:  # (a list: every process polled, so each returncode is set)
+            _raise_failed(commands, procs, logs)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{commands[0][0]} took more than {_TIMEOUT_S} s")
+            time.sleep(0.05)
+        _raise_failed(commands, procs, logs)
+    finally:
+        for proc, log in zip(procs, logs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (OSError, AttributeError):  # pragma: no cover - no process groups
+                    proc.kill()
+                proc.wait()
+            log.close()
+
+
 def _compile(cc: str, folder: Path, lib_path: Path) -> bytes:
-    """Build into a private name, record its size and hash, then rename both into place
-    (record first: a reader that finds the library finds its record)."""
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
-    os.close(fd)
+    """Build into private names (objects in a private temporary folder inside ``folder``),
+    record the library's size and hash, then rename both into place (record first: a reader
+    that finds the library finds its record)."""
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=folder))
+    tmp = str(work / "kernels.so")
     rec_tmp = tmp + ".sha256"
     try:
-        res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS], capture_output=True, text=True,
-                             timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
+        objects = [str(work / f"unit{k}.o") for k in _UNITS]
+        _run_all([[cc, *_FLAGS, f"-DNL_UNIT={k}", "-c", "-o", obj, str(_SOURCE)] for k, obj in zip(_UNITS, objects)],
+                 work)
+        _run_all([[cc, *_LINK, "-o", tmp, *objects, *_LIBS]], work)
         data = Path(tmp).read_bytes()
         Path(rec_tmp).write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
         os.replace(rec_tmp, _record(lib_path))
         os.replace(tmp, lib_path)
     finally:
-        for leftover in (tmp, rec_tmp):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+        shutil.rmtree(work, ignore_errors=True)
     return data
 
 
@@ -228,7 +267,8 @@ def library_name(cc: str) -> str:
     """The cached library's file name: keyed by the source, the flags, the compiler and the CPU."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     src = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+    flags = " ".join([*_FLAGS, *_LINK, *map(str, _UNITS)])
+    key = hashlib.sha256(src + flags.encode() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
     return f"normlab_kernels_{key}.so"
 
 

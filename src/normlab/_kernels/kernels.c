@@ -21,7 +21,10 @@
  * bfloat16 or float16; the half types computed in float). OpenMP over
  * blocks; every sum has a fixed order for a given shape and thread count.
  *
- * kernels_impl.h holds the kernels; it is included once per element type.
+ * kernels_impl.h holds the kernels; it is included once per element type. Each element type
+ * is its own translation unit: the build compiles this file once per NL_UNIT (1 float32,
+ * 2 float64, 3 bfloat16, 4 float16), in parallel, and links the four; NL_UNIT 0 (the default)
+ * compiles all four in one.
  */
 #include <stdint.h>
 #include <math.h>
@@ -31,6 +34,11 @@
 #include "mathfn.h" /* vectorisable float exp, tanh, erf, sigmoid (the activation epilogues, dyt, derf) */
 
 typedef int64_t i64;
+
+#ifndef NL_UNIT
+#define NL_UNIT 0
+#endif
+#define UNIT(k) (NL_UNIT == 0 || NL_UNIT == (k))
 
 #define BLOCK_BYTES 32768 /* rows of one channels-last block: stay in L1 for the second pass */
 #define CF_CHUNK 4096     /* channel-first rows are summed in chunks of this many values */
@@ -97,6 +105,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 /* float32 and float64: stored and computed in their own type */
 #define LD(v) (v)
 #define ST(v) (v)
+#if UNIT(1)
 #define T float
 #define F float
 #define A float /* accumulator of one block; blocks are merged in double */
@@ -110,7 +119,9 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #undef A
 #undef CB
 #undef S
+#endif
 
+#if UNIT(2)
 #undef EP_SIGMOID
 #undef EP_ERF
 #undef EP_EXP
@@ -144,6 +155,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
 #undef A
 #undef CB
 #undef S
+#endif
 #undef LD
 #undef ST
 
@@ -198,6 +210,7 @@ static inline uint16_t f16_st(float f) {
 #define F float
 #define A float
 #define CB (4 * VEC_BYTES / 4)
+#if UNIT(3)
 #define LD(v) bf16_ld(v)
 #define ST(v) bf16_st(v)
 #define S(name) name##_bf16
@@ -207,10 +220,13 @@ static inline uint16_t f16_st(float f) {
 #undef LD
 #undef ST
 #undef S
+#endif
 
+#if UNIT(4)
 #define LD(v) f16_ld(v)
 #define ST(v) f16_st(v)
 #define S(name) name##_f16
 #include "kernels_impl.h"
 #include "elementwise_impl.h"
 #include "evonorm_impl.h"
+#endif
