@@ -27,8 +27,8 @@ def _run(spec: str, x: torch.Tensor, dy: torch.Tensor, cd: int, fast: bool | Non
     m = make_norm(spec, x.shape[cd], channel_dim=cd).to(x.dtype if x.dtype in (torch.float32, torch.float64)
                                                          else torch.float32)
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.rand_like(p) * 0.5)
+        for p in m.parameters():  # (drawn in float32: the same values in every dtype)
+            p.add_(torch.rand(p.shape).to(p.dtype) * 0.5)
     xx = x.detach().clone().requires_grad_()
     with fast_path(fast):
         y = m(xx)
@@ -56,11 +56,24 @@ def test_every_path_equals_the_plain_path(spec, dtype, n, c, spatial, layout, se
     x, dy = x.to(dtype), dy.to(dtype)
     results = [_run(spec, x, dy, cd, fast) for fast in (True, None, False)]
     tol = TOL[dtype]
+    # in half precision the plain path is itself rounded: where a result is ill-conditioned (a
+    # per-sample variance of two nearly equal values: the input gradient is a cancellation
+    # scaled by a large 1/std) the paths may differ by more than tol and still both be right to
+    # their precision; then the engine must be at most twice as far from the float64 plain path
+    # (same rounded inputs) as the half-precision plain path is
+    exact = _run(spec, x.double(), dy.double(), cd, False) if dtype in (torch.bfloat16, torch.float16) else None
     for got in results[:2]:
-        for a, b in zip(got, results[2]):
+        for i, (a, b) in enumerate(zip(got, results[2])):
             assert a.dtype == b.dtype
             scale = max(1.0, b.float().abs().max().item())
-            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * scale)
+            try:
+                torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * scale)
+            except AssertionError:
+                if exact is None:
+                    raise
+                r = exact[i].double()
+                err, ref_err = (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+                assert err <= 2 * ref_err + tol * scale, (i, err, ref_err)
 
 
 @pytest.mark.parametrize("spec", NORMS)
