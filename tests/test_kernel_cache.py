@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,23 @@ def test_folder_problem_names_a_swappable_parent(tmp_path: Path) -> None:
     assert "writable by others" in _build.folder_problem((parent / "mine").resolve())
     parent.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
     assert _build.folder_problem((parent / "mine").resolve()) is None
+
+
+def test_leftovers_of_killed_builds_are_swept_once_old(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    old_dir, new_dir = cache / "build-old", cache / "build-new"
+    for d in (old_dir, new_dir):
+        d.mkdir()
+        (d / "unit1.o").write_bytes(b"partial")
+    old_tmp, lib = cache / "tmpab12.so.tmp", cache / "normlab_kernels_0123456789abcdef.so"
+    old_tmp.write_bytes(b"partial")
+    lib.write_bytes(b"a library")
+    stale = time.time() - 5 * _build._TIMEOUT_S
+    for f in (old_dir, old_tmp, lib):
+        os.utime(f, (stale, stale))
+    _build._sweep(cache)
+    assert sorted(f.name for f in cache.iterdir()) == ["build-new", lib.name]  # a live build and libraries stay
 
 
 def _no_op_library(tmp_path: Path) -> bytes:

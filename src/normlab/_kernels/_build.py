@@ -242,10 +242,27 @@ def _run_all(commands: list[list[str]], work: Path) -> None:
             log.close()
 
 
+def _sweep(folder: Path) -> None:
+    """Remove what builds killed midway left in ``folder`` (their private work folders and
+    temporary files), once older than any live build can be."""
+    horizon = time.time() - 4 * _TIMEOUT_S
+    for leftover in [*folder.glob("build-*"), *folder.glob("*.so.tmp*")]:
+        try:
+            st = os.lstat(leftover)
+            if st.st_mtime < horizon and st.st_uid == _uid():
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    os.unlink(leftover)
+        except OSError:
+            pass  # another process swept it first
+
+
 def _compile(cc: str, folder: Path, lib_path: Path) -> bytes:
     """Build into private names (objects in a private temporary folder inside ``folder``),
     record the library's size and hash, then rename both into place (record first: a reader
     that finds the library finds its record)."""
+    _sweep(folder)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=folder))
     tmp = str(work / "kernels.so")
     rec_tmp = tmp + ".sha256"
