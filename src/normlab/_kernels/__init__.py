@@ -13,7 +13,8 @@ dx              dx = a * dy' + b * (x - center) + k               3T
 
 ``act`` is an optional activation epilogue (leaky ReLU/ReLU, SiLU, exact GELU, or the TLU
 ``max(y, t)`` with a per-(n, c) threshold ``t``), with ``dy' = dy * act'(y)`` recomputed from
-``x`` in the backward passes (which, for the TLU, also sum ``dy - dy'``: the threshold's share). That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
+``x`` in the backward passes (which, for the TLU, also sum ``dy - dy'``: the threshold's share).
+That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
 layout, where torch's own kernels for channels-last group and instance norm make many
 more passes. Moments are two-pass inside cache-sized blocks (x is read from memory once),
 merged exactly across blocks in double precision. Two fused pairs serve the per-sample norms
