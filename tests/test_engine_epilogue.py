@@ -15,6 +15,8 @@ import normlab
 from normlab import _kernels
 from normlab.bench import saved_bytes
 
+from _helpers import graph_nodes
+
 CL = torch.channels_last
 ACTS = {"relu": lambda y: TF.relu(y), "leaky_relu": lambda y: TF.leaky_relu(y, 0.2), "silu": TF.silu,
         "gelu": TF.gelu}
@@ -155,3 +157,157 @@ def test_half_precision_gelu_is_not_fused_silu_is(spec):
         plain.load_state_dict(m.state_dict(), strict=False)
         want = ACTS[act](plain(x.detach().float())).to(torch.bfloat16)
         torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------- FRN's TLU inside the kernels
+# filter_response_norm on the engine applies max(y, tau) in the output pass (activation code 4,
+# a per-(n, c) threshold) and sums tau's gradient in the backward's sums pass: checked against
+# the plain path (torch.maximum), on the one-pass per-sample kernels and on the generic passes
+
+FRN_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+FRN_TOL = {torch.float64: (1e-10, 1e-10, 1e-10), torch.float32: (1e-5, 1e-5, 1e-4),
+           torch.bfloat16: (1e-2, 3e-2, 1e-3), torch.float16: (2e-3, 4e-3, 1e-3)}  # (output, dx, parameters)
+
+
+def _frn_path(monkeypatch, path: str) -> list:
+    """Record which kernels the engine calls; "generic": the one-pass per-sample kernels off."""
+    from normlab.engine import function
+
+    calls: list = []
+    for name in ("group_forward", "group_backward", "affine", "reduce", "dx"):
+        real = getattr(function._kernels, name)
+        monkeypatch.setattr(function._kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    if path == "generic":
+        monkeypatch.setattr(function, "_fused", lambda *a: None)
+    return calls
+
+
+FRN_CALLS = {"one-pass": ["group_forward", "group_backward"], "generic": ["affine", "reduce", "dx"]}
+
+
+def _frn_case(dtype, channels_last, seed=3, c=6, hw=(9, 7), zeros=False):
+    """x (dtype, enough samples for the one-pass kernels), weight, bias, tau (float64 with float64
+    x, else float32: a float32 layer under autocast), dy."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * torch.get_num_threads() + 1
+    x = torch.randn(n, c, *hw, generator=g, dtype=torch.float64) * 1.5 + 0.4
+    if zeros:
+        x[..., ::3] = 0.0
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    b, tau = (torch.randn(c, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=CL), dy.contiguous(memory_format=CL)
+    return x.to(dtype), [t.to(pdt) for t in (w, b, tau)], dy.to(dtype)
+
+
+def _frn_grads(x, params, dy, fast, create_graph=False):
+    xs, ps = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in params]
+    with normlab.functional.fast_path(fast):
+        y = normlab.functional.filter_response_norm(xs, *ps, eps=1e-3)
+        grads = torch.autograd.grad(y, (xs, *ps), dy, create_graph=create_graph)
+    return y, grads, xs, ps
+
+
+def _frn_gap(x, params):
+    """FRN before its TLU minus tau, in float64 (the plain path)."""
+    with normlab.functional.fast_path(False), torch.no_grad():
+        y = normlab.functional.filter_response_norm(x.double(), *(p.double() for p in params[:2]), eps=1e-3)
+    return y - params[2].double().view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", FRN_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("path", ["one-pass", "generic"])
+def test_frn_tlu_on_the_engine_equals_the_plain_path(dtype, channels_last, path, monkeypatch):
+    if not _kernels.supports(dtype):
+        pytest.skip(_kernels.status())
+    x, params, dy = _frn_case(dtype, channels_last)
+    calls = _frn_path(monkeypatch, path)
+    y, got = _frn_grads(x, params, dy, True)[:2]
+    assert calls == FRN_CALLS[path] and type(y.grad_fn).__name__ == "EngineNormBackward"
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    want_y, want = _frn_grads(x, params, dy, False)[:2]
+    assert "MaximumBackward0" in graph_nodes(want_y)  # (the plain path: torch.maximum)
+    assert 0.1 < (_frn_gap(x, params) < 0).double().mean() < 0.9  # both sides of the threshold occur
+    tol_y, tol_dx, tol_p = FRN_TOL[dtype]
+    torch.testing.assert_close(y, want_y, rtol=tol_y, atol=tol_y)
+    torch.testing.assert_close(got[0], want[0], rtol=tol_dx, atol=tol_dx)
+    for name, a, b in zip(("weight", "bias", "tau"), got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=tol_p, atol=tol_p, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("path", ["one-pass", "generic"])
+def test_frn_tlu_ties_split_the_gradient_as_torch_maximum(channels_last, path, monkeypatch):
+    # x = 0 and bias = tau: y = tau exactly there (FRN at init: beta = tau = 0, on zero inputs);
+    # torch.maximum passes half of dy to each side of a tie, and so do the kernels
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    x, (w, b, tau), dy = _frn_case(torch.float64, channels_last, zeros=True)
+    params = [w, b, b.clone()]
+    calls = _frn_path(monkeypatch, path)
+    y, got = _frn_grads(x, params, dy, True)[:2]
+    assert calls == FRN_CALLS[path]
+    want_y, want = _frn_grads(x, params, dy, False)[:2]
+    assert (x == 0).sum() > 0
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+    strict = (dy * (want_y <= params[2].view(1, -1, 1, 1))).sum((0, 2, 3))  # all of a tie's dy to tau
+    assert (got[3] - strict).abs().max() > 1e-3  # (the ties matter here)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("path", ["one-pass", "generic"])
+def test_frn_tlu_engine_gradcheck(channels_last, path, monkeypatch):
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    x, params, _ = _frn_case(torch.float64, channels_last, seed=5, c=4, hw=(3, 4))
+    gap = _frn_gap(x, params)
+    assert gap.abs().min() > 1e-4 and 0.1 < (gap < 0).double().mean() < 0.9  # no tie within the steps
+    calls = _frn_path(monkeypatch, path)
+    args = [t.clone().requires_grad_() for t in (x, *params)]
+    with normlab.functional.fast_path(True):
+        assert torch.autograd.gradcheck(lambda *a: normlab.functional.filter_response_norm(*a, eps=1e-3), args)
+    assert set(calls) == set(FRN_CALLS[path])
+
+
+def test_frn_tlu_engine_double_backward_is_the_plain_paths():
+    # create_graph through the engine differentiates the reference (the plain FRN, then the TLU)
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    x, params, dy = _frn_case(torch.float64, False)
+    out = []
+    for fast in (True, False):
+        y, grads, xs, ps = _frn_grads(x, params, dy, fast, create_graph=True)
+        out.append(torch.autograd.grad((grads[0] ** 2).sum() + grads[3].sum(), (xs, *ps), allow_unused=True))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frn_tlu_on_the_engine_saves_one_input_sized_tensor(channels_last):
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    x = torch.randn(8, 16, 32, 32)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_()
+    m = normlab.make_norm("frn", 16)
+    saved = []
+    with normlab.functional.fast_path(True), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    assert type(y.grad_fn).__name__ == "EngineNormBackward"  # the TLU inside: no node after it
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0] is x
+    with normlab.functional.fast_path(True):
+        assert saved_bytes(lambda: m(x)) <= x.numel() * 4 + 64 * 8 * 16 * 8  # x, and (N, C) statistics
+
+
+def test_tlu_epilogue_needs_its_threshold():
+    with pytest.raises(ValueError, match=r"epilogue\('tlu'\).*threshold"):
+        normlab.engine.epilogue("tlu")
+    assert normlab.engine.epilogue("tlu", threshold=torch.zeros(3)).code == _kernels.EPILOGUES["tlu"]

@@ -11,8 +11,10 @@ reduce          per (n, c): sum dy' and sum dy' * (x - center)    2T
 dx              dx = a * dy' + b * (x - center) + k               3T
 ==============  ===============================================  =========
 
-``act`` is an optional activation epilogue (leaky ReLU/ReLU, SiLU, exact GELU), with
-``dy' = dy * act'(y)`` recomputed from ``x`` in the backward passes. That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
+``act`` is an optional activation epilogue (leaky ReLU/ReLU, SiLU, exact GELU, or the TLU
+``max(y, t)`` with a per-(n, c) threshold ``t``), with ``dy' = dy * act'(y)`` recomputed from
+``x`` in the backward passes (which, for the TLU, also sum ``dy - dy'``: the threshold's share).
+That is 8T a training step, the memory limit (see ../shared/PERFORMANCE.md), in either
 layout, where torch's own kernels for channels-last group and instance norm make many
 more passes. Moments are two-pass inside cache-sized blocks (x is read from memory once),
 merged exactly across blocks in double precision. Two fused pairs serve the per-sample norms
@@ -38,15 +40,15 @@ import ctypes
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _build
 
-__all__ = ["available", "enabled", "status", "supports", "moments", "affine", "reduce", "dx", "group_forward", "group_backward",
-           "rowrms_forward", "rowrms_backward"]
+__all__ = ["EPILOGUES", "Epilogue", "available", "enabled", "status", "supports", "moments", "affine", "reduce", "dx",
+           "group_forward", "group_backward", "rowrms_forward", "rowrms_backward", "threshold_of"]
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 """The element types the kernels read and write; the half types compute and accumulate in float32."""
@@ -61,17 +63,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         for layout in ("cf", "cl"):
             getattr(lib, f"nl_moments_{layout}_{s}").argtypes = [p, i, i, i, p, p, n]
             d = ctypes.c_double
-            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n, d, n]
-            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, p, n]
-            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, n, n]
+            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n, d, p, n]
+            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, p, p, p, n]
+            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, p, n, n]
             for kind in ("moments", "affine", "reduce", "dx"):
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
         for layout in ("cf", "cl"):
             fn = getattr(lib, f"nl_group_fwd_{layout}_{s}")
-            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, n, d, p, p, p, p, n]
+            fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, n, d, p, p, p, p, p, n]
             fn.restype = ctypes.c_int
             fn = getattr(lib, f"nl_group_bwd_{layout}_{s}")
-            fn.argtypes = [p, p, p, i, i, i, i, n, p, p, n, d, p, p, p, p, n]
+            fn.argtypes = [p, p, p, i, i, i, i, n, p, p, n, d, p, p, p, p, p, p, n]
             fn.restype = ctypes.c_int
         getattr(lib, f"nl_rowrms_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n]
         getattr(lib, f"nl_rowrms_bwd_{s}").argtypes = [p, p, p, i, i, p, p, p, n]
@@ -178,69 +180,103 @@ def moments(v: Tensor, layout: str) -> tuple[Tensor, Tensor]:
     return mean, m2
 
 
-EPILOGUES = {"leaky_relu": 1, "silu": 2, "gelu": 3}
-"""The epilogues the kernels apply to the normalized value: ``act=(code, negative_slope)``
-(ReLU is leaky ReLU with slope 0; GELU is the exact, erf form)."""
+EPILOGUES = {"leaky_relu": 1, "silu": 2, "gelu": 3, "tlu": 4}
+"""The epilogues the kernels apply to the normalized value ``v``: ``act=`` an :class:`Epilogue`
+(ReLU is leaky ReLU with slope 0; GELU is the exact, erf form; the TLU is ``max(v, threshold)``)."""
 
 
-def _code(act: tuple[int, float] | None) -> tuple[int, float]:
+class Epilogue(NamedTuple):
+    """An activation epilogue of the kernels: its :data:`EPILOGUES` code, leaky ReLU's negative
+    slope, and the TLU's threshold (per channel (C,) or per (n, c) (N, C); else None).
+    (A plain ``(code, slope)`` tuple is taken too.)"""
+
+    code: int
+    slope: float = 0.0
+    threshold: Tensor | None = None
+
+
+def threshold_of(act: tuple | None) -> Tensor | None:
+    """The epilogue's threshold tensor (the TLU's), or None."""
+    return act[2] if act is not None and len(act) > 2 else None
+
+
+def _code(act: tuple | None) -> tuple[int, float]:
     return (0, 0.0) if act is None else (int(act[0]), float(act[1]))
 
 
-def _act_args(act: tuple[int, float] | None, v: Tensor, layout: str, scale: Tensor | None,
-              shift: Tensor | None) -> tuple[list, int, float]:
-    """The epilogue's kernel arguments: (per-(n, c) scale and shift, act code, slope)."""
+def _thr(act: tuple | None, n: int, c: int) -> Tensor | None:
+    """The threshold as the kernels' per-(n, c) float64 array, or None."""
+    t = threshold_of(act)
+    if _code(act)[0] == EPILOGUES["tlu"] and t is None:
+        raise ValueError("normlab kernels: the TLU epilogue needs a threshold tensor")
+    return None if t is None else _nc(t, n, c)
+
+
+def _act_args(act: tuple | None, v: Tensor, layout: str, scale: Tensor | None,
+              shift: Tensor | None) -> tuple[list, int, float, Tensor | None]:
+    """The epilogue's kernel arguments: (per-(n, c) scale and shift, act code, slope, threshold)."""
     if act is None:
-        return [None, None], 0, 0.0
+        return [None, None], 0, 0.0, None
     n, c = _nc_shape(v, layout)
-    return [_nc(scale, n, c), _nc(shift, n, c)], *_code(act)  # type: ignore[arg-type]
+    return [_nc(scale, n, c), _nc(shift, n, c)], *_code(act), _thr(act, n, c)  # type: ignore[arg-type]
 
 
 def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
-           act: tuple[int, float] | None = None) -> None:
+           act: tuple | None = None) -> None:
     """``out = act((v - center) * scale + shift)`` with per-(n, c) coefficients (``out`` may be
-    ``v``); ``act``: None, or ``(code, negative_slope)`` from :data:`EPILOGUES`."""
+    ``v``); ``act``: None, or an :class:`Epilogue`."""
     n, c = _nc_shape(v, layout)
     _dims(out)
     args = [_nc(t, n, c) for t in (center, scale, shift)]
+    thr = _thr(act, n, c)
     _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_code(act),
-                                          torch.get_num_threads()), "affine")
+                                          *_ptrs([thr]), torch.get_num_threads()), "affine")
 
 
 def _ptrs(ts: list) -> list:
     return [None if t is None else _ptr(t) for t in ts]
 
 
-def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: tuple[int, float] | None = None,
-           scale: Tensor | None = None, shift: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _sums(n: int, c: int, act: tuple | None) -> list:
+    """The per-(n, c) float64 sums a backward pass fills: g, h, and the threshold's e (or None)."""
+    return [torch.empty(n, c, dtype=torch.float64) for _ in range(2)] + \
+        [torch.empty(n, c, dtype=torch.float64) if threshold_of(act) is not None else None]
+
+
+def _returned(g: Tensor, h: Tensor, e: Tensor | None) -> tuple[Tensor, ...]:
+    return (g, h) if e is None else (g, h, e)
+
+
+def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: tuple | None = None,
+           scale: Tensor | None = None, shift: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, ...]:
     """Per-(n, c) ``sum(dy')`` and ``sum(dy' * (x - center))``, float64 (N, C), with ``dy' = dy``
-    or, given the forward's ``act``, ``scale`` and ``shift``, ``dy * act'((x - center) * scale + shift)``.
+    or, given the forward's ``act``, ``scale`` and ``shift``, ``dy * act'((x - center) * scale + shift)``;
+    with a threshold (the TLU) also a third, ``sum(dy - dy')`` (the threshold's gradient).
     ``keep``: the input-gradient buffer of the :func:`dx` call to follow (``kept=True``), where
     the kernels keep ``dy'`` when that is cheaper than evaluating it again (SiLU, GELU)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv)
     ctr = _nc(center, n, c)
-    g = torch.empty(n, c, dtype=torch.float64)
-    h = torch.empty(n, c, dtype=torch.float64)
-    extra, flag, slope = _act_args(act, v, layout, scale, shift)
+    g, h, e = _sums(n, c, act)
+    extra, flag, slope, thr = _act_args(act, v, layout, scale, shift)
     if keep is not None:
         _dims(keep)
     _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), _ptr(ctr), _ptr(g), _ptr(h), *_ptrs(extra),
-                                          flag, slope, *_ptrs([keep]), torch.get_num_threads()), "reduce")
-    return g, h
+                                          flag, slope, *_ptrs([thr, e, keep]), torch.get_num_threads()), "reduce")
+    return _returned(g, h, e)
 
 
 def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tensor, b: Tensor, k: Tensor,
-       act: tuple[int, float] | None = None, scale: Tensor | None = None, shift: Tensor | None = None,
+       act: tuple | None = None, scale: Tensor | None = None, shift: Tensor | None = None,
        kept: bool = False) -> None:
     """``out = a * dy' + b * (x - center) + k`` with per-(n, c) coefficients (``dy'`` as in
     :func:`reduce`; ``kept``: the reduce call was given ``keep=out``)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
     args = [_nc(t, n, c) for t in (center, a, b, k)]
-    extra, flag, slope = _act_args(act, v, layout, scale, shift)
+    extra, flag, slope, thr = _act_args(act, v, layout, scale, shift)
     _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_ptrs(extra),
-                                      flag, slope, int(kept), torch.get_num_threads()), "dx")
+                                      flag, slope, *_ptrs([thr]), int(kept), torch.get_num_threads()), "dx")
 
 
 def _opt(t: Tensor | None) -> Tensor | None:
@@ -249,7 +285,7 @@ def _opt(t: Tensor | None) -> Tensor | None:
 
 def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: float, center: bool,
                   weight: Tensor | None, bias: Tensor | None,
-                  act: tuple[int, float] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  act: tuple | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A per-sample norm in one pass from cache: group norm (``num_groups`` groups of
     consecutive channels; 1 = layer norm, C = instance norm) or, with ``center=False``, RMS
     norm; ``out = act((x - center) * weight * rstd + bias)`` (``act`` as in :func:`affine`).
@@ -259,30 +295,31 @@ def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: flo
     n, c = _nc_shape(v, layout)
     _dims(out)
     mean, m2, ctr, rstd = torch.empty(4, n, c, dtype=torch.float64).unbind(0)
-    w, b = _opt(weight), _opt(bias)
+    w, b, thr = _opt(weight), _opt(bias), _thr(act, n, c)  # (held: the kernel reads them)
     _check(_fn("group_fwd", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), num_groups, float(eps), int(center),
-                                             *_ptrs([w, b]), *_code(act), _ptr(mean), _ptr(m2), _ptr(ctr),
-                                             _ptr(rstd), torch.get_num_threads()), "group_fwd")
+                                             *_ptrs([w, b]), *_code(act), *_ptrs([thr]), _ptr(mean),
+                                             _ptr(m2), _ptr(ctr), _ptr(rstd), torch.get_num_threads()), "group_fwd")
     return mean, m2, ctr, rstd
 
 
 def group_backward(dyv: Tensor, v: Tensor, out: Tensor, layout: str, num_groups: int, center: bool,
                    weight: Tensor | None, ctr: Tensor, rstd: Tensor, bias: Tensor | None = None,
-                   act: tuple[int, float] | None = None) -> tuple[Tensor, Tensor]:
+                   act: tuple | None = None) -> tuple[Tensor, ...]:
     """The input gradient of :func:`group_forward`'s norm into ``out``, from cache (same work
     items), given the forward's per-(n, c) group centre and 1/std (and, with ``act``, its bias);
     returns the per-(n, c) ``sum dy'`` and ``sum dy' (x - centre)`` (for the weight and bias
-    gradients; ``dy'`` is ``dy`` times the activation's derivative)."""
+    gradients; ``dy'`` is ``dy`` times the activation's derivative) and, with a threshold,
+    ``sum (dy - dy')`` (as :func:`reduce`)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
-    g = torch.empty(n, c, dtype=torch.float64)
-    h = torch.empty(n, c, dtype=torch.float64)
-    w, b = _opt(weight), _opt(bias)
+    g, h, e = _sums(n, c, act)
+    w, b, thr = _opt(weight), _opt(bias), _thr(act, n, c)  # (held: the kernel reads them)
     ctr64, rstd64 = _nc(ctr, n, c), _nc(rstd, n, c)
     _check(_fn("group_bwd", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), num_groups, int(center),
-                                             *_ptrs([w, b]), *_code(act), _ptr(ctr64), _ptr(rstd64), _ptr(g),
-                                             _ptr(h), torch.get_num_threads()), "group_bwd")
-    return g, h
+                                             *_ptrs([w, b]), *_code(act), *_ptrs([thr]), _ptr(ctr64),
+                                             _ptr(rstd64), _ptr(g), _ptr(h), *_ptrs([e]), torch.get_num_threads()),
+           "group_bwd")
+    return _returned(g, h, e)
 
 
 def _rows(t: Tensor) -> tuple[int, int]:

@@ -45,6 +45,6 @@ def self_test(lib: ctypes.CDLL) -> None:
     v = x.float().contiguous()
     out = torch.full_like(v, float("nan"))
     center, scale, shift = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
-    lib.nl_affine_cf_f32(_ptr(v), _ptr(out), *v.shape, _ptr(center), _ptr(scale), _ptr(shift), 0, 0.0, 1)
+    lib.nl_affine_cf_f32(_ptr(v), _ptr(out), *v.shape, _ptr(center), _ptr(scale), _ptr(shift), 0, 0.0, None, 1)
     want = (x - center.unsqueeze(2)) * scale.unsqueeze(2) + shift.unsqueeze(2)
     _close(out.double(), want, "affine (cf, torch.float32)")

@@ -7,10 +7,12 @@
  *   reduce    per (n, c): sum dy' and sum dy' * (x - center)                read dy, x    2T
  *   dx        dx = a * dy' + b * (x - center) + k, per (n, c)               read 2, write 3T
  *
- * act is an optional elementwise epilogue (leaky ReLU / ReLU, SiLU, exact GELU) fused into the
- * output pass; then dy' = dy * act'(y) is formed in the backward from x and the same per-(n, c)
- * scale and shift, so nothing more is saved (for SiLU and GELU the sums pass also writes dy'
- * into dx, which the dx pass then reads instead of dy: KEEPS).
+ * act is an optional elementwise epilogue (leaky ReLU / ReLU, SiLU, exact GELU, or the TLU
+ * max(v, t) with a per-(n, c) threshold t) fused into the output pass; then dy' = dy * act'(y)
+ * is formed in the backward from x and the same per-(n, c) scale and shift, so nothing more is
+ * saved (for SiLU and GELU the sums pass also writes dy' into dx, which the dx pass then reads
+ * instead of dy: KEEPS; for the TLU it also sums dy - dy' per (n, c), the threshold's gradient:
+ * THRESHOLDED).
  *
  * Forward + backward is then 8T, the memory limit of a normalization whose statistics do not
  * fit in cache. Moments are two-pass within blocks that stay in L1 (x is read from memory
@@ -81,6 +83,7 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
         switch (act) {                                                                                         \
         case 2: M(2) break;                                                                                    \
         case 3: M(3) break;                                                                                    \
+        case 4: M(4) break;                                                                                    \
         default: M(1) break;                                                                                   \
         }                                                                                                      \
     } while (0)
@@ -89,7 +92,15 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
  * (stored in the input-gradient buffer, in x's type, as the unfused activation's backward would
  * hand it on), instead of evaluating the derivative twice: for SiLU and GELU (an exp, an erf:
  * dearer than the extra write), not for leaky ReLU (a select). */
-#define KEEPS(act) ((act) >= 2)
+#define KEEPS(act) ((act) == 2 || (act) == 3)
+
+/* Whether the activation has a per-(n, c) threshold t (the TLU, 4: max(v, t)): the kernels then
+ * read one (channel-first: per row; channels-last: a per-channel row, as the coefficients) and
+ * the reduce passes sum dy - dy', the part of dy that goes to t. THRESHOLD(act, t, i) is the
+ * threshold of channel i of a channels-last row t (NULL without one: not read, act being a
+ * literal at every use). */
+#define THRESHOLDED(act) ((act) == 4)
+#define THRESHOLD(act, t, i) (THRESHOLDED(act) ? (t)[i] : (F)0)
 
 /* channels per register block of the channels-last reductions: 4 vector registers a row */
 #if defined(__AVX512F__)

@@ -7,16 +7,20 @@
 #define LANES 64
 
 /* the activation epilogue on a normalized value v (act: 1 leaky ReLU with slope sl, ReLU at
- * sl = 0; 2 SiLU; 3 exact GELU) and its gradient times d. Callers pass act as a literal
- * constant through ACT_SWITCH (kernels.c), so that each loop is compiled, and vectorised, once
- * per activation with the branches folded away */
-static inline __attribute__((always_inline)) F S(act_fwd)(F v, int act, F sl) {
+ * sl = 0; 2 SiLU; 3 exact GELU; 4 TLU, max(v, t) with the value's threshold t) and its gradient
+ * times d. Callers pass act as a literal constant through ACT_SWITCH (kernels.c), so that each
+ * loop is compiled, and vectorised, once per activation with the branches folded away */
+static inline __attribute__((always_inline)) F S(act_fwd)(F v, int act, F sl, F t) {
     if (act == 2) return v * EP_SIGMOIDA(v);
     if (act == 3) return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
+    if (act == 4) return v < t ? t : v; /* (a NaN v stays NaN) */
     return v > 0 ? v : v * sl;
 }
 
-static inline __attribute__((always_inline)) F S(act_grad)(F d, F v, int act, F sl) {
+/* (TLU: torch.maximum's convention, a tie v = t passes half of d to each side; the threshold's
+ * part, d minus this, is summed by the reduce passes: THRESHOLDED in kernels.c) */
+static inline __attribute__((always_inline)) F S(act_grad)(F d, F v, int act, F sl, F t) {
+    if (act == 4) return v > t ? d : v == t ? (F)0.5 * d : (F)0;
     if (act == 2) {
         F sg = EP_SIGMOIDA(v);
         return d * sg * ((F)1 + v * ((F)1 - sg));
@@ -104,46 +108,51 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
     }
 }
 
-/* the same with the activation's gradient applied to dy: d = dy * leaky'((p - m) * s + b) */
-static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, T *kp, A *g, A *h) {
-    A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
+/* the same with the activation's gradient applied to dy: d = dy * act'((p - m) * s + b); with
+ * a threshold (THRESHOLDED(act)), *e = sum (dy - d), the threshold's part */
+static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F t, T *kp, A *g, A *h, A *e) {
+    A ag[LANES] = {0}, ah[LANES] = {0}, ae[LANES] = {0}, sg = 0, sh = 0, se = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
         for (int j = 0; j < LANES; j++) {
-            F xc = LD(p[i + j]) - m, dd = S(act_grad)(LD(d[i + j]), xc * s + b, act, sl);
+            F dy = LD(d[i + j]), xc = LD(p[i + j]) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);
             if (kp) kp[i + j] = ST(dd);
             ag[j] += dd;
             ah[j] += dd * xc;
+            if (THRESHOLDED(act)) ae[j] += dy - dd;
         }
     for (; i < k; i++) {
-        F xc = LD(p[i]) - m, dd = S(act_grad)(LD(d[i]), xc * s + b, act, sl);
+        F dy = LD(d[i]), xc = LD(p[i]) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);
         if (kp) kp[i] = ST(dd);
         sg += dd;
         sh += dd * xc;
+        if (THRESHOLDED(act)) se += dy - dd;
     }
     *g = sg + S(lanes_total)(ag);
     *h = sh + S(lanes_total)(ah);
+    *e = THRESHOLDED(act) ? se + S(lanes_total)(ae) : 0;
 }
 
 /* (kp: where to keep dy', or NULL) */
-static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, T *kp,
-                                    double *sg, double *sh) {
-    *sg = *sh = 0.0;
+static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, const T *p, i64 L, F m, F s, F b, int act, F sl, F t,
+                                    T *kp, double *sg, double *sh, double *se) {
+    *sg = *sh = *se = 0.0;
     for (i64 o = 0; o < L; o += CF_CHUNK) {
-        A g, h;
-        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, act, sl, kp ? kp + o : NULL, &g, &h);
+        A g, h, e;
+        S(row_dot_act)(d + o, p + o, MIN(CF_CHUNK, L - o), m, s, b, act, sl, t, kp ? kp + o : NULL, &g, &h, &e);
         *sg += g;
         *sh += h;
+        *se += e;
     }
 }
 
 /* one channel-first output row, o = act((p - m) * s + b), and one input-gradient row,
  * o = a dy' + bc (p - m) + k with dy' = dy act'((p - m) * s + b) (dy' = dy without act): shared
- * by the generic passes and the per-sample passes from cache */
+ * by the generic passes and the per-sample passes from cache; t: the row's threshold (TLU) */
 static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o, i64 L, F m, F s, F b, int act,
-                                                                F sl) {
+                                                                F sl, F t) {
     if (act) {
-#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl));
+#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl, t));
         ACT_SWITCH(act, LOOP);
 #undef LOOP
     } else {
@@ -153,7 +162,7 @@ static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o
 }
 
 static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T *p, T *o, i64 L, F m, F a, F bc, F k,
-                                                            F s, F b, int act, F sl, const T *kp) {
+                                                            F s, F b, int act, F sl, F t, const T *kp) {
     if (kp) { /* dy' kept by the sums pass (kp may be o) */
 #pragma omp simd
         for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(kp[i]) + bc * (LD(p[i]) - m) + k);
@@ -161,7 +170,7 @@ static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T 
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
         F xc = LD(p[i]) - m;                                                                                   \
-        o[i] = ST(a * S(act_grad)(LD(d[i]), xc * s + b, K, sl) + bc * xc + k);                                 \
+        o[i] = ST(a * S(act_grad)(LD(d[i]), xc * s + b, K, sl, t) + bc * xc + k);                              \
     }
         ACT_SWITCH(act, LOOP);
 #undef LOOP
@@ -171,24 +180,29 @@ static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T 
     }
 }
 
-/* sum dy' and sum dy' (p - m) of one channel-first row, dy' as in dx_row; with kp, dy' is
- * also stored there (dx_row then reads it instead of evaluating the derivative again) */
+/* sum dy' and sum dy' (p - m) of one channel-first row, dy' as in dx_row, and (*se) the
+ * threshold's sum dy - dy' (0 without one); with kp, dy' is also stored there (dx_row then
+ * reads it instead of evaluating the derivative again) */
 static inline __attribute__((always_inline)) void S(sums_row)(const T *d, const T *p, i64 L, F m, F s, F b, int act,
-                                                              F sl, T *kp, double *sg, double *sh) {
+                                                              F sl, F t, T *kp, double *sg, double *sh, double *se) {
     if (act) {
-#define SUMS(K) S(row_sums_act)(d, p, L, m, s, b, K, sl, kp, sg, sh);
+#define SUMS(K) S(row_sums_act)(d, p, L, m, s, b, K, sl, t, kp, sg, sh, se);
         ACT_SWITCH(act, SUMS);
 #undef SUMS
-    } else
+    } else {
         S(row_sums)(d, p, L, m, sg, sh);
+        *se = 0.0;
+    }
 }
 
-/* the same three for one channels-last row of C channels, coefficients per channel */
+/* the same three for one channels-last row of C channels, coefficients per channel (t: the
+ * thresholds, read only for an activation that has them: THRESHOLD) */
 static inline __attribute__((always_inline)) void S(affine_row_cl)(const T *p, T *o, i64 C, const F *m, const F *s,
-                                                                   const F *b, int act, F sl) {
+                                                                   const F *b, int act, F sl, const F *t) {
     if (act) {
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(act_fwd)((LD(p[c]) - m[c]) * s[c] + b[c], K, sl));
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++)                                                            \
+        o[c] = ST(S(act_fwd)((LD(p[c]) - m[c]) * s[c] + b[c], K, sl, THRESHOLD(K, t, c)));
         ACT_SWITCH(act, LOOP);
 #undef LOOP
     } else {
@@ -199,7 +213,7 @@ static inline __attribute__((always_inline)) void S(affine_row_cl)(const T *p, T
 
 static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const T *p, T *o, i64 C, const F *m,
                                                                const F *a, const F *bc, const F *k, const F *s,
-                                                               const F *b, int act, F sl, const T *kp) {
+                                                               const F *b, int act, F sl, const F *t, const T *kp) {
     if (kp) {
 #pragma omp simd
         for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * LD(kp[c]) + bc[c] * (LD(p[c]) - m[c]) + k[c]);
@@ -207,7 +221,7 @@ static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
         F xc = LD(p[c]) - m[c];                                                                                \
-        o[c] = ST(a[c] * S(act_grad)(LD(d[c]), xc * s[c] + b[c], K, sl) + bc[c] * xc + k[c]);                  \
+        o[c] = ST(a[c] * S(act_grad)(LD(d[c]), xc * s[c] + b[c], K, sl, THRESHOLD(K, t, c)) + bc[c] * xc + k[c]); \
     }
         ACT_SWITCH(act, LOOP);
 #undef LOOP
@@ -227,31 +241,39 @@ void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2,
     }
 }
 
+/* thr: the per-(n, c) thresholds of an activation that has them (THRESHOLDED: TLU), else unread */
 void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
-                     const double *shift, int act, double slope, int nt) {
+                     const double *shift, int act, double slope, const double *thr, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++)
-        S(affine_row)(x + r * L, y + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope);
+        S(affine_row)(x + r * L, y + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope,
+                      THRESHOLDED(act) ? (F)thr[r] : 0);
 }
 
-/* keep: the input-gradient buffer, where dy' is kept for nl_dx_cf (kept = 1) when KEEPS(act); or NULL */
+/* keep: the input-gradient buffer, where dy' is kept for nl_dx_cf (kept = 1) when KEEPS(act); or NULL.
+ * e: with a threshold, the per-(n, c) sum dy - dy' (the threshold's gradient) */
 void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
-                     const double *scale, const double *shift, int act, double slope, T *keep, int nt) {
+                     const double *scale, const double *shift, int act, double slope, const double *thr, double *e,
+                     T *keep, int nt) {
     if (!KEEPS(act)) keep = NULL;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++)
+    for (i64 r = 0; r < N * C; r++) {
+        double se;
         S(sums_row)(dy + r * L, x + r * L, L, (F)center[r], act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act,
-                    (F)slope, keep ? keep + r * L : NULL, &g[r], &h[r]);
+                    (F)slope, THRESHOLDED(act) ? (F)thr[r] : 0, keep ? keep + r * L : NULL, &g[r], &h[r], &se);
+        if (THRESHOLDED(act)) e[r] = se;
+    }
 }
 
 void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
                  const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
-                 int kept, int nt) {
+                 const double *thr, int kept, int nt) {
     kept = kept && KEEPS(act);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++)
         S(dx_row)(dy + r * L, x + r * L, dx + r * L, L, (F)center[r], (F)a[r], (F)b[r], (F)k[r],
-                  act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope, kept ? dx + r * L : NULL);
+                  act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope, THRESHOLDED(act) ? (F)thr[r] : 0,
+                  kept ? dx + r * L : NULL);
 }
 
 /* ---- channels-last (N, L, C): work items are (sample, block of rows); inside one, CB
@@ -293,38 +315,43 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
 
 static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                       const A *m, const F *s, const F *b, int act, F sl,
-                                                                      T *kp, A *sg, A *sh) {
-    for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
+                                                                      const F *t, T *kp, A *sg, A *sh, A *se) {
+    for (i64 c = 0; c < w; c++) sg[c] = sh[c] = se[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
         T *q = kp ? kp + l * C : NULL;
 #pragma omp simd
         for (i64 c = 0; c < w; c++) {
-            F xc = LD(p[c]) - m[c], dd = S(act_grad)(LD(d[c]), xc * s[c] + b[c], act, sl);
+            F dy = LD(d[c]), xc = LD(p[c]) - m[c], dd = S(act_grad)(dy, xc * s[c] + b[c], act, sl, THRESHOLD(act, t, c));
             if (q) q[c] = ST(dd);
             sg[c] += dd;
             sh[c] += dd * xc;
+            if (THRESHOLDED(act)) se[c] += dy - dd;
         }
     }
 }
 
-/* sums of rows [0, k) over channels [0, w) of a block, dy' = dy act'(...) with act, else dy;
- * the full-width call with a literal CB is the vectorised one */
+/* sums of rows [0, k) over channels [0, w) of a block, dy' = dy act'(...) with act, else dy
+ * (se: the threshold's sum dy - dy', 0 without one); the full-width call with a literal CB is
+ * the vectorised one */
 static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                 const A *m, const F *s, const F *b, int act, F sl,
-                                                                T *kp, A *sg, A *sh) {
+                                                                const F *t, T *kp, A *sg, A *sh, A *se) {
     if (act) {
 #define RED(K)                                                                                                 \
     if (w == CB)                                                                                               \
-        S(block_reduce_act)(d0, p0, k, C, CB, m, s, b, K, sl, kp, sg, sh);                                     \
+        S(block_reduce_act)(d0, p0, k, C, CB, m, s, b, K, sl, t, kp, sg, sh, se);                              \
     else                                                                                                       \
-        S(block_reduce_act)(d0, p0, k, C, w, m, s, b, K, sl, kp, sg, sh);
+        S(block_reduce_act)(d0, p0, k, C, w, m, s, b, K, sl, t, kp, sg, sh, se);
         ACT_SWITCH(act, RED);
 #undef RED
-    } else if (w == CB)
-        S(block_reduce)(d0, p0, k, C, CB, m, sg, sh);
-    else
-        S(block_reduce)(d0, p0, k, C, w, m, sg, sh);
+    } else {
+        if (w == CB)
+            S(block_reduce)(d0, p0, k, C, CB, m, sg, sh);
+        else
+            S(block_reduce)(d0, p0, k, C, w, m, sg, sh);
+        for (i64 c = 0; c < w; c++) se[c] = 0;
+    }
 }
 
 /* merge per-(item, c) partial moments over the blocks of each sample */
@@ -371,42 +398,47 @@ int S(nl_moments_cl)(const T *x, i64 N, i64 L, i64 C, double *mean, double *m2, 
 }
 
 int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *center, double *g, double *h,
-                    const double *scale, const double *shift, int act, double slope, T *keep, int nt) {
+                    const double *scale, const double *shift, int act, double slope, const double *thr, double *e,
+                    T *keep, int nt) {
     if (!KEEPS(act)) keep = NULL;
     const F sl = (F)slope;
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R;
-    double *pg = malloc(sizeof(double) * N * nb * C * 2);
+    double *pg = malloc(sizeof(double) * N * nb * C * 3);
     if (!pg) return 1;
-    double *ph = pg + N * nb * C;
+    double *ph = pg + N * nb * C, *pe = pg + 2 * N * nb * C;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * nb; it++) {
         i64 n = it / nb, l0 = (it % nb) * R, k = MIN(R, L - l0);
         for (i64 c0 = 0; c0 < C; c0 += CB) {
-            A m[CB], sg[CB], sh[CB];
+            A m[CB], sg[CB], sh[CB], se[CB];
             i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
             for (i64 c = 0; c < w; c++) m[c] = (A)center[n * C + c0 + c];
-            F s[CB], b[CB];
+            F s[CB], b[CB], t[CB];
             for (i64 c = 0; c < w && act; c++) {
                 s[c] = (F)scale[n * C + c0 + c];
                 b[c] = (F)shift[n * C + c0 + c];
+                t[c] = THRESHOLDED(act) ? (F)thr[n * C + c0 + c] : 0;
             }
-            S(block_sums)(dy + at, x + at, k, C, w, m, s, b, act, sl, keep ? keep + at : NULL, sg, sh);
+            S(block_sums)(dy + at, x + at, k, C, w, m, s, b, act, sl, t, keep ? keep + at : NULL, sg, sh, se);
             for (i64 c = 0; c < w; c++) {
                 pg[it * C + c0 + c] = sg[c];
                 ph[it * C + c0 + c] = sh[c];
+                pe[it * C + c0 + c] = se[c];
             }
         }
     }
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         i64 n = r / C, c = r % C;
-        double sg = 0.0, sh = 0.0;
+        double sg = 0.0, sh = 0.0, se = 0.0;
         for (i64 b = 0; b < nb; b++) {
             sg += pg[(n * nb + b) * C + c];
             sh += ph[(n * nb + b) * C + c];
+            se += pe[(n * nb + b) * C + c];
         }
         g[r] = sg;
         h[r] = sh;
+        if (THRESHOLDED(act)) e[r] = se;
     }
     free(pg);
     return 0;
@@ -423,14 +455,15 @@ static F *S(coef_rows)(const double *const *src, int count, i64 NC) {
 }
 
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
-                    const double *shift, int act, double slope, int nt) {
-    const double *src[3] = {center, scale, shift};
-    F *co = S(coef_rows)(src, 3, N * C);
+                    const double *shift, int act, double slope, const double *thr, int nt) {
+    const double *src[4] = {center, scale, shift, thr};
+    F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
     if (!co) return 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
-        S(affine_row_cl)(x + r * C, y + r * C, C, co + n * C, co + (N + n) * C, co + (2 * N + n) * C, act, (F)slope);
+        S(affine_row_cl)(x + r * C, y + r * C, C, co + n * C, co + (N + n) * C, co + (2 * N + n) * C, act, (F)slope,
+                         THRESHOLDED(act) ? co + (3 * N + n) * C : NULL);
     }
     free(co);
     return 0;
@@ -438,18 +471,19 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
                 const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
-                int kept, int nt) {
+                const double *thr, int kept, int nt) {
     kept = kept && KEEPS(act);
-    const double *src[6] = {center, a, b, k, scale, shift};
-    F *co = S(coef_rows)(src, act ? 6 : 4, N * C);
+    const double *src[7] = {center, a, b, k, scale, shift, thr};
+    int rows = THRESHOLDED(act) ? 7 : act ? 6 : 4;
+    F *co = S(coef_rows)(src, rows, N * C);
     if (!co) return 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
-        const F *row[6];
-        for (int j = 0; j < 6; j++) row[j] = co + ((j < 4 || act ? j : 0) * N + n) * C;
+        const F *row[7];
+        for (int j = 0; j < 7; j++) row[j] = j < rows ? co + (j * N + n) * C : NULL;
         S(dx_row_cl)(dy + r * C, x + r * C, dx + r * C, C, row[0], row[1], row[2], row[3], row[4], row[5], act,
-                     (F)slope, kept ? dx + r * C : NULL);
+                     (F)slope, row[6], kept ? dx + r * C : NULL);
     }
     free(co);
     return 0;
@@ -463,14 +497,14 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
  * running statistics. Parallel over samples: the caller uses it when N is at least twice the
  * thread count. ---- */
 int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps, int center, const double *weight,
-                       const double *bias, int act, double slope, double *mean, double *m2, double *ctr,
-                       double *rstd_out, int nt) {
+                       const double *bias, int act, double slope, const double *thr, double *mean, double *m2,
+                       double *ctr, double *rstd_out, int nt) {
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
         double *na = malloc(sizeof(double) * C * 3), *ma = na + C, *qa = na + 2 * C;
-        F *cm = malloc(sizeof(F) * C * 3), *cs = cm + C, *cb = cm + 2 * C;
+        F *cm = malloc(sizeof(F) * C * 4), *cs = cm + C, *cb = cm + 2 * C, *ct = cm + 3 * C;
         if (!na || !cm) failed = 1;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
@@ -505,13 +539,14 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                     cm[c] = center ? (F)gm : (F)0;
                     cs[c] = (F)(weight ? weight[c] * rstd : rstd);
                     cb[c] = (F)(bias ? bias[c] : 0.0);
+                    ct[c] = THRESHOLDED(act) ? (F)thr[n * C + c] : 0;
                 }
             }
             for (i64 c = 0; c < C; c++) {
                 mean[n * C + c] = ma[c];
                 m2[n * C + c] = qa[c];
             }
-            for (i64 l = 0; l < L; l++) S(affine_row_cl)(xs + l * C, ys + l * C, C, cm, cs, cb, act, (F)slope);
+            for (i64 l = 0; l < L; l++) S(affine_row_cl)(xs + l * C, ys + l * C, C, cm, cs, cb, act, (F)slope, ct);
         }
         free(na);
         free(cm);
@@ -523,8 +558,8 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
  * (a group's channels are consecutive), small enough to stay in cache between the moments
  * and the output. */
 int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps, int center, const double *weight,
-                       const double *bias, int act, double slope, double *mean, double *m2, double *ctr,
-                       double *rstd_out, int nt) {
+                       const double *bias, int act, double slope, const double *thr, double *mean, double *m2,
+                       double *ctr, double *rstd_out, int nt) {
     i64 cpg = C / G;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * G; it++) {
@@ -546,7 +581,7 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
         }
         for (i64 c = g * cpg; c < (g + 1) * cpg; c++) /* the output, from cache */
             S(affine_row)(x + (n * C + c) * L, y + (n * C + c) * L, L, m, (F)(weight ? weight[c] * rstd : rstd),
-                          (F)(bias ? bias[c] : 0.0), act, (F)slope);
+                          (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0);
     }
     return 0;
 }
@@ -554,11 +589,12 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
 /* Backward of the per-sample norms, channel-first, per (sample, group) block from cache:
  * g_c = sum dy, h_c = sum dy (x - mu); A = sum_c w_c g_c, B = sum_c w_c h_c over the group;
  * dx = w_c rstd dy - rstd^3 B / K (x - mu) - rstd A / K (RMS: mu = 0, no A term). The
- * per-(n, c) g and h are returned for the weight and bias gradients. ctr and rstd are the
- * per-(n, c) group centre and 1/std from the forward. */
+ * per-(n, c) g and h are returned for the weight and bias gradients (and e, the threshold's
+ * sum dy - dy', with one). ctr and rstd are the per-(n, c) group centre and 1/std from the
+ * forward. */
 int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 G, int center, const double *weight,
-                       const double *bias, int act, double slope, const double *ctr, const double *rstd, double *g,
-                       double *h, int nt) {
+                       const double *bias, int act, double slope, const double *thr, const double *ctr,
+                       const double *rstd, double *g, double *h, double *e, int nt) {
     i64 cpg = C / G;
     double K = (double)(cpg * L);
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -568,12 +604,13 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
         const F m = (F)ctr[n * C + gi * cpg];
         const double r = rstd[n * C + gi * cpg];
         for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            double sg, sh;
+            double sg, sh, se;
             S(sums_row)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, (F)((weight ? weight[c] : 1.0) * r),
-                        (F)(bias ? bias[c] : 0.0), act, (F)slope, KEEPS(act) ? dx + (n * C + c) * L : NULL, &sg,
-                        &sh);
+                        (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
+                        KEEPS(act) ? dx + (n * C + c) * L : NULL, &sg, &sh, &se);
             g[n * C + c] = sg;
             h[n * C + c] = sh;
+            if (THRESHOLDED(act)) e[n * C + c] = se;
             double w = weight ? weight[c] : 1.0;
             big_a += w * sg;
             big_b += w * sh;
@@ -582,7 +619,8 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
         for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
             const F a = (F)((weight ? weight[c] : 1.0) * r);
             S(dx_row)(dy + (n * C + c) * L, x + (n * C + c) * L, dx + (n * C + c) * L, L, m, a, bcoef, kcoef, a,
-                      (F)(bias ? bias[c] : 0.0), act, (F)slope, KEEPS(act) ? dx + (n * C + c) * L : NULL);
+                      (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
+                      KEEPS(act) ? dx + (n * C + c) * L : NULL);
         }
     }
     return 0;
@@ -591,15 +629,17 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
 /* The same, channels-last, one sample per work item (callers use it when N is at least twice
  * the thread count). */
 int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 G, int center, const double *weight,
-                       const double *bias, int act, double slope, const double *ctr, const double *rstd, double *g,
-                       double *h, int nt) {
+                       const double *bias, int act, double slope, const double *thr, const double *ctr,
+                       const double *rstd, double *g, double *h, double *e, int nt) {
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     double K = (double)(cpg * L);
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        /* per channel: a = w rstd (also the epilogue's scale), centre, b, k, the epilogue's shift */
-        F *ca = malloc(sizeof(F) * C * 5), *cm = ca + C, *cb = ca + 2 * C, *ck = ca + 3 * C, *csh = ca + 4 * C;
+        /* per channel: a = w rstd (also the epilogue's scale), centre, b, k, the epilogue's shift
+         * and threshold */
+        F *ca = malloc(sizeof(F) * C * 6), *cm = ca + C, *cb = ca + 2 * C, *ck = ca + 3 * C, *csh = ca + 4 * C,
+          *ct = ca + 5 * C;
         double *ab = malloc(sizeof(double) * G * 2);
         if (!ca || !ab) failed = 1;
 #pragma omp for schedule(static)
@@ -607,24 +647,27 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             if (!ca || !ab) continue;
             const T *ds = dy + n * L * C, *xs = x + n * L * C;
             T *os = dx + n * L * C;
-            double *gs = g + n * C, *hs = h + n * C;
+            double *gs = g + n * C, *hs = h + n * C, *es = THRESHOLDED(act) ? e + n * C : NULL;
             for (i64 c = 0; c < C; c++) {
                 gs[c] = hs[c] = 0.0;
+                if (es) es[c] = 0.0;
                 cm[c] = (F)ctr[n * C + c];
                 ca[c] = (F)((weight ? weight[c] : 1.0) * rstd[n * C + c]);
                 csh[c] = (F)(bias ? bias[c] : 0.0);
+                ct[c] = THRESHOLDED(act) ? (F)thr[n * C + c] : 0;
             }
             for (i64 l0 = 0; l0 < L; l0 += R) {
                 i64 k = MIN(R, L - l0);
                 for (i64 c0 = 0; c0 < C; c0 += CB) {
-                    A m[CB], sg[CB], sh[CB];
+                    A m[CB], sg[CB], sh[CB], se[CB];
                     i64 w = MIN(CB, C - c0), at = l0 * C + c0;
                     for (i64 c = 0; c < w; c++) m[c] = cm[c0 + c];
-                    S(block_sums)(ds + at, xs + at, k, C, w, m, ca + c0, csh + c0, act, (F)slope,
-                                  KEEPS(act) ? os + at : NULL, sg, sh);
+                    S(block_sums)(ds + at, xs + at, k, C, w, m, ca + c0, csh + c0, act, (F)slope, ct + c0,
+                                  KEEPS(act) ? os + at : NULL, sg, sh, se);
                     for (i64 c = 0; c < w; c++) {
                         gs[c0 + c] += sg[c];
                         hs[c0 + c] += sh[c];
+                        if (es) es[c0 + c] += se[c];
                     }
                 }
             }
@@ -640,7 +683,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                 ck[c] = (F)(center ? -r * ab[c / cpg] / K : 0.0);
             }
             for (i64 l = 0; l < L; l++)
-                S(dx_row_cl)(ds + l * C, xs + l * C, os + l * C, C, cm, ca, cb, ck, ca, csh, act, (F)slope,
+                S(dx_row_cl)(ds + l * C, xs + l * C, os + l * C, C, cm, ca, cb, ck, ca, csh, act, (F)slope, ct,
                              KEEPS(act) ? os + l * C : NULL);
         }
         free(ca);

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _kernels
+from .._layout import per_channel
 from .describe import BatchInstanceStats, BatchStats, Description, GlobalResponseStats, GroupStats, SwitchableStats
 from .describe_modern import EvoB0Stats, EvoS0Stats, PowerStats
 from .function import EngineNorm, kernel_moments, run
@@ -52,17 +53,23 @@ def fuses(act: str | None, dtype: torch.dtype | None = None) -> bool:
     return act in ACTIVATIONS and not (act == "gelu" and dtype in HALF_DTYPES)
 
 
-def epilogue(act: str | None, negative_slope: float = 0.01,
-             dtype: torch.dtype | None = None) -> tuple[int, float] | None:
+def epilogue(act: str | None, negative_slope: float = 0.01, dtype: torch.dtype | None = None,
+             threshold: Tensor | None = None) -> _kernels.Epilogue | None:
     """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu) on inputs
     of ``dtype``, or None where the engine does not fuse it (:func:`fuses`: the caller applies
-    the activation after the norm)."""
+    the activation after the norm). ``"tlu"``: FRN's thresholded linear unit ``max(y, threshold)``
+    (Singh & Krishnan 2020) with a per-channel ``threshold`` (a tensor that may need a gradient:
+    :func:`run` hands it to the autograd Function, which returns it), fused in every dtype."""
+    if act == "tlu":
+        if threshold is None:
+            raise ValueError("engine.epilogue('tlu'): needs the threshold tensor (FRN's tau)")
+        return _kernels.Epilogue(_kernels.EPILOGUES["tlu"], 0.0, threshold)
     if not fuses(act, dtype):
         return None
     if act == "relu":
-        return _kernels.EPILOGUES["leaky_relu"], 0.0
+        return _kernels.Epilogue(_kernels.EPILOGUES["leaky_relu"], 0.0)
     if act in _kernels.EPILOGUES:
-        return _kernels.EPILOGUES[act], float(negative_slope)
+        return _kernels.Epilogue(_kernels.EPILOGUES[act], float(negative_slope))
     return None
 
 
@@ -136,7 +143,7 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float
             return None
         ones = torch.ones_like(mean) if var is None else var
         y = torch.batch_norm(x, weight, bias, mean, ones, False, 0.0, 0.0 if var is None else eps, False)
-        return y if act is None else activate(y, act)
+        return y if act is None else activate(y, act, cd)
     got = kernel_views(x, cd)
     if got is None:
         return None
@@ -149,8 +156,11 @@ def affine_eval(x: Tensor, cd: int, mean: Tensor, var: Tensor | None, eps: float
     return y
 
 
-def activate(y: Tensor, act: tuple[int, float]) -> Tensor:
-    """The epilogue ``act`` applied by torch's own activation (the reference of the kernels')."""
-    code, slope = act
+def activate(y: Tensor, act: tuple, cd: int) -> Tensor:
+    """The epilogue ``act`` applied by torch's own activation (the reference of the kernels'):
+    the TLU as ``torch.maximum`` with its threshold per channel (channel axis ``cd``)."""
+    code, slope, threshold = act[0], act[1], _kernels.threshold_of(act)
+    if threshold is not None:
+        return torch.maximum(y, per_channel(threshold, y.ndim, cd).to(y.dtype))
     name = next(n for n, c in _kernels.EPILOGUES.items() if c == code)
     return ACTIVATIONS[name](y, slope)

@@ -3,9 +3,10 @@ compiled kernels.
 
 forward:  per-(n, c) moments (one read)  ->  description.coefficients (small, (N, C))
           ->  y = act((x - center) * scale + shift)  (one read, one write; act: ReLU, leaky
-          ReLU, SiLU, exact GELU or none)
+          ReLU, SiLU, exact GELU, FRN's TLU max(., tau) or none)
 backward: per-(n, c) g = sum dy', h = sum dy' (x - center)  (one read of dy and x; dy' = dy
-          times the activation's derivative, recomputed from x)  ->  description.input_grad
+          times the activation's derivative, recomputed from x; with the TLU also
+          sum (dy - dy'), tau's gradient)  ->  description.input_grad
           ->  dx = a * dy' + b * (x - center) + k  (one pass)
 
 Per-sample norms (:class:`GroupStats`) without an activation run both passes fused per
@@ -81,28 +82,30 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
 
 
 class EngineNorm(torch.autograd.Function):
-    """``apply(x, desc, channel_dim, act, *params)``: the norm ``desc`` describes, with an
-    optional activation epilogue (``act``: ``(code, negative_slope)`` of
-    :data:`normlab._kernels.EPILOGUES`, from :func:`normlab.engine.epilogue`; None: none).
-    After the call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C)) and, for batch norms,
+    """``apply(x, desc, channel_dim, act, threshold, *params)``: the norm ``desc`` describes, with
+    an optional activation epilogue (``act``: a :class:`normlab._kernels.Epilogue` from
+    :func:`normlab.engine.epilogue`; None: none) and ``threshold``, the epilogue's threshold
+    tensor (the TLU's; None otherwise), an input here so that it gets its gradient. After the
+    call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C)) and, for batch norms,
     ``desc.batch_moments`` hold the moments for running statistics."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, desc: Description, channel_dim: int, act: tuple[int, float] | None,  # type: ignore[override]
-                *params: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, desc: Description, channel_dim: int, act: tuple | None,  # type: ignore[override]
+                threshold: Tensor | None, *params: Tensor | None) -> Tensor:
         y = _forward(ctx, x, desc, channel_dim, act, params)
-        ctx.desc, ctx.cd, ctx.act = desc, channel_dim, act
+        ctx.desc, ctx.cd, ctx.act = desc, channel_dim, None if act is None else tuple(act[:2])
         # x is the one input-sized tensor kept, unless the adjoint never reads it (mean-only)
-        ctx.save_for_backward(x if desc.needs_input or act is not None else None, *params)
+        ctx.save_for_backward(x if desc.needs_input or act is not None else None, threshold, *params)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, *params = ctx.saved_tensors
-        desc, cd, act = ctx.desc, ctx.cd, ctx.act
-        need_x, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        x, threshold, *params = ctx.saved_tensors
+        desc, cd = ctx.desc, ctx.cd
+        act = None if ctx.act is None else (*ctx.act, threshold)
+        need_x, need_t, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5:]
         if torch.is_grad_enabled():  # (x not saved: the map's derivative does not depend on it)
-            return (*_double_backward(ctx, torch.zeros_like(dy) if x is None else x, params, dy),)
+            return (*_double_backward(ctx, torch.zeros_like(dy) if x is None else x, threshold, params, dy),)
         if x is None:  # (not saved: the adjoint has b = 0, so dy stands in for x)
             x = dy if kernel_views(dy, cd) is not None else dy.contiguous()
         layout, v = kernel_views(x, cd)  # type: ignore[misc]
@@ -110,25 +113,27 @@ class EngineNorm(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         dxv = kernel_views(dx, cd)[1] if need_x else None  # type: ignore[index]
         if desc.elementwise:
-            return (dx, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
+            return (dx, None, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
         if ctx.fused == "rows":
             c = x.shape[cd]
             dw = _kernels.rowrms_backward(dyv.reshape(-1, c), v.reshape(-1, c), (dxv if need_x else torch.empty_like(v)
                                           ).reshape(-1, c), params[0], desc.rstd_rows, bool(need_p[0]))
-            return (dx, None, None, None, None if dw is None else dw.to(params[0].dtype))
+            return (dx, None, None, None, None, None if dw is None else dw.to(params[0].dtype))
         if ctx.fused == "group" and need_x:
-            g, h = _kernels.group_backward(dyv, v, dxv, layout, desc.groups, desc.center, params[0], desc.ctr,
-                                           desc.rstd, _bias(params), act)
+            g, h, *e = _kernels.group_backward(dyv, v, dxv, layout, desc.groups, desc.center, params[0], desc.ctr,
+                                               desc.rstd, _bias(params), act)
         else:
             center, scale, shift = ctx.coefs if ctx.fused is None else desc.affine_coefficients(_bias(params))
-            g, h = _kernels.reduce(dyv, v, layout, center, act, scale, shift, keep=dxv)
+            g, h, *e = _kernels.reduce(dyv, v, layout, center, act, scale, shift, keep=dxv)
             if need_x:
                 a, b, k = desc.input_grad(g, h, *params)
                 _kernels.dx(dyv, v, dxv, layout, center, a, b, k, act, scale, shift, kept=True)  # type: ignore[arg-type]
-        return (dx, None, None, None, *desc.param_grads(g, h, need_p, *params))
+        # the threshold's gradient: its per-(n, c) sums of dy - dy', summed to its shape
+        dt = e[0].sum_to_size(threshold.shape).to(threshold.dtype) if need_t else None
+        return (dx, None, None, None, dt, *desc.param_grads(g, h, need_p, *params))
 
 
-def _double_backward(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:
+def _double_backward(ctx, x: Tensor, threshold: Tensor | None, params: list, dy: Tensor) -> tuple:
     """create_graph=True: differentiate the norm's plain function (the reference) instead."""
     desc, act = ctx.desc, ctx.act
     if desc.reference is None:
@@ -141,8 +146,8 @@ def _double_backward(ctx, x: Tensor, params: list, dy: Tensor) -> tuple:
         if act is not None:
             from . import activate  # (the package's helper; imported here: the package imports this module)
 
-            y = activate(y, act)
-        inputs = [xs, *params]
+            y = activate(y, (*act, threshold), ctx.cd)
+        inputs = [xs, threshold, *params]
         flags = [need[0], *need[4:]]
         wrt = [t for t, k in zip(inputs, flags) if k]
         grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
@@ -155,10 +160,12 @@ class _NoGraph:
 
 
 def run(desc: Description, x: Tensor, channel_dim: int, params: Sequence[Tensor | None],
-        act: tuple[int, float] | None = None) -> Tensor:
+        act: tuple | None = None) -> Tensor:
     """The norm ``desc`` describes on ``x`` (a CPU tensor with a kernel view: the route said
-    "kernels"), through :class:`EngineNorm` when anything needs a gradient, else its forward
-    alone (no graph, nothing saved)."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        return EngineNorm.apply(x, desc, channel_dim, act, *params)
+    "kernels"), with the epilogue ``act`` (:func:`normlab.engine.epilogue`), through
+    :class:`EngineNorm` when anything needs a gradient (the epilogue's threshold included), else
+    its forward alone (no graph, nothing saved)."""
+    threshold = _kernels.threshold_of(act)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, threshold, *params)):
+        return EngineNorm.apply(x, desc, channel_dim, act, threshold, *params)
     return _forward(_NoGraph(), x, desc, channel_dim, act, params)

@@ -64,16 +64,10 @@ def filter_response_norm(
     cd = channel_axis(x.ndim, channel_dim)
     if learned_eps is None and engine.route("frn", x, cd) == "kernels":
         # the engine: RMS norm per (sample, channel), i.e. one group per channel, uncentred
+        # (the TLU in the engine's output pass, its gradient and tau's in its backward passes)
         desc = GroupStats(x.shape[cd], abs(eps), center=False)
         desc.reference = lambda x, w, b: filter_response_norm(x, w, b, eps=eps, channel_dim=cd)
-        if tau is None:
-            return engine.run(desc, x, cd, (weight, bias))
-        # TLU in the engine's output pass: max(y, tau) = relu(y - tau) + tau
-        shift = -tau if bias is None else bias - tau
-        z = engine.run(desc, x, cd, (weight, shift), engine.epilogue("relu"))
-        # in place: z is the engine's fresh output and its backward does not read it (a new
-        # input-sized buffer would cost page faults as well as its pass)
-        return z.add_(per_channel(tau, x.ndim, cd).to(z.dtype))
+        return engine.run(desc, x, cd, (weight, bias), None if tau is None else engine.epilogue("tlu", threshold=tau))
     nu2 = quadratic_mean(x, dims)
     denom = nu2 + abs(eps)
     if learned_eps is not None:
