@@ -16,8 +16,8 @@
  *   evonorm_dx    dx = a * dy * slope(x) + b * (x - m) + k                    read 2, write      3T
  *
  * With keep (the input-gradient buffer), evonorm_red also stores dy * slope(x) there (in x's
- * type) and evonorm_dx reads it back instead of evaluating the map's slope again (a sigmoid or
- * a division a value: dearer than the extra write).
+ * type) and evonorm_dx reads it back instead of evaluating the map's slope again: S0 does (a
+ * sigmoid a value, dearer than the extra write and read), B0 does not (a division: cheaper).
  *
  * (the statistics come from the moments kernel; the adjoints are in
  * normlab/engine/describe_modern.py). Per-(n, c) arrays are double (N, C) (D, E unused by S0);
