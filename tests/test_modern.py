@@ -488,3 +488,29 @@ def test_dyt_float32_within_rounding_of_torch_tanh():
     m = _random_params(normlab.make_norm("dyt", 16, channel_dim=-1))
     ref = m.weight.detach() * torch.tanh(m.alpha.detach() * x.double()).float() + m.bias.detach()
     torch.testing.assert_close(m(x), ref, rtol=0, atol=6e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["first", "channels_last"])
+@pytest.mark.parametrize("spec", ["evos0:2", "evob0"])
+def test_evonorm_engine_parameter_gradients_without_input_gradient(spec, layout, dtype):
+    # an input that needs no gradient: the engine's sums pass runs without the input-gradient
+    # buffer (its own loop in evonorm_impl.h); the parameters' gradients equal the plain path's
+    from _helpers import graph_nodes
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 6, 5, 7, generator=g) + 0.4).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    grads = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        m = _random_params(normlab.make_norm(spec, 6))
+        with NF.fast_path(fast):
+            y = m(x)
+        assert ("EngineNormBackward" in graph_nodes(y)) == fast
+        y.backward(dy)
+        grads.append([p.grad for p in m.parameters()])
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.float().abs().max().item()))

@@ -371,3 +371,34 @@ def test_half_precision_input_with_float32_state():
     ref = make(4)
     ref(x.detach().double())
     assert_close(layer.stream_mean, ref.stream_mean, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 300])  # 300: two blocks of decayed_cumsum
+def test_streams_equal_their_recurrences_written_out(n, dtype):
+    # decayed_cumsum (cached weights) and control_scan against the step-by-step loops of the
+    # forward statistics and the control v, in float64 numpy; two decays in turn (the cache
+    # must not mix them), coefficients of control_scan on both sides of 0
+    from normlab.functional._online_stream import control_scan, decayed_cumsum
+
+    rng = np.random.default_rng(n)
+    first, inc, coef = rng.standard_normal(5), rng.standard_normal((n, 5)), rng.uniform(-1.5, 1.5, (n, 5))
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for decay in (0.999, 0.5, 0.999):
+        before, last = decayed_cumsum(torch.tensor(first, dtype=dtype), torch.tensor(inc, dtype=dtype), decay)
+        s, expect = first.copy(), []
+        for t in range(n):
+            expect.append(s.copy())
+            s = decay * s + inc[t]
+        assert before.dtype == dtype and before.shape == (n, 5)
+        assert_close(before, np.stack(expect), rtol=tol, atol=tol)
+        assert_close(last, s, rtol=tol, atol=tol)
+    before, last = control_scan(torch.tensor(first, dtype=dtype), torch.tensor(inc, dtype=dtype),
+                                torch.tensor(coef, dtype=dtype))
+    s, expect = first.copy(), []
+    for t in range(n):
+        expect.append(s.copy())
+        s = coef[t] * s + inc[t]
+    scale = max(1.0, np.abs(np.stack(expect)).max())
+    assert_close(before, np.stack(expect), rtol=tol, atol=tol * scale)
+    assert_close(last, s, rtol=tol, atol=tol * max(1.0, np.abs(s).max()))

@@ -16,8 +16,8 @@
  *   evonorm_dx    dx = a * dy * slope(x) + b * (x - m) + k                    read 2, write      3T
  *
  * With keep (the input-gradient buffer), evonorm_red also stores dy * slope(x) there (in x's
- * type) and evonorm_dx reads it back instead of evaluating the map's slope again (a sigmoid or
- * a division a value: dearer than the extra write).
+ * type) and evonorm_dx reads it back instead of evaluating the map's slope again: S0 does (a
+ * sigmoid a value, dearer than the extra write and read), B0 does not (a division: cheaper).
  *
  * (the statistics come from the moments kernel; the adjoints are in
  * normlab/engine/describe_modern.py). Per-(n, c) arrays are double (N, C) (D, E unused by S0);
@@ -52,22 +52,25 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
     return D >= r ? u : E * u * u;
 }
 
-/* the five terms of one element (see above), and sl_ = slope(x) */
+/* the five terms of one element (see above), and sl_ = slope(x). S0 with w_ = x s (1 - s):
+ * t0 = dy x s, t2 = dy x w_, slope s + v w_. B0 with q_ = dy x u^2: t2, t3 = q_ on the left,
+ * right side, t4 = x t3, slope u (left) or E u^2 (right). */
 #define EV_TERMS(kind, xv, dv, vc, D, E)                                                                       \
     F t0, t1 = (dv), t2, t3, t4, sl_;                                                                          \
     if ((kind) == 0) {                                                                                         \
         F s_ = EP_SIGMOIDA((vc) * (xv));                                                                       \
-        t0 = (dv) * (xv) * s_;                                                                                 \
-        t2 = (dv) * (xv) * (xv) * s_ * ((F)1 - s_);                                                            \
+        F xs_ = (xv) * s_, w_ = xs_ - xs_ * s_, dx_ = (dv) * (xv);                                             \
+        t0 = (dv) * xs_;                                                                                       \
+        t2 = dx_ * w_;                                                                                         \
         t3 = t4 = 0;                                                                                           \
-        sl_ = s_ + (vc) * (xv) * s_ * ((F)1 - s_);                                                             \
+        sl_ = s_ + (vc) * w_;                                                                                  \
     } else {                                                                                                   \
         F r_ = (vc) * (xv) + (E), l_ = (D) >= r_ ? (F)1 : (F)0, u_ = (F)1 / ((D) >= r_ ? (D) : r_);            \
-        F q_ = (dv) * (xv) * u_ * u_;                                                                          \
-        t0 = (dv) * (xv) * u_;                                                                                 \
+        F du_ = (dv) * (xv) * u_, q_ = du_ * u_;                                                               \
+        t0 = du_;                                                                                              \
         t2 = l_ * q_;                                                                                          \
-        t3 = ((F)1 - l_) * q_;                                                                                 \
-        t4 = ((F)1 - l_) * q_ * (xv);                                                                          \
+        t3 = q_ - t2;                                                                                          \
+        t4 = t3 * (xv);                                                                                        \
         sl_ = l_ * u_ + ((F)1 - l_) * (E) * u_ * u_;                                                           \
     }
 
@@ -92,14 +95,27 @@ int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const 
 static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, const T *d, const T *p, i64 k, F vc,
                                                                 F D, F E, double *acc, T *kp) {
     A a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+    if (kp) { /* (two loops: no branch inside the vector loop) */
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
-    for (i64 i = 0; i < k; i++) {
-        F xv = LD(p[i]), dv = LD(d[i]);
-        EV_TERMS(kind, xv, dv, vc, D, E)
-        if (kp) kp[i] = ST(dv * sl_);
-        a0 += t0, a1 += t1, a2 += t2, a3 += t3, a4 += t4;
+        for (i64 i = 0; i < k; i++) {
+            F xv = LD(p[i]), dv = LD(d[i]);
+            EV_TERMS(kind, xv, dv, vc, D, E)
+            kp[i] = ST(dv * sl_);
+            a0 += t0, a1 += t1, a2 += t2;
+            if (kind) a3 += t3, a4 += t4; /* (S0: none) */
+        }
+    } else {
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
+        for (i64 i = 0; i < k; i++) {
+            F xv = LD(p[i]), dv = LD(d[i]);
+            EV_TERMS(kind, xv, dv, vc, D, E)
+            (void)sl_;
+            a0 += t0, a1 += t1, a2 += t2;
+            if (kind) a3 += t3, a4 += t4; /* (S0: none) */
+        }
     }
-    acc[0] += a0, acc[1] += a1, acc[2] += a2, acc[3] += a3, acc[4] += a4;
+    acc[0] += a0, acc[1] += a1, acc[2] += a2;
+    if (kind) acc[3] += a3, acc[4] += a4;
 }
 
 int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind, const double *v,
@@ -188,13 +204,25 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
     for (i64 c = 0; c < 5 * CB; c++) acc[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
-        T *q = kp ? kp + l * C : NULL;
+        if (kp) { /* (two loops: no branch inside the vector loop) */
+            T *q = kp + l * C;
 #pragma omp simd
-        for (i64 c = 0; c < w; c++) {
-            F xv = LD(p[c]), dv = LD(d[c]);
-            EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
-            if (q) q[c] = ST(dv * sl_);
-            a0[c] += t0, a1[c] += t1, a2[c] += t2, a3[c] += t3, a4[c] += t4;
+            for (i64 c = 0; c < w; c++) {
+                F xv = LD(p[c]), dv = LD(d[c]);
+                EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
+                q[c] = ST(dv * sl_);
+                a0[c] += t0, a1[c] += t1, a2[c] += t2;
+                if (kind) a3[c] += t3, a4[c] += t4;
+            }
+        } else {
+#pragma omp simd
+            for (i64 c = 0; c < w; c++) {
+                F xv = LD(p[c]), dv = LD(d[c]);
+                EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
+                (void)sl_;
+                a0[c] += t0, a1[c] += t1, a2[c] += t2;
+                if (kind) a3[c] += t3, a4[c] += t4;
+            }
         }
     }
 }

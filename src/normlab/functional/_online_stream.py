@@ -18,8 +18,6 @@ and two passes for ``dx``. Only ``x`` and (N, C) statistics are saved.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -27,13 +25,31 @@ from torch.autograd.function import once_differentiable
 from .. import _kernels
 from ..engine.routing import dy_view, kernel_views
 
-__all__ = ["OnlineTrain", "decayed_cumsum", "scan"]
+__all__ = ["OnlineTrain", "control_scan", "decayed_cumsum"]
 
 
 def _moments_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 _BLOCK = 256  # samples per block of decayed_cumsum: the (block x block) weight matrix stays small
+_WEIGHTS: dict[tuple, tuple[Tensor, Tensor]] = {}
+_MAX_WEIGHTS = 64
+
+
+def _weights(m: int, decay: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The lower-triangular (m x m) weights ``decay^(t-1-k)`` (k < t, else 0) and the (m, 1) powers
+    ``decay^t`` of :func:`decayed_cumsum`, built once per (m, decay, dtype, device) and cached."""
+    key = (m, decay, dtype, device)
+    got = _WEIGHTS.get(key)
+    if got is None:
+        idx = torch.arange(m, dtype=dtype, device=device)
+        e = idx[:, None] - 1 - idx[None, :]  # decay exponent t-1-k, used where k < t
+        w = torch.where(e >= 0, torch.full_like(e, decay).pow(e.clamp_min(0)), torch.zeros_like(e))
+        powers = torch.full((m, 1), decay, dtype=dtype, device=device).pow(idx[:, None])
+        if len(_WEIGHTS) >= _MAX_WEIGHTS:
+            _WEIGHTS.clear()
+        got = _WEIGHTS[key] = (w, powers)
+    return got
 
 
 def decayed_cumsum(first: Tensor, inc: Tensor, decay: float) -> tuple[Tensor, Tensor]:
@@ -41,30 +57,30 @@ def decayed_cumsum(first: Tensor, inc: Tensor, decay: float) -> tuple[Tensor, Te
     with ``before[t] = s_{t-1}`` (N, C) and ``last = s_{N-1}``.
 
     Closed form ``s_{t-1} = decay^t first + sum_{k<t} decay^(t-1-k) inc[k]``: a lower-triangular
-    (N x N) matrix product, in blocks of 256 samples carrying the state across blocks.
+    (N x N) matrix product, in blocks of 256 samples carrying the state across blocks (the
+    weights cached per block size, decay, dtype and device: a call is a few small operations).
     """
     n = inc.shape[0]
     outs = []
     state = first
     for start in range(0, n, _BLOCK):
         blk = inc[start:start + _BLOCK]
-        m = blk.shape[0]
-        idx = torch.arange(m, dtype=inc.dtype, device=inc.device)
-        e = idx[:, None] - 1 - idx[None, :]  # decay exponent t-1-k, used where k < t
-        w = torch.where(e >= 0, torch.full_like(e, decay).pow(e.clamp_min(0)), torch.zeros_like(e))
-        powers = torch.full((m, 1), decay, dtype=inc.dtype, device=inc.device).pow(idx[:, None])
-        before = powers * state + w @ blk
+        w, powers = _weights(blk.shape[0], float(decay), inc.dtype, inc.device)
+        before = torch.addmm(powers * state, w, blk)
         outs.append(before)
-        state = decay * before[-1] + blk[-1]
-    return torch.cat(outs), state
+        state = torch.add(blk[-1], before[-1], alpha=decay)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), state
 
 
-def scan(n: int, state: Tensor, step: Callable[[int, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """``before[t]`` = the state before step t, for t = 0..n-1, and the state after the last."""
+def control_scan(first: Tensor, inc: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
+    """States of ``s_t = coef[t] * s_{t-1} + inc[t]`` from ``s_{-1} = first`` (a coefficient that
+    changes with t: online norm's control ``v``), as :func:`decayed_cumsum` returns them:
+    ``(before, last)``. One fused multiply-add of (C,) rows a sample."""
     before = []
-    for t in range(n):
+    state = first
+    for c, i in zip(coef.unbind(0), inc.unbind(0)):
         before.append(state)
-        state = step(t, state)
+        state = torch.addcmul(i, state, c)
     return torch.stack(before), state
 
 
@@ -135,7 +151,7 @@ class OnlineTrain(torch.autograd.Function):
         g_mean, gy_mean = w * dz_sum / length, w * dzy_sum / length
         yy, y_mean = (var + delta * delta) * r * r, delta * r
         # the control process (see online_norm): v has a t-dependent coefficient, u does not
-        v_before, v_after = scan(ctx.n, control_v.to(work), lambda t, vv: vv + gy_mean[t] - b * vv * yy[t])
+        v_before, v_after = control_scan(control_v.to(work), gy_mean, 1 - b * yy)
         g2_mean = (g_mean - b * v_before * y_mean) * r
         u_before, u_after = decayed_cumsum(control_u.to(work), g2_mean, 1 - b)
         control_v.copy_(v_after)

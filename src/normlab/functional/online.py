@@ -24,7 +24,7 @@ from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
 from ..engine import affine_eval, route
-from ._online_stream import OnlineTrain, decayed_cumsum, scan
+from ._online_stream import OnlineTrain, control_scan, decayed_cumsum
 
 ECMS = ("ls", "ac", None)
 
@@ -103,7 +103,7 @@ class _OnlineNormalize(torch.autograd.Function):
         # 1. g~_t = g_t - (1-a_b) v_{t-1} y_t;  v_t = v_{t-1} + mean(g~_t y_t)
         #    i.e. v_t = v_{t-1} + mean(g_t y_t) - (1-a_b) v_{t-1} mean(y_t^2): a scan on (C,)
         yy = ctx.y_sq_mean
-        v_before, v_after = scan(n, control_v.to(work), lambda t, v: v + gy_mean[t] - b * v * yy[t])
+        v_before, v_after = control_scan(control_v.to(work), gy_mean, 1 - b * yy)
         if weight is not None:
             g_tilde = dz * per_channel(w, y.ndim, ctx.cd)
             g_tilde.addcmul_(yw, v_before.reshape(shape), value=-b)
