@@ -56,14 +56,32 @@ static i64 rows_per_block(i64 c, i64 size) {
     return r < MIN_ROWS ? MIN_ROWS : MIN(r, MAX_ROWS);
 }
 
-/* merge (nb, mb, qb) into (*na, *ma, *qa): Chan's exact pairwise update */
+/* Chan's exact pairwise update, merging (nb, mb, qb) into (na, ma, qa): the weights depend on
+ * the counts alone, fb = nb / (na + nb) and fq = na nb / (na + nb), so that a row of channels
+ * with one count (a channels-last block) shares them and its merge vectorises (merge_row) */
+static inline __attribute__((always_inline)) void merge_with(double *ma, double *qa, double mb, double qb,
+                                                             double fb, double fq) {
+    if (qb < 0.0) qb = 0.0; /* a corrected two-pass sum can round below 0 */
+    double d = mb - *ma;
+    *ma += d * fb;
+    *qa += qb + d * d * fq;
+}
+
+/* merge (nb, mb, qb) into (*na, *ma, *qa) */
 static inline void merge(double *na, double *ma, double *qa, double nb, double mb, double qb) {
     if (nb == 0.0) return;
     double n = *na + nb;
-    if (qb < 0.0) qb = 0.0; /* a corrected two-pass sum can round below 0 */
-    double d = mb - *ma;
-    *ma += d * (nb / n);
-    *qa += qb + d * d * (*na * nb / n);
+    merge_with(ma, qa, mb, qb, nb / n, *na * nb / n);
+    *na = n;
+}
+
+/* the same for w channels that all have the counts *na and nb: (mb[c], qb[c]) into (ma[c], qa[c]) */
+static inline void merge_row(double *na, double *ma, double *qa, i64 w, double nb, const double *mb,
+                             const double *qb) {
+    if (nb == 0.0) return;
+    double n = *na + nb, fb = nb / n, fq = *na * nb / n;
+#pragma omp simd
+    for (i64 c = 0; c < w; c++) merge_with(&ma[c], &qa[c], mb[c], qb[c], fb, fq);
     *na = n;
 }
 

@@ -300,6 +300,21 @@ static inline __attribute__((always_inline)) void S(block_moments)(const T *p0, 
     }
 }
 
+/* a block's exact mean and M2 per channel, in double (q is about mu; the exact mean is
+ * mu + e / k): the full-width call with a literal CB is the vectorised one */
+static inline __attribute__((always_inline)) void S(block_moments_exact)(const T *p0, i64 k, i64 C, i64 w,
+                                                                         double *pm, double *pq) {
+    A mu[CB], e[CB], q[CB];
+    if (w == CB)
+        S(block_moments)(p0, k, C, CB, mu, e, q);
+    else
+        S(block_moments)(p0, k, C, w, mu, e, q);
+    for (i64 c = 0; c < w; c++) {
+        pm[c] = (double)mu[c] + (double)e[c] / k;
+        pq[c] = (double)q[c] - (double)e[c] * e[c] / k;
+    }
+}
+
 static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                   const A *m, A *sg, A *sh) {
     for (i64 c = 0; c < w; c++) sg[c] = sh[c] = 0;
@@ -354,19 +369,20 @@ static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, con
     }
 }
 
-/* merge per-(item, c) partial moments over the blocks of each sample */
+/* merge per-(item, c) partial moments over the blocks of each sample, in block order, CB
+ * channels of a sample per work item (vectorised over the channels: merge_row) */
 static void S(merge_blocks)(const double *pm, const double *pq, i64 N, i64 L, i64 C, i64 R, i64 nb, double *mean,
                             double *m2, int nt) {
+    i64 ncb = (C + CB - 1) / CB;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        i64 n = r / C, c = r % C;
-        double na = 0.0, ma = 0.0, qa = 0.0;
+    for (i64 it = 0; it < N * ncb; it++) {
+        i64 n = it / ncb, c0 = (it % ncb) * CB, w = MIN(CB, C - c0);
+        double na = 0.0, *ma = mean + n * C + c0, *qa = m2 + n * C + c0;
+        for (i64 c = 0; c < w; c++) ma[c] = qa[c] = 0.0;
         for (i64 b = 0; b < nb; b++) {
-            i64 at = (n * nb + b) * C + c;
-            merge(&na, &ma, &qa, (double)MIN(R, L - b * R), pm[at], pq[at]);
+            i64 at = (n * nb + b) * C + c0;
+            merge_row(&na, ma, qa, w, (double)MIN(R, L - b * R), pm + at, pq + at);
         }
-        mean[r] = ma;
-        m2[r] = qa;
     }
 }
 
@@ -378,19 +394,9 @@ int S(nl_moments_cl)(const T *x, i64 N, i64 L, i64 C, double *mean, double *m2, 
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * nb; it++) {
         i64 n = it / nb, l0 = (it % nb) * R, k = MIN(R, L - l0);
-        for (i64 c0 = 0; c0 < C; c0 += CB) {
-            A mu[CB], e[CB], q[CB];
-            i64 w = MIN(CB, C - c0);
-            const T *p0 = x + (n * L + l0) * C + c0;
-            if (w == CB)
-                S(block_moments)(p0, k, C, CB, mu, e, q);
-            else
-                S(block_moments)(p0, k, C, w, mu, e, q);
-            for (i64 c = 0; c < w; c++) {
-                pm[it * C + c0 + c] = (double)mu[c] + (double)e[c] / k;
-                pq[it * C + c0 + c] = (double)q[c] - (double)e[c] * e[c] / k;
-            }
-        }
+        for (i64 c0 = 0; c0 < C; c0 += CB)
+            S(block_moments_exact)(x + (n * L + l0) * C + c0, k, C, MIN(CB, C - c0), pm + it * C + c0,
+                                   pq + it * C + c0);
     }
     S(merge_blocks)(pm, pq, N, L, C, R, nb, mean, m2, nt);
     free(pm);
@@ -427,18 +433,27 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
             }
         }
     }
+    /* the blocks' sums in block order, CB channels of a sample per work item, vectorised */
+    i64 ncb = (C + CB - 1) / CB;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        i64 n = r / C, c = r % C;
-        double sg = 0.0, sh = 0.0, se = 0.0;
-        for (i64 b = 0; b < nb; b++) {
-            sg += pg[(n * nb + b) * C + c];
-            sh += ph[(n * nb + b) * C + c];
-            se += pe[(n * nb + b) * C + c];
+    for (i64 it = 0; it < N * ncb; it++) {
+        i64 n = it / ncb, c0 = (it % ncb) * CB, w = MIN(CB, C - c0);
+        double *gs = g + n * C + c0, *hs = h + n * C + c0, *es = THRESHOLDED(act) ? e + n * C + c0 : NULL;
+        for (i64 c = 0; c < w; c++) {
+            gs[c] = hs[c] = 0.0;
+            if (es) es[c] = 0.0;
         }
-        g[r] = sg;
-        h[r] = sh;
-        if (THRESHOLDED(act)) e[r] = se;
+        for (i64 b = 0; b < nb; b++) {
+            i64 at = (n * nb + b) * C + c0;
+#pragma omp simd
+            for (i64 c = 0; c < w; c++) {
+                gs[c] += pg[at + c];
+                hs[c] += ph[at + c];
+            }
+            if (es)
+#pragma omp simd
+                for (i64 c = 0; c < w; c++) es[c] += pe[at + c];
+        }
     }
     free(pg);
     return 0;
@@ -503,34 +518,28 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        double *na = malloc(sizeof(double) * C * 3), *ma = na + C, *qa = na + 2 * C;
+        /* per channel: a block's mean and M2, the sample's so far */
+        double *pm = malloc(sizeof(double) * C * 4), *pq = pm + C, *ma = pm + 2 * C, *qa = pm + 3 * C;
         F *cm = malloc(sizeof(F) * C * 4), *cs = cm + C, *cb = cm + 2 * C, *ct = cm + 3 * C;
-        if (!na || !cm) failed = 1;
+        if (!pm || !cm) failed = 1;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            if (!na || !cm) continue;
+            if (!pm || !cm) continue;
             const T *xs = x + n * L * C;
             T *ys = y + n * L * C;
-            for (i64 c = 0; c < C; c++) na[c] = ma[c] = qa[c] = 0.0;
+            for (i64 c = 0; c < C; c++) ma[c] = qa[c] = 0.0;
+            double cnt = 0.0; /* every channel's count */
             for (i64 l0 = 0; l0 < L; l0 += R) {
                 i64 k = MIN(R, L - l0);
-                for (i64 c0 = 0; c0 < C; c0 += CB) {
-                    A mu[CB], e[CB], q[CB];
-                    i64 w = MIN(CB, C - c0);
-                    if (w == CB)
-                        S(block_moments)(xs + l0 * C + c0, k, C, CB, mu, e, q);
-                    else
-                        S(block_moments)(xs + l0 * C + c0, k, C, w, mu, e, q);
-                    for (i64 c = 0; c < w; c++)
-                        merge(&na[c0 + c], &ma[c0 + c], &qa[c0 + c], (double)k, (double)mu[c] + (double)e[c] / k,
-                              (double)q[c] - (double)e[c] * e[c] / k);
-                }
+                for (i64 c0 = 0; c0 < C; c0 += CB)
+                    S(block_moments_exact)(xs + l0 * C + c0, k, C, MIN(CB, C - c0), pm + c0, pq + c0);
+                merge_row(&cnt, ma, qa, C, (double)k, pm, pq);
             }
             for (i64 g = 0; g < G; g++) { /* the group's moments, then its coefficients */
                 double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
                 for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
-                    merge(&gn, &gm, &gq, na[c], ma[c], qa[c]);
-                    ms += qa[c] + na[c] * ma[c] * ma[c];
+                    merge(&gn, &gm, &gq, cnt, ma[c], qa[c]);
+                    ms += qa[c] + cnt * ma[c] * ma[c];
                 }
                 double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
                 for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
@@ -548,7 +557,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
             }
             for (i64 l = 0; l < L; l++) S(affine_row_cl)(xs + l * C, ys + l * C, C, cm, cs, cb, act, (F)slope, ct);
         }
-        free(na);
+        free(pm);
         free(cm);
     }
     return failed;
