@@ -19,7 +19,9 @@ from normlab import _kernels
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason=_kernels.status())
 
-SHAPES = [(3, 5, 7), (1, 1, 1), (2, 1, 600), (4, 3, 1), (2, 70, 33), (3, 200, 9), (1, 16, 4099), (5, 64, 130)]
+# (2, 70, 600): channels-last blocks of rows merged with a partial channel block (70 = 64 + 6)
+SHAPES = [(3, 5, 7), (1, 1, 1), (2, 1, 600), (4, 3, 1), (2, 70, 33), (3, 200, 9), (1, 16, 4099), (5, 64, 130),
+          (2, 70, 600)]
 
 
 def _data(shape, dtype, layout, far=False, seed=0):
