@@ -89,3 +89,21 @@ def test_activation_exp_in_its_range_and_clamped_beyond():
     want = torch.exp(far.clamp(-86, 88).double()).float()
     torch.testing.assert_close(_math("exp_act", far), want, rtol=2e-7, atol=0)
     assert torch.isnan(_math("exp_act", torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_types_activation_exp_within_one_ulp(dtype):
+    # the half types' epilogue exp (nl_expf_half: a shorter polynomial) rounds to the nearest
+    # or next half-precision value of exp over the epilogues' range, and clamps beyond it
+    x = torch.linspace(-86, 88, 400_001).to(dtype).unique()
+    got, ref = _math("exp_act", x), torch.exp(x.double())
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp(min=torch.finfo(dtype).tiny)
+    fin = torch.isfinite(ref.to(dtype))
+    assert ((got.double() - ref).abs()[fin] <= ulp[fin]).all()
+    # and it is correctly rounded but for values within its 1.6e-5 of a rounding midpoint (a
+    # polynomial one degree shorter, 3e-4, would misround about half of the float16 values)
+    assert (got[fin] != ref[fin].to(dtype)).double().mean().item() < 0.01
+    assert torch.isinf(got[~fin]).all()  # (float16 beyond 11.09: overflow, as torch's exp)
+    far = torch.tensor([-1e30, -500.0, 1000.0, float("inf"), float("-inf")]).to(dtype)
+    assert torch.equal(_math("exp_act", far), torch.exp(far.double().clamp(-86, 88)).to(dtype))
+    assert torch.isnan(_math("exp_act", torch.tensor([float("nan")], dtype=dtype))).all()

@@ -239,6 +239,8 @@ static inline uint16_t f16_st(float f) {
 #define F float
 #define A float
 #define CB (4 * VEC_BYTES / 4)
+#undef EP_EXPA
+#define EP_EXPA nl_expf_half
 #if UNIT(3)
 #define LD(v) bf16_ld(v)
 #define ST(v) bf16_st(v)

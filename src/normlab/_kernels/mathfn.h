@@ -15,6 +15,11 @@
  *                bits in one integer add (no subnormal or overflow handling: 10 fewer
  *                operations): for the activation epilogues (SiLU, GELU), whose results do not
  *                depend on exp beyond that range.
+ *   nl_expf_half the same for the half-precision types' epilogues: ln 2 in one part and a
+ *                degree-4 polynomial (1.6e-5 relative: 0.02 of a float16 ulp, under a
+ *                thousandth of a bfloat16 one), three operations fewer; fused SiLU in
+ *                bfloat16, which is bound by this arithmetic, took 0.84 of norm then SiLU
+ *                instead of 0.90 (mean of five pairs, two runs each, 2 threads).
  *
  * The coefficients are near-minimax fits of the relative error in float64
  * (benchmarks/fit_mathfn.py); the float32 errors against float64 torch are measured by
@@ -81,6 +86,19 @@ static inline float nl_expf_act(float x) {
     p = NL_FMA(p, r, 0.041668389f);
     p = NL_FMA(p, r, 0.166665211f);
     p = NL_FMA(p, r, 0.49999994f);
+    nl_bits e;
+    e.f = NL_FMA(p, r * r, r) + 1.0f;
+    e.u += (uint32_t)(int32_t)kf << 23;
+    return e.f;
+}
+
+static inline float nl_expf_half(float x) {
+    x = nl_clampf(x, -86.0f, 88.0f);
+    const float shifter = 0x1.8p23f;
+    float kf = (x * 1.44269504f + shifter) - shifter;
+    float r = NL_FMA(kf, -0.693147182f, x); /* ln 2 in one part: |k| <= 127 loses < 1e-5 of r */
+    float p = NL_FMA(0.0398786701f, r, 0.167361051f);
+    p = NL_FMA(p, r, 0.500155461f);
     nl_bits e;
     e.f = NL_FMA(p, r * r, r) + 1.0f;
     e.u += (uint32_t)(int32_t)kf << 23;
