@@ -61,48 +61,50 @@ static inline float nl_pow2i(int32_t k) {
     return b.f;
 }
 
-static inline float nl_expf(float x) {
-    x = nl_clampf(x, -104.0f, 88.75f);
-    const float shifter = 0x1.8p23f; /* adding it rounds to an integer (|x / ln 2| < 2^22) */
-    float kf = (x * 1.44269504f + shifter) - shifter;
-    float r = NL_FMA(kf, -0.693145752f, x);   /* ln 2, high part (exact times any k here) */
-    r = NL_FMA(kf, -1.42860677e-06f, r);       /* ln 2, low part */
+/* x = k ln 2 + r, k the nearest integer to x / ln 2 (|x / ln 2| < 2^22), returned in *kf as a
+ * float: ln 2 in two parts (the high part exact times any such k), or in one where a relative
+ * error of 1e-5 in r is below the result's precision (the half types) */
+static inline float nl_exp_reduce(float x, float *kf, int two_part) {
+    const float shifter = 0x1.8p23f; /* adding it rounds to an integer */
+    *kf = (x * 1.44269504f + shifter) - shifter;
+    if (!two_part) return NL_FMA(*kf, -0.693147182f, x);
+    float r = NL_FMA(*kf, -0.693145752f, x);
+    return NL_FMA(*kf, -1.42860677e-06f, r);
+}
+
+/* exp(r) on |r| <= ln2 / 2 as 1 + r + r^2 P(r), P of degree 4 */
+static inline float nl_exp_poly(float r) {
     float p = NL_FMA(0.00138146128f, r, 0.00836871006f);
     p = NL_FMA(p, r, 0.041668389f);
     p = NL_FMA(p, r, 0.166665211f);
     p = NL_FMA(p, r, 0.49999994f);
-    float e = NL_FMA(p, r * r, r) + 1.0f;
+    return NL_FMA(p, r * r, r) + 1.0f;
+}
+
+/* e 2^k where the result is a normal float: k added to the exponent bits */
+static inline float nl_scale_normal(float e, float kf) {
+    nl_bits b;
+    b.f = e;
+    b.u += (uint32_t)(int32_t)kf << 23;
+    return b.f;
+}
+
+static inline float nl_expf(float x) {
+    float kf, r = nl_exp_reduce(nl_clampf(x, -104.0f, 88.75f), &kf, 1);
     int32_t k = (int32_t)kf, k1 = k / 2; /* two factors: 2^k may lie outside the normal range */
-    return e * nl_pow2i(k1) * nl_pow2i(k - k1);
+    return nl_exp_poly(r) * nl_pow2i(k1) * nl_pow2i(k - k1);
 }
 
 static inline float nl_expf_act(float x) {
-    x = nl_clampf(x, -86.0f, 88.0f); /* the result stays a normal float */
-    const float shifter = 0x1.8p23f;
-    float kf = (x * 1.44269504f + shifter) - shifter;
-    float r = NL_FMA(kf, -0.693145752f, x);
-    r = NL_FMA(kf, -1.42860677e-06f, r);
-    float p = NL_FMA(0.00138146128f, r, 0.00836871006f);
-    p = NL_FMA(p, r, 0.041668389f);
-    p = NL_FMA(p, r, 0.166665211f);
-    p = NL_FMA(p, r, 0.49999994f);
-    nl_bits e;
-    e.f = NL_FMA(p, r * r, r) + 1.0f;
-    e.u += (uint32_t)(int32_t)kf << 23;
-    return e.f;
+    float kf, r = nl_exp_reduce(nl_clampf(x, -86.0f, 88.0f), &kf, 1); /* the result stays normal */
+    return nl_scale_normal(nl_exp_poly(r), kf);
 }
 
 static inline float nl_expf_half(float x) {
-    x = nl_clampf(x, -86.0f, 88.0f);
-    const float shifter = 0x1.8p23f;
-    float kf = (x * 1.44269504f + shifter) - shifter;
-    float r = NL_FMA(kf, -0.693147182f, x); /* ln 2 in one part: |k| <= 127 loses < 1e-5 of r */
-    float p = NL_FMA(0.0398786701f, r, 0.167361051f);
+    float kf, r = nl_exp_reduce(nl_clampf(x, -86.0f, 88.0f), &kf, 0);
+    float p = NL_FMA(0.0398786701f, r, 0.167361051f); /* P of degree 2 */
     p = NL_FMA(p, r, 0.500155461f);
-    nl_bits e;
-    e.f = NL_FMA(p, r * r, r) + 1.0f;
-    e.u += (uint32_t)(int32_t)kf << 23;
-    return e.f;
+    return nl_scale_normal(NL_FMA(p, r * r, r) + 1.0f, kf);
 }
 
 static inline float nl_tanhf(float x) {
