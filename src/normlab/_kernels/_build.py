@@ -225,12 +225,14 @@ def _run_all(commands: list[list[str]], work: Path) -> None:
              for cmd, log in zip(commands, logs)]
     deadline = time.monotonic() + _TIMEOUT_S
     try:
-        while None in [proc.poll() for proc in procs]:  # (a list: every process polled, so each returncode is set)
+        while True:
+            running = [proc.poll() is None for proc in procs]  # (every one polled: each returncode set)
             _raise_failed(commands, procs, logs)
+            if not any(running):
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{commands[0][0]} took more than {_TIMEOUT_S} s")
             time.sleep(0.05)
-        _raise_failed(commands, procs, logs)
     finally:
         for proc, log in zip(procs, logs):
             if proc.poll() is None:

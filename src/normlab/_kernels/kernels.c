@@ -25,8 +25,7 @@
  *
  * kernels_impl.h holds the kernels; it is included once per element type. Each element type
  * is its own translation unit: the build compiles this file once per NL_UNIT (1 float32,
- * 2 float64, 3 bfloat16, 4 float16), in parallel, and links the four; NL_UNIT 0 (the default)
- * compiles all four in one.
+ * 2 float64, 3 bfloat16, 4 float16), in parallel, and links the four.
  */
 #include <stdint.h>
 #include <math.h>
@@ -38,9 +37,9 @@
 typedef int64_t i64;
 
 #ifndef NL_UNIT
-#define NL_UNIT 0
+#error "kernels.c is compiled once per element type: -DNL_UNIT=1 (float32) .. 4 (float16), see _build.py"
 #endif
-#define UNIT(k) (NL_UNIT == 0 || NL_UNIT == (k))
+#define UNIT(k) (NL_UNIT == (k))
 
 #define BLOCK_BYTES 32768 /* rows of one channels-last block: stay in L1 for the second pass */
 #define CF_CHUNK 4096     /* channel-first rows are summed in chunks of this many values */
