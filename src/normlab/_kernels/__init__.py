@@ -328,12 +328,20 @@ def _rows(t: Tensor) -> tuple[int, int]:
     return tuple(t.shape)  # type: ignore[return-value]
 
 
+_COMPUTE = {torch.float64: torch.float64}  # the kernels' compute type F: float32 but for double
+
+
+def _row_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The row kernels' weight, in their compute type (no copy for a float32 layer)."""
+    return None if weight is None else weight.detach().to(_COMPUTE.get(dtype, torch.float32)).contiguous()
+
+
 def rowrms_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None) -> Tensor:
     """RMS norm of each row of a contiguous (M, C) matrix into ``out``; returns the rows' 1/rms, float64 (M,)."""
     m, c = _rows(x)
     _rows(out)
     rstd = torch.empty(m, dtype=torch.float64)
-    w = _opt(weight)
+    w = _row_weight(weight, x.dtype)
     _check(getattr(_lib(), f"nl_rowrms_fwd_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(out), m, c, float(eps),
                                                        None if w is None else _ptr(w), _ptr(rstd),
                                                        torch.get_num_threads()), "rowrms_fwd")
@@ -345,7 +353,7 @@ def rowrms_backward(dy: Tensor, x: Tensor, out: Tensor, weight: Tensor | None, r
     """The input gradient of :func:`rowrms_forward` into ``out``; returns the weight's, float64 (C,), if asked."""
     m, c = _rows(x)
     _rows(dy), _rows(out)
-    w = _opt(weight)
+    w = _row_weight(weight, x.dtype)
     dw = torch.empty(c, dtype=torch.float64) if weight_grad else None
     _check(getattr(_lib(), f"nl_rowrms_bwd_{_SUFFIX[x.dtype]}")(_ptr(dy), _ptr(x), _ptr(out), m, c,
                                                        None if w is None else _ptr(w), _ptr(rstd),

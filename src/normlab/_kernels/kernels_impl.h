@@ -702,7 +702,8 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
 }
 
 /* ---- RMS norm over the channel axis alone (transformer RMSNorm): the rows of an (M, C)
- * matrix, one row per position, y = w * x * rstd with rstd = 1/sqrt(mean(x^2) + eps) per row.
+ * matrix, one row per position, y = w * x * rstd with rstd = 1/sqrt(mean(x^2) + eps) per row;
+ * the weight comes in the compute type F (float32, float64 for double), as a layer holds it.
  * Forward and backward each read every row once (a row stays in L1 between its two uses). ---- */
 static inline A S(row_sumsq)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
@@ -713,7 +714,7 @@ static inline A S(row_sumsq)(const T *p, i64 k) {
     return s + S(lanes_total)(acc);
 }
 
-int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *weight, double *rstd, int nt) {
+int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const F *weight, double *rstd, int nt) {
     F *w = malloc(sizeof(F) * C);
     if (!w) return 1;
     for (i64 c = 0; c < C; c++) w[c] = (F)(weight ? weight[c] : 1.0);
@@ -735,7 +736,7 @@ int S(nl_rowrms_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const double *w
 
 /* dx = rstd * w * dy - x * rstd^3 * sum(w dy x) / C;  dweight = sum over rows of dy x rstd
  * (per-thread partial sums, added in thread order: deterministic for a thread count) */
-int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const double *weight, const double *rstd,
+int S(nl_rowrms_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const F *weight, const double *rstd,
                      double *dw, int nt) {
     int failed = 0;
     F *w = malloc(sizeof(F) * C);

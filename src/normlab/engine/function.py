@@ -58,14 +58,14 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     layout, v = kernel_views(x, cd)  # type: ignore[misc]
     n, c = x.shape[0], x.shape[cd]
     length = v.numel() // max(n * c, 1)
-    y = torch.empty_like(x)
-    yv = kernel_views(y, cd)[1]  # type: ignore[index]
     desc.dtype = x.dtype
     ctx.fused = _fused(desc, layout, n, length, act)
-    if ctx.fused == "rows":
-        rows = v.reshape(-1, c)
-        desc.rstd_rows = _kernels.rowrms_forward(rows, yv.reshape(-1, c), desc.eps, params[0])
-        return y
+    if ctx.fused == "rows":  # (v is x's (N, 1, C) view; the output is made in its shape)
+        yv = torch.empty_like(v)
+        desc.rstd_rows = _kernels.rowrms_forward(v.view(n, c), yv.view(n, c), desc.eps, params[0])
+        return yv.view(x.shape)
+    y = torch.empty_like(x)
+    yv = kernel_views(y, cd)[1]  # type: ignore[index]
     if ctx.fused == "group":
         mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
                                                      params[0], _bias(params), act)

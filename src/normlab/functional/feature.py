@@ -239,18 +239,37 @@ def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tenso
 
 def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6,
                           channel_dim: int = 1) -> Callable[..., Tensor] | None:
-    """The call of torch's RMS-norm kernel that :func:`channel_rms_norm` makes for inputs of
-    ``x``'s signature (channel axis innermost in memory, and not routed to the engine's row
-    passes: :func:`normlab.engine.route`), ready to apply as ``f(x, weight)``; else None.
-    Layers keep it per input signature."""
+    """The call :func:`channel_rms_norm` makes for inputs of ``x``'s signature when their
+    channel axis is innermost in memory: torch's RMS-norm kernel, or the engine's row passes
+    where :func:`normlab.engine.route` says "kernels"; ready to apply as ``f(x, weight)``; else
+    None (the plain path). Layers keep it per input signature, so a call skips the routing."""
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
-    if view is None or route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
+    if view is None:
         return None
-    shape = (x.shape[cd],)
-    if cd == x.ndim - 1:
+    shape, last = (x.shape[cd],), cd == x.ndim - 1
+    if route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
+        rows = _rows_call(x.shape[cd], _rms_eps(eps, x))
+        return rows if last else lambda x, w: rows(x.movedim(cd, -1), w).movedim(-1, cd)
+    if last:
         return lambda x, w: torch.rms_norm(x, shape, w, eps)
     return lambda x, w: torch.rms_norm(x.movedim(cd, -1), shape, w, eps).movedim(-1, cd)
+
+
+def _rows_call(c: int, eps: float) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """RMS norm of each row of C values of a channel-last contiguous input on the engine's row
+    passes: one read of each row forward and backward (torch's CPU RMSNorm is a composite with
+    several full-size temporaries)."""
+
+    def reference(r: Tensor, w: Tensor | None) -> Tensor:
+        return channel_rms_norm(r, w, eps=eps, channel_dim=-1)
+
+    def call(x: Tensor, w: Tensor | None) -> Tensor:
+        desc = GroupStats(1, eps, center=False)  # (positions, 1, C): one "sample" per position
+        desc.reference = reference
+        return engine.run(desc, x.view(-1, 1, c), 2, (w,)).view(x.shape)
+
+    return call
 
 
 def channel_rms_norm(
@@ -261,19 +280,10 @@ def channel_rms_norm(
     ``y = weight_c * x / sqrt(mean_c(x^2) + eps)``; with ``channel_dim=-1`` this is
     ``torch.nn.RMSNorm(C)`` (whose ``eps=None`` means the dtype's machine epsilon).
     """
-    torch_call = channel_rms_norm_call(x, weight, eps=eps, channel_dim=channel_dim)
-    if torch_call is not None:
-        return torch_call(x, weight)
+    call = channel_rms_norm_call(x, weight, eps=eps, channel_dim=channel_dim)
+    if call is not None:
+        return call(x, weight)
     cd = channel_axis(x.ndim, channel_dim)
-    view = _channel_last_view(x, cd)
     e = _rms_eps(eps, x)
-    if view is not None:
-        # the engine's row passes: one read of each row forward and backward (torch's CPU
-        # RMSNorm is a composite with several full-size temporaries)
-        rows = view.reshape(-1, 1, x.shape[cd])  # (positions, 1, C): one "sample" per position
-        desc = GroupStats(1, e, center=False)
-        desc.reference = lambda r, w: channel_rms_norm(r, w, eps=e, channel_dim=-1)
-        y = engine.run(desc, rows, 2, (weight,)).view(view.shape)
-        return y if cd == x.ndim - 1 else y.movedim(-1, cd)
     ms = x.to(_moments.accumulation_dtype(x.dtype)).square().mean(cd, keepdim=True)
     return normalize(x, None, ms, e, weight, None, channel_dim)
