@@ -47,7 +47,8 @@ from torch import Tensor
 
 from . import _build
 
-__all__ = ["EPILOGUES", "Epilogue", "available", "enabled", "status", "supports", "moments", "affine", "reduce", "dx",
+__all__ = ["EPILOGUES", "Epilogue", "available", "enabled", "status", "streaming", "supports", "moments", "affine",
+           "reduce", "dx",
            "group_forward", "group_backward", "rowrms_forward", "rowrms_backward", "threshold_of"]
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -95,6 +96,25 @@ def _lib() -> ctypes.CDLL | None:
                         _state["reason"] = f"unavailable: {exc}"
                 _state["tried"] = True
     return _state["lib"]
+
+
+@contextmanager
+def streaming(min_bytes: int) -> Iterator[None]:
+    """``with streaming(0): ...`` writes the float32/float64 output passes' outputs of at least
+    ``min_bytes`` bytes with streaming (non-temporal) stores (-1: never); the default streams
+    outputs larger than the last-level cache (kernels.c says why). Same values either way; for
+    tests and benchmarks, not thread-safe."""
+    lib = _lib()
+    if lib is None:
+        yield
+        return
+    knob = ctypes.c_int64.in_dll(lib, "nl_stream_min_bytes")
+    before = knob.value
+    knob.value = int(min_bytes)
+    try:
+        yield
+    finally:
+        knob.value = before
 
 
 def supports(dtype: torch.dtype) -> bool:

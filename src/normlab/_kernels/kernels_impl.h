@@ -231,6 +231,25 @@ static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const
     }
 }
 
+/* CALL computes values [i0_, i0_ + k_) of an output run of len values into o_: written in
+ * place at dst when not streaming, else chunk by chunk into an L1 buffer streamed out to dst
+ * (kernels.c: streams, stream_copy) */
+#define STREAMED(st, dst, len, CALL)                                                                           \
+    do {                                                                                                       \
+        if (!(st)) {                                                                                           \
+            const i64 i0_ = 0, k_ = (len);                                                                     \
+            T *o_ = (dst);                                                                                     \
+            CALL;                                                                                              \
+        } else {                                                                                               \
+            T o_[STREAM_CHUNK] __attribute__((aligned(64)));                                                   \
+            for (i64 i0_ = 0; i0_ < (len); i0_ += STREAM_CHUNK) {                                              \
+                const i64 k_ = MIN(STREAM_CHUNK, (len) - i0_);                                                 \
+                CALL;                                                                                          \
+                stream_copy((dst) + i0_, o_, k_ * (i64)sizeof(T));                                             \
+            }                                                                                                  \
+        }                                                                                                      \
+    } while (0)
+
 /* ---- channel-first (N, C, L): one (n, c) row at a time, its coefficients in registers ---- */
 
 void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2, int nt) {
@@ -244,10 +263,16 @@ void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2,
 /* thr: the per-(n, c) thresholds of an activation that has them (THRESHOLDED: TLU), else unread */
 void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
                      const double *shift, int act, double slope, const double *thr, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++)
-        S(affine_row)(x + r * L, y + r * L, L, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope,
-                      THRESHOLDED(act) ? (F)thr[r] : 0);
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < N * C; r++)
+            STREAMED(st, y + r * L, L,
+                     S(affine_row)(x + r * L + i0_, o_, k_, (F)center[r], (F)scale[r], (F)shift[r], act, (F)slope,
+                                   THRESHOLDED(act) ? (F)thr[r] : 0));
+        stream_fence(st);
+    }
 }
 
 /* keep: the input-gradient buffer, where dy' is kept for nl_dx_cf (kept = 1) when KEEPS(act); or NULL.
@@ -269,11 +294,17 @@ void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const doub
                  const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
                  const double *thr, int kept, int nt) {
     kept = kept && KEEPS(act);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++)
-        S(dx_row)(dy + r * L, x + r * L, dx + r * L, L, (F)center[r], (F)a[r], (F)b[r], (F)k[r],
-                  act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope, THRESHOLDED(act) ? (F)thr[r] : 0,
-                  kept ? dx + r * L : NULL);
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < N * C; r++)
+            STREAMED(st, dx + r * L, L,
+                     S(dx_row)(dy + r * L + i0_, x + r * L + i0_, o_, k_, (F)center[r], (F)a[r], (F)b[r], (F)k[r],
+                               act ? (F)scale[r] : 0, act ? (F)shift[r] : 0, act, (F)slope,
+                               THRESHOLDED(act) ? (F)thr[r] : 0, kept ? dx + r * L + i0_ : NULL));
+        stream_fence(st);
+    }
 }
 
 /* ---- channels-last (N, L, C): work items are (sample, block of rows); inside one, CB
@@ -474,11 +505,17 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
     const double *src[4] = {center, scale, shift, thr};
     F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
     if (!co) return 1;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * L; r++) {
-        i64 n = r / L;
-        S(affine_row_cl)(x + r * C, y + r * C, C, co + n * C, co + (N + n) * C, co + (2 * N + n) * C, act, (F)slope,
-                         THRESHOLDED(act) ? co + (3 * N + n) * C : NULL);
+    const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < N * L; r++) {
+            const F *cn = co + r / L * C;
+            STREAMED(st, y + r * C, C,
+                     S(affine_row_cl)(x + r * C + i0_, o_, k_, cn + i0_, cn + N * C + i0_, cn + 2 * N * C + i0_,
+                                      act, (F)slope, THRESHOLDED(act) ? cn + 3 * N * C + i0_ : NULL));
+        }
+        stream_fence(st);
     }
     free(co);
     return 0;
@@ -492,13 +529,21 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     int rows = THRESHOLDED(act) ? 7 : act ? 6 : 4;
     F *co = S(coef_rows)(src, rows, N * C);
     if (!co) return 1;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * L; r++) {
-        i64 n = r / L;
-        const F *row[7];
-        for (int j = 0; j < 7; j++) row[j] = j < rows ? co + (j * N + n) * C : NULL;
-        S(dx_row_cl)(dy + r * C, x + r * C, dx + r * C, C, row[0], row[1], row[2], row[3], row[4], row[5], act,
-                     (F)slope, row[6], kept ? dx + r * C : NULL);
+    const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < N * L; r++) {
+            i64 n = r / L;
+            const F *row[7];
+            for (int j = 0; j < 7; j++) row[j] = j < rows ? co + (j * N + n) * C : NULL;
+#define AT(j) (row[j] ? row[j] + i0_ : NULL)
+            STREAMED(st, dx + r * C, C,
+                     S(dx_row_cl)(dy + r * C + i0_, x + r * C + i0_, o_, k_, AT(0), AT(1), AT(2), AT(3), AT(4), AT(5),
+                                  act, (F)slope, AT(6), kept ? dx + r * C + i0_ : NULL));
+#undef AT
+        }
+        stream_fence(st);
     }
     free(co);
     return 0;
