@@ -250,6 +250,24 @@ static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const
         }                                                                                                      \
     } while (0)
 
+/* The rows [0, nrows) of C values of a channels-last output at dst, ROW(r, o, i0, k) writing
+ * channels [i0, i0 + k) of row r to o; the work-sharing loop of an enclosing parallel region.
+ * Streaming, rows that fit a chunk are gathered a chunk at a time, wider ones go by chunks. */
+#define ROWS_STREAMED(st, dst, nrows, C, ROW)                                                                  \
+    do {                                                                                                       \
+        const i64 rb_ = (st) && (C) <= STREAM_CHUNK ? STREAM_CHUNK / (C) : 1, nb_ = ((nrows) + rb_ - 1) / rb_; \
+        _Pragma("omp for schedule(static) nowait") for (i64 b_ = 0; b_ < nb_; b_++) {                          \
+            const i64 r0_ = b_ * rb_, r1_ = MIN(r0_ + rb_, (nrows));                                           \
+            if (rb_ > 1) {                                                                                     \
+                T buf_[STREAM_CHUNK] __attribute__((aligned(64)));                                             \
+                for (i64 r_ = r0_; r_ < r1_; r_++) ROW(r_, buf_ + (r_ - r0_) * (C), 0, (C));                   \
+                stream_copy((dst) + r0_ * (C), buf_, (r1_ - r0_) * (C) * (i64)sizeof(T));                      \
+            } else                                                                                             \
+                STREAMED(st, (dst) + r0_ * (C), (C), ROW(r0_, o_, i0_, k_));                                   \
+        }                                                                                                      \
+        stream_fence(st);                                                                                      \
+    } while (0)
+
 /* ---- channel-first (N, C, L): one (n, c) row at a time, its coefficients in registers ---- */
 
 void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2, int nt) {
@@ -506,17 +524,15 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
     F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp for schedule(static) nowait
-        for (i64 r = 0; r < N * L; r++) {
-            const F *cn = co + r / L * C;
-            STREAMED(st, y + r * C, C,
-                     S(affine_row_cl)(x + r * C + i0_, o_, k_, cn + i0_, cn + N * C + i0_, cn + 2 * N * C + i0_,
-                                      act, (F)slope, THRESHOLDED(act) ? cn + 3 * N * C + i0_ : NULL));
-        }
-        stream_fence(st);
+#define ROW(r, o, i0, k)                                                                                       \
+    {                                                                                                          \
+        const F *cn = co + (r) / L * C + (i0);                                                                 \
+        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, (F)slope,              \
+                         THRESHOLDED(act) ? cn + 3 * N * C : NULL);                                            \
     }
+#pragma omp parallel num_threads(nt)
+    ROWS_STREAMED(st, y, N * L, C, ROW);
+#undef ROW
     free(co);
     return 0;
 }
@@ -530,21 +546,18 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     F *co = S(coef_rows)(src, rows, N * C);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp for schedule(static) nowait
-        for (i64 r = 0; r < N * L; r++) {
-            i64 n = r / L;
-            const F *row[7];
-            for (int j = 0; j < 7; j++) row[j] = j < rows ? co + (j * N + n) * C : NULL;
-#define AT(j) (row[j] ? row[j] + i0_ : NULL)
-            STREAMED(st, dx + r * C, C,
-                     S(dx_row_cl)(dy + r * C + i0_, x + r * C + i0_, o_, k_, AT(0), AT(1), AT(2), AT(3), AT(4), AT(5),
-                                  act, (F)slope, AT(6), kept ? dx + r * C + i0_ : NULL));
-#undef AT
-        }
-        stream_fence(st);
+#define AT(j, n, i0) (j < rows ? co + (j * N + (n)) * C + (i0) : NULL)
+#define ROW(r, o, i0, k)                                                                                       \
+    {                                                                                                          \
+        const i64 n = (r) / L;                                                                                 \
+        S(dx_row_cl)(dy + (r) * C + (i0), x + (r) * C + (i0), o, k, AT(0, n, i0), AT(1, n, i0), AT(2, n, i0),  \
+                     AT(3, n, i0), AT(4, n, i0), AT(5, n, i0), act, (F)slope, AT(6, n, i0),                    \
+                     kept ? dx + (r) * C + (i0) : NULL);                                                       \
     }
+#pragma omp parallel num_threads(nt)
+    ROWS_STREAMED(st, dx, N * L, C, ROW);
+#undef ROW
+#undef AT
     free(co);
     return 0;
 }
