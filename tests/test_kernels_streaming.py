@@ -1,8 +1,8 @@
 """The kernels' streaming (non-temporal) stores for large float32/float64 outputs
 (``kernels.c``: streams, stream_copy, STREAMED): forced on for small tensors, the affine and
-input-gradient passes (both layouts, every activation epilogue, in place, kept dy', outputs
-that start off a cache line, rows longer than a streamed chunk) write exactly what the plain
-stores write, and the formulas' float64 values."""
+input-gradient passes and the per-sample fused pair (both layouts, every activation epilogue,
+in place, kept dy', outputs that start off a cache line, rows longer than a streamed chunk)
+write exactly what the plain stores write, and the formulas' float64 values."""
 
 from __future__ import annotations
 
@@ -87,3 +87,31 @@ def test_streaming_threshold_is_restored():
         ones = torch.ones(2, 3, dtype=torch.float64)
         _kernels.affine(x, y, "cf", ones * 0, ones, ones * 0)
         assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("shape,groups", [((4, 6, 7), 2), ((4, 4, 300), 1), ((3, 300, 5), 3), ((4, 6, 50), 6)])
+@pytest.mark.parametrize("act", EPILOGUES, ids=lambda a: "none" if a is None else a[0])
+def test_streamed_group_passes_equal_plain_stores(dtype, layout, shape, groups, act):
+    n, c, length = shape
+    g = torch.Generator().manual_seed(sum(shape) + groups)
+    sh = (n, c, length) if layout == "cf" else (n, length, c)
+    x = torch.randn(sh, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(sh, generator=g, dtype=torch.float64).to(dtype)
+    w, b = torch.randn(c, generator=g, dtype=dtype), torch.randn(c, generator=g, dtype=dtype)
+    ep = _epilogue(act, n, c)
+
+    def passes(off):
+        y, dx = _offset(torch.zeros_like(x), off), _offset(torch.zeros_like(x), off)
+        _, _, ctr, rstd = _kernels.group_forward(x, y, layout, groups, 1e-5, True, w, b, ep)
+        sums = _kernels.group_backward(dy, x, dx, layout, groups, True, w, ctr, rstd, b, ep)
+        return (y, dx, *sums)
+
+    for off in (0, 1):
+        with _kernels.streaming(-1):
+            plain = passes(off)
+        with _kernels.streaming(0):
+            streamed = passes(off)
+        for p, s in zip(plain, streamed):
+            assert torch.equal(p, s)

@@ -250,21 +250,26 @@ static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const
         }                                                                                                      \
     } while (0)
 
-/* The rows [0, nrows) of C values of a channels-last output at dst, ROW(r, o, i0, k) writing
- * channels [i0, i0 + k) of row r to o; the work-sharing loop of an enclosing parallel region.
- * Streaming, rows that fit a chunk are gathered a chunk at a time, wider ones go by chunks. */
+/* Rows [r0, r1) of C values of a channels-last output at dst, ROW(r, o, i0, k) writing channels
+ * [i0, i0 + k) of row r to o: straight (one row at a time when not streaming), or streamed out
+ * of an L1 buffer, several rows (that fit one chunk: ROWS_A_BLOCK) at a time or one by chunks. */
+#define ROWS_A_BLOCK(st, C) ((st) && (C) <= STREAM_CHUNK ? STREAM_CHUNK / (C) : 1)
+#define ROW_BLOCK(st, dst, r0, r1, C, ROW)                                                                     \
+    do {                                                                                                       \
+        if ((r1) - (r0) > 1) {                                                                                 \
+            T buf_[STREAM_CHUNK] __attribute__((aligned(64)));                                                 \
+            for (i64 r_ = (r0); r_ < (r1); r_++) ROW(r_, buf_ + (r_ - (r0)) * (C), 0, (C));                    \
+            stream_copy((dst) + (r0) * (C), buf_, ((r1) - (r0)) * (C) * (i64)sizeof(T));                       \
+        } else                                                                                                 \
+            STREAMED(st, (dst) + (r0) * (C), (C), ROW((r0), o_, i0_, k_));                                     \
+    } while (0)
+
+/* ROW_BLOCK over rows [0, nrows) as the work-sharing loop of an enclosing parallel region */
 #define ROWS_STREAMED(st, dst, nrows, C, ROW)                                                                  \
     do {                                                                                                       \
-        const i64 rb_ = (st) && (C) <= STREAM_CHUNK ? STREAM_CHUNK / (C) : 1, nb_ = ((nrows) + rb_ - 1) / rb_; \
-        _Pragma("omp for schedule(static) nowait") for (i64 b_ = 0; b_ < nb_; b_++) {                          \
-            const i64 r0_ = b_ * rb_, r1_ = MIN(r0_ + rb_, (nrows));                                           \
-            if (rb_ > 1) {                                                                                     \
-                T buf_[STREAM_CHUNK] __attribute__((aligned(64)));                                             \
-                for (i64 r_ = r0_; r_ < r1_; r_++) ROW(r_, buf_ + (r_ - r0_) * (C), 0, (C));                   \
-                stream_copy((dst) + r0_ * (C), buf_, (r1_ - r0_) * (C) * (i64)sizeof(T));                      \
-            } else                                                                                             \
-                STREAMED(st, (dst) + r0_ * (C), (C), ROW(r0_, o_, i0_, k_));                                   \
-        }                                                                                                      \
+        const i64 rb_ = ROWS_A_BLOCK(st, C), nb_ = ((nrows) + rb_ - 1) / rb_;                                  \
+        _Pragma("omp for schedule(static) nowait") for (i64 b_ = 0; b_ < nb_; b_++)                            \
+            ROW_BLOCK(st, dst, b_ * rb_, MIN(b_ * rb_ + rb_, (nrows)), C, ROW);                                \
         stream_fence(st);                                                                                      \
     } while (0)
 
@@ -574,6 +579,8 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                        double *ctr, double *rstd_out, int nt) {
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     int failed = 0;
+    const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+    const i64 rb = ROWS_A_BLOCK(st, C);
 #pragma omp parallel num_threads(nt)
     {
         /* per channel: a block's mean and M2, the sample's so far */
@@ -613,8 +620,12 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                 mean[n * C + c] = ma[c];
                 m2[n * C + c] = qa[c];
             }
-            for (i64 l = 0; l < L; l++) S(affine_row_cl)(xs + l * C, ys + l * C, C, cm, cs, cb, act, (F)slope, ct);
+#define ROW(l, o, i0, k) S(affine_row_cl)(xs + (l) * C + (i0), o, k, cm + (i0), cs + (i0), cb + (i0), act, (F)slope, ct + (i0))
+            for (i64 l0 = 0; l0 < L; l0 += rb)
+                ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
+#undef ROW
         }
+        stream_fence(st);
         free(pm);
         free(cm);
     }
@@ -628,7 +639,10 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
                        const double *bias, int act, double slope, const double *thr, double *mean, double *m2,
                        double *ctr, double *rstd_out, int nt) {
     i64 cpg = C / G;
-#pragma omp parallel for schedule(static) num_threads(nt)
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
     for (i64 it = 0; it < N * G; it++) {
         i64 n = it / G, g = it % G;
         double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
@@ -647,8 +661,12 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
             rstd_out[n * C + c] = rstd;
         }
         for (i64 c = g * cpg; c < (g + 1) * cpg; c++) /* the output, from cache */
-            S(affine_row)(x + (n * C + c) * L, y + (n * C + c) * L, L, m, (F)(weight ? weight[c] * rstd : rstd),
-                          (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0);
+            STREAMED(st, y + (n * C + c) * L, L,
+                     S(affine_row)(x + (n * C + c) * L + i0_, o_, k_, m, (F)(weight ? weight[c] * rstd : rstd),
+                                   (F)(bias ? bias[c] : 0.0), act, (F)slope,
+                                   THRESHOLDED(act) ? (F)thr[n * C + c] : 0));
+    }
+    stream_fence(st);
     }
     return 0;
 }
@@ -664,7 +682,10 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
                        const double *rstd, double *g, double *h, double *e, int nt) {
     i64 cpg = C / G;
     double K = (double)(cpg * L);
-#pragma omp parallel for schedule(static) num_threads(nt)
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
     for (i64 it = 0; it < N * G; it++) {
         i64 n = it / G, gi = it % G;
         double big_a = 0.0, big_b = 0.0;
@@ -685,10 +706,14 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
         const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
         for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
             const F a = (F)((weight ? weight[c] : 1.0) * r);
-            S(dx_row)(dy + (n * C + c) * L, x + (n * C + c) * L, dx + (n * C + c) * L, L, m, a, bcoef, kcoef, a,
-                      (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
-                      KEEPS(act) ? dx + (n * C + c) * L : NULL);
+            const i64 at = (n * C + c) * L;
+            STREAMED(st, dx + at, L,
+                     S(dx_row)(dy + at + i0_, x + at + i0_, o_, k_, m, a, bcoef, kcoef, a, (F)(bias ? bias[c] : 0.0),
+                               act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
+                               KEEPS(act) ? dx + at + i0_ : NULL));
         }
+    }
+    stream_fence(st);
     }
     return 0;
 }
@@ -701,6 +726,8 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
     i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
     double K = (double)(cpg * L);
     int failed = 0;
+    const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+    const i64 rb = ROWS_A_BLOCK(st, C);
 #pragma omp parallel num_threads(nt)
     {
         /* per channel: a = w rstd (also the epilogue's scale), centre, b, k, the epilogue's shift
@@ -749,10 +776,14 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                 cb[c] = (F)(-r * r * r * ab[G + c / cpg] / K);
                 ck[c] = (F)(center ? -r * ab[c / cpg] / K : 0.0);
             }
-            for (i64 l = 0; l < L; l++)
-                S(dx_row_cl)(ds + l * C, xs + l * C, os + l * C, C, cm, ca, cb, ck, ca, csh, act, (F)slope, ct,
-                             KEEPS(act) ? os + l * C : NULL);
+#define ROW(l, o, i0, k)                                                                                       \
+    S(dx_row_cl)(ds + (l) * C + (i0), xs + (l) * C + (i0), o, k, cm + (i0), ca + (i0), cb + (i0), ck + (i0),   \
+                 ca + (i0), csh + (i0), act, (F)slope, ct + (i0), KEEPS(act) ? os + (l) * C + (i0) : NULL)
+            for (i64 l0 = 0; l0 < L; l0 += rb)
+                ROW_BLOCK(st, os, l0, MIN(l0 + rb, L), C, ROW);
+#undef ROW
         }
+        stream_fence(st);
         free(ca);
         free(ab);
     }
