@@ -259,6 +259,37 @@ def test_eval_uses_streamed_statistics_and_changes_nothing():
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_with_layer_scaling_is_the_streamed_map_then_a_per_sample_rms(dtype, channels_last):
+    """ecm='ls' in eval: y = ls(w (x - mu) / sqrt(s2 + eps) + b), ls(z) = z / sqrt(mean_sample(z^2) + ls_eps),
+    written out in numpy, at two sizes, both layouts, three dtypes."""
+    rng = np.random.default_rng(11)
+    for shape in ((4, 3, 5, 5), (8, 16, 20, 20)):
+        c = shape[1]
+        layer = OnlineNorm(c, ecm="ls").to(dtype)
+        with torch.no_grad():
+            layer.stream_mean.copy_(torch.from_numpy(rng.normal(size=c)))
+            layer.stream_var.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, size=c)))
+            layer.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, size=c)))
+            layer.bias.copy_(torch.from_numpy(rng.normal(size=c)))
+        layer.eval()
+        x = torch.from_numpy(rng.normal(1.0, 2.0, size=shape)).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = layer(x)
+        xn = x.double().numpy()
+        per_c = lambda t: t.detach().double().numpy()[:, None, None]  # noqa: E731
+        z = (xn - per_c(layer.stream_mean)) / np.sqrt(per_c(layer.stream_var) + layer.eps) * per_c(layer.weight) \
+            + per_c(layer.bias)
+        if dtype == torch.bfloat16:
+            z = torch.from_numpy(z).to(dtype).double().numpy()  # (the map's output, rounded as the layer rounds it)
+        expect = z / np.sqrt((z * z).mean(axis=(1, 2, 3), keepdims=True) + layer.ls_eps)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        assert_close(out.double(), expect, rtol=tol, atol=tol)
+
+
 def test_float32_close_to_float64_and_channels_last():
     rng = np.random.default_rng(8)
     x = rng.normal(3.0, 2.0, size=(6, 4, 5, 5))

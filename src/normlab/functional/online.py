@@ -24,6 +24,7 @@ from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
 from ..engine import affine_eval, route
+from .feature import rms_norm
 from ._online_stream import OnlineTrain, control_scan, decayed_cumsum
 
 ECMS = ("ls", "ac", None)
@@ -262,6 +263,8 @@ def online_norm(
         mean = per_channel(stream_mean, x.ndim, cd).to(work)
         rstd = torch.rsqrt(per_channel(stream_var, x.ndim, cd).to(work) + eps)
         z = affine(((x.to(work) - mean) * rstd).to(x.dtype), weight, bias, cd).to(x.dtype)  # (float32 weight)
+    if ecm == "ls" and not training:  # layer scaling is the per-sample RMS norm: its fused pass
+        return rms_norm(z, None, eps=ls_eps, channel_dim=cd)
     if ecm == "ls":
         return layer_scaling(z, ls_eps)
     if ecm == "ac":
