@@ -79,8 +79,11 @@ class BatchStats(Description):
         dx = w rstd dy + 2 G_M2 (x - mu) + G_mu / count
         dweight = rstd h        dbias = g                           (local sums: DDP averages)
 
-    Batch renorm (Ioffe 2017) is this with weight ``w r`` and bias ``w d + b``, r and d
-    constants, formed by its caller."""
+    Batch renorm (Ioffe 2017) is this with weight ``w r`` and bias ``w d + b``, ``renorm = (r, d)``
+    constants (float64 (C,), set by its caller once the batch is merged): then
+    ``dweight = r rstd h + d g`` (no autograd graph on the (C,) parameters)."""
+
+    renorm: tuple[Tensor, Tensor] | None = None
 
     def __init__(self, eps: float, mean_only: bool = False, process_group=None,
                  stat_shape: tuple[int, ...] | None = None) -> None:
@@ -113,8 +116,12 @@ class BatchStats(Description):
         self.count = float(m.count)
         self.rstd = torch.ones(1, c, dtype=torch.float64) if self.mean_only else \
             torch.rsqrt(m.var.reshape(1, c) + self.eps)
-        self.w = _row(weight, c, 1.0)
-        return m.mean.reshape(1, c), self.w * self.rstd, _row(bias, c, 0.0)
+        self.w, shift = _row(weight, c, 1.0), _row(bias, c, 0.0)
+        if self.renorm is not None:  # weight w r, bias w d + b
+            r, d = self.renorm
+            shift = shift + self.w * d.reshape(1, c)
+            self.w = self.w * r.reshape(1, c)
+        return m.mean.reshape(1, c), self.w * self.rstd, shift
 
     def input_grad(self, g, h, weight=None, bias=None):
         g, h = g.sum(0, keepdim=True), h.sum(0, keepdim=True)
@@ -128,8 +135,13 @@ class BatchStats(Description):
         return self.w * self.rstd, 2.0 * g_m2, g_mu / self.count
 
     def param_grads(self, g, h, need, weight=None, bias=None):
-        dw = _out((h.sum(0) * self.rstd.reshape(-1)), weight) if need[0] else None
-        db = _out(g.sum(0), bias) if need[1] else None
+        g_c = g.sum(0)
+        if need[0]:
+            dw = h.sum(0) * self.rstd.reshape(-1)
+            if self.renorm is not None:
+                dw = self.renorm[0] * dw + self.renorm[1] * g_c
+        dw = _out(dw, weight) if need[0] else None
+        db = _out(g_c, bias) if need[1] else None
         return dw, db
 
 
