@@ -89,3 +89,43 @@ def test_meta_device_runs_the_plain_path(spec):
     assert x.grad.shape == x.shape
     m.eval()
     assert m(x).shape == x.shape
+
+
+def test_views_like_x_are_its_kernel_views():
+    """``view_like`` (the engine's view of y, dy and dx) is ``kernel_views``' view wherever the
+    tensor is laid out as x, and refuses (None) one in another layout."""
+    from normlab.engine.routing import kernel_views, view_like
+
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 4, 5).contiguous(memory_format=fmt)
+        layout, v = kernel_views(x, 1)
+        t = torch.randn_like(x)
+        got = view_like(t, x, layout, v, 1)
+        assert got.shape == v.shape and got.stride() == v.stride() and got.data_ptr() == t.data_ptr()
+        assert torch.equal(got, kernel_views(t, 1)[1])
+        other = x.contiguous(memory_format=torch.channels_last if fmt == torch.contiguous_format
+                             else torch.contiguous_format)
+        assert view_like(other, x, layout, v, 1) is None
+
+
+@pytest.mark.parametrize("spec", ["bn", "brn", "bin", "sn", "gn:2"])
+@pytest.mark.parametrize("x_fmt", ["contiguous", "channels_last"])
+def test_gradient_in_another_layout(spec, x_fmt):
+    """The incoming gradient laid out otherwise than x (channels-last x, contiguous dy and the
+    reverse) is read in x's layout: the engine's gradients equal the plain path's."""
+    fmts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = (torch.randn(3, 4, 5, 6) * 2 + 0.5).contiguous(memory_format=fmts[x_fmt])
+    dy = torch.randn(3, 4, 5, 6).contiguous(memory_format=fmts["contiguous" if x_fmt == "channels_last"
+                                                                else "channels_last"])
+    out = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        m = make_norm(spec, 4)
+        xx = x.detach().clone().requires_grad_()
+        with fast_path(fast):
+            y = m(xx)
+            assert any(n.startswith("EngineNorm") for n in graph_nodes(y)) == fast
+            y.backward(dy)
+        out.append([y, xx.grad, *(p.grad for p in m.parameters())])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

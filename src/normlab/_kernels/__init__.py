@@ -182,6 +182,22 @@ def _nc(t: Tensor, n: int, c: int) -> Tensor:
     return t.detach().to(torch.float64).expand(n, c).contiguous()
 
 
+def _packed(ts: list, n: int, c: int) -> tuple[Tensor | None, list]:
+    """Per-(n, c) coefficients (each broadcastable to (N, C); None where absent) as one contiguous
+    float64 (k, N, C) array, made by one copy, and a pointer into it for each (None where absent).
+    The caller holds the array while a kernel reads it."""
+    got = [t.detach().expand(n, c) if t.dtype == torch.float64 else t.detach().to(torch.float64).expand(n, c)
+           for t in ts if t is not None]
+    if not got:
+        return None, [None] * len(ts)
+    arr = torch.stack(got)
+    base, step, i, ptrs = arr.data_ptr(), n * c * 8, 0, []
+    for t in ts:
+        ptrs.append(None if t is None else ctypes.c_void_p(base + i * step))
+        i += t is not None
+    return arr, ptrs
+
+
 def _check(rc: int | None, kind: str) -> None:
     if rc:
         raise MemoryError(f"normlab kernel {kind}: could not allocate its work arrays")
@@ -232,13 +248,16 @@ def _thr(act: tuple | None, n: int, c: int) -> Tensor | None:
     return None if t is None else _nc(t, n, c)
 
 
-def _act_args(act: tuple | None, v: Tensor, layout: str, scale: Tensor | None,
-              shift: Tensor | None) -> tuple[list, int, float, Tensor | None]:
-    """The epilogue's kernel arguments: (per-(n, c) scale and shift, act code, slope, threshold)."""
+def _act_coefs(act: tuple | None, scale: Tensor | None, shift: Tensor | None) -> list:
+    """The epilogue's per-(n, c) coefficients (for :func:`_packed`): scale, shift and threshold
+    (None where absent; the TLU needs its threshold)."""
+    if _code(act)[0] == EPILOGUES["tlu"] and threshold_of(act) is None:
+        raise ValueError("normlab kernels: the TLU epilogue needs a threshold tensor")
     if act is None:
-        return [None, None], 0, 0.0, None
-    n, c = _nc_shape(v, layout)
-    return [_nc(scale, n, c), _nc(shift, n, c)], *_code(act), _thr(act, n, c)  # type: ignore[arg-type]
+        return [None, None, None]
+    if scale is None or shift is None:
+        raise ValueError("normlab kernels: an epilogue in a backward pass needs the forward's scale and shift")
+    return [scale, shift, threshold_of(act)]
 
 
 def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
@@ -247,10 +266,9 @@ def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, s
     ``v``); ``act``: None, or an :class:`Epilogue`."""
     n, c = _nc_shape(v, layout)
     _dims(out)
-    args = [_nc(t, n, c) for t in (center, scale, shift)]
-    thr = _thr(act, n, c)
-    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_code(act),
-                                          *_ptrs([thr]), torch.get_num_threads()), "affine")
+    _held, ptrs = _packed([center, scale, shift, _thr(act, n, c)], n, c)
+    _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *ptrs[:3], *_code(act),
+                                          ptrs[3], torch.get_num_threads()), "affine")
 
 
 def _ptrs(ts: list) -> list:
@@ -276,13 +294,12 @@ def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: tuple | Non
     the kernels keep ``dy'`` when that is cheaper than evaluating it again (SiLU, GELU)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv)
-    ctr = _nc(center, n, c)
     g, h, e = _sums(n, c, act)
-    extra, flag, slope, thr = _act_args(act, v, layout, scale, shift)
+    _held, (ctr, sc, sh, thr) = _packed([center, *_act_coefs(act, scale, shift)], n, c)
     if keep is not None:
         _dims(keep)
-    _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), _ptr(ctr), _ptr(g), _ptr(h), *_ptrs(extra),
-                                          flag, slope, *_ptrs([thr, e, keep]), torch.get_num_threads()), "reduce")
+    _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), ctr, _ptr(g), _ptr(h), sc, sh,
+                                          *_code(act), thr, *_ptrs([e, keep]), torch.get_num_threads()), "reduce")
     return _returned(g, h, e)
 
 
@@ -293,10 +310,9 @@ def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tens
     :func:`reduce`; ``kept``: the reduce call was given ``keep=out``)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
-    args = [_nc(t, n, c) for t in (center, a, b, k)]
-    extra, flag, slope, thr = _act_args(act, v, layout, scale, shift)
-    _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *map(_ptr, args), *_ptrs(extra),
-                                      flag, slope, *_ptrs([thr]), int(kept), torch.get_num_threads()), "dx")
+    _held, ptrs = _packed([center, a, b, k, *_act_coefs(act, scale, shift)], n, c)
+    _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *ptrs[:6], *_code(act), ptrs[6],
+                                      int(kept), torch.get_num_threads()), "dx")
 
 
 def _opt(t: Tensor | None) -> Tensor | None:

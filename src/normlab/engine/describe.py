@@ -79,8 +79,11 @@ class BatchStats(Description):
         dx = w rstd dy + 2 G_M2 (x - mu) + G_mu / count
         dweight = rstd h        dbias = g                           (local sums: DDP averages)
 
-    Batch renorm (Ioffe 2017) is this with weight ``w r`` and bias ``w d + b``, r and d
-    constants, formed by its caller."""
+    Batch renorm (Ioffe 2017) is this with weight ``w r`` and bias ``w d + b``, ``renorm = (r, d)``
+    constants (float64 (C,), set by its caller once the batch is merged): then
+    ``dweight = r rstd h + d g`` (no autograd graph on the (C,) parameters)."""
+
+    renorm: tuple[Tensor, Tensor] | None = None
 
     def __init__(self, eps: float, mean_only: bool = False, process_group=None,
                  stat_shape: tuple[int, ...] | None = None) -> None:
@@ -113,23 +116,40 @@ class BatchStats(Description):
         self.count = float(m.count)
         self.rstd = torch.ones(1, c, dtype=torch.float64) if self.mean_only else \
             torch.rsqrt(m.var.reshape(1, c) + self.eps)
-        self.w = _row(weight, c, 1.0)
-        return m.mean.reshape(1, c), self.w * self.rstd, _row(bias, c, 0.0)
+        self.w, shift = _row(weight, c, 1.0), _row(bias, c, 0.0)
+        if self.renorm is not None:  # weight w r, bias w d + b
+            r, d = self.renorm
+            shift = shift + self.w * d.reshape(1, c)
+            self.w = self.w * r.reshape(1, c)
+        self.scale = self.w * self.rstd
+        return m.mean.reshape(1, c), self.scale, shift
+
+    def _sums(self, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """g and h summed over the batch, (1, C) (kept: the input's and the parameters' gradients both read them)."""
+        if getattr(self, "sums_of", None) is not g:
+            self.sums, self.sums_of = (g.sum(0, keepdim=True), h.sum(0, keepdim=True)), g
+        return self.sums
 
     def input_grad(self, g, h, weight=None, bias=None):
-        g, h = g.sum(0, keepdim=True), h.sum(0, keepdim=True)
-        g_mu = -self.w * self.rstd * g  # (mean-only: rstd = 1)
-        g_m2 = torch.zeros_like(h) if self.mean_only else -0.5 * self.w * self.rstd ** 3 * h / self.count
+        g, h = self._sums(g, h)
+        a = self.scale  # w rstd (mean-only: rstd = 1)
+        g_mu = (a * g).neg_()
+        g_m2 = torch.zeros_like(h) if self.mean_only else (a * self.rstd * self.rstd * h).mul_(-0.5 / self.count)
         if self.group is not None:
             from ..distributed import all_reduce_moment_grads
 
             g_mu, g_m2 = (t.reshape(1, -1) for t in all_reduce_moment_grads(g_mu, g_m2, self.group, self.stat_shape,
                                                                              self.dtype))
-        return self.w * self.rstd, 2.0 * g_m2, g_mu / self.count
+        return a, g_m2 * 2.0, g_mu / self.count
 
     def param_grads(self, g, h, need, weight=None, bias=None):
-        dw = _out((h.sum(0) * self.rstd.reshape(-1)), weight) if need[0] else None
-        db = _out(g.sum(0), bias) if need[1] else None
+        g_c, h_c = (t.reshape(-1) for t in self._sums(g, h))
+        if need[0]:
+            dw = h_c * self.rstd.reshape(-1)
+            if self.renorm is not None:
+                dw = self.renorm[0] * dw + self.renorm[1] * g_c
+        dw = _out(dw, weight) if need[0] else None
+        db = _out(g_c, bias) if need[1] else None
         return dw, db
 
 
@@ -199,48 +219,51 @@ class SwitchableStats(Description):
 
     def coefficients(self, mean, m2, count, mean_weight, var_weight, weight=None, bias=None):
         n, c = mean.shape
-        var = m2 / count
         ln = _moments.reduce_moments(Moments(count, mean, m2), 1)
         stats = [(ln.mean, ln.var, c, 1)]  # (mean, var, how many (n, c) share it, the axis they span)
         if self.fixed is None:
-            bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
+            self.batch_moments = bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
             stats.append((bn.mean, bn.var, n, 0))
         else:
             stats.append((self.fixed[0], self.fixed[1], None, None))
         if self.positions:
-            stats.insert(0, (mean, var, 1, None))
+            stats.insert(0, (mean, m2 / count, 1, None))
         k = len(stats)
         self.wm = torch.softmax(mean_weight.detach()[-k:].double(), 0)
         self.wv = torch.softmax(var_weight.detach()[-k:].double(), 0)
-        mu = sum(a * s[0] for a, s in zip(self.wm.unbind(0), stats))
-        self.rstd = torch.rsqrt(sum(b * s[1] for b, s in zip(self.wv.unbind(0), stats)) + self.eps)
-        self.w, self.stats, self.count = _row(weight, c, 1.0), stats, count
-        self.mu = mu.expand(n, c)
-        return self.mu, self.w * self.rstd, _row(bias, c, 0.0)
+        # the k statistics stacked (k, N, C), so that each mixture is one contraction
+        self.means = torch.stack([s[0].expand(n, c) for s in stats])
+        mu = torch.tensordot(self.wm, self.means, 1)
+        self.rstd = torch.rsqrt(torch.tensordot(self.wv, torch.stack([s[1].expand(n, c) for s in stats]), 1)
+                                + self.eps)
+        self.w, self.stats, self.count, self.mu = _row(weight, c, 1.0), stats, count, mu
+        return mu, self.w * self.rstd, _row(bias, c, 0.0)
 
     def input_grad(self, g, h, *params):
-        self.g_mu, self.g_var = -self.w * self.rstd * g, -0.5 * self.w * self.rstd ** 3 * h
-        b_coef = torch.zeros_like(self.g_mu)
-        k_coef = torch.zeros_like(self.g_mu)
+        a = self.w * self.rstd
+        self.g_mu, self.g_var = -a * g, (-0.5 * a) * (self.rstd * self.rstd) * h
+        wm, wv = self.wm.tolist(), self.wv.tolist()  # (Python numbers: each product below is one op)
+        b_coef = k_coef = 0.0
         for i, (m_k, _v, share, dim) in enumerate(self.stats):
             if share is None:  # running statistics: constants
                 continue
-            gm_k, gv_k = self.wm[i] * self.g_mu, self.wv[i] * self.g_var
+            gm_k, gv_k = self.g_mu, self.g_var
             if dim is not None:
                 gm_k, gv_k = gm_k.sum(dim, keepdim=True), gv_k.sum(dim, keepdim=True)
             n_k = self.count * share
-            b_coef = b_coef + 2 * gv_k / n_k
-            k_coef = k_coef + gm_k / n_k + 2 * gv_k * (self.mu - m_k) / n_k
-        return self.w * self.rstd, b_coef, k_coef
+            gv_k = gv_k * (2 * wv[i] / n_k)  # 2 G_var,k / K_k
+            b_coef = b_coef + gv_k
+            k_coef = k_coef + gm_k * (wm[i] / n_k) + gv_k * (self.mu - m_k)
+        return a, b_coef, k_coef
 
     def param_grads(self, g, h, need, mean_weight, var_weight, weight=None, bias=None):
         if not hasattr(self, "g_mu"):
             self.input_grad(g, h)
         grads: list = [None, None]
-        for i, (mix, param, which) in enumerate(((self.wm, mean_weight, 0), (self.wv, var_weight, 1))):
+        for i, (mix, param, gsum) in enumerate(((self.wm, mean_weight, self.g_mu), (self.wv, var_weight, self.g_var))):
             if need[i]:
-                gsum = self.g_mu if which == 0 else self.g_var
-                ga = torch.stack([(gsum * s[which]).sum() for s in self.stats])
+                stats = self.means if i == 0 else torch.stack([s[1].expand_as(gsum) for s in self.stats])
+                ga = (stats * gsum).sum((1, 2))  # dL/d(mixed statistic k), then the softmax's Jacobian
                 d = torch.zeros(param.shape, dtype=torch.float64)
                 d[-len(self.stats):] = mix * (ga - (mix * ga).sum())
                 grads[i] = d.to(param.dtype)
@@ -267,7 +290,7 @@ class BatchInstanceStats(Description):
         n, c = mean.shape
         v_i = m2 / count
         if self.fixed is None:
-            bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
+            self.batch_moments = bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
             mu_b, v_b = bn.mean, bn.var
         else:
             mu_b, v_b = self.fixed
@@ -278,9 +301,12 @@ class BatchInstanceStats(Description):
         return mean, self.w * (self.p * self.r_b + (1 - self.p) * self.r_i), shift
 
     def _sums(self, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        big_g = g.sum(0, keepdim=True)
-        big_h = (h + (self.mu_i - self.mu_b) * g).sum(0, keepdim=True)
-        return big_g, big_h, (self.r_i * h).sum(0, keepdim=True)
+        """G, H and sum_n r_I h (kept: the input's and the parameters' gradients both read them)."""
+        if getattr(self, "sums_of", None) is not g:
+            big_g = g.sum(0, keepdim=True)
+            big_h = (h + (self.mu_i - self.mu_b) * g).sum(0, keepdim=True)
+            self.sums, self.sums_of = (big_g, big_h, (self.r_i * h).sum(0, keepdim=True)), g
+        return self.sums
 
     def input_grad(self, g, h, *params):
         big_g, big_h, _ = self._sums(g, h)

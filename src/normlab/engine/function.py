@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _kernels
 from .describe import Description, GroupStats
-from .routing import dy_view, fast_path, kernel_views
+from .routing import dy_view, fast_path, kernel_views, view_like
 
 __all__ = ["EngineNorm", "run", "kernel_moments"]
 
@@ -65,7 +65,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         desc.rstd_rows = _kernels.rowrms_forward(v.view(n, c), yv.view(n, c), desc.eps, params[0])
         return yv.view(x.shape)
     y = torch.empty_like(x)
-    yv = kernel_views(y, cd)[1]  # type: ignore[index]
+    yv = view_like(y, x, layout, v, cd)
     if ctx.fused == "group":
         mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
                                                      params[0], _bias(params), act)
@@ -109,9 +109,9 @@ class EngineNorm(torch.autograd.Function):
         if x is None:  # (not saved: the adjoint has b = 0, so dy stands in for x)
             x = dy if kernel_views(dy, cd) is not None else dy.contiguous()
         layout, v = kernel_views(x, cd)  # type: ignore[misc]
-        dyv = dy_view(dy, x, cd, layout)
+        dyv = dy_view(dy, x, cd, layout, v)
         dx = torch.empty_like(x) if need_x else None
-        dxv = kernel_views(dx, cd)[1] if need_x else None  # type: ignore[index]
+        dxv = view_like(dx, x, layout, v, cd) if need_x else None
         if desc.elementwise:
             return (dx, None, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
         if ctx.fused == "rows":

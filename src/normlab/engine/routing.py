@@ -16,7 +16,7 @@ from .. import _kernels
 
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
            "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
-           "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "views"]
+           "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -101,9 +101,22 @@ def kernel_views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     return got
 
 
-def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str) -> Tensor:
+def view_like(t: Tensor, x: Tensor, layout: str, v: Tensor, cd: int) -> Tensor | None:
+    """``t``'s kernel view in ``x``'s ``layout`` given ``x``'s view ``v``, or None where ``t`` is
+    laid out otherwise. With ``x``'s shape and strides (an ``empty_like(x)``, a gradient in ``x``'s
+    layout) it is one ``as_strided``, not :func:`kernel_views`' four calls."""
+    if t.stride() == x.stride() and t.shape == x.shape:
+        return t.as_strided(v.shape, v.stride(), t.storage_offset())
+    got = kernel_views(t, cd)
+    return got[1] if got is not None and got[0] == layout else None
+
+
+def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str, v: Tensor | None = None) -> Tensor:
     """The incoming gradient as ``x``'s kernel view (copied into ``x``'s layout if it arrives
-    in another one, e.g. contiguous for a channels-last input)."""
+    in another one, e.g. contiguous for a channels-last input); ``v``: ``x``'s view, if known."""
+    if v is not None:
+        got = view_like(dy, x, layout, v, cd)
+        return got if got is not None else view_like(torch.empty_like(x).copy_(dy), x, layout, v, cd)  # type: ignore[return-value]
     got = kernel_views(dy, cd)
     if got is None or got[0] != layout:
         got = kernel_views(torch.empty_like(x).copy_(dy), cd)

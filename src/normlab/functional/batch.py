@@ -226,15 +226,20 @@ def batch_renorm(
             running_mean.lerp_(mu_b.to(running_mean.dtype), _as_weight(momentum, running_mean))
             sigma = sigma.lerp(sigma_b, _as_weight(momentum, sigma))
             running_var.copy_(sigma * sigma - eps)
-    # weight * (x_hat * r + d) + bias  ==  x_hat * (weight * r) + (weight * d + bias)
-    scale = r if weight is None else weight * r
-    shift = d if weight is None else weight * d
-    if bias is not None:
-        shift = shift + bias
-    if fast:  # batch norm with that weight and bias: x and (C,) statistics saved
-        desc.reference = lambda x, w, b: batch_norm(x, None, None, w, b, eps=eps, channel_dim=cd, process_group=group)
-        return engine.run(desc, x, cd, (scale, shift))
-    return normalize(x, m.mean, m.var, eps, scale, shift, cd)
+    if fast:  # batch norm with weight w r and bias w d + b (the description's renorm): x and (C,) statistics saved
+        desc.renorm = (r, d)
+        desc.reference = lambda x, w, b: batch_norm(x, None, None, *_renormed(w, b, r, d), eps=eps, channel_dim=cd,
+                                                    process_group=group)
+        return engine.run(desc, x, cd, (weight, bias))
+    return normalize(x, m.mean, m.var, eps, *_renormed(weight, bias, r, d), cd)
+
+
+def _renormed(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch renorm's map as batch norm's weight and bias:
+    ``weight * (x_hat * r + d) + bias  ==  x_hat * (weight * r) + (weight * d + bias)``."""
+    if weight is not None:
+        r, d = weight * r, weight * d
+    return r, d if bias is None else d + bias
 
 
 def _has_values(m: Moments) -> bool:

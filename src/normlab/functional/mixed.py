@@ -24,11 +24,6 @@ def _fixed(running_mean: Tensor | None, running_var: Tensor | None, batch_stats:
             running_var.detach().double().reshape(1, -1).clone())  # type: ignore[union-attr]
 
 
-def _batch_part(desc) -> Moments:
-    """The per-channel batch moments of the engine's per-(n, c) ones (for running statistics)."""
-    return _moments.reduce_moments(Moments(desc.count_nc, desc.mean_nc, desc.m2_nc), 0)
-
-
 def batch_instance_norm(
     x: Tensor,
     rho: Tensor,
@@ -74,7 +69,7 @@ def batch_instance_norm(
                                                                 channel_dim=cd)
         y = engine.run(desc, x, cd, (rho, weight, bias))
         if training and momentum is not None and batch_stats:
-            _moments.update_running_stats(running_mean, running_var, _batch_part(desc), momentum)
+            _moments.update_running_stats(running_mean, running_var, desc.batch_moments, momentum)
         return y
     mu_bn, var_bn = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
     mu_in, var_in = _moments.mean_var(x, positions)
@@ -147,7 +142,7 @@ def switchable_norm(
                                                                  channel_dim=cd)
         y = engine.run(desc, x, cd, (mean_weight, var_weight, weight, bias))
         if training and momentum is not None and batch_stats:
-            m_bn = _batch_part(desc)
+            m_bn = desc.batch_moments
             _merge_into_running(running_mean, running_var, m_bn.mean, m_bn.var, momentum)
         return y
     positions = stat_dims(x.ndim, cd, "spatial")
