@@ -620,7 +620,8 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                 mean[n * C + c] = ma[c];
                 m2[n * C + c] = qa[c];
             }
-#define ROW(l, o, i0, k) S(affine_row_cl)(xs + (l) * C + (i0), o, k, cm + (i0), cs + (i0), cb + (i0), act, (F)slope, ct + (i0))
+#define ROW(l, o, i0, k)                                                                                       \
+    S(affine_row_cl)(xs + (l) * C + (i0), o, k, cm + (i0), cs + (i0), cb + (i0), act, (F)slope, ct + (i0))
             for (i64 l0 = 0; l0 < L; l0 += rb)
                 ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
 #undef ROW
@@ -643,30 +644,30 @@ int S(nl_group_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static) nowait
-    for (i64 it = 0; it < N * G; it++) {
-        i64 n = it / G, g = it % G;
-        double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
-        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* per-channel moments */
-            double na, ma, qa;
-            S(row_moments)(x + (n * C + c) * L, L, &na, &ma, &qa);
-            mean[n * C + c] = ma;
-            m2[n * C + c] = qa;
-            merge(&gn, &gm, &gq, na, ma, qa);
-            ms += qa + na * ma * ma;
+        for (i64 it = 0; it < N * G; it++) {
+            i64 n = it / G, g = it % G;
+            double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
+            for (i64 c = g * cpg; c < (g + 1) * cpg; c++) { /* per-channel moments */
+                double na, ma, qa;
+                S(row_moments)(x + (n * C + c) * L, L, &na, &ma, &qa);
+                mean[n * C + c] = ma;
+                m2[n * C + c] = qa;
+                merge(&gn, &gm, &gq, na, ma, qa);
+                ms += qa + na * ma * ma;
+            }
+            double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
+            const F m = center ? (F)gm : (F)0;
+            for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
+                ctr[n * C + c] = center ? gm : 0.0;
+                rstd_out[n * C + c] = rstd;
+            }
+            for (i64 c = g * cpg; c < (g + 1) * cpg; c++) /* the output, from cache */
+                STREAMED(st, y + (n * C + c) * L, L,
+                         S(affine_row)(x + (n * C + c) * L + i0_, o_, k_, m, (F)(weight ? weight[c] * rstd : rstd),
+                                       (F)(bias ? bias[c] : 0.0), act, (F)slope,
+                                       THRESHOLDED(act) ? (F)thr[n * C + c] : 0));
         }
-        double rstd = center ? 1.0 / sqrt(gq / gn + eps) : 1.0 / sqrt(ms / gn + eps);
-        const F m = center ? (F)gm : (F)0;
-        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {
-            ctr[n * C + c] = center ? gm : 0.0;
-            rstd_out[n * C + c] = rstd;
-        }
-        for (i64 c = g * cpg; c < (g + 1) * cpg; c++) /* the output, from cache */
-            STREAMED(st, y + (n * C + c) * L, L,
-                     S(affine_row)(x + (n * C + c) * L + i0_, o_, k_, m, (F)(weight ? weight[c] * rstd : rstd),
-                                   (F)(bias ? bias[c] : 0.0), act, (F)slope,
-                                   THRESHOLDED(act) ? (F)thr[n * C + c] : 0));
-    }
-    stream_fence(st);
+        stream_fence(st);
     }
     return 0;
 }
@@ -686,34 +687,34 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static) nowait
-    for (i64 it = 0; it < N * G; it++) {
-        i64 n = it / G, gi = it % G;
-        double big_a = 0.0, big_b = 0.0;
-        const F m = (F)ctr[n * C + gi * cpg];
-        const double r = rstd[n * C + gi * cpg];
-        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            double sg, sh, se;
-            S(sums_row)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, (F)((weight ? weight[c] : 1.0) * r),
-                        (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
-                        KEEPS(act) ? dx + (n * C + c) * L : NULL, &sg, &sh, &se);
-            g[n * C + c] = sg;
-            h[n * C + c] = sh;
-            if (THRESHOLDED(act)) e[n * C + c] = se;
-            double w = weight ? weight[c] : 1.0;
-            big_a += w * sg;
-            big_b += w * sh;
+        for (i64 it = 0; it < N * G; it++) {
+            i64 n = it / G, gi = it % G;
+            double big_a = 0.0, big_b = 0.0;
+            const F m = (F)ctr[n * C + gi * cpg];
+            const double r = rstd[n * C + gi * cpg];
+            for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+                double sg, sh, se;
+                S(sums_row)(dy + (n * C + c) * L, x + (n * C + c) * L, L, m, (F)((weight ? weight[c] : 1.0) * r),
+                            (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
+                            KEEPS(act) ? dx + (n * C + c) * L : NULL, &sg, &sh, &se);
+                g[n * C + c] = sg;
+                h[n * C + c] = sh;
+                if (THRESHOLDED(act)) e[n * C + c] = se;
+                double w = weight ? weight[c] : 1.0;
+                big_a += w * sg;
+                big_b += w * sh;
+            }
+            const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
+            for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
+                const F a = (F)((weight ? weight[c] : 1.0) * r);
+                const i64 at = (n * C + c) * L;
+                STREAMED(st, dx + at, L,
+                         S(dx_row)(dy + at + i0_, x + at + i0_, o_, k_, m, a, bcoef, kcoef, a,
+                                   (F)(bias ? bias[c] : 0.0), act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
+                                   KEEPS(act) ? dx + at + i0_ : NULL));
+            }
         }
-        const F bcoef = (F)(-r * r * r * big_b / K), kcoef = (F)(center ? -r * big_a / K : 0.0);
-        for (i64 c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            const F a = (F)((weight ? weight[c] : 1.0) * r);
-            const i64 at = (n * C + c) * L;
-            STREAMED(st, dx + at, L,
-                     S(dx_row)(dy + at + i0_, x + at + i0_, o_, k_, m, a, bcoef, kcoef, a, (F)(bias ? bias[c] : 0.0),
-                               act, (F)slope, THRESHOLDED(act) ? (F)thr[n * C + c] : 0,
-                               KEEPS(act) ? dx + at + i0_ : NULL));
-        }
-    }
-    stream_fence(st);
+        stream_fence(st);
     }
     return 0;
 }
