@@ -143,19 +143,19 @@ def test_half_gelu_relative_error_well_below_a_float16_half_ulp():
 
 
 def test_half_gelu_beyond_its_range_and_special_values():
-    # beyond |v| = 6: v itself (within float32) above, a value of size < 6e-9 below, shrinking to
-    # 4e-37 beyond -14 (never growing with |v|); the derivative 1 and 0 there
+    # beyond |v| = 6: v itself (within float32) above, a value of size < 6e-9 below, 4.2e-36
+    # beyond -12.5 (never growing with |v|); the derivative 1 and 0 there
     far = torch.cat([torch.linspace(6, 1e4, 10_001), torch.logspace(4, 38, 1001)])
     assert (_math("gelu_half", far) == far).all()
     assert ((_math("gelu_grad_half", far) - 1).abs() <= 1e-7).all()
     low = _math("gelu_half", -far)
-    assert (low <= 0).all() and (low.abs() < 6e-9).all() and (low[far > 14].abs() < 4e-37).all()
+    assert (low <= 0).all() and (low.abs() < 6e-9).all() and (low[far > 12.5].abs() < 5e-36).all()
     assert (_math("gelu_grad_half", -far).abs() < 1e-7).all()
     special = torch.tensor([float("nan"), float("inf"), -float("inf")])
     got, grad = _math("gelu_half", special), _math("gelu_grad_half", special)
     assert torch.isnan(got[0]) and torch.isnan(grad[0])
     assert got[1] == float("inf") and grad[1] == 1.0
-    assert got[2] <= 0 and got[2].abs() < 4e-37 and grad[2].abs() < 1e-36
+    assert got[2] <= 0 and got[2].abs() < 5e-36 and grad[2].abs() < 1e-33
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -25,7 +25,7 @@
  *                division and one exp2: with t = |v| and Q = Phi(-t) = 2^P(t) (P of degree
  *                7, the normal's lower tail in relative terms), GELU(v) = max(v, 0) - t Q and
  *                GELU'(v) = Q K(t) for v < 0, 1 - Q K(t) for v >= 0 (K(t) = (t0 - t) R(t),
- *                R of degree 5, t clamped to 6 there). Fitted on |v| <= 6 (beyond it
+ *                R of degree 5), t clamped to 12.5. Fitted on |v| <= 6 (beyond it
  *                |GELU| < 6e-9, where torch's float32 GELU gives 0): relative errors below
  *                1e-4, for a value then rounded to bfloat16 or float16.
  *
@@ -126,9 +126,9 @@ static inline float nl_exp2_half(float x) {
     return nl_scale_normal(NL_FMA(p, r, 1.0f), kf);
 }
 
-/* Phi(-t) for t >= 0, the standard normal's lower tail: 2^P(t), P fitted to log2 Phi(-t) on
- * [0, 6] (3e-6 relative); P keeps falling beyond (negative leading coefficient, no positive
- * root of P'), its value clamped at -125 */
+/* Phi(-t) for t in [0, 12.5], the standard normal's lower tail: 2^P(t), P fitted to
+ * log2 Phi(-t) on [0, 6] (3e-6 relative); beyond, P keeps falling (negative leading
+ * coefficient, no positive root of P') to P(12.5) = -121.2, a normal float's exponent */
 static inline float nl_normal_tail_half(float t) {
     float p = NL_FMA(-1.83481075e-06f, t, 6.1598279e-05f);
     p = NL_FMA(p, t, -0.000930524722f);
@@ -137,27 +137,34 @@ static inline float nl_normal_tail_half(float t) {
     p = NL_FMA(p, t, -0.458464384f);
     p = NL_FMA(p, t, -1.15125108f);
     p = NL_FMA(p, t, -0.999995291f);
-    return nl_exp2_half(p < -125.0f ? -125.0f : p);
+    return nl_exp2_half(p);
 }
 
-/* GELU(v) = v Phi(v) = max(v, 0) - |v| Phi(-|v|); |v| beyond 14 counts as 14 in the product
- * (Phi(-14) is 2^-125 here: |GELU(v)| < 4e-37 for v < -14, GELU(inf) = inf; NaN stays NaN) */
-static inline float nl_gelu_half(float v) {
+/* |v| clamped to 12.5, the range of nl_normal_tail_half (NaN stays NaN) */
+static inline float nl_gelu_t(float v) {
     float t = fabsf(v);
-    return NL_FMA(t > 14.0f ? -14.0f : -t, nl_normal_tail_half(t), v > 0.0f ? v : 0.0f);
+    return t > 12.5f ? 12.5f : t;
+}
+
+/* GELU(v) = v Phi(v) = max(v, 0) - |v| Phi(-|v|), |v| taken as 12.5 beyond (there
+ * |GELU(v)| = 4.2e-36; GELU(inf) = inf, NaN stays NaN) */
+static inline float nl_gelu_half(float v) {
+    float t = nl_gelu_t(v);
+    return NL_FMA(-t, nl_normal_tail_half(t), v > 0.0f ? v : 0.0f);
 }
 
 /* GELU'(v) = Phi(v) + v phi(v) = Q K(t) (v < 0) or 1 - Q K(t), Q = Phi(-t), t = |v|, with
  * K(t) = 1 - t phi(t) / Phi(-t) = (t0 - t) R(t): t0 its root (GELU'(-t0) = 0), R of degree 5
- * fitted on [0, 6] (6e-5 relative: GELU' keeps its relative accuracy up to its zero) */
+ * fitted on [0, 6] (6e-5 relative: GELU' keeps its relative accuracy up to its zero; beyond 6
+ * |Q K| < 1e-7) */
 static inline float nl_gelu_grad_half(float v) {
-    float t = fabsf(v), tk = t > 6.0f ? 6.0f : t;
-    float r = NL_FMA(-0.000100765174f, tk, 0.00212450884f);
-    r = NL_FMA(r, tk, -0.0187988579f);
-    r = NL_FMA(r, tk, 0.0932181552f);
-    r = NL_FMA(r, tk, 0.70908618f);
-    r = NL_FMA(r, tk, 1.33007395f);
-    float q = nl_normal_tail_half(t) * ((0.751791537f - tk) * r);
+    float t = nl_gelu_t(v);
+    float r = NL_FMA(-0.000100765174f, t, 0.00212450884f);
+    r = NL_FMA(r, t, -0.0187988579f);
+    r = NL_FMA(r, t, 0.0932181552f);
+    r = NL_FMA(r, t, 0.70908618f);
+    r = NL_FMA(r, t, 1.33007395f);
+    float q = nl_normal_tail_half(t) * ((0.751791537f - t) * r);
     return v < 0.0f ? q : 1.0f - q;
 }
 
