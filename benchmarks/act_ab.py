@@ -15,6 +15,7 @@ figure the minimum over rounds. Shape (32, 64, 56, 56) by default, as ``normlab 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -38,7 +39,9 @@ def main() -> None:
     assert _kernels.available(), _kernels.status()
     libs = {"this": _kernels._lib()}
     if args.other:
-        folder = _build.cache_dir()[0]
+        if not re.fullmatch(r"normlab_kernels_[0-9a-f]{16}\.so", args.other):
+            raise SystemExit(f"--other: expected a cached library's file name (normlab_kernels_<16 hex>.so), got {args.other!r}")
+        folder = _build.cache_dir()[0]  # the checked private cache folder
         path = folder / args.other
         libs["other"] = _build._load(_build._read_checked(path), path, _kernels._declare)
     dtype = getattr(torch, args.dtype)

@@ -32,7 +32,8 @@
  * The coefficients are near-minimax fits of the relative error in float64
  * (benchmarks/fit_mathfn.py); the float32 errors against float64 torch are measured by
  * tests/test_mathfn.py. NaN in gives NaN out; +-inf and +-0 give the function's limits (tanh
- * and erf keep the sign of zero). With FMA hardware the polynomials use fused multiply-adds.
+ * and erf keep the sign of zero; nl_gelu_half gives +0 at -0 and at -inf its value at -12.5,
+ * -4e-36). With FMA hardware the polynomials use fused multiply-adds.
  *
  * Double precision calls libm (exact to the last bit or so, and float64 inputs are rare):
  * nl_exp, nl_tanh, nl_erf, nl_sigmoid, so that a kernel written once per element type can
