@@ -12,6 +12,17 @@ relative error, the denominator linearised as in Loeb's method), printed as C li
   has only positive coefficients (no pole and zero pair inside the range, which float32
   rounding would expose); see the printed minimum of Q.
 
+And the half-precision GELU (``nl_gelu_half``, ``nl_gelu_grad_half``), whose result is rounded
+to bfloat16 or float16 (polynomials only, no division):
+
+- 2^r on |r| <= 1/2: ``1 + r P(r)``, P of degree 3;
+- log2 Phi(-t), the standard normal's lower tail, on [0, 6]: a polynomial of degree 7 in t
+  (error relative to Phi(-t)); its leading coefficient is negative and its derivative has no
+  positive root, so that it keeps falling beyond the range (checked here);
+- K(t) = 1 - t phi(t) / Phi(-t) as (t0 - t) R(t), t0 its root (0.7518: GELU'(-t0) = 0) rounded
+  to float32, R of degree 5 fitted on [0, 6] with relative error: GELU'(v) is Phi(-t) K(t) for
+  v = -t < 0 (so relative accuracy up to that zero) and 1 - Phi(-t) K(t) for v = t >= 0.
+
 The float32 accuracy of the result (with these literals) is what ``tests/test_mathfn.py``
 measures against float64 torch; this script only reports the fitted float64 error.
 """
@@ -66,6 +77,33 @@ def fit_rational(f, xmax: float, deg_p: int, deg_q: int) -> tuple[np.ndarray, np
     return p, q
 
 
+def fit_gelu_half() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from scipy.special import log_ndtr, ndtr
+
+    r = np.cos(np.linspace(0, math.pi, 4000)) / 2
+    r = r[r != 0]
+    e = lawson(np.vander(r, 4, increasing=True) * (r / np.exp2(r))[:, None], (np.exp2(r) - 1) / np.exp2(r))
+    t = 6.0 * (1 - np.cos(np.linspace(0, math.pi, 8000))) / 2
+    a = np.vander(t, 8, increasing=True)
+    p = lawson(a, log_ndtr(-t) / math.log(2), rounds=400)
+    print(f"  2^r: fitted max relative error {np.abs(1 + r * np.polyval(e[::-1], r) - np.exp2(r)).max():.3g}")
+    print(f"  Phi(-t): fitted max relative error {math.log(2) * np.abs(a @ p - log_ndtr(-t) / math.log(2)).max():.3g}")
+    slope_roots = [z for z in np.roots(np.polyder(p[::-1])) if abs(z.imag) < 1e-12 and z.real > 0]
+    assert p[-1] < 0 and not slope_roots, "log2 Phi(-t) fit must keep falling beyond its range"
+    from scipy.optimize import brentq
+
+    def k_of(t):
+        return 1 - t * np.exp(-t * t / 2) / math.sqrt(2 * math.pi) / ndtr(-t)
+
+    t0 = float(np.float32(brentq(k_of, 0.5, 1.0)))
+    t = t[np.abs(t - t0) > 1e-9]
+    r = k_of(t) / (t0 - t)
+    a = np.vander(t, 6, increasing=True)
+    k = lawson(a / r[:, None], np.ones_like(t), rounds=3000)
+    print(f"  K: root t0 = {t0:.9g}, R's fitted max relative error {np.abs(a @ k / r - 1).max():.3g}")
+    return e, p, k
+
+
 def show(name: str, c: np.ndarray) -> None:
     print(f"{name}: " + ", ".join(f"{np.float32(v).item():.9g}f" for v in c))
 
@@ -82,6 +120,11 @@ def main() -> None:
     p, q = fit_rational(erf, 3.92, 5, 5)
     show("erf P", p)
     show("erf Q", q)
+    print("half-precision GELU")
+    e, p, k = fit_gelu_half()
+    show("2^r P", e)
+    show("log2 Phi(-t)", p)
+    show("R", k)
 
 
 if __name__ == "__main__":

@@ -142,21 +142,80 @@ def test_per_sample_norm_with_activation_in_the_one_pass_kernels(spec, act, chan
 
 
 @pytest.mark.parametrize("spec", ["bn", "gn:4", "rms"])
-def test_half_precision_gelu_is_not_fused_silu_is(spec):
-    # the rule of normlab.engine.fuses: in half precision the exact GELU runs after the norm
-    # (torch's activation), SiLU in the engine's output pass; both equal the norm then torch's act
+def test_half_precision_gelu_and_silu_are_fused(spec):
+    # the rule of normlab.engine.fuses: every activation in every dtype (the half types' exact
+    # GELU on mathfn.h's division-free nl_gelu_half); both equal the norm then torch's act
     if not _kernels.supports(torch.bfloat16):
         pytest.skip(_kernels.status())
     x = (torch.randn(8, 16, 32, 32) * 2 + 0.5).to(torch.bfloat16).requires_grad_()
-    for act, node in (("gelu", "GeluBackward0"), ("silu", "EngineNormBackward")):
+    for act in ("gelu", "silu"):
         m = normlab.make_norm(spec, 16, act=act)
         y = m(x)
-        assert type(y.grad_fn).__name__ == node
-        assert normlab.engine.fuses(act, torch.float32) and normlab.engine.fuses(act, torch.bfloat16) == (act == "silu")
+        assert type(y.grad_fn).__name__ == "EngineNormBackward"
+        assert normlab.engine.fuses(act)
         plain = normlab.make_norm(spec, 16)
         plain.load_state_dict(m.state_dict(), strict=False)
         want = ACTS[act](plain(x.detach().float())).to(torch.bfloat16)
         torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+# the half types' fused activations (GELU on nl_gelu_half, SiLU on nl_expf_half, ReLU) on every
+# kernel path, both layouts: outputs and every gradient against the float64 plain path (the
+# norm, then torch's activation) on the same rounded input, within the type's rounding
+HALF_ACT_TOL = {torch.bfloat16: (8e-3, 3e-2, 2e-3), torch.float16: (1e-3, 4e-3, 2e-3)}  # (output, dx, parameters)
+HALF_ACT_CALLS = {"one-pass": ["group_forward", "group_backward"], "generic": ["affine", "reduce", "dx"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("spec, path", [("gn:2", "one-pass"), ("gn:2", "generic"), ("bn", "generic")])
+def test_half_precision_fused_activation_equals_the_plain_path(dtype, act, channels_last, spec, path, monkeypatch):
+    if not _kernels.supports(dtype):
+        pytest.skip(_kernels.status())
+    calls = _frn_path(monkeypatch, path)
+    c, g = 6, torch.Generator().manual_seed(4)
+    x = torch.randn(2 * torch.get_num_threads() + 1, c, 9, 7, generator=g) * 1.5 + 0.4
+    dy = torch.randn(x.shape, generator=g)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=CL), dy.contiguous(memory_format=CL)
+    m = normlab.make_norm(spec, c, act=act)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(c, generator=g) * 2 + 0.5)  # (normalized values out to about -6)
+        m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    xa = x.to(dtype).requires_grad_()
+    with normlab.functional.fast_path(True):
+        y = m(xa)
+        got = torch.autograd.grad(y, (xa, m.weight, m.bias), dy.to(dtype))
+    assert calls == HALF_ACT_CALLS[path] and type(y.grad_fn).__name__ == "EngineNormBackward"
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    m64 = copy.deepcopy(m).double()
+    xr = xa.detach().double().requires_grad_()
+    with normlab.functional.fast_path(False):
+        want = m64(xr)
+        ref = torch.autograd.grad(want, (xr, m64.weight, m64.bias), dy.to(dtype).double())
+    tol_y, tol_dx, tol_p = HALF_ACT_TOL[dtype]
+    torch.testing.assert_close(y.double(), want, rtol=tol_y, atol=tol_y)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=tol_dx, atol=tol_dx)
+    for a, b in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a.double(), b, rtol=tol_p, atol=tol_p * x.numel() ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("spec", ["bn", "gn:4", "rms"])
+def test_half_precision_fused_activation_saves_only_the_input(dtype, act, spec):
+    if not _kernels.supports(dtype):
+        pytest.skip(_kernels.status())
+    x = torch.randn(8, 16, 32, 32).to(dtype).requires_grad_()
+    m = normlab.make_norm(spec, 16, act=act)
+    saved = []
+    with normlab.functional.fast_path(True), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    assert type(y.grad_fn).__name__ == "EngineNormBackward"
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0] is x
 
 
 # ------------------------------------------------------------- FRN's TLU inside the kernels

@@ -20,7 +20,8 @@ __all__ = ["KINDS", "declare", "squash_forward", "squash_backward", "math_functi
 KINDS = {"tanh": 0, "erf": 1}
 """The squashing functions f, by name, as the kernels number them."""
 
-MATH_FUNCTIONS = {"exp": 0, "tanh": 1, "erf": 2, "sigmoid": 3, "exp_act": 4}
+MATH_FUNCTIONS = {"exp": 0, "tanh": 1, "erf": 2, "sigmoid": 3, "exp_act": 4, "gelu": 5, "gelu_grad": 6,
+                  "gelu_half": 7, "gelu_grad_half": 8}
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -84,8 +85,11 @@ def squash_backward(dy: Tensor, v: Tensor, out: Tensor, layout: str, kind: str, 
 
 
 def math_function(name: str, x: Tensor) -> Tensor:
-    """``name`` ("exp", "tanh", "erf", "sigmoid"; "exp_act": the activation epilogues' exp) of every value of ``x`` by the kernels' own
-    functions (mathfn.h for the float types, libm for float64), for tests."""
+    """``name`` ("exp", "tanh", "erf", "sigmoid"; "exp_act": the activation epilogues' exp;
+    "gelu", "gelu_grad": the epilogues' exact GELU and its derivative; "gelu_half",
+    "gelu_grad_half": the half types' GELU and derivative, unrounded on float32 input) of every
+    value of ``x`` by the kernels' own functions (mathfn.h for the float types, libm for
+    float64), for tests."""
     x = x.contiguous()
     y = torch.empty_like(x)
     getattr(_lib(), f"nl_mathfn_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(y), x.numel(), MATH_FUNCTIONS[name])

@@ -223,8 +223,10 @@ int S(nl_squash_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
     return 0;
 }
 
-/* y = f(x) for f = exp (0), tanh (1), erf (2), sigmoid (3), the activations' exp (4): the math
- * functions alone (in the same vectorised loops as the kernels), for tests */
+/* y = f(x) for f = exp (0), tanh (1), erf (2), sigmoid (3), the activations' exp (4), the
+ * epilogue's GELU (5) and its derivative (6), the half types' GELU (7) and derivative (8) in
+ * the unit's type (float32: unrounded): the math functions alone (in the same vectorised loops
+ * as the kernels), for tests */
 #define EW_MAP(fn)                                                                                                    \
     _Pragma("omp simd") for (i64 i = 0; i < n; i++) y[i] = ST(fn(LD(x[i])))
 void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
@@ -236,7 +238,15 @@ void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
         EW_MAP(EP_ERF);
     else if (which == 3)
         EW_MAP(EP_SIGMOID);
-    else
+    else if (which == 4)
         EW_MAP(EP_EXPA);
+    else if (which == 5)
+        EW_MAP(EP_GELU);
+    else if (which == 6)
+        EW_MAP(EP_GELU_GRAD);
+    else if (which == 7)
+        EW_MAP(nl_gelu_half);
+    else
+        EW_MAP(nl_gelu_grad_half);
 }
 #undef EW_MAP

@@ -145,6 +145,9 @@ static inline void merge_row(double *na, double *ma, double *qa, i64 w, double n
 #define EP_EXP nl_expf
 #define EP_EXPA nl_expf_act
 #define EP_TANH nl_tanhf
+/* the exact GELU and its derivative (kernels_impl.h); the half types': mathfn.h's */
+#define EP_GELU S(gelu_erf)
+#define EP_GELU_GRAD S(gelu_erf_grad)
 /* the activations' sigmoid: on the epilogue's exp (EP_EXPA) */
 #define EP_SIGMOIDA(v) ((F)1 / ((F)1 + EP_EXPA(-(v))))
 /* M(K) once per activation code K, as a literal (see act_fwd in kernels_impl.h) */
@@ -296,6 +299,10 @@ static inline uint16_t f16_st(float f) {
 #define STREAMABLE 0
 #undef EP_EXPA
 #define EP_EXPA nl_expf_half
+#undef EP_GELU
+#undef EP_GELU_GRAD
+#define EP_GELU nl_gelu_half
+#define EP_GELU_GRAD nl_gelu_grad_half
 #if UNIT(3)
 #define LD(v) bf16_ld(v)
 #define ST(v) bf16_st(v)

@@ -6,13 +6,24 @@
  * would wait on the add latency at every step ---- */
 #define LANES 64
 
+/* the exact GELU v Phi(v) = v (1 + erf(v / sqrt 2)) / 2 and its derivative Phi(v) + v phi(v) on
+ * the type's erf and exp: EP_GELU and EP_GELU_GRAD of float32 and float64 (kernels.c; the half
+ * types use mathfn.h's division-free nl_gelu_half, nl_gelu_grad_half) */
+static inline __attribute__((always_inline)) F S(gelu_erf)(F v) {
+    return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
+}
+
+static inline __attribute__((always_inline)) F S(gelu_erf_grad)(F v) {
+    return (F)0.5 * ((F)1 + EP_ERF(v * (F)0.70710678118654752)) + v * (F)0.39894228040143268 * EP_EXPA((F)-0.5 * v * v);
+}
+
 /* the activation epilogue on a normalized value v (act: 1 leaky ReLU with slope sl, ReLU at
  * sl = 0; 2 SiLU; 3 exact GELU; 4 TLU, max(v, t) with the value's threshold t) and its gradient
  * times d. Callers pass act as a literal constant through ACT_SWITCH (kernels.c), so that each
  * loop is compiled, and vectorised, once per activation with the branches folded away */
 static inline __attribute__((always_inline)) F S(act_fwd)(F v, int act, F sl, F t) {
     if (act == 2) return v * EP_SIGMOIDA(v);
-    if (act == 3) return (F)0.5 * v * ((F)1 + EP_ERF(v * (F)0.70710678118654752));
+    if (act == 3) return EP_GELU(v);
     if (act == 4) return v < t ? t : v; /* (a NaN v stays NaN) */
     return v > 0 ? v : v * sl;
 }
@@ -25,9 +36,7 @@ static inline __attribute__((always_inline)) F S(act_grad)(F d, F v, int act, F 
         F sg = EP_SIGMOIDA(v);
         return d * sg * ((F)1 + v * ((F)1 - sg));
     }
-    if (act == 3)
-        return d * ((F)0.5 * ((F)1 + EP_ERF(v * (F)0.70710678118654752)) +
-                    v * (F)0.39894228040143268 * EP_EXPA((F)-0.5 * v * v));
+    if (act == 3) return d * EP_GELU_GRAD(v);
     return v > 0 ? d : d * sl;
 }
 

@@ -25,7 +25,7 @@ from .._layout import per_channel
 from .describe import BatchInstanceStats, BatchStats, Description, GlobalResponseStats, GroupStats, SwitchableStats
 from .describe_modern import EvoB0Stats, EvoS0Stats, PowerStats
 from .function import EngineNorm, kernel_moments, run
-from .routing import HALF_DTYPES, fast_path, is_half, kernel_views, route
+from .routing import fast_path, is_half, kernel_views, route
 
 __all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "EvoB0Stats", "EvoS0Stats",
            "GlobalResponseStats", "GroupStats",
@@ -43,28 +43,25 @@ ACTIVATIONS = {
 }
 
 
-def fuses(act: str | None, dtype: torch.dtype | None = None) -> bool:
-    """Whether the engine applies ``act`` in its output pass for inputs of ``dtype`` (then the
-    route prefers the engine): relu, leaky_relu, silu and gelu, except GELU in half precision.
-    There the exact GELU and its derivative (an erf and an exp a value, evaluated in float32)
-    cost more arithmetic than the fusion saves memory traffic: measured at (32, 64, 56, 56),
-    bfloat16, 2 threads, fused / the norm then torch's GELU: gn 1.14, bn 1.02, rms 1.06 (SiLU:
-    gn 0.84, bn 0.78; float32, every pair 0.63-0.75)."""
-    return act in ACTIVATIONS and not (act == "gelu" and dtype in HALF_DTYPES)
+def fuses(act: str | None) -> bool:
+    """Whether the engine applies ``act`` in its output pass (then the route prefers the
+    engine): relu, leaky_relu, silu and gelu, in every dtype (the half types' exact GELU on
+    mathfn.h's division-free form, nl_gelu_half)."""
+    return act in ACTIVATIONS
 
 
-def epilogue(act: str | None, negative_slope: float = 0.01, dtype: torch.dtype | None = None,
+def epilogue(act: str | None, negative_slope: float = 0.01,
              threshold: Tensor | None = None) -> _kernels.Epilogue | None:
-    """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu) on inputs
-    of ``dtype``, or None where the engine does not fuse it (:func:`fuses`: the caller applies
-    the activation after the norm). ``"tlu"``: FRN's thresholded linear unit ``max(y, threshold)``
-    (Singh & Krishnan 2020) with a per-channel ``threshold`` (a tensor that may need a gradient:
-    :func:`run` hands it to the autograd Function, which returns it), fused in every dtype."""
+    """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu), or None
+    where the engine does not fuse it (:func:`fuses`: the caller applies the activation after
+    the norm). ``"tlu"``: FRN's thresholded linear unit ``max(y, threshold)`` (Singh & Krishnan
+    2020) with a per-channel ``threshold`` (a tensor that may need a gradient: :func:`run` hands
+    it to the autograd Function, which returns it)."""
     if act == "tlu":
         if threshold is None:
             raise ValueError("engine.epilogue('tlu'): needs the threshold tensor (FRN's tau)")
         return _kernels.Epilogue(_kernels.EPILOGUES["tlu"], 0.0, threshold)
-    if not fuses(act, dtype):
+    if not fuses(act):
         return None
     if act == "relu":
         return _kernels.Epilogue(_kernels.EPILOGUES["leaky_relu"], 0.0)

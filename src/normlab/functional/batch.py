@@ -53,7 +53,7 @@ def batch_norm(
         return activation(f(x, running_mean, running_var, weight, bias), act, negative_slope)
     group = None if local_only(process_group) else process_group
     if way == "kernels":
-        fused = engine.epilogue(act, negative_slope, x.dtype)
+        fused = engine.epilogue(act, negative_slope)
         if training or running_mean is None or running_var is None:
             desc = BatchStats(eps, process_group=group, stat_shape=stat_shape(x.ndim, cd, x.shape[cd]))
             desc.reference = lambda x, w, b: batch_norm(x, None, None, w, b, eps=eps, channel_dim=cd,
@@ -74,7 +74,7 @@ def _route(x: Tensor, cd: int, running_mean: Tensor | None, running_var: Tensor 
            bias: Tensor | None, momentum: float | Tensor | None, process_group, act: str | None) -> str:
     return route("bn", x, cd, 1, dtypes_of(running_mean, running_var, weight, bias),
                  (process_group is None, not isinstance(momentum, Tensor), (running_mean is None) == (running_var is None)),
-                 engine.fuses(act, x.dtype))
+                 engine.fuses(act))
 
 
 def batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,

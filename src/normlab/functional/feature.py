@@ -30,7 +30,7 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
         return None
     desc = GroupStats(groups, eps, center)
     desc.reference = reference
-    fused = engine.epilogue(act, negative_slope, x.dtype)
+    fused = engine.epilogue(act, negative_slope)
     y = engine.run(desc, x, cd, (weight, bias) if center else (weight,), fused)
     return (y if fused is not None else activation(y, act, negative_slope)), desc
 
@@ -51,7 +51,7 @@ def per_sample_call(norm: str, x: Tensor, groups: int, weight: Tensor | None = N
 
 def _route(norm: str, x: Tensor, cd: int, groups: int, weight: Tensor | None, bias: Tensor | None, act: str | None,
            flags: tuple) -> str:
-    return route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act, x.dtype))
+    return route(norm, x, cd, groups, dtypes_of(weight, bias), flags, engine.fuses(act))
 
 
 def layer_norm(
