@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from normlab.bench_cli import LOADED_SPREAD, loaded_warning
-from normlab.bench_models import build_model
+from normlab.bench_models import build_model, paired_ratio_interval
 from normlab.cli import main
 
 
@@ -59,7 +59,23 @@ def test_model_mode_times_both_models(dtype, tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch_size"], r["norm"]) for r in rows] == [("mlp", 4, "bn")]
     assert rows[0]["torch_ms"] > 0 and rows[0]["normlab_ms"] > 0
+    assert 0 < rows[0]["ratio_low"] <= rows[0]["ratio_high"]
     assert "normlab ms" in capsys.readouterr().out
+
+
+def test_paired_ratio_interval_sees_through_a_machine_that_slows_both():
+    """Round-to-round slowdowns common to both models drop out of the paired interval: a true
+    ratio of 1.10 under a 2x swing of the machine is found to within a few percent, and equal
+    steps give exactly 1."""
+    gen = torch.Generator().manual_seed(0)
+    machine = 1 + torch.rand(15, generator=gen)  # each round's slowdown, 1x-2x
+    noise = 1 + 0.02 * (torch.rand(15, generator=gen) - 0.5)
+    theirs = (100 * machine).tolist()
+    ours = (110 * machine * noise).tolist()
+    low, high = paired_ratio_interval(ours, theirs)
+    assert 1.08 < low <= 1.10 <= high < 1.12
+    assert paired_ratio_interval(theirs, theirs) == (1.0, 1.0)
+    assert paired_ratio_interval([2.0], [1.0]) == (2.0, 2.0)
 
 
 @pytest.mark.parametrize("kind", ["resnet", "mlp", "transformer"])

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .bench import _spread
 
-__all__ = ["MODELS", "SMALL_CASES", "build_model", "run_models", "run_small"]
+__all__ = ["MODELS", "SMALL_CASES", "build_model", "paired_ratio_interval", "run_models", "run_small"]
 
 MODELS = ("resnet", "mlp", "transformer")
 _SPEC = {"resnet": "bn", "mlp": "bn", "transformer": "lnc"}
@@ -104,6 +104,23 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
     return step
 
 
+def paired_ratio_interval(ours: list[float], theirs: list[float], level: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval (percentile, fixed seed) of the median of the per-round ratios
+    ``ours[r] / theirs[r]``: the two steps of a round ran back to back, so a slow moment of the
+    machine slows both and drops out of their ratio. An interval that holds 1.0 means the run
+    cannot tell the two apart."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    if len(ratios) < 2:
+        r = ratios[0] if ratios else float("nan")
+        return r, r
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=gen)
+    medians = torch.tensor(ratios, dtype=torch.float64)[picks].median(dim=1).values
+    tail = (1.0 - level) / 2
+    return float(medians.quantile(tail)), float(medians.quantile(1.0 - tail))
+
+
 def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (8, 32),
                dtype: torch.dtype = torch.float32, steps: int = 20, warmup: int = 3, threads: int | None = 2,
                progress: bool = True) -> dict[str, Any]:
@@ -132,8 +149,10 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
                 if progress:
                     print(f"\rbench: {kind} batch {bs}: step {r + 1}/{steps}", end="", file=sys.stderr, flush=True)
             torch_ms, ours_ms = statistics.median(times[0]), statistics.median(times[1])
+            low, high = paired_ratio_interval(times[1], times[0])
             rows.append({"model": kind, "batch_size": bs, "norm": _SPEC[kind], "torch_ms": torch_ms,
-                         "normlab_ms": ours_ms, "ratio": ours_ms / torch_ms, "torch_spread": _spread(times[0])})
+                         "normlab_ms": ours_ms, "ratio": ours_ms / torch_ms, "ratio_low": low, "ratio_high": high,
+                         "torch_spread": _spread(times[0])})
     if progress:
         print(file=sys.stderr)
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
@@ -194,10 +213,14 @@ def format_models(result: dict[str, Any]) -> str:
     lines = [f"torch {result['torch']}, {result['threads']} threads, {result['dtype']}"
              f"{' autocast' if result['dtype'] != 'float32' else ''}; one training step (forward, loss, "
              f"backward, SGD step), medians of {result['steps']} alternating steps",
-             f"{'model':<12} {'batch':>5} {'norm':>5} {'torch ms':>10} {'normlab ms':>11} {'ratio':>6}"]
+             f"{'model':<12} {'batch':>5} {'norm':>5} {'torch ms':>10} {'normlab ms':>11} {'ratio':>6} "
+             f"{'paired 95%':>12}"]
     for r in result["rows"]:
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['norm']:>5} {r['torch_ms']:>10.2f} "
-                     f"{r['normlab_ms']:>11.2f} {r['ratio']:>6.2f}")
+                     f"{r['normlab_ms']:>11.2f} {r['ratio']:>6.2f} {r['ratio_low']:>5.2f}-{r['ratio_high']:<5.2f}")
+    lines.append("ratio = normlab's median step over torch's; paired 95% = a bootstrap interval of the median of "
+                 "the per-round ratios (the two models' steps alternate, back to back): one that holds 1.00 "
+                 "means this run cannot tell them apart")
     return "\n".join(lines)
 
 
