@@ -351,4 +351,7 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
     return 0;
 }
 
+
+#include "evos0_impl.h" /* S0 per sample from cache (uses the helpers above) */
+
 #undef EV_TERMS
