@@ -78,29 +78,23 @@ int S(nl_evos0_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                        const double *weight, const double *bias, double *mean, double *m2, double *ctr,
                        double *rstd_out, int nt) {
     EV_LIMIT(lim);
-    i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
+    i64 cpg = C / G;
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        /* per channel: a block's mean and M2, the sample's so far; v, EV_COEF(v), scale, shift */
-        double *pm = malloc(sizeof(double) * C * 4), *pq = pm + C, *ma = pm + 2 * C, *qa = pm + 3 * C;
-        F *vr = malloc(sizeof(F) * C * 4), *cr = vr + C, *cs = vr + 2 * C, *cb = vr + 3 * C;
-        if (!pm || !vr) failed = 1;
+        /* one scratch a thread, per channel: a block's mean and M2, the sample's so far (double);
+         * v, EV_COEF(v), scale, shift (F) */
+        double *pm = malloc((sizeof(double) + sizeof(F)) * C * 4), *pq = pm + C, *ma = pm + 2 * C, *qa = pm + 3 * C;
+        F *vr = (F *)(pm + 4 * C), *cr = vr + C, *cs = vr + 2 * C, *cb = vr + 3 * C;
+        if (!pm) failed = 1;
         else
             for (i64 c = 0; c < C; c++) vr[c] = (F)v[c], cr[c] = (F)EV_COEF(v[c]), cb[c] = (F)(bias ? bias[c] : 0.0);
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            if (!pm || !vr) continue;
+            if (!pm) continue;
             const T *xs = x + n * L * C;
             T *ys = y + n * L * C;
-            for (i64 c = 0; c < C; c++) ma[c] = qa[c] = 0.0;
-            double cnt = 0.0; /* every channel's count */
-            for (i64 l0 = 0; l0 < L; l0 += R) {
-                i64 k = MIN(R, L - l0);
-                for (i64 c0 = 0; c0 < C; c0 += CB)
-                    S(block_moments_exact)(xs + l0 * C + c0, k, C, MIN(CB, C - c0), pm + c0, pq + c0);
-                merge_row(&cnt, ma, qa, C, (double)k, pm, pq);
-            }
+            double cnt = S(sample_moments_cl)(xs, L, C, pm, pq, ma, qa); /* every channel's count */
             for (i64 g = 0; g < G; g++) {
                 double gn = 0.0, gm = 0.0, gq = 0.0;
                 for (i64 c = g * cpg; c < (g + 1) * cpg; c++) merge(&gn, &gm, &gq, cnt, ma[c], qa[c]);
@@ -119,7 +113,6 @@ int S(nl_evos0_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
             }
         }
         free(pm);
-        free(vr);
     }
     return failed;
 }
