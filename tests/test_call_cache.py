@@ -94,41 +94,44 @@ def _check_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, backward: bool
 def test_cached_calls_equal_torch_through_changes(kind):
     torch.manual_seed(0)
     ours, ref, shape = _pair(kind)
+    # (the engine's row passes sum the weight's gradient over 256 rows in another order than
+    # torch's RMSNorm: float32 rounding apart, a few 1e-5)
+    tol = 1e-5 if kind == "rmsc_rows" else 1e-6
     x = torch.randn(shape) * 2 + 0.5
     for _ in range(3):
-        _check_step(ours, ref, x)
+        _check_step(ours, ref, x, tol=tol)
     assert _kept(ours) == 1  # the calls above ran on the kept call
     ours.eval(), ref.eval()
     for _ in range(2):
-        _check_step(ours, ref, x)
+        _check_step(ours, ref, x, tol=tol)
     ours.train(), ref.train()
-    _check_step(ours, ref, x)
+    _check_step(ours, ref, x, tol=tol)
     if kind.startswith("bn"):
         ours.momentum = ref.momentum = 0.5
-        _check_step(ours, ref, x)
+        _check_step(ours, ref, x, tol=tol)
         ours.momentum = ref.momentum = None  # the cumulative average: not torch's route, same numbers
         for _ in range(2):
-            _check_step(ours, ref, x)
+            _check_step(ours, ref, x, tol=tol)
         ours.momentum = ref.momentum = 0.3
     ours.eps = ref.eps = 1e-2
-    _check_step(ours, ref, x)
+    _check_step(ours, ref, x, tol=tol)
     with fast_path(False):  # the plain reference inside a cached signature
-        _check_step(ours, ref, x)
+        _check_step(ours, ref, x, tol=tol)
     with _kernels.enabled(False):
-        _check_step(ours, ref, x)
+        _check_step(ours, ref, x, tol=tol)
     state = {k: v + 0.25 if v.is_floating_point() else v + 3 for k, v in ref.state_dict().items()}
     ours.load_state_dict(state), ref.load_state_dict(state)
-    _check_step(ours, ref, x)
+    _check_step(ours, ref, x, tol=tol)
     ours.double(), ref.double()
     for _ in range(2):
-        _check_step(ours, ref, x.double())
+        _check_step(ours, ref, x.double(), tol=tol)
     with pytest.raises(TypeError, match="does not match the layer's torch.float64"):
         ours(x.clone().requires_grad_())  # float32 (a cached signature) into the float64 layer: refused
     with torch.no_grad():
-        _check_step(ours, ref, x.double(), backward=False)
+        _check_step(ours, ref, x.double(), backward=False, tol=tol)
     ours.eval(), ref.eval()
     with torch.inference_mode():
-        _check_step(ours, ref, x.double(), backward=False)
+        _check_step(ours, ref, x.double(), backward=False, tol=tol)
 
 
 @pytest.mark.parametrize("kind", ["bn2d", "gn", "lnc", "rmsc", "rmsc_rows"])

@@ -13,6 +13,14 @@ evonorm_reduce      five per-(n, c) sums: ``sum dy f(x)``, ``sum dy``; s0: ``sum
 evonorm_dx          ``dx = a dy slope(x) + b (x - m) + k``                                 3T
 ==================  ===================================================================  ===
 
+S0 per sample from cache (``evos0_impl.h``), its statistics included:
+
+==================  ===================================================================  ===
+evos0_forward       per-(n, c) moments, the group's ``r``, ``y = f(x) gamma r + beta``       1T + cache
+evos0_backward      three sums (``F``, ``g``, ``Q`` as above) keeping ``dy f'(x)`` in ``dx``,  2T + 1T
+                    then ``dx = gamma r dy f'(x) - (r^3 A / K) (x - mu_g)`` from cache
+==================  ===================================================================  ===
+
 Per-channel ``v``, per-(n, c) coefficients (``D``, ``E`` None for s0). Half-precision tensors
 are read and written in their type and computed in float32. The engine's descriptions
 (:class:`normlab.engine.EvoS0Stats`, ``EvoB0Stats``) hold the math that uses them.
@@ -25,9 +33,9 @@ import ctypes
 import torch
 from torch import Tensor
 
-from . import _SUFFIX, _check, _dims, _lib, _nc, _nc_shape, _ptr
+from . import _SUFFIX, _check, _dims, _lib, _nc, _nc_shape, _opt, _ptr
 
-__all__ = ["KINDS", "evonorm_dx", "evonorm_forward", "evonorm_reduce"]
+__all__ = ["KINDS", "evonorm_dx", "evonorm_forward", "evonorm_reduce", "evos0_backward", "evos0_forward"]
 
 KINDS = {"s0": 0, "b0": 1}
 """The element maps, by name, as the kernels number them."""
@@ -35,24 +43,29 @@ KINDS = {"s0": 0, "b0": 1}
 _declared: set = set()
 
 
-def _fn(name: str, layout: str, dtype: torch.dtype, heads: int, tails: int):
-    """The entry point ``nl_evonorm_{name}_{layout}_{type}``: ``heads`` tensors, the three sizes,
-    the kind, ``tails`` arrays, the thread count (declared on first use: the library's loader
-    does not know these)."""
-    full = f"nl_evonorm_{name}_{layout}_{_SUFFIX[dtype]}"
+def _fn(name: str, layout: str, dtype: torch.dtype, heads: int, tails: int, family: str = "evonorm"):
+    """The entry point ``nl_{family}_{name}_{layout}_{type}``: ``heads`` tensors, the three sizes,
+    the kind (evonorm) or the group count (evos0, then eps for its forward), ``tails`` arrays,
+    the thread count (declared on first use: the library's loader does not know these)."""
+    full = f"nl_{family}_{name}_{layout}_{_SUFFIX[dtype]}"
     fn = getattr(_lib(), full)
     if full not in _declared:
         p, i, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        fn.argtypes, fn.restype = [*[p] * heads, i, i, i, n, *[p] * tails, n], ctypes.c_int
+        mid = [n] if family == "evonorm" else [i, ctypes.c_double] if name == "fwd" else [i]
+        fn.argtypes, fn.restype = [*[p] * heads, i, i, i, *mid, *[p] * tails, n], ctypes.c_int
         _declared.add(full)
     return fn
+
+
+def _vec(t: Tensor | None) -> Tensor | None:
+    """A per-channel tensor as a contiguous float64 vector (None stays None)."""
+    return None if t is None else _opt(t.reshape(-1))
 
 
 def _arrays(v: Tensor, n: int, c: int, *per_nc: Tensor | None) -> list[Tensor]:
     """``v`` as a float64 vector, then the per-(n, c) arrays as float64 (N, C) (zeros for None)."""
     zero = torch.zeros(1, 1, dtype=torch.float64)
-    return [v.detach().to(torch.float64).reshape(-1).contiguous(),
-            *(_nc(zero if t is None else t, n, c) for t in per_nc)]
+    return [_vec(v), *(_nc(zero if t is None else t, n, c) for t in per_nc)]
 
 
 def evonorm_forward(kind: str, x: Tensor, out: Tensor, layout: str, v: Tensor, dstd: Tensor | None,
@@ -90,3 +103,32 @@ def evonorm_dx(kind: str, dy: Tensor, x: Tensor, out: Tensor, layout: str, v: Te
     args = _arrays(v, n, c, dstd, istd, a, b, m, k)
     _check(_fn("dx", layout, x.dtype, 3, 8)(_ptr(dy), _ptr(x), _ptr(out), *_dims(x), KINDS[kind], *map(_ptr, args),
                                              _ptr(out) if kept else None, torch.get_num_threads()), "evonorm_dx")
+
+
+def evos0_forward(x: Tensor, out: Tensor, layout: str, groups: int, eps: float, v: Tensor, weight: Tensor | None,
+                  bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-S0's forward per sample from cache into ``out``; returns the per-(n, c) mean and
+    M2 of each channel, the group centre and ``r`` (float64 (N, C), the last two repeated over
+    each group's channels)."""
+    n, c = _nc_shape(x, layout)
+    _dims(out)
+    stats = torch.empty(4, n, c, dtype=torch.float64)
+    args = [_vec(v), _vec(weight), _vec(bias), *stats]
+    _check(_fn("fwd", layout, x.dtype, 2, 7, "evos0")(_ptr(x), _ptr(out), *_dims(x), groups, float(eps),
+                                                       *(None if t is None else _ptr(t) for t in args),
+                                                       torch.get_num_threads()), "evos0_fwd")
+    return stats[0], stats[1], stats[2], stats[3]
+
+
+def evos0_backward(dy: Tensor, x: Tensor, out: Tensor, layout: str, groups: int, v: Tensor, weight: Tensor | None,
+                   ctr: Tensor, rstd: Tensor) -> Tensor:
+    """EvoNorm-S0's input gradient per sample from cache into ``out`` (``ctr``, ``rstd`` from
+    :func:`evos0_forward`); returns the per-(n, c) sums ``F``, ``g``, ``Q``, float64 (3, N, C)."""
+    n, c = _nc_shape(x, layout)
+    _dims(dy), _dims(out)
+    sums = torch.empty(3, n, c, dtype=torch.float64)
+    args = [_vec(v), _vec(weight), _nc(ctr, n, c), _nc(rstd, n, c), sums]
+    _check(_fn("bwd", layout, x.dtype, 3, 5, "evos0")(_ptr(dy), _ptr(x), _ptr(out), *_dims(x), groups,
+                                                       *(None if t is None else _ptr(t) for t in args),
+                                                       torch.get_num_threads()), "evos0_bwd")
+    return sums

@@ -37,15 +37,58 @@
     } while (0)
 #endif
 
-static inline __attribute__((always_inline)) F S(ev_map)(const int kind, F xv, F vc, F D, F E) {
-    if (kind == 0) return xv * EP_SIGMOIDA(vc * xv);
+/* S0's sigmoid, s = sigmoid(v x) = 1 / (1 + 2^t) with t = c x, c = -v log2(e) folded per channel
+ * (EV_COEF): 2^t = 2^k 2^r, k the nearest integer to t (t clamped to [-125, 125], where s is 1
+ * or 0 to float precision, so 2^t stays a normal float), r = t - k, 2^r a polynomial on |r| <= 1/2
+ * (fits: relative error 1.9e-7 with degree 5 for float32, 2.9e-6 with degree 4 for the half
+ * types, 0.003 of a float16 ulp); k taken from the bits of t + 1.5 2^23, added to the exponent
+ * bits. About half the operations of 1 / (1 + EP_EXPA(-v x)), whose general range reduction
+ * (ln 2 in parts, the scaling by 1 / ln 2, the negation) this folding avoids. Float64: libm. */
+#define EV_COEF(v) (-(v) * 1.4426950408889634)
+/* the clamp's bound, 125, as a value the compiler cannot see (EV_LIMIT(lim) at the top of a
+ * kernel): with a literal, GCC splits every vector loop into the clamped paths' constant results
+ * and the rest, which costs more than the clamp (two max/min operations) */
+#define EV_LIMIT(lim)                                                                                          \
+    F lim = (F)125;                                                                                            \
+    __asm__("" : "+m"(lim))
+#if UNIT(2)
+#define EV_SIGMOID(xv, vc, cc, lim) ((void)(lim), (F)1 / ((F)1 + exp2((cc) * (xv))))
+#define EV_TIMES_SIGMOID(xv, vc, cc, lim) ((void)(lim), (xv) / ((F)1 + exp2((cc) * (xv))))
+#else
+static inline __attribute__((always_inline)) float S(ev_sig2)(float t, float lim, float num) {
+    const float shifter = 0x1.8p23f; /* adding it rounds to an integer, kept in the low bits */
+    t = t < -lim ? -lim : t; /* (a NaN stays NaN) */
+    t = t > lim ? lim : t;
+    nl_bits j;
+    j.f = t + shifter;
+    float r = t - (j.f - shifter);
+#if UNIT(1)
+    float p = NL_FMA(0.001326472614891827f, r, 0.009671512991189957f);
+    p = NL_FMA(p, r, 0.05550733581185341f);
+#else
+    float p = NL_FMA(0.009582852944731712f, r, 0.055906426161527634f);
+#endif
+    p = NL_FMA(p, r, UNIT(1) ? 0.24022242426872253f : 0.24024099111557007f);
+    p = NL_FMA(p, r, UNIT(1) ? 0.6931470036506653f : 0.6931241750717163f);
+    nl_bits e;
+    e.f = NL_FMA(p, r, 1.0f);
+    e.u += j.u << 23; /* 2^k: j's low bits hold k (two's complement), the rest shifts out */
+    return num / (1.0f + e.f);
+}
+#define EV_SIGMOID(xv, vc, cc, lim) S(ev_sig2)((cc) * (xv), lim, 1.0f)
+#define EV_TIMES_SIGMOID(xv, vc, cc, lim) S(ev_sig2)((cc) * (xv), lim, xv)
+#endif
+
+/* f(x) for the kind (vc = v, cc = EV_COEF(v) of x's channel) */
+static inline __attribute__((always_inline)) F S(ev_map)(const int kind, F xv, F vc, F cc, F lim, F D, F E) {
+    if (kind == 0) return EV_TIMES_SIGMOID(xv, vc, cc, lim);
     F r = vc * xv + E;
     return xv / (D >= r ? D : r);
 }
 
-static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv, F vc, F D, F E) {
+static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv, F vc, F cc, F lim, F D, F E) {
     if (kind == 0) {
-        F s = EP_SIGMOIDA(vc * xv);
+        F s = EV_SIGMOID(xv, vc, cc, lim);
         return s + vc * xv * s * ((F)1 - s);
     }
     F r = vc * xv + E, u = (F)1 / (D >= r ? D : r);
@@ -55,10 +98,10 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 /* the five terms of one element (see above), and sl_ = slope(x). S0 with w_ = x s (1 - s):
  * t0 = dy x s, t2 = dy x w_, slope s + v w_. B0 with q_ = dy x u^2: t2, t3 = q_ on the left,
  * right side, t4 = x t3, slope u (left) or E u^2 (right). */
-#define EV_TERMS(kind, xv, dv, vc, D, E)                                                                       \
+#define EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)                                                                 \
     F t0, t1 = (dv), t2, t3, t4, sl_;                                                                          \
     if ((kind) == 0) {                                                                                         \
-        F s_ = EP_SIGMOIDA((vc) * (xv));                                                                       \
+        F s_ = EV_SIGMOID(xv, vc, cc, lim);                                                                         \
         F xs_ = (xv) * s_, w_ = xs_ - xs_ * s_, dx_ = (dv) * (xv);                                             \
         t0 = (dv) * xs_;                                                                                       \
         t2 = dx_ * w_;                                                                                         \
@@ -78,13 +121,15 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 
 int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const double *v, const double *dstd,
                          const double *istd, const double *scale, const double *shift, int nt) {
+    EV_LIMIT(lim);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         const T *p = x + r * L;
         T *o = y + r * L;
-        const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r], s = (F)scale[r], b = (F)shift[r];
+        const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], s = (F)scale[r],
+                b = (F)shift[r];
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(ev_map)(K, LD(p[i]), vc, D, E) * s + b);
+    _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(ev_map)(K, LD(p[i]), vc, cc, lim, D, E) * s + b);
         EV_SWITCH(kind, LOOP);
 #undef LOOP
     }
@@ -93,13 +138,13 @@ int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const 
 
 /* the five sums of a run of k values, added to acc */
 static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, const T *d, const T *p, i64 k, F vc,
-                                                                F D, F E, double *acc, T *kp) {
+                                                                F cc, F lim, F D, F E, double *acc, T *kp) {
     A a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
     if (kp) { /* (two loops: no branch inside the vector loop) */
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
         for (i64 i = 0; i < k; i++) {
             F xv = LD(p[i]), dv = LD(d[i]);
-            EV_TERMS(kind, xv, dv, vc, D, E)
+            EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)
             kp[i] = ST(dv * sl_);
             a0 += t0, a1 += t1, a2 += t2;
             if (kind) a3 += t3, a4 += t4; /* (S0: none) */
@@ -108,7 +153,7 @@ static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, 
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
         for (i64 i = 0; i < k; i++) {
             F xv = LD(p[i]), dv = LD(d[i]);
-            EV_TERMS(kind, xv, dv, vc, D, E)
+            EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)
             (void)sl_;
             a0 += t0, a1 += t1, a2 += t2;
             if (kind) a3 += t3, a4 += t4; /* (S0: none) */
@@ -120,14 +165,15 @@ static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, 
 
 int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind, const double *v,
                          const double *dstd, const double *istd, double *sums, T *keep, int nt) {
+    EV_LIMIT(lim);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         double acc[5] = {0};
-        const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r];
+        const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r];
         for (i64 i0 = 0; i0 < L; i0 += CF_CHUNK) {
             const T *d = dy + r * L + i0, *p = x + r * L + i0;
             i64 k = MIN(CF_CHUNK, L - i0);
-#define RED(K) S(ev_run_red)(K, d, p, k, vc, D, E, acc, keep ? keep + r * L + i0 : NULL);
+#define RED(K) S(ev_run_red)(K, d, p, k, vc, cc, lim, D, E, acc, keep ? keep + r * L + i0 : NULL);
             EV_SWITCH(kind, RED);
 #undef RED
         }
@@ -139,11 +185,12 @@ int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind,
 int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
                         const double *k, const T *kept, int nt) {
+    EV_LIMIT(lim);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
         const T *d = dy + r * L, *p = x + r * L;
         T *o = dx + r * L;
-        const F vc = (F)v[r % C], D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r], br = (F)b[r], mr = (F)m[r],
+        const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r], br = (F)b[r], mr = (F)m[r],
                 kr = (F)k[r];
         if (kept) { /* dy slope(x), kept in dx by evonorm_red */
 #pragma omp simd
@@ -153,7 +200,7 @@ int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
         F xv = LD(p[i]);                                                                                       \
-        o[i] = ST(ar * LD(d[i]) * S(ev_slope)(K, xv, vc, D, E) + br * (xv - mr) + kr);                         \
+        o[i] = ST(ar * LD(d[i]) * S(ev_slope)(K, xv, vc, cc, lim, D, E) + br * (xv - mr) + kr);                         \
     }
         EV_SWITCH(kind, LOOP);
 #undef LOOP
@@ -164,23 +211,25 @@ int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
 /* ---- channels-last (N, L, C): the element passes row by row with the sample's coefficients
  * as F rows; the reduction per (sample, block of rows), CB channels at a time ---- */
 
-/* ``count`` per-(n, c) arrays as F rows (N * C each), then v as an F row of C; NULL if out of memory */
+/* ``count`` per-(n, c) arrays as F rows (N * C each), then v and EV_COEF(v) as F rows of C; NULL if out
+ * of memory */
 static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, const double *v) {
-    F *co = malloc(sizeof(F) * (N * C * count + C));
+    F *co = malloc(sizeof(F) * (N * C * count + 2 * C));
     if (co) {
         for (int j = 0; j < count; j++)
             for (i64 i = 0; i < N * C; i++) co[j * N * C + i] = (F)src[j][i];
-        for (i64 c = 0; c < C; c++) co[N * C * count + c] = (F)v[c];
+        for (i64 c = 0; c < C; c++) co[N * C * count + c] = (F)v[c], co[N * C * count + C + c] = (F)EV_COEF(v[c]);
     }
     return co;
 }
 
 int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const double *v, const double *dstd,
                          const double *istd, const double *scale, const double *shift, int nt) {
+    EV_LIMIT(lim);
     const double *src[4] = {dstd, istd, scale, shift};
     F *co = S(ev_coefs)(src, 4, N, C, v);
     if (!co) return 1;
-    const F *vr = co + 4 * N * C;
+    const F *vr = co + 4 * N * C, *cr = vr + C;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
@@ -188,7 +237,7 @@ int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const 
         const F *D = co + n * C, *E = co + (N + n) * C, *s = co + (2 * N + n) * C, *b = co + (3 * N + n) * C;
         T *o = y + r * C;
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(ev_map)(K, LD(p[c]), vr[c], D[c], E[c]) * s[c] + b[c]);
+    _Pragma("omp simd") for (i64 c = 0; c < C; c++) o[c] = ST(S(ev_map)(K, LD(p[c]), vr[c], cr[c], lim, D[c], E[c]) * s[c] + b[c]);
         EV_SWITCH(kind, LOOP);
 #undef LOOP
     }
@@ -198,7 +247,7 @@ int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const 
 
 /* the five sums of rows [0, k) of a block, channels [0, w) of a channel block, into acc (5 x CB) */
 static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind, const T *d0, const T *p0, i64 k,
-                                                                  i64 C, i64 w, const F *vr, const F *D, const F *E,
+                                                                  i64 C, i64 w, const F *vr, const F *cr, F lim, const F *D, const F *E,
                                                                   A *acc, T *kp) {
     A *a0 = acc, *a1 = acc + CB, *a2 = acc + 2 * CB, *a3 = acc + 3 * CB, *a4 = acc + 4 * CB;
     for (i64 c = 0; c < 5 * CB; c++) acc[c] = 0;
@@ -209,7 +258,7 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
 #pragma omp simd
             for (i64 c = 0; c < w; c++) {
                 F xv = LD(p[c]), dv = LD(d[c]);
-                EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
+                EV_TERMS(kind, xv, dv, vr[c], cr[c], lim, D[c], E[c])
                 q[c] = ST(dv * sl_);
                 a0[c] += t0, a1[c] += t1, a2[c] += t2;
                 if (kind) a3[c] += t3, a4[c] += t4;
@@ -218,7 +267,7 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
 #pragma omp simd
             for (i64 c = 0; c < w; c++) {
                 F xv = LD(p[c]), dv = LD(d[c]);
-                EV_TERMS(kind, xv, dv, vr[c], D[c], E[c])
+                EV_TERMS(kind, xv, dv, vr[c], cr[c], lim, D[c], E[c])
                 (void)sl_;
                 a0[c] += t0, a1[c] += t1, a2[c] += t2;
                 if (kind) a3[c] += t3, a4[c] += t4;
@@ -229,6 +278,7 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
 
 int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind, const double *v,
                          const double *dstd, const double *istd, double *sums, T *keep, int nt) {
+    EV_LIMIT(lim);
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R, NC = N * C, P = N * nb * C;
     const double *src[2] = {dstd, istd};
     F *co = S(ev_coefs)(src, 2, N, C, v);
@@ -237,7 +287,7 @@ int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind,
         free(co), free(part);
         return 1;
     }
-    const F *vr = co + 2 * NC;
+    const F *vr = co + 2 * NC, *cr = vr + C;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * nb; it++) {
         i64 n = it / nb, l0 = (it % nb) * R, k = MIN(R, L - l0);
@@ -247,9 +297,9 @@ int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind,
             const F *D = co + n * C + c0, *E = co + NC + n * C + c0;
 #define RED(K)                                                                                                 \
     if (w == CB)                                                                                               \
-        S(ev_block_red)(K, dy + at, x + at, k, C, CB, vr + c0, D, E, acc, keep ? keep + at : NULL);            \
+        S(ev_block_red)(K, dy + at, x + at, k, C, CB, vr + c0, cr + c0, lim, D, E, acc, keep ? keep + at : NULL);            \
     else                                                                                                       \
-        S(ev_block_red)(K, dy + at, x + at, k, C, w, vr + c0, D, E, acc, keep ? keep + at : NULL);
+        S(ev_block_red)(K, dy + at, x + at, k, C, w, vr + c0, cr + c0, lim, D, E, acc, keep ? keep + at : NULL);
             EV_SWITCH(kind, RED);
 #undef RED
             for (int j = 0; j < 5; j++)
@@ -272,10 +322,11 @@ int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind,
 int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
                         const double *k, const T *kept, int nt) {
+    EV_LIMIT(lim);
     const double *src[6] = {dstd, istd, a, b, m, k};
     F *co = S(ev_coefs)(src, 6, N, C, v);
     if (!co) return 1;
-    const F *vr = co + 6 * N * C;
+    const F *vr = co + 6 * N * C, *cr = vr + C;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * L; r++) {
         i64 n = r / L;
@@ -291,7 +342,7 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
 #define LOOP(K)                                                                                                \
     _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
         F xv = LD(p[c]);                                                                                       \
-        o[c] = ST(ar[c] * LD(d[c]) * S(ev_slope)(K, xv, vr[c], D[c], E[c]) + br[c] * (xv - mr[c]) + kr[c]);    \
+        o[c] = ST(ar[c] * LD(d[c]) * S(ev_slope)(K, xv, vr[c], cr[c], lim, D[c], E[c]) + br[c] * (xv - mr[c]) + kr[c]);    \
     }
         EV_SWITCH(kind, LOOP);
 #undef LOOP
@@ -299,5 +350,8 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
     free(co);
     return 0;
 }
+
+
+#include "evos0_impl.h" /* S0 per sample from cache (uses the helpers above) */
 
 #undef EV_TERMS

@@ -576,6 +576,21 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     return 0;
 }
 
+/* one channels-last sample's per-channel moments (L rows of C) block by block, merged in double:
+ * mean into ma, M2 into qa (pm, pq: C doubles of scratch each); returns every channel's count */
+static double S(sample_moments_cl)(const T *xs, i64 L, i64 C, double *pm, double *pq, double *ma, double *qa) {
+    i64 R = rows_per_block(C, sizeof(T));
+    double cnt = 0.0;
+    for (i64 c = 0; c < C; c++) ma[c] = qa[c] = 0.0;
+    for (i64 l0 = 0; l0 < L; l0 += R) {
+        i64 k = MIN(R, L - l0);
+        for (i64 c0 = 0; c0 < C; c0 += CB)
+            S(block_moments_exact)(xs + l0 * C + c0, k, C, MIN(CB, C - c0), pm + c0, pq + c0);
+        merge_row(&cnt, ma, qa, C, (double)k, pm, pq);
+    }
+    return cnt;
+}
+
 /* ---- per-sample norms (group, instance, layer, RMS norm) in one forward pass from cache:
  * one sample per work item: its moments block by block (two-pass in L1, merged in double),
  * its groups' coefficients, then its output while the sample is still in L2. With center,
@@ -586,7 +601,7 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
 int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps, int center, const double *weight,
                        const double *bias, int act, double slope, const double *thr, double *mean, double *m2,
                        double *ctr, double *rstd_out, int nt) {
-    i64 cpg = C / G, R = rows_per_block(C, sizeof(T));
+    i64 cpg = C / G;
     int failed = 0;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const i64 rb = ROWS_A_BLOCK(st, C);
@@ -601,14 +616,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
             if (!pm || !cm) continue;
             const T *xs = x + n * L * C;
             T *ys = y + n * L * C;
-            for (i64 c = 0; c < C; c++) ma[c] = qa[c] = 0.0;
-            double cnt = 0.0; /* every channel's count */
-            for (i64 l0 = 0; l0 < L; l0 += R) {
-                i64 k = MIN(R, L - l0);
-                for (i64 c0 = 0; c0 < C; c0 += CB)
-                    S(block_moments_exact)(xs + l0 * C + c0, k, C, MIN(CB, C - c0), pm + c0, pq + c0);
-                merge_row(&cnt, ma, qa, C, (double)k, pm, pq);
-            }
+            double cnt = S(sample_moments_cl)(xs, L, C, pm, pq, ma, qa); /* every channel's count */
             for (i64 g = 0; g < G; g++) { /* the group's moments, then its coefficients */
                 double gn = 0.0, gm = 0.0, gq = 0.0, ms = 0.0;
                 for (i64 c = g * cpg; c < (g + 1) * cpg; c++) {

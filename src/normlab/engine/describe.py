@@ -56,7 +56,7 @@ class Description:
     needs_input: bool = True  # False: the adjoint never reads x (b = 0), so x is not saved
     reference: Callable[..., Tensor] | None = None
     moments_given: tuple[Tensor, Tensor] | None = None  # per-(n, c) (mean, M2) already computed
-    elementwise = False  # True: not the affine map; the description's output() and backward() run the passes
+    elementwise = False  # True: not the affine map; the description's forward() and backward() run the passes
 
     def coefficients(self, mean: Tensor, m2: Tensor, count: int, *params: Tensor | None
                      ) -> tuple[Tensor, Tensor, Tensor]:

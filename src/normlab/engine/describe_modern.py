@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _moments
+from .. import _kernels, _moments
 from .._kernels import evonorm as _evonorm
 from .._moments import Moments
 from .describe import Description, _out, _row
@@ -69,12 +69,30 @@ class PowerStats(Description):
         return dw, db
 
 
-class EvoS0Stats(Description):
+class _ElementMapStats(Description):
+    """EvoNorm's descriptions: not an affine map of x, so they run their own passes
+    (``elementwise``): :meth:`forward` and ``backward`` (kernels in ``_kernels/evonorm_impl.h``)."""
+
+    elementwise = True
+
+    def forward(self, x: Tensor, y: Tensor, layout: str, count: int, params: tuple, fused: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        """``y`` from ``x`` (kernel views, ``count`` values per (n, c)): the moments, the merge
+        (:meth:`coefficients`), the output pass; returns the per-(n, c) mean and M2. ``fused``:
+        the engine's choice of the per-sample passes from cache, where a norm has them."""
+        mean, m2 = _kernels.moments(x, layout)
+        self.output(x, y, layout, *self.coefficients(mean, m2, count, *params))
+        return mean, m2
+
+
+class EvoS0Stats(_ElementMapStats):
     """EvoNorm-S0 (Liu et al., NeurIPS 2020): ``y = f(x) r gamma + beta`` with ``f(x) = x
     sigmoid(v x)`` and ``r = 1 / sqrt(var_g + eps)`` over the sample's group of C/G channels
     (the merge of group norm, :func:`normlab._moments.group_moments`). Not an affine map of x,
     so it runs its own element map (``elementwise``; kernels in ``_kernels/evonorm_impl.h``):
-    coefficients ``(mu_g, gamma r, beta)``, output ``f(x) * scale + shift``.
+    coefficients ``(mu_g, gamma r, beta)``, output ``f(x) * scale + shift``; with ``fused`` (the
+    engine's rule for per-sample norms) both passes run per sample from cache, statistics
+    included (``_kernels/evos0_impl.h``).
 
     Adjoint. With ``s = sigmoid(v x)``, ``f'(x) = s + v x s (1 - s)``, ``df/dv = x^2 s (1 - s)``,
     the per-(n, c) sums of one backward read ``F = sum dy f(x)``, ``Q = sum dy x^2 s (1 - s)``,
@@ -85,10 +103,19 @@ class EvoS0Stats(Description):
         dgamma = sum_n r F        dbeta = sum_n g        dv = gamma sum_n r Q
     """
 
-    elementwise = True
+    fused = False
 
     def __init__(self, groups: int, eps: float) -> None:
         self.groups, self.eps = groups, eps
+
+    def forward(self, x: Tensor, y: Tensor, layout: str, count: int, params: tuple, fused: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        if not fused:
+            return super().forward(x, y, layout, count, params)
+        weight, bias, v = params
+        mean, m2, self.ctr, self.rstd = _evonorm.evos0_forward(x, y, layout, self.groups, self.eps, v, weight, bias)
+        self.fused, self.count, self.w, self.v = True, count, _row(weight, mean.shape[1], 1.0), v
+        return mean, m2
 
     def coefficients(self, mean, m2, count, weight=None, bias=None, v=None):
         c = mean.shape[1]
@@ -102,8 +129,11 @@ class EvoS0Stats(Description):
     def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
                  weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
         """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
-        big_f, g, q = _evonorm.evonorm_reduce("s0", dy, x, layout, v, None, None, keep=dx)[:3]
-        if dx is not None:
+        if self.fused and dx is not None:
+            big_f, g, q = _evonorm.evos0_backward(dy, x, dx, layout, self.groups, v, weight, self.ctr, self.rstd)
+        else:
+            big_f, g, q = _evonorm.evonorm_reduce("s0", dy, x, layout, v, None, None, keep=dx)[:3]
+        if dx is not None and not self.fused:
             n, c = g.shape
             per = c // self.groups
             big_a = (self.w * big_f).view(n, self.groups, per).sum(2, keepdim=True).expand(n, self.groups, per)
@@ -116,7 +146,7 @@ class EvoS0Stats(Description):
         return dw, db, dv
 
 
-class EvoB0Stats(Description):
+class EvoB0Stats(_ElementMapStats):
     """EvoNorm-B0 (Liu et al., NeurIPS 2020): ``y = gamma x u + beta``, ``u = 1 / max(D, v x + E)``
     with ``D = sqrt(var_b + eps)`` per channel (the per-(n, c) moments merged over the batch, as
     batch norm; or the running variance, a constant: ``running_var``) and ``E = sqrt(var_i + eps)``
@@ -135,8 +165,6 @@ class EvoB0Stats(Description):
 
     The input-gradient pass is centred on ``mu_i``: ``b = b_B + b_I``, ``k = b_B (mu_i - mu_b)``.
     ``batch_moments`` (batch statistics) holds the merged moments for the running update."""
-
-    elementwise = True
 
     def __init__(self, eps: float, running_var: Tensor | None) -> None:
         self.eps, self.running_var = eps, running_var

@@ -11,7 +11,8 @@ backward: per-(n, c) g = sum dy', h = sum dy' (x - center)  (one read of dy and 
 
 Per-sample norms (:class:`GroupStats`) without an activation run both passes fused per
 (sample, group), or per sample channels-last, from cache when there are at least two such
-items a thread (:func:`normlab._kernels.group_forward` / ``group_backward``); the transformer's
+items a thread (:func:`normlab._kernels.group_forward` / ``group_backward``; EvoNorm-S0, whose
+description runs its own element map, ``evos0_forward`` / ``evos0_backward``); the transformer's
 RMS norm over the channel axis alone runs row by row (``rowrms_*``). Only ``x`` (one
 input-sized tensor, in its own dtype) and (N, C) statistics are saved for backward.
 """
@@ -32,11 +33,12 @@ __all__ = ["EngineNorm", "run", "kernel_moments"]
 
 def _fused(desc: Description, layout: str, n: int, length: int, act: tuple[int, float] | None) -> str | None:
     """Which fused per-sample passes apply: "rows" (RMS over the channels of each position),
-    "group" (per (sample, group) or per sample from cache), or None (the generic passes).
-    The fused passes need at least two work items a thread; the rows kernel has no epilogue."""
-    if not isinstance(desc, GroupStats) or desc.moments_given is not None:
+    "group" (per (sample, group) or per sample from cache: group norms and EvoNorm-S0, the
+    per-sample norms that have ``groups``), or None (the generic passes). The fused passes need
+    at least two work items a thread; the rows kernel has no epilogue."""
+    if desc.groups is None or desc.moments_given is not None:
         return None
-    if layout == "cl" and length == 1 and desc.groups == 1 and not desc.center:
+    if isinstance(desc, GroupStats) and layout == "cl" and length == 1 and desc.groups == 1 and not desc.center:
         return "rows" if act is None else None
     items = n * desc.groups if layout == "cf" else n  # type: ignore[operator]
     return "group" if items >= 2 * torch.get_num_threads() else None
@@ -66,6 +68,10 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         return yv.view(x.shape)
     y = torch.empty_like(x)
     yv = view_like(y, x, layout, v, cd)
+    if desc.elementwise:  # its own element map (EvoNorm): its own passes, per sample from cache or not
+        desc.mean_nc, desc.m2_nc = desc.forward(v, yv, layout, length, params, ctx.fused == "group")
+        desc.count_nc = length
+        return y
     if ctx.fused == "group":
         mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
                                                      params[0], _bias(params), act)
@@ -73,10 +79,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     else:
         mean, m2 = desc.moments_given or _kernels.moments(v, layout)
         ctx.coefs = desc.coefficients(mean, m2, length, *params)
-        if desc.elementwise:  # its own element map (EvoNorm), its own passes
-            desc.output(v, yv, layout, *ctx.coefs)
-        else:
-            _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
+        _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
     desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
     return y
 

@@ -1,0 +1,97 @@
+"""EvoNorm-S0's two kernel paths (per sample from cache, ``evos0_impl.h``; the generic passes,
+``evonorm_impl.h``) each equal the plain autograd path: outputs, input and parameter gradients,
+in every dtype and both layouts; the test checks which path ran. And the S0 sigmoid of the
+kernels (its own exp2 polynomial) against float64 torch over the whole clamped range."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlab
+from normlab import functional as NF
+from normlab._kernels import evonorm as kernels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+CALLS = ("evos0_forward", "evos0_backward", "evonorm_forward", "evonorm_reduce", "evonorm_dx")
+
+
+def _counted(monkeypatch) -> dict:
+    """Counts the calls of the EvoNorm kernel bindings (the descriptions call them through the module)."""
+    counts = dict.fromkeys(CALLS, 0)
+    for name in CALLS:
+        def wrapped(*a, __f=getattr(kernels, name), __n=name, **k):
+            counts[__n] += 1
+            return __f(*a, **k)
+        monkeypatch.setattr(kernels, name, wrapped)
+    return counts
+
+
+def _step(m, x, dy, fast: bool) -> list[torch.Tensor]:
+    xx = x.detach().clone().requires_grad_()
+    for p in m.parameters():
+        p.grad = None
+    with NF.fast_path(fast):
+        y = m(xx)
+        y.backward(dy)
+    return [y, xx.grad, *(p.grad for p in m.parameters())]
+
+
+# with one thread: N * G (channel-first) or N (channels-last) work items of at least 2 run per
+# sample from cache, fewer the generic passes
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["first", "channels_last"])
+@pytest.mark.parametrize("n, groups, fused", [(3, 2, True), (1, 1, False)])
+def test_evonorm_s0_kernel_paths_equal_the_plain_path(dtype, layout, n, groups, fused, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 8, 6, 7, generator=g, dtype=torch.float64) * 2 + 0.7
+    x[:, 1] *= 30  # a channel where the sigmoid saturates on both sides (v x beyond +-40)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, dy = x.to(dtype).contiguous(memory_format=fmt), dy.to(dtype).contiguous(memory_format=fmt)
+    m = normlab.make_norm(f"evos0:{groups}", 8).to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+    with torch.no_grad():
+        m.v.copy_(torch.linspace(-2.0, 1.5, 8))
+        m.weight.uniform_(0.5, 1.5, generator=g)
+        m.bias.uniform_(-0.5, 0.5, generator=g)
+    counts = _counted(monkeypatch)
+    got = _step(m, x, dy, True)
+    fwd, bwd = ("evos0_forward", "evos0_backward") if fused else ("evonorm_forward", "evonorm_dx")
+    assert counts[fwd] == 1 and counts[bwd] == 1, counts
+    assert sum(counts.values()) == (2 if fused else 3), counts  # (generic: forward, sums, input gradient)
+    ref = _step(m, x, dy, False)
+    tol = TOL[dtype]
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.dtype == b.dtype, i
+        scale = max(1.0, b.double().abs().max().item())
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=f"result {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_evonorm_s0_sigmoid_against_float64(dtype):
+    # f(x) = x sigmoid(v x) from the forward pass with scale 1 and shift 0, over v x in [-130, 130]
+    # (the clamp at |v x log2(e)| = 125 included): float32 within 4e-7 relative plus the rounding
+    # of the argument v x (|v x| 2^-23, which dominates far out); the half types correctly rounded
+    # but for values near a tie, there one unit in the last place off
+    t = torch.linspace(-130, 130, 200_003, dtype=torch.float64)
+    v = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    x = (t / v.view(3, 1)).view(1, 3, -1).to(dtype)
+    out = torch.empty_like(x)
+    one, zero = torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+    kernels.evonorm_forward("s0", x, out, "cf", v, None, None, one, zero)
+    z = x.double() * v.view(1, 3, 1)
+    ref = x.double() * torch.sigmoid(z)
+    big = ref.abs() > 1e-30  # (beyond the clamp the kernel's value is ~x 2^-125: also tiny)
+    assert out.double().abs()[~big].max().item() < 1e-30
+    out, ref, z = out[big].double(), ref[big], z[big]
+    if dtype == torch.float32:
+        rel = (out - ref).abs() / ref.abs()
+        assert (rel <= 4e-7 + z.abs() * 2.0 ** -23).all()
+    else:
+        wrong = out != ref.to(dtype).double()
+        assert wrong.double().mean().item() < 2e-3
+        # where it differs, by one unit in the last place at most
+        ulp = ref.to(dtype).double().abs() * 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+        assert ((out - ref).abs()[wrong] <= ulp[wrong]).all()
