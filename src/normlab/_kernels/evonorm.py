@@ -40,20 +40,16 @@ __all__ = ["KINDS", "evonorm_dx", "evonorm_forward", "evonorm_reduce", "evos0_ba
 KINDS = {"s0": 0, "b0": 1}
 """The element maps, by name, as the kernels number them."""
 
-_declared: set = set()
-
 
 def _fn(name: str, layout: str, dtype: torch.dtype, heads: int, tails: int, family: str = "evonorm"):
     """The entry point ``nl_{family}_{name}_{layout}_{type}``: ``heads`` tensors, the three sizes,
     the kind (evonorm) or the group count (evos0, then eps for its forward), ``tails`` arrays,
     the thread count (declared on first use: the library's loader does not know these)."""
-    full = f"nl_{family}_{name}_{layout}_{_SUFFIX[dtype]}"
-    fn = getattr(_lib(), full)
-    if full not in _declared:
+    fn = getattr(_lib(), f"nl_{family}_{name}_{layout}_{_SUFFIX[dtype]}")
+    if fn.argtypes is None:  # (per loaded library: ctypes keeps one function object per name)
         p, i, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         mid = [n] if family == "evonorm" else [i, ctypes.c_double] if name == "fwd" else [i]
         fn.argtypes, fn.restype = [*[p] * heads, i, i, i, *mid, *[p] * tails, n], ctypes.c_int
-        _declared.add(full)
     return fn
 
 

@@ -45,12 +45,10 @@
  * bits. About half the operations of 1 / (1 + EP_EXPA(-v x)), whose general range reduction
  * (ln 2 in parts, the scaling by 1 / ln 2, the negation) this folding avoids. Float64: libm. */
 #define EV_COEF(v) (-(v) * 1.4426950408889634)
-/* the clamp's bound, 125, as a value the compiler cannot see (EV_LIMIT(lim) at the top of a
- * kernel): with a literal, GCC splits every vector loop into the clamped paths' constant results
- * and the rest, which costs more than the clamp (two max/min operations) */
-#define EV_LIMIT(lim)                                                                                          \
-    F lim = (F)125;                                                                                            \
-    __asm__("" : "+m"(lim))
+/* the clamp's bound, 125, read from mathfn.h's nl_act_bounds (EV_LIMIT(lim) at the top of a
+ * kernel), for the reason given there: with a literal, GCC splits every vector loop into the
+ * clamped paths' constant results and the rest, which costs more than the clamp */
+#define EV_LIMIT(lim) const F lim = (F)nl_act_bounds[3]
 #if UNIT(2)
 #define EV_SIGMOID(xv, vc, cc, lim) ((void)(lim), (F)1 / ((F)1 + exp2((cc) * (xv))))
 #define EV_TIMES_SIGMOID(xv, vc, cc, lim) ((void)(lim), (xv) / ((F)1 + exp2((cc) * (xv))))

@@ -57,15 +57,16 @@ typedef union {
     float f;
 } nl_bits;
 
-/* The activation epilogues' clamp bounds: the exps' range [-86, 88] (nl_expf_act,
- * nl_expf_half) and GELU's largest |v|, 12.5 (nl_gelu_t), read from memory rather than
+/* The clamp bounds of the activation epilogues and of EvoNorm-S0's sigmoid: the exps' range
+ * [-86, 88] (nl_expf_act, nl_expf_half), GELU's largest |v|, 12.5 (nl_gelu_t), and the S0
+ * sigmoid's |t| limit, 125 (evonorm_impl.h: EV_LIMIT), read from memory rather than
  * written as literals: with literal bounds GCC 12 if-converts the clamps of a vectorised loop
  * into masked copies of the code after them for each bound (the constant propagated into
  * them), about 25 instructions per 32 values more than one vmaxps and one vminps. A weak
  * definition may be replaced at link time, so the compiler cannot fold it; hidden, so nothing
  * outside the library can. The exp loop alone: bfloat16 0.50 -> 0.37 ns/value, float32 0.37
  * -> 0.24 (one thread). */
-__attribute__((weak, visibility("hidden"))) const float nl_act_bounds[3] = {-86.0f, 88.0f, 12.5f};
+__attribute__((weak, visibility("hidden"))) const float nl_act_bounds[4] = {-86.0f, 88.0f, 12.5f, 125.0f};
 
 /* x limited to [lo, hi]; NaN stays NaN (both comparisons are false) */
 static inline float nl_clampf(float x, float lo, float hi) {
