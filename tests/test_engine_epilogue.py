@@ -370,3 +370,72 @@ def test_tlu_epilogue_needs_its_threshold():
     with pytest.raises(ValueError, match=r"epilogue\('tlu'\).*threshold"):
         normlab.engine.epilogue("tlu")
     assert normlab.engine.epilogue("tlu", threshold=torch.zeros(3)).code == _kernels.EPILOGUES["tlu"]
+
+
+MIXED_SPECS = ["mobn", "brn", "bin", "sn"]
+
+
+def _params(m: torch.nn.Module) -> list:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("spec", MIXED_SPECS)
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_batch_and_mixed_norms_fuse_the_activation_as_the_plain_path(spec, act, channels_last, dtype):
+    """mobn, brn, bin and sn with ``act=``: one engine node (the activation inside its output
+    pass) equal to the plain path (the norm's reference, then torch's activation) in outputs,
+    input and parameter gradients and running statistics, over two training steps and eval;
+    float64 to 1e-9, bfloat16 against the float64 plain path on the same rounded input."""
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    c = 8
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(4, c, 10, 12, generator=g, dtype=torch.float64) * 2 + 0.3
+    mine = normlab.make_norm(spec, c, act=act, negative_slope=0.2)
+    with torch.no_grad():
+        for p in _params(mine):
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    mine = mine.double() if dtype == torch.float64 else mine
+    plain = copy.deepcopy(mine).double()
+    x = x64.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    if dtype == torch.float64:
+        tol_y = tol_dx = tol_p = dict(rtol=1e-9, atol=1e-9)
+    else:  # (as the half-precision test above: parameter sums of many rounded terms)
+        ty, tdx, tp = HALF_ACT_TOL[dtype]
+        tol_y, tol_dx, tol_p = dict(rtol=ty, atol=ty), dict(rtol=tdx, atol=tdx), dict(rtol=tp, atol=tp * x.numel() ** 0.5)
+    for training in (True, True, False):
+        mine.train(training), plain.train(training)
+        xa, xb = x.clone().requires_grad_(), x.double().clone().requires_grad_()
+        with normlab.functional.fast_path(True):
+            ya = mine(xa)
+        with normlab.functional.fast_path(False):
+            yb = plain(xb)
+        if training:
+            assert type(ya.grad_fn).__name__ == "EngineNormBackward"  # the activation is inside
+        assert ya.dtype == x.dtype
+        torch.testing.assert_close(ya.double(), yb, **tol_y)
+        dy = torch.randn(ya.shape, generator=g, dtype=torch.float64).to(dtype).double()
+        ga = torch.autograd.grad(ya, (xa, *_params(mine)), dy.to(dtype))
+        gb = torch.autograd.grad(yb, (xb, *_params(plain)), dy)
+        torch.testing.assert_close(ga[0].double(), gb[0], **tol_dx)
+        if training or dtype == torch.float64:  # (eval with a gradient runs torch's eval batch norm, whose
+            for a, b in zip(ga[1:], gb[1:]):    # bfloat16 parameter gradients are about 1% off)
+                torch.testing.assert_close(a.double(), b, **tol_p)
+    for name, buf in mine.named_buffers():
+        if buf.is_floating_point():
+            torch.testing.assert_close(buf.double(), dict(plain.named_buffers())[name], **tol_y)
+
+
+@pytest.mark.parametrize("spec", MIXED_SPECS)
+def test_batch_and_mixed_norms_with_activation_save_one_input(spec):
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    m = normlab.make_norm(spec, 16, act="silu")
+    with normlab.functional.fast_path(True):
+        nbytes = saved_bytes(lambda: m(x))
+    assert nbytes <= x.numel() * 4 + 64 * 8 * 16 * 8  # x, and (N, C) statistics

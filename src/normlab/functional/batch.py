@@ -100,6 +100,8 @@ def mean_only_batch_norm(
     momentum: float | Tensor | None = 0.1,
     channel_dim: int = 1,
     process_group=None,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Mean-only batch normalization (Salimans & Kingma, NIPS 2016, arXiv:1602.07868, sec. 3).
 
@@ -113,6 +115,8 @@ def mean_only_batch_norm(
     place (``running = (1 - momentum) * running + momentum * mu``; the official code's
     0.9 / 0.1 average is ``momentum=0.1``); in eval the running mean is used.
     ``process_group`` all-reduces the moments so that every process uses the global mean.
+    ``act`` (relu, leaky_relu with ``negative_slope``, silu, gelu) applies an activation to the
+    output, fused into the engine's output pass where the engine runs: ``act(norm(x))``.
     """
     cd = channel_axis(x.ndim, channel_dim)
     if route("mobn", x, cd, 1, dtypes_of(running_mean, bias), (local_only(process_group),)) == "kernels" \
@@ -120,13 +124,14 @@ def mean_only_batch_norm(
         if training or running_mean is None:
             desc = BatchStats(0.0, mean_only=True)
             desc.reference = lambda x, _w, b: mean_only_batch_norm(x, None, b, channel_dim=cd)
-            y = engine.run(desc, x, cd, (None, bias))
+            y = engine.run(desc, x, cd, (None, bias), engine.epilogue(act, negative_slope))
             if training and momentum is not None and running_mean is not None:
                 _moments.update_running_stats(running_mean, None, desc.batch_moments, momentum)
             return y
-        y = engine.affine_eval(x, cd, running_mean, None, 0.0, None, bias)
+        fused = engine.epilogue(act, negative_slope)
+        y = engine.affine_eval(x, cd, running_mean, None, 0.0, None, bias, fused)
         if y is not None:
-            return y
+            return y if fused is not None else activation(y, act, negative_slope)
     if training or running_mean is None:
         m = batch_moments(x, cd, process_group)
         if training and momentum is not None and running_mean is not None and _has_values(m):
@@ -134,7 +139,7 @@ def mean_only_batch_norm(
         mean = m.mean
     else:
         mean = per_channel(running_mean, x.ndim, cd)
-    return affine(x - mean, None, bias, cd).to(x.dtype)
+    return activation(affine(x - mean, None, bias, cd).to(x.dtype), act, negative_slope)
 
 
 def batch_renorm_limits(
@@ -178,6 +183,8 @@ def batch_renorm(
     eps: float = 1e-5,
     channel_dim: int = 1,
     process_group=None,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Batch renormalization (Ioffe, NIPS 2017, arXiv:1702.03275, Algorithm 1).
 
@@ -198,12 +205,15 @@ def batch_renorm(
     eval is the same expression as batch norm's (a torch batch norm's state_dict loads and
     evaluates identically). ``momentum`` is the weight of this batch (None: no update);
     ``process_group`` all-reduces the batch moments.
+    ``act`` (relu, leaky_relu with ``negative_slope``, silu, gelu) applies an activation to the
+    output, fused into the engine's output pass where the engine runs: ``act(norm(x))``.
     """
     cd = channel_axis(x.ndim, channel_dim)
     if running_mean is None or running_var is None:
         raise ValueError("batch_renorm: needs running_mean and running_var (r and d are measured against them)")
     if not training:  # batch norm's eval map
-        return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, channel_dim=cd)
+        return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, channel_dim=cd,
+                          act=act, negative_slope=negative_slope)
     group = None if local_only(process_group) else process_group
     shape = stat_shape(x.ndim, cd, x.shape[cd])
     desc = BatchStats(eps, process_group=group, stat_shape=shape)
@@ -230,8 +240,8 @@ def batch_renorm(
         desc.renorm = (r, d)
         desc.reference = lambda x, w, b: batch_norm(x, None, None, *_renormed(w, b, r, d), eps=eps, channel_dim=cd,
                                                     process_group=group)
-        return engine.run(desc, x, cd, (weight, bias))
-    return normalize(x, m.mean, m.var, eps, *_renormed(weight, bias, r, d), cd)
+        return engine.run(desc, x, cd, (weight, bias), engine.epilogue(act, negative_slope))
+    return activation(normalize(x, m.mean, m.var, eps, *_renormed(weight, bias, r, d), cd), act, negative_slope)
 
 
 def _renormed(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:

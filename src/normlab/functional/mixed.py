@@ -11,6 +11,7 @@ from .. import _moments
 from .._layout import channel_axis, per_channel, stat_dims
 from .._moments import Moments
 from ._common import batch_statistics, normalize
+from .norm_act import activation
 from .. import engine
 from ..engine import BatchInstanceStats, SwitchableStats, local_only, route
 
@@ -37,6 +38,8 @@ def batch_instance_norm(
     eps: float = 1e-5,
     channel_dim: int = 1,
     process_group=None,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Batch-instance normalization (Nam & Kim, NeurIPS 2018, arXiv:1805.07925, eq. 4-5).
 
@@ -53,6 +56,8 @@ def batch_instance_norm(
     variance, no running statistics). The input needs at least one position axis.
     ``rho`` is used as given: keeping it in [0, 1] is the caller's job (the paper clamps it
     after every optimizer step; :class:`normlab.BatchInstanceNorm` does so before use).
+    ``act`` (relu, leaky_relu with ``negative_slope``, silu, gelu) applies an activation to the
+    output, fused into the engine's output pass where the engine runs: ``act(norm(x))``.
     """
     cd = channel_axis(x.ndim, channel_dim)
     positions = stat_dims(x.ndim, cd, "spatial")
@@ -67,7 +72,7 @@ def batch_instance_norm(
         desc.reference = lambda x, r, w, b: batch_instance_norm(x, r, running[0], running[1], w, b,
                                                                 training=fixed is None, momentum=None, eps=eps,
                                                                 channel_dim=cd)
-        y = engine.run(desc, x, cd, (rho, weight, bias))
+        y = engine.run(desc, x, cd, (rho, weight, bias), engine.epilogue(act, negative_slope))
         if training and momentum is not None and batch_stats:
             _moments.update_running_stats(running_mean, running_var, desc.batch_moments, momentum)
         return y
@@ -85,7 +90,7 @@ def batch_instance_norm(
         scale, shift = scale * w, shift * w
     if bias is not None:
         shift = shift + per_channel(bias, x.ndim, cd)
-    return ((x - mu_in) * scale + shift).to(x.dtype)
+    return activation(((x - mu_in) * scale + shift).to(x.dtype), act, negative_slope)
 
 
 def switchable_norm(
@@ -102,6 +107,8 @@ def switchable_norm(
     eps: float = 1e-5,
     channel_dim: int = 1,
     process_group=None,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Switchable normalization (Luo, Ren & Peng, ICLR 2019, arXiv:1806.10779, eq. 3-5).
 
@@ -130,6 +137,8 @@ def switchable_norm(
     ``var_run = E[mu_B^2 + var_B] - E[mu_B]^2`` over the batches seen; with a fixed
     momentum it is the exponentially weighted version (the spread of the batch means is
     what makes biased batch variances estimate the population variance).
+    ``act`` (relu, leaky_relu with ``negative_slope``, silu, gelu) applies an activation to the
+    output, fused into the engine's output pass where the engine runs: ``act(norm(x))``.
     """
     cd = channel_axis(x.ndim, channel_dim)
     batch_stats = training or running_mean is None or running_var is None
@@ -140,7 +149,7 @@ def switchable_norm(
         desc.reference = lambda x, mw, vw, w, b: switchable_norm(x, mw, vw, running[0], running[1], w, b,
                                                                  training=fixed is None, momentum=None, eps=eps,
                                                                  channel_dim=cd)
-        y = engine.run(desc, x, cd, (mean_weight, var_weight, weight, bias))
+        y = engine.run(desc, x, cd, (mean_weight, var_weight, weight, bias), engine.epilogue(act, negative_slope))
         if training and momentum is not None and batch_stats:
             m_bn = desc.batch_moments
             _merge_into_running(running_mean, running_var, m_bn.mean, m_bn.var, momentum)
@@ -168,7 +177,7 @@ def switchable_norm(
     wv = torch.softmax(var_weight[-k:].to(mu_bn.dtype), 0)
     mean = sum(w * m for w, m in zip(wm.unbind(0), means))
     var = sum(w * v for w, v in zip(wv.unbind(0), variances))
-    return normalize(x, mean, var, eps, weight, bias, cd)
+    return activation(normalize(x, mean, var, eps, weight, bias, cd), act, negative_slope)
 
 
 def _points(x: Tensor) -> Moments:

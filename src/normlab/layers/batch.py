@@ -62,6 +62,8 @@ class MeanOnlyBatchNorm(BatchStatNorm):
     ``eps`` is accepted, so ``normlab.convert`` can pass it, and unused.
     """
 
+    fuses_activation = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, process_group,
@@ -78,7 +80,7 @@ class MeanOnlyBatchNorm(BatchStatNorm):
         self.check_input(x)
         call = self._batch_call()
         del call["eps"]  # no division, so no eps
-        return F.mean_only_batch_norm(x, self.running_mean, self.bias, **call)
+        return F.mean_only_batch_norm(x, self.running_mean, self.bias, **call, **self._act())
 
 
 class BatchRenorm(BatchStatNorm):
@@ -103,6 +105,8 @@ class BatchRenorm(BatchStatNorm):
     apply from the first step. ``reset_running_stats`` (and so ``normlab.recalibrate``)
     restarts the schedule too. Needs running statistics (``track_running_stats=True``).
     """
+
+    fuses_activation = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01, r_max: float = 3.0,
                  d_max: float = 5.0, warmup_steps: int = 5000, ramp_steps: int | tuple[int, int] = 20000,
@@ -136,7 +140,7 @@ class BatchRenorm(BatchStatNorm):
         self.check_input(x)
         r_max, d_max = self.limits()  # before _step_factor counts this step
         return F.batch_renorm(x, self.running_mean, self.running_var, self.weight, self.bias,  # type: ignore[arg-type]
-                              r_max=r_max, d_max=d_max, **self._batch_call())
+                              r_max=r_max, d_max=d_max, **self._batch_call(), **self._act())
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, "

@@ -29,6 +29,8 @@ class BatchInstanceNorm(BatchStatNorm):
     weight decay (``normlab.param_groups``).
     """
 
+    fuses_activation = True
+
     min_spatial = 1
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
@@ -53,7 +55,7 @@ class BatchInstanceNorm(BatchStatNorm):
         # .data: outside autograd and its version counter, so a graph still holding rho stays valid
         self.rho.data.clamp_(0.0, 1.0)
         return F.batch_instance_norm(x, self.rho, self.running_mean, self.running_var, self.weight, self.bias,
-                                     **self._batch_call())
+                                     **self._batch_call(), **self._act())
 
 
 class SwitchableNorm(BatchStatNorm):
@@ -72,6 +74,8 @@ class SwitchableNorm(BatchStatNorm):
     ``running_var = E[mu_B^2 + var_B] - E[mu_B]^2``.
     """
 
+    fuses_activation = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, channel_dim: int = 1, process_group=None, **kwargs) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, channel_dim, process_group,
@@ -88,4 +92,4 @@ class SwitchableNorm(BatchStatNorm):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return F.switchable_norm(x, self.mean_weight, self.var_weight, self.running_mean, self.running_var,
-                                 self.weight, self.bias, **self._batch_call())
+                                 self.weight, self.bias, **self._batch_call(), **self._act())
