@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _moments, engine
 from .._layout import channel_axis, per_channel, stat_dims
 from ._common import affine
+from .norm_act import activation
 
 __all__ = ["power_norm"]
 
@@ -60,6 +61,8 @@ def power_norm(
     alpha_bkw: float = 0.9,
     eps: float = 1e-5,
     channel_dim: int = 1,
+    act: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     r"""PowerNorm (Shen et al., ICML 2020, arXiv:2003.07845), Algorithm 1.
 
@@ -79,16 +82,19 @@ def power_norm(
     official code's warm-up on batch statistics and its GroupScaling pre-step are not part
     of Algorithm 1 and are not applied here. Large inputs run on the engine
     (:class:`normlab.engine.PowerStats`, the same backward in closed form, x saved); the
-    Function here is its reference.
+    Function here is its reference. ``act`` (relu, leaky_relu with ``negative_slope``, silu,
+    gelu) applies an activation to the output, fused into the engine's output pass where the
+    engine runs: ``act(power_norm(x))``.
     """
     cd = channel_axis(x.ndim, channel_dim)
     if training and ema_gz is None:
         raise ValueError("power_norm: training needs the ema_gz buffer (the backward statistic nu)")
     if engine.route("pn", x, cd, 1, engine.dtypes_of(running_phi, ema_gz, weight, bias)) == "kernels":
+        fused = engine.epilogue(act, negative_slope)
         if not training:  # batch norm's eval map with centre 0 and variance psi2
-            y = engine.affine_eval(x, cd, torch.zeros_like(running_phi), running_phi, eps, weight, bias)
+            y = engine.affine_eval(x, cd, torch.zeros_like(running_phi), running_phi, eps, weight, bias, fused)
             if y is not None:
-                return y
+                return y if fused is not None else activation(y, act, negative_slope)
         else:  # the engine: x and (N, C) statistics saved, nu updated by the description's adjoint
             desc = engine.PowerStats(eps, running_phi, ema_gz, alpha_bkw)
 
@@ -98,14 +104,14 @@ def power_norm(
                                   alpha_bkw=alpha_bkw, eps=eps, channel_dim=cd)
 
             desc.reference = reference
-            y = engine.run(desc, x, cd, (weight, bias))
+            y = engine.run(desc, x, cd, (weight, bias), fused)
             with torch.no_grad():
                 running_phi.lerp_(desc.quadratic_mean.reshape(-1).to(running_phi.dtype), 1 - alpha_fwd)
             return y
     if not training:
         x_hat = x * per_channel(torch.rsqrt(running_phi + eps), x.ndim, cd).to(x.dtype)
-        return affine(x_hat, weight, bias, cd).to(x.dtype)
+        return activation(affine(x_hat, weight, bias, cd).to(x.dtype), act, negative_slope)
     x_hat = _PowerNormTrain.apply(x, running_phi, ema_gz, alpha_bkw, eps, cd)
     with torch.no_grad():
         running_phi.lerp_(_batch_quadratic_mean(x.detach(), cd).to(running_phi.dtype), 1 - alpha_fwd)
-    return affine(x_hat, weight, bias, cd).to(x.dtype)
+    return activation(affine(x_hat, weight, bias, cd).to(x.dtype), act, negative_slope)

@@ -144,6 +144,8 @@ class PowerNorm(Norm):
     :func:`normlab.functional.power_norm`.
     """
 
+    fuses_activation = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
                  affine: bool = True, channel_dim: int = 1, **kwargs: Any) -> None:
         super().__init__(num_features, eps, affine, channel_dim, **kwargs)
@@ -163,7 +165,7 @@ class PowerNorm(Norm):
         self.check_input(x)
         return F.power_norm(x, self.running_phi, self.ema_gz, self.weight, self.bias, training=self.training,
                             alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw, eps=self.eps,
-                            channel_dim=self.channel_dim)
+                            channel_dim=self.channel_dim, **self._act())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}"
