@@ -372,7 +372,7 @@ def test_tlu_epilogue_needs_its_threshold():
     assert normlab.engine.epilogue("tlu", threshold=torch.zeros(3)).code == _kernels.EPILOGUES["tlu"]
 
 
-MIXED_SPECS = ["mobn", "brn", "bin", "sn", "pn"]
+MIXED_SPECS = ["mobn", "brn", "bin", "sn", "pn", "grn"]
 
 
 def _params(m: torch.nn.Module) -> list:
@@ -384,7 +384,7 @@ def _params(m: torch.nn.Module) -> list:
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_batch_and_mixed_norms_fuse_the_activation_as_the_plain_path(spec, act, channels_last, dtype):
-    """mobn, brn, bin, sn and pn with ``act=``: one engine node (the activation inside its output
+    """mobn, brn, bin, sn, pn and grn with ``act=``: one engine node (the activation inside its output
     pass) equal to the plain path (the norm's reference, then torch's activation) in outputs,
     input and parameter gradients and running statistics, over two training steps and eval;
     float64 to 1e-9, bfloat16 against the float64 plain path on the same rounded input."""

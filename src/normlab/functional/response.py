@@ -15,6 +15,7 @@ from .. import _moments, engine
 from .._layout import channel_axis, per_channel
 from ..engine import GlobalResponseStats, GroupStats
 from ._common import affine, dims_for
+from .norm_act import activation
 
 __all__ = ["filter_response_norm", "global_response_norm", "quadratic_mean"]
 
@@ -79,7 +80,8 @@ def filter_response_norm(
 
 
 def global_response_norm(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-6, channel_dim: int = 1
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-6, channel_dim: int = 1,
+    act: str | None = None, negative_slope: float = 0.01,
 ) -> Tensor:
     r"""Global Response Normalization (Woo et al., CVPR 2023, ConvNeXt V2, arXiv:2301.00808).
 
@@ -91,14 +93,16 @@ def global_response_norm(
         y = gamma_c * (x * N_nc) + beta_c + x
 
     gamma and beta start at zero (the official init), so the layer starts as the identity;
-    ``weight=None`` means gamma = 1, ``bias=None`` beta = 0.
+    ``weight=None`` means gamma = 1, ``bias=None`` beta = 0. ``act`` (relu, leaky_relu with
+    ``negative_slope``, silu, gelu) applies an activation to the output, fused into the
+    engine's output pass where the engine runs: ``act(global_response_norm(x))``.
     """
     dims = position_dims(x, channel_dim, "global_response_norm")
     cd = channel_axis(x.ndim, channel_dim)
     if engine.route("grn", x, cd) == "kernels":
         desc = GlobalResponseStats(eps)
         desc.reference = lambda x, w, b: global_response_norm(x, w, b, eps=eps, channel_dim=cd)
-        return engine.run(desc, x, cd, (weight, bias))
+        return engine.run(desc, x, cd, (weight, bias), engine.epilogue(act, negative_slope))
     count = 1
     for d in dims:
         count *= x.shape[d]
@@ -106,4 +110,4 @@ def global_response_norm(
     # the smallest normal number keeps sqrt's gradient finite for an all-zero channel
     g = sumsq.clamp_min(torch.finfo(sumsq.dtype).tiny).sqrt()
     n = g / (g.mean(dim=channel_dim % x.ndim, keepdim=True) + eps)
-    return (affine(x * n, weight, bias, channel_dim) + x).to(x.dtype)
+    return activation((affine(x * n, weight, bias, channel_dim) + x).to(x.dtype), act, negative_slope)

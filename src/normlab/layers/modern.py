@@ -57,6 +57,7 @@ class GlobalResponseNorm(Norm):
     """
 
     min_spatial = 1
+    fuses_activation = True
 
     def __init__(self, num_features: int, eps: float = 1e-6, affine: bool = True, channel_dim: int = 1,
                  **kwargs: Any) -> None:
@@ -67,7 +68,8 @@ class GlobalResponseNorm(Norm):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return F.global_response_norm(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim)
+        return F.global_response_norm(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim,
+                                      **self._act())
 
 
 class EvoNormB0(Norm):
