@@ -186,11 +186,14 @@ def _packed(ts: list, n: int, c: int) -> tuple[Tensor | None, list]:
     """Per-(n, c) coefficients (each broadcastable to (N, C); None where absent) as one contiguous
     float64 (k, N, C) array, made by one copy, and a pointer into it for each (None where absent).
     The caller holds the array while a kernel reads it."""
-    got = [t.detach().expand(n, c) if t.dtype == torch.float64 else t.detach().to(torch.float64).expand(n, c)
-           for t in ts if t is not None]
+    got = [t.detach() for t in ts if t is not None]
     if not got:
         return None, [None] * len(ts)
-    arr = torch.stack(got)
+    if all(t.shape == (1, c) and t.dtype == torch.float64 for t in got):
+        arr = torch.cat(got).repeat(1, n)  # per-channel rows (the batch norms): one row copied N times
+    else:
+        arr = torch.stack([t.expand(n, c) if t.dtype == torch.float64 else t.to(torch.float64).expand(n, c)
+                           for t in got])
     base, step, i, ptrs = arr.data_ptr(), n * c * 8, 0, []
     for t in ts:
         ptrs.append(None if t is None else ctypes.c_void_p(base + i * step))

@@ -91,14 +91,28 @@ def views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     return None
 
 
+_GEOMETRY: dict[tuple, tuple[str, tuple[int, ...], tuple[int, ...]] | None] = {}
+
+
 def kernel_views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     """:func:`views` for the kernels: an input without positions ((N, C), one value per (n, c))
-    is taken as channels-last (N, 1, C), whose kernels vectorise over C."""
-    got = views(x, cd)
-    if got is not None and got[0] == "cf" and got[1].shape[2] == 1:
-        v = got[1]
-        return "cl", v.view(v.shape[0], 1, v.shape[1])
-    return got
+    is taken as channels-last (N, 1, C), whose kernels vectorise over C. The view's layout,
+    shape and strides are worked out once per (shape, strides, channel axis) and kept, so a
+    call makes one ``as_strided``."""
+    key = (x.shape, x.stride(), cd)
+    geo = _GEOMETRY.get(key, False)
+    if geo is False:
+        got = views(x, cd)
+        if got is not None and got[0] == "cf" and got[1].shape[2] == 1:
+            v = got[1]
+            got = "cl", v.view(v.shape[0], 1, v.shape[1])
+        geo = None if got is None else (got[0], tuple(got[1].shape), got[1].stride())
+        if len(_GEOMETRY) >= _MAX_ROUTES:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = geo
+    if geo is None:
+        return None
+    return geo[0], x.as_strided(geo[1], geo[2], x.storage_offset())
 
 
 def view_like(t: Tensor, x: Tensor, layout: str, v: Tensor, cd: int) -> Tensor | None:
