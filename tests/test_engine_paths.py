@@ -108,6 +108,37 @@ def test_views_like_x_are_its_kernel_views():
         assert view_like(other, x, layout, v, 1) is None
 
 
+
+
+def test_kept_view_geometry_is_the_views_of_each_tensor():
+    """``kernel_views`` keeps the view's layout, shape and strides per (shape, strides, channel
+    axis): a later tensor of that geometry (another storage, a storage offset, the channel axis
+    elsewhere, no positions, a size-1 axis) gets the view :func:`views` makes of it, and a
+    tensor no view fits gets None, the first time and after."""
+    from normlab.engine import routing
+
+    base = torch.randn(3, 4, 5, 6)
+    cases = [
+        (base, 1), (base.contiguous(memory_format=torch.channels_last), 1),
+        (base.movedim(1, -1).contiguous(), 3), (torch.randn(8, 4), 1), (torch.randn(1, 4, 1, 6), 1),
+        (torch.randn(2, 3, 4, 5, 6)[1], 1),  # a storage offset
+        (base.transpose(2, 3), 1), (base[:, :, ::2], 1),  # no kernel view
+    ]
+    for x, cd in cases:
+        for _ in range(2):  # derived, then kept
+            got, ref = routing.kernel_views(x, cd), routing.views(x, cd)
+            if ref is None:
+                assert got is None
+                continue
+            layout, v = got
+            if ref[0] == "cf" and ref[1].shape[2] == 1:  # (N, C) is taken channels-last (N, 1, C)
+                assert layout == "cl" and torch.equal(v, ref[1].reshape(v.shape))
+            else:
+                assert layout == ref[0] and v.shape == ref[1].shape and v.stride() == ref[1].stride()
+            assert v.data_ptr() == x.data_ptr() and torch.equal(v.flatten(), ref[1].flatten())
+        y = torch.randn_like(x)  # same geometry, other storage: its own values
+        if routing.views(x, cd) is not None:
+            assert torch.equal(routing.kernel_views(y, cd)[1].flatten(), routing.views(y, cd)[1].flatten())
 @pytest.mark.parametrize("spec", ["bn", "brn", "bin", "sn", "gn:2"])
 @pytest.mark.parametrize("x_fmt", ["contiguous", "channels_last"])
 def test_gradient_in_another_layout(spec, x_fmt):
