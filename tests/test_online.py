@@ -424,12 +424,16 @@ def test_streams_equal_their_recurrences_written_out(n, dtype):
         assert before.dtype == dtype and before.shape == (n, 5)
         assert_close(before, np.stack(expect), rtol=tol, atol=tol)
         assert_close(last, s, rtol=tol, atol=tol)
-    before, last = control_scan(torch.tensor(first, dtype=dtype), torch.tensor(inc, dtype=dtype),
-                                torch.tensor(coef, dtype=dtype))
     s, expect = first.copy(), []
     for t in range(n):
         expect.append(s.copy())
         s = coef[t] * s + inc[t]
     scale = max(1.0, np.abs(np.stack(expect)).max())
-    assert_close(before, np.stack(expect), rtol=tol, atol=tol * scale)
-    assert_close(last, s, rtol=tol, atol=tol * max(1.0, np.abs(s).max()))
+    args = [torch.tensor(a, dtype=dtype) for a in (first, inc, coef)]
+    for kernels in (True, False):  # the compiled scan (where built), then the loop of torch ops
+        with normlab._kernels.enabled(kernels):
+            assert normlab._kernels.scans(*args) == (kernels and normlab._kernels.available())
+            before, last = control_scan(*args)
+        assert before.dtype == last.dtype == dtype and before.shape == (n, 5) and last.shape == (5,)
+        assert_close(before, np.stack(expect), rtol=tol, atol=tol * scale)
+        assert_close(last, s, rtol=tol, atol=tol * max(1.0, np.abs(s).max()))

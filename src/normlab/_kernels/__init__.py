@@ -49,7 +49,8 @@ from . import _build
 
 __all__ = ["EPILOGUES", "Epilogue", "available", "enabled", "status", "streaming", "supports", "moments", "affine",
            "reduce", "dx",
-           "group_forward", "group_backward", "rowrms_forward", "rowrms_backward", "threshold_of"]
+           "group_forward", "group_backward", "rowrms_forward", "rowrms_backward", "threshold_of",
+           "linear_scan", "scans"]
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 """The element types the kernels read and write; the half types compute and accumulate in float32."""
@@ -79,6 +80,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nl_rowrms_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n]
         getattr(lib, f"nl_rowrms_bwd_{s}").argtypes = [p, p, p, i, i, p, p, p, n]
         getattr(lib, f"nl_rowrms_fwd_{s}").restype = getattr(lib, f"nl_rowrms_bwd_{s}").restype = ctypes.c_int
+    for s in ("f32", "f64"):
+        getattr(lib, f"nl_scan_{s}").argtypes = [p, p, p, i, i, p, p]
     from .elementwise import declare as declare_elementwise; declare_elementwise(lib)  # noqa: E702 (imports this module)
 
 
@@ -399,3 +402,22 @@ def rowrms_backward(dy: Tensor, x: Tensor, out: Tensor, weight: Tensor | None, r
                                                        None if dw is None else _ptr(dw), torch.get_num_threads()),
            "rowrms_bwd")
     return dw
+
+
+def linear_scan(first: Tensor, coef: Tensor, inc: Tensor) -> tuple[Tensor, Tensor]:
+    """``s_t = coef[t] * s_{t-1} + inc[t]`` over the rows t of (N, C) ``coef`` and ``inc`` from
+    ``s_{-1} = first`` (C,): ``(before, last)`` with ``before[t] = s_{t-1}`` (N, C) and ``last =
+    s_{N-1}`` (C,), in their dtype (float32 or float64, CPU; see :func:`scans`)."""
+    n, c = inc.shape
+    first, coef, inc = (t.contiguous() for t in (first, coef.expand(n, c), inc))
+    before, last = torch.empty(n, c, dtype=inc.dtype), torch.empty(c, dtype=inc.dtype)
+    getattr(_lib(), f"nl_scan_{_SUFFIX[inc.dtype]}")(*map(_ptr, (first, coef, inc)), n, c, _ptr(before), _ptr(last))
+    return before, last
+
+
+def scans(*ts: Tensor) -> bool:
+    """Whether :func:`linear_scan` takes these tensors: the kernels on, CPU, one dtype, float32 or
+    float64, nothing to differentiate (the scan is not an autograd op)."""
+    d = ts[0].dtype
+    return (d in (torch.float32, torch.float64) and available()
+            and all(t.dtype == d and t.device.type == "cpu" and not t.requires_grad for t in ts))

@@ -323,3 +323,27 @@ static inline uint16_t f16_st(float f) {
 #include "elementwise_impl.h"
 #include "evonorm_impl.h"
 #endif
+
+/* Online normalization's control process (normlab/functional/_online_stream.py, control_scan):
+ * s_t = coef[t] s_{t-1} + inc[t] over the N samples of a batch, C channels each, from s_{-1} =
+ * first; keeps before[t] = s_{t-1} ((N, C)) and last = s_{N-1} ((C,)). A recurrence along the
+ * batch, so one thread walks the N rows; a row's channels are independent (vectorised). */
+#define SCAN(SCAN_T, NAME)                                                                                     \
+    void NAME(const SCAN_T *first, const SCAN_T *coef, const SCAN_T *inc, i64 N, i64 C, SCAN_T *before,        \
+              SCAN_T *last) {                                                                                  \
+        for (i64 c = 0; c < C; c++) last[c] = first[c];                                                        \
+        for (i64 t = 0; t < N; t++) {                                                                          \
+            const SCAN_T *k = coef + t * C, *i = inc + t * C;                                                  \
+            SCAN_T *b = before + t * C;                                                                        \
+            _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                  \
+                b[c] = last[c];                                                                                \
+                last[c] = k[c] * last[c] + i[c];                                                               \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+#if UNIT(1)
+SCAN(float, nl_scan_f32)
+#elif UNIT(2)
+SCAN(double, nl_scan_f64)
+#endif
+#undef SCAN

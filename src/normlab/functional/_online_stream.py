@@ -75,7 +75,11 @@ def decayed_cumsum(first: Tensor, inc: Tensor, decay: float) -> tuple[Tensor, Te
 def control_scan(first: Tensor, inc: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
     """States of ``s_t = coef[t] * s_{t-1} + inc[t]`` from ``s_{-1} = first`` (a coefficient that
     changes with t: online norm's control ``v``), as :func:`decayed_cumsum` returns them:
-    ``(before, last)``. One fused multiply-add of (C,) rows a sample."""
+    ``(before, last)``. One fused multiply-add of (C,) rows a sample: on the compiled kernels in
+    one call (:func:`normlab._kernels.linear_scan`) where they take the tensors, else a loop of
+    torch ops over the samples."""
+    if _kernels.scans(first, inc, coef) and inc.ndim == 2 and first.shape == inc.shape[1:]:
+        return _kernels.linear_scan(first, coef, inc)
     before = []
     state = first
     for c, i in zip(coef.unbind(0), inc.unbind(0)):
