@@ -10,7 +10,7 @@ import torch
 
 import normlab
 from normlab import functional as NF
-from normlab import _kernels
+from _helpers import assert_streaming_changes_nothing
 from normlab._kernels import evonorm as kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,13 +120,7 @@ def test_evonorm_streamed_passes_equal_plain_stores(dtype, kind, shape):
         kernels.evonorm_dx(kind, dy, x, dx, "cf", v, *d_e, a, b, m, k)
         return y, dx
 
-    for off in (0, 1):
-        with _kernels.streaming(-1):
-            plain = passes(off)
-        with _kernels.streaming(0):
-            streamed = passes(off)
-        for p, s in zip(plain, streamed):
-            assert torch.equal(p, s)
+    streamed = assert_streaming_changes_nothing(passes)
     xd, nc = x.double(), (lambda t: t.unsqueeze(2))
     if kind == "b0":
         f = xd / torch.maximum(nc(dstd), v.view(1, c, 1) * xd + nc(istd))
