@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 from torch import nn
 
@@ -89,3 +91,19 @@ def graph_nodes(y: torch.Tensor) -> set[str]:
         names.add(type(f).__name__)
         stack.extend(g for g, _ in f.next_functions)
     return names
+
+
+def assert_streaming_changes_nothing(passes: Callable[[int], Sequence[torch.Tensor]]) -> Sequence[torch.Tensor]:
+    """``passes(off)`` (kernel calls writing outputs that start ``off`` elements into their storage)
+    give bit-identical results with the kernels' streaming stores forced on and off, for outputs
+    on and off a 64-byte line; returns the last streamed results."""
+    from normlab import _kernels
+
+    for off in (0, 1):
+        with _kernels.streaming(-1):
+            plain = passes(off)
+        with _kernels.streaming(0):
+            streamed = passes(off)
+        for i, (p, s) in enumerate(zip(plain, streamed)):
+            assert torch.equal(p, s), f"output {i} (offset {off}) differs when streamed"
+    return streamed

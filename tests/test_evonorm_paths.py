@@ -10,6 +10,7 @@ import torch
 
 import normlab
 from normlab import functional as NF
+from _helpers import assert_streaming_changes_nothing
 from normlab._kernels import evonorm as kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,3 +96,35 @@ def test_evonorm_s0_sigmoid_against_float64(dtype):
         # where it differs, by one unit in the last place at most
         ulp = ref.to(dtype).double().abs() * 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
         assert ((out - ref).abs()[wrong] <= ulp[wrong]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["s0", "b0"])
+@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 5, 256), (3, 4, 700)])
+def test_evonorm_streamed_passes_equal_plain_stores(dtype, kind, shape):
+    # the channel-first forward and input-gradient passes stream large float32/float64 outputs
+    # (forced on here for small ones: rows below, at and above the streamed chunk, outputs off a
+    # 64-byte line); they write exactly what plain stores write, and the forward the map's value
+    n, c, length = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    dstd, istd = (torch.rand(n, c, generator=g, dtype=torch.float64) + 0.5 for _ in range(2))
+    scale, shift, a, b, m, k = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6))
+    d_e = (dstd, istd) if kind == "b0" else (None, None)
+
+    def passes(off):
+        y, dx = (torch.zeros(x.numel() + off, dtype=dtype)[off:].view(shape) for _ in range(2))
+        kernels.evonorm_forward(kind, x, y, "cf", v, *d_e, scale, shift)
+        kernels.evonorm_dx(kind, dy, x, dx, "cf", v, *d_e, a, b, m, k)
+        return y, dx
+
+    streamed = assert_streaming_changes_nothing(passes)
+    xd, nc = x.double(), (lambda t: t.unsqueeze(2))
+    if kind == "b0":
+        f = xd / torch.maximum(nc(dstd), v.view(1, c, 1) * xd + nc(istd))
+    else:
+        f = xd * torch.sigmoid(v.view(1, c, 1) * xd)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(streamed[0].double(), f * nc(scale) + nc(shift), **tol)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import assert_streaming_changes_nothing
 from normlab import _kernels
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason=_kernels.status())
@@ -62,13 +63,7 @@ def test_streamed_outputs_equal_plain_stores(dtype, layout, shape, act):
     dy = torch.randn(sh, generator=g, dtype=torch.float64).to(dtype)
     coefs = [torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6)]
     ep = _epilogue(act, n, c)
-    for off in (0, 1):
-        with _kernels.streaming(-1):
-            plain = _passes(x, dy, layout, coefs, ep, off)
-        with _kernels.streaming(0):
-            streamed = _passes(x, dy, layout, coefs, ep, off)
-        for p, s in zip(plain, streamed):
-            assert torch.equal(p, s)
+    streamed = assert_streaming_changes_nothing(lambda off: _passes(x, dy, layout, coefs, ep, off))
     if act is None:  # and the values themselves, against the formulas in float64
         center, scale, shift, a, b, k = (t.to(dtype).double() for t in coefs)
         nc = (lambda t: t.unsqueeze(2)) if layout == "cf" else (lambda t: t.unsqueeze(1))
@@ -108,10 +103,4 @@ def test_streamed_group_passes_equal_plain_stores(dtype, layout, shape, groups, 
         sums = _kernels.group_backward(dy, x, dx, layout, groups, True, w, ctr, rstd, b, ep)
         return (y, dx, *sums)
 
-    for off in (0, 1):
-        with _kernels.streaming(-1):
-            plain = passes(off)
-        with _kernels.streaming(0):
-            streamed = passes(off)
-        for p, s in zip(plain, streamed):
-            assert torch.equal(p, s)
+    assert_streaming_changes_nothing(passes)

@@ -19,6 +19,12 @@
  * type) and evonorm_dx reads it back instead of evaluating the map's slope again: S0 does (a
  * sigmoid a value, dearer than the extra write and read), B0 does not (a division: cheaper).
  *
+ * Channel-first outputs of float32 and float64 larger than the last-level cache are streamed
+ * (evonorm_fwd, evonorm_dx without keep: STREAMED, kernels.c's streams): measured one thread,
+ * (32, 64, 3136) float32, B0's forward 0.76-0.90x and input gradient 0.72-0.83x of plain stores.
+ * Channels-last ones are not: computed a block of rows into an L1 buffer and streamed out, the
+ * same passes took 1.06-1.19x (forward) and 1.07-1.16x (input gradient) of plain stores.
+ *
  * (the statistics come from the moments kernel; the adjoints are in
  * normlab/engine/describe_modern.py). Per-(n, c) arrays are double (N, C) (D, E unused by S0);
  * the five sums are (N, C) arrays one after the other. Two layouts as the other kernels:
@@ -120,16 +126,22 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const double *v, const double *dstd,
                          const double *istd, const double *scale, const double *shift, int nt) {
     EV_LIMIT(lim);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        const T *p = x + r * L;
-        T *o = y + r * L;
-        const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], s = (F)scale[r],
-                b = (F)shift[r];
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < N * C; r++) {
+            const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], s = (F)scale[r],
+                    b = (F)shift[r];
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(ev_map)(K, LD(p[i]), vc, cc, lim, D, E) * s + b);
-        EV_SWITCH(kind, LOOP);
+    STREAMED(st, y + r * L, L, {                                                                               \
+        const T *p = x + r * L + i0_;                                                                          \
+        _Pragma("omp simd") for (i64 i = 0; i < k_; i++) o_[i] = ST(S(ev_map)(K, LD(p[i]), vc, cc, lim, D, E) * s + b); \
+    });
+            EV_SWITCH(kind, LOOP);
 #undef LOOP
+        }
+        stream_fence(st);
     }
     return 0;
 }
@@ -184,24 +196,33 @@ int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
                         const double *k, const T *kept, int nt) {
     EV_LIMIT(lim);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r = 0; r < N * C; r++) {
-        const T *d = dy + r * L, *p = x + r * L;
-        T *o = dx + r * L;
-        const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r], br = (F)b[r], mr = (F)m[r],
-                kr = (F)k[r];
-        if (kept) { /* dy slope(x), kept in dx by evonorm_red */
+    const int st = STREAMABLE && !kept && streams(N * C * L * (i64)sizeof(T)); /* (kept: dx is read: in cache) */
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < N * C; r++) {
+            const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r],
+                    br = (F)b[r], mr = (F)m[r], kr = (F)k[r];
+            if (kept) { /* dy slope(x), kept in dx by evonorm_red */
+                const T *p = x + r * L;
+                T *o = dx + r * L;
 #pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(o[i]) + br * (LD(p[i]) - mr) + kr);
-            continue;
-        }
+                for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(o[i]) + br * (LD(p[i]) - mr) + kr);
+                continue;
+            }
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
-        F xv = LD(p[i]);                                                                                       \
-        o[i] = ST(ar * LD(d[i]) * S(ev_slope)(K, xv, vc, cc, lim, D, E) + br * (xv - mr) + kr);                         \
-    }
-        EV_SWITCH(kind, LOOP);
+    STREAMED(st, dx + r * L, L, {                                                                              \
+        const T *d = dy + r * L + i0_;                                                                         \
+        const T *p = x + r * L + i0_;                                                                          \
+        _Pragma("omp simd") for (i64 i = 0; i < k_; i++) {                                                     \
+            F xv = LD(p[i]);                                                                                   \
+            o_[i] = ST(ar * LD(d[i]) * S(ev_slope)(K, xv, vc, cc, lim, D, E) + br * (xv - mr) + kr);           \
+        }                                                                                                      \
+    });
+            EV_SWITCH(kind, LOOP);
 #undef LOOP
+        }
+        stream_fence(st);
     }
     return 0;
 }
