@@ -193,7 +193,8 @@ def _packed(ts: list, n: int, c: int) -> tuple[Tensor | None, list]:
     if not got:
         return None, [None] * len(ts)
     if all(t.shape == (1, c) and t.dtype == torch.float64 for t in got):
-        arr = torch.cat(got).repeat(1, n)  # per-channel rows (the batch norms): one row copied N times
+        # per-channel rows (the batch norms): the (k, C) rows broadcast into (k, N, C) by one copy
+        arr = torch.empty(len(got), n, c, dtype=torch.float64).copy_(torch.cat(got).view(len(got), 1, c))
     else:
         arr = torch.stack([t.expand(n, c) if t.dtype == torch.float64 else t.to(torch.float64).expand(n, c)
                            for t in got])
