@@ -532,16 +532,78 @@ static F *S(coef_rows)(const double *const *src, int count, i64 NC) {
     return co;
 }
 
+/* Rows [0, N L) of a channels-last (N, L, C) array, split over the threads of the enclosing
+ * parallel region as schedule(static) would, each thread's range cut at sample boundaries and
+ * into runs of at most RB rows: SEG(n, l0, k) handles rows [l0, l0 + k) of sample n, whose
+ * per-(n, c) coefficients are fixed (no division per row) */
+#define SAMPLE_RUNS(N, L, RB, SEG)                                                                             \
+    do {                                                                                                       \
+        const i64 nr_ = (N) * (L), tn_ = omp_get_num_threads(), ti_ = omp_get_thread_num();                   \
+        const i64 q_ = nr_ / tn_, x_ = nr_ % tn_, r0_ = ti_ * q_ + MIN(ti_, x_), r1_ = r0_ + q_ + (ti_ < x_);  \
+        for (i64 r_ = r0_; r_ < r1_;) {                                                                        \
+            const i64 n_ = r_ / (L), l_ = r_ - n_ * (L), k_ = MIN(MIN(r1_ - r_, (L) - l_), (RB));              \
+            SEG(n_, l_, k_);                                                                                   \
+            r_ += k_;                                                                                          \
+        }                                                                                                      \
+    } while (0)
+
+/* rows [0, k) (stride C) of channels [0, w) of one sample; the coefficients copied into local
+ * arrays once: with a literal w (CB) they stay in registers across the rows */
+static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, T *o, i64 k, i64 C, i64 w,
+                                                                    const F *m0, const F *s0, const F *b0, int act,
+                                                                    F sl, const F *t0) {
+    F m[CB], s[CB], b[CB], t[CB];
+    for (i64 c = 0; c < w; c++) {
+        m[c] = m0[c];
+        s[c] = s0[c];
+        b[c] = b0[c];
+        t[c] = THRESHOLDED(act) ? t0[c] : 0;
+    }
+    for (i64 l = 0; l < k; l++) S(affine_row_cl)(p + l * C, o + l * C, w, m, s, b, act, sl, t);
+}
+
+/* rows [l0, l0 + k) of sample n of nl_affine_cl, CB channels at a time (co: its F coefficient rows) */
+static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *x, T *y, const F *co, i64 N, i64 L,
+                                                                   i64 C, i64 n, i64 l0, i64 k, int act, F sl) {
+    const i64 NC = N * C;
+    for (i64 c0 = 0; c0 < C; c0 += CB) {
+        const i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
+        const F *cn = co + n * C + c0;
+#define RUN_W(W, K) S(affine_rows_cl)(x + at, y + at, k, C, W, cn, cn + NC, cn + 2 * NC, K, sl, cn + 3 * NC)
+#define RUN(K)                                                                                                 \
+    if (w == CB)                                                                                               \
+        RUN_W(CB, K);                                                                                          \
+    else                                                                                                       \
+        RUN_W(w, K);
+        if (act) {
+            ACT_SWITCH(act, RUN);
+        } else
+            RUN(0)
+#undef RUN
+#undef RUN_W
+    }
+}
+
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
                     const double *shift, int act, double slope, const double *thr, int nt) {
     const double *src[4] = {center, scale, shift, thr};
     F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+    const F sl = (F)slope;
+    if (!st) {
+        const i64 R = rows_per_block(C, sizeof(T));
+#define SEG(n, l0, k) S(affine_run_cl)(x, y, co, N, L, C, n, l0, k, act, sl)
+#pragma omp parallel num_threads(nt)
+        SAMPLE_RUNS(N, L, R, SEG);
+#undef SEG
+        free(co);
+        return 0;
+    }
 #define ROW(r, o, i0, k)                                                                                       \
     {                                                                                                          \
         const F *cn = co + (r) / L * C + (i0);                                                                 \
-        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, (F)slope,              \
+        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, sl,                     \
                          THRESHOLDED(act) ? cn + 3 * N * C : NULL);                                            \
     }
 #pragma omp parallel num_threads(nt)
@@ -549,6 +611,49 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 #undef ROW
     free(co);
     return 0;
+}
+
+/* the same for nl_dx_cl (kp: where dy' was kept, the output itself, or NULL) */
+static inline __attribute__((always_inline)) void S(dx_rows_cl)(const T *d, const T *p, T *o, i64 k, i64 C, i64 w,
+                                                                const F *m0, const F *a0, const F *bc0, const F *k0,
+                                                                const F *s0, const F *b0, int act, F sl,
+                                                                const F *t0, int kept) {
+    F m[CB], a[CB], bc[CB], kc[CB], s[CB], b[CB], t[CB];
+    for (i64 c = 0; c < w; c++) {
+        m[c] = m0[c];
+        a[c] = a0[c];
+        bc[c] = bc0[c];
+        kc[c] = k0[c];
+        s[c] = act ? s0[c] : 0;
+        b[c] = act ? b0[c] : 0;
+        t[c] = THRESHOLDED(act) ? t0[c] : 0;
+    }
+    for (i64 l = 0; l < k; l++)
+        S(dx_row_cl)(d + l * C, p + l * C, o + l * C, w, m, a, bc, kc, s, b, act, sl, t, kept ? o + l * C : NULL);
+}
+
+static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *dy, const T *x, T *dx, const F *co, i64 N,
+                                                               i64 L, i64 C, i64 n, i64 l0, i64 k, int act, F sl,
+                                                               int kept) {
+    const i64 NC = N * C;
+    for (i64 c0 = 0; c0 < C; c0 += CB) {
+        const i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
+        const F *cn = co + n * C + c0;
+#define RUN_W(W, K)                                                                                            \
+    S(dx_rows_cl)(dy + at, x + at, dx + at, k, C, W, cn, cn + NC, cn + 2 * NC, cn + 3 * NC, cn + 4 * NC,         \
+                  cn + 5 * NC, K, sl, cn + 6 * NC, kept)
+#define RUN(K)                                                                                                 \
+    if (w == CB)                                                                                               \
+        RUN_W(CB, K);                                                                                          \
+    else                                                                                                       \
+        RUN_W(w, K);
+        if (act) {
+            ACT_SWITCH(act, RUN);
+        } else
+            RUN(0)
+#undef RUN
+#undef RUN_W
+    }
 }
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
@@ -560,12 +665,22 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     F *co = S(coef_rows)(src, rows, N * C);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+    const F sl = (F)slope;
+    if (!st) {
+        const i64 R = rows_per_block(C, sizeof(T));
+#define SEG(n, l0, k) S(dx_run_cl)(dy, x, dx, co, N, L, C, n, l0, k, act, sl, kept)
+#pragma omp parallel num_threads(nt)
+        SAMPLE_RUNS(N, L, R, SEG);
+#undef SEG
+        free(co);
+        return 0;
+    }
 #define AT(j, n, i0) (j < rows ? co + (j * N + (n)) * C + (i0) : NULL)
 #define ROW(r, o, i0, k)                                                                                       \
     {                                                                                                          \
         const i64 n = (r) / L;                                                                                 \
         S(dx_row_cl)(dy + (r) * C + (i0), x + (r) * C + (i0), o, k, AT(0, n, i0), AT(1, n, i0), AT(2, n, i0),  \
-                     AT(3, n, i0), AT(4, n, i0), AT(5, n, i0), act, (F)slope, AT(6, n, i0),                    \
+                     AT(3, n, i0), AT(4, n, i0), AT(5, n, i0), act, sl, AT(6, n, i0),                          \
                      kept ? dx + (r) * C + (i0) : NULL);                                                       \
     }
 #pragma omp parallel num_threads(nt)
