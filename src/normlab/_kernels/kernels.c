@@ -49,8 +49,9 @@ typedef int64_t i64;
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 /* rows of one run of the channels-last element-wise passes: the run's rows of each array stay
- * in L1 while it is gone over block by block of channels */
+ * in L1 while it is gone over block by block of channels (RUN_ROWS(C): for rows of C values) */
 #define RUN_BYTES 8192
+#define RUN_ROWS(C) MAX(1, RUN_BYTES / ((C) * (i64)sizeof(T)))
 
 static i64 rows_per_block(i64 c, i64 size) {
     i64 r = BLOCK_BYTES / (c * size);

@@ -740,13 +740,12 @@ static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, 
 }
 
 /* rows [l0, l0 + k) of sample n of nl_affine_cl, CB channels at a time (co: its F coefficient rows) */
-static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *x, T *y, const F *co, i64 N, i64 L,
-                                                                   i64 C, i64 n, i64 l0, i64 k, int act, F sl) {
-    const i64 NC = N * C;
+static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T *o, i64 k, i64 C, const F *m,
+                                                                   const F *s, const F *b, int act, F sl,
+                                                                   const F *t) {
     for (i64 c0 = 0; c0 < C; c0 += CB) {
-        const i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
-        const F *cn = co + n * C + c0;
-#define RUN_W(W, K) S(affine_rows_cl)(x + at, y + at, k, C, W, cn, cn + NC, cn + 2 * NC, K, sl, cn + 3 * NC)
+        const i64 w = MIN(CB, C - c0);
+#define RUN_W(W, K) S(affine_rows_cl)(p + c0, o + c0, k, C, W, m + c0, s + c0, b + c0, K, sl, THRESHOLDED(K) ? t + c0 : NULL)
 #define RUN(K)                                                                                                 \
     if (w == CB)                                                                                               \
         RUN_W(CB, K);                                                                                          \
@@ -769,8 +768,10 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const F sl = (F)slope;
     if (!st) {
-        const i64 R = MAX(1, RUN_BYTES / (C * (i64)sizeof(T)));
-#define SEG(n, l0, k) S(affine_run_cl)(x, y, co, N, L, C, n, l0, k, act, sl)
+        const i64 R = RUN_ROWS(C);
+#define SEG(n, l0, k)                                                                                          \
+    S(affine_run_cl)(x + ((n) * L + (l0)) * C, y + ((n) * L + (l0)) * C, k, C, co + (n) * C, co + (N + (n)) * C,   \
+                     co + (2 * N + (n)) * C, act, sl, THRESHOLDED(act) ? co + (3 * N + (n)) * C : NULL)
 #pragma omp parallel num_threads(nt)
         SAMPLE_RUNS(N, L, R, SEG);
 #undef SEG
@@ -825,16 +826,15 @@ static inline __attribute__((always_inline)) void S(dx_rows_cl)(const T *d, cons
         S(dx_row_cl)(d + l * C, p + l * C, o + l * C, w, m, a, bc, kc, s, b, act, sl, t, kept ? o + l * C : NULL);
 }
 
-static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *dy, const T *x, T *dx, const F *co, i64 N,
-                                                               i64 L, i64 C, i64 n, i64 l0, i64 k, int act, F sl,
+static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const T *p, T *o, i64 k, i64 C,
+                                                               const F *m, const F *a, const F *bc, const F *kc,
+                                                               const F *s, const F *b, int act, F sl, const F *t,
                                                                int kept) {
-    const i64 NC = N * C;
     for (i64 c0 = 0; c0 < C; c0 += CB) {
-        const i64 w = MIN(CB, C - c0), at = (n * L + l0) * C + c0;
-        const F *cn = co + n * C + c0;
+        const i64 w = MIN(CB, C - c0);
 #define RUN_W(W, K)                                                                                            \
-    S(dx_rows_cl)(dy + at, x + at, dx + at, k, C, W, cn, cn + NC, cn + 2 * NC, cn + 3 * NC, cn + 4 * NC,         \
-                  cn + 5 * NC, K, sl, cn + 6 * NC, kept)
+    S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,          \
+                  K ? b + c0 : NULL, K, sl, THRESHOLDED(K) ? t + c0 : NULL, kept)
 #define RUN(K)                                                                                                 \
     if (w == CB)                                                                                               \
         RUN_W(CB, K);                                                                                          \
@@ -860,11 +860,15 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const F sl = (F)slope;
     if (!st) {
-        const i64 R = MAX(1, RUN_BYTES / (C * (i64)sizeof(T)));
-#define SEG(n, l0, k) S(dx_run_cl)(dy, x, dx, co, N, L, C, n, l0, k, act, sl, kept)
+        const i64 R = RUN_ROWS(C);
+#define AT(j, n) (j < rows ? co + (j * N + (n)) * C : NULL)
+#define SEG(n, l0, k)                                                                                          \
+    S(dx_run_cl)(dy + ((n) * L + (l0)) * C, x + ((n) * L + (l0)) * C, dx + ((n) * L + (l0)) * C, k, C, AT(0, n), \
+                 AT(1, n), AT(2, n), AT(3, n), AT(4, n), AT(5, n), act, sl, AT(6, n), kept)
 #pragma omp parallel num_threads(nt)
         SAMPLE_RUNS(N, L, R, SEG);
 #undef SEG
+#undef AT
         free(co);
         return 0;
     }
@@ -947,8 +951,13 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
             }
 #define ROW(l, o, i0, k)                                                                                       \
     S(affine_row_cl)(xs + (l) * C + (i0), o, k, cm + (i0), cs + (i0), cb + (i0), act, (F)slope, ct + (i0))
-            for (i64 l0 = 0; l0 < L; l0 += rb)
-                ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
+            if (!st) /* runs of rows, coefficients held */
+                for (i64 l0 = 0; l0 < L; l0 += RUN_ROWS(C))
+                    S(affine_run_cl)(xs + l0 * C, ys + l0 * C, MIN(RUN_ROWS(C), L - l0), C, cm, cs, cb, act, (F)slope,
+                                     ct);
+            else
+                for (i64 l0 = 0; l0 < L; l0 += rb)
+                    ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
 #undef ROW
         }
         stream_fence(st);
@@ -1105,8 +1114,13 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
 #define ROW(l, o, i0, k)                                                                                       \
     S(dx_row_cl)(ds + (l) * C + (i0), xs + (l) * C + (i0), o, k, cm + (i0), ca + (i0), cb + (i0), ck + (i0),   \
                  ca + (i0), csh + (i0), act, (F)slope, ct + (i0), KEEPS(act) ? os + (l) * C + (i0) : NULL)
-            for (i64 l0 = 0; l0 < L; l0 += rb)
-                ROW_BLOCK(st, os, l0, MIN(l0 + rb, L), C, ROW);
+            if (!st)
+                for (i64 l0 = 0; l0 < L; l0 += RUN_ROWS(C))
+                    S(dx_run_cl)(ds + l0 * C, xs + l0 * C, os + l0 * C, MIN(RUN_ROWS(C), L - l0), C, cm, ca, cb, ck, ca,
+                                 csh, act, (F)slope, ct, KEEPS(act));
+            else
+                for (i64 l0 = 0; l0 < L; l0 += rb)
+                    ROW_BLOCK(st, os, l0, MIN(l0 + rb, L), C, ROW);
 #undef ROW
         }
         stream_fence(st);
