@@ -739,25 +739,30 @@ static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, 
     for (i64 l = 0; l < k; l++) S(affine_row_cl)(p + l * C, o + l * C, w, m, s, b, act, sl, t);
 }
 
-/* rows [l0, l0 + k) of sample n of nl_affine_cl, CB channels at a time (co: its F coefficient rows) */
+/* For each block of CB channels [c0, c0 + w) of a row of C: BLOCK(W, K), defined by the caller, with
+ * the width W a literal CB where the block is full and the activation code K a literal (0: none) */
+#define FULL_OR_NOT(K)                                                                                         \
+    if (w == CB)                                                                                               \
+        BLOCK(CB, K);                                                                                          \
+    else                                                                                                       \
+        BLOCK(w, K);
+#define CHANNEL_BLOCKS(C, act)                                                                                 \
+    for (i64 c0 = 0; c0 < (C); c0 += CB) {                                                                     \
+        const i64 w = MIN(CB, (C) - c0);                                                                       \
+        if (act) {                                                                                             \
+            ACT_SWITCH(act, FULL_OR_NOT);                                                                      \
+        } else                                                                                                 \
+            FULL_OR_NOT(0)                                                                                     \
+    }
+
+/* rows [0, k) of C channels at p of nl_affine_cl into o, CB channels at a time, the coefficients
+ * m, s, b (t: the thresholds, with one) of those channels held */
 static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T *o, i64 k, i64 C, const F *m,
                                                                    const F *s, const F *b, int act, F sl,
                                                                    const F *t) {
-    for (i64 c0 = 0; c0 < C; c0 += CB) {
-        const i64 w = MIN(CB, C - c0);
-#define RUN_W(W, K) S(affine_rows_cl)(p + c0, o + c0, k, C, W, m + c0, s + c0, b + c0, K, sl, THRESHOLDED(K) ? t + c0 : NULL)
-#define RUN(K)                                                                                                 \
-    if (w == CB)                                                                                               \
-        RUN_W(CB, K);                                                                                          \
-    else                                                                                                       \
-        RUN_W(w, K);
-        if (act) {
-            ACT_SWITCH(act, RUN);
-        } else
-            RUN(0)
-#undef RUN
-#undef RUN_W
-    }
+#define BLOCK(W, K) S(affine_rows_cl)(p + c0, o + c0, k, C, W, m + c0, s + c0, b + c0, K, sl, THRESHOLDED(K) ? t + c0 : NULL)
+    CHANNEL_BLOCKS(C, act);
+#undef BLOCK
 }
 
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
@@ -826,27 +831,16 @@ static inline __attribute__((always_inline)) void S(dx_rows_cl)(const T *d, cons
         S(dx_row_cl)(d + l * C, p + l * C, o + l * C, w, m, a, bc, kc, s, b, act, sl, t, kept ? o + l * C : NULL);
 }
 
+/* the same for nl_dx_cl */
 static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const T *p, T *o, i64 k, i64 C,
                                                                const F *m, const F *a, const F *bc, const F *kc,
                                                                const F *s, const F *b, int act, F sl, const F *t,
                                                                int kept) {
-    for (i64 c0 = 0; c0 < C; c0 += CB) {
-        const i64 w = MIN(CB, C - c0);
-#define RUN_W(W, K)                                                                                            \
+#define BLOCK(W, K)                                                                                            \
     S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,          \
                   K ? b + c0 : NULL, K, sl, THRESHOLDED(K) ? t + c0 : NULL, kept)
-#define RUN(K)                                                                                                 \
-    if (w == CB)                                                                                               \
-        RUN_W(CB, K);                                                                                          \
-    else                                                                                                       \
-        RUN_W(w, K);
-        if (act) {
-            ACT_SWITCH(act, RUN);
-        } else
-            RUN(0)
-#undef RUN
-#undef RUN_W
-    }
+    CHANNEL_BLOCKS(C, act);
+#undef BLOCK
 }
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
