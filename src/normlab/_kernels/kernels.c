@@ -47,6 +47,11 @@ typedef int64_t i64;
 #define MIN_ROWS 32
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+/* rows of one run of the channels-last element-wise passes: the run's rows of each array stay
+ * in L1 while it is gone over block by block of channels (RUN_ROWS(C): for rows of C values) */
+#define RUN_BYTES 8192
+#define RUN_ROWS(C) MAX(1, RUN_BYTES / ((C) * (i64)sizeof(T)))
 
 static i64 rows_per_block(i64 c, i64 size) {
     i64 r = BLOCK_BYTES / (c * size);
@@ -187,6 +192,8 @@ static inline void merge_row(double *na, double *ma, double *qa, i64 w, double n
  * vectorisable float versions, libm's for float64). */
 
 /* float32 and float64: stored and computed in their own type */
+#define PAIRED 0
+#define PAIRED_OUT 0
 #define LD(v) (v)
 #define ST(v) (v)
 #if UNIT(1)
@@ -244,6 +251,8 @@ static inline void merge_row(double *na, double *ma, double *qa, i64 w, double n
 #endif
 #undef LD
 #undef ST
+#undef PAIRED
+#undef PAIRED_OUT
 
 /* Half precision: stored in 16 bits, computed and accumulated in float (blocks merged in
  * double, as above). Conversions are branch-free bit operations, so the loops stay
@@ -259,12 +268,16 @@ static inline float bf16_ld(uint16_t u) {
     return v.f;
 }
 
-static inline uint16_t bf16_st(float f) {
+/* f rounded to bfloat16, in the high half of a word (the low half is left over) */
+static inline uint32_t bf16_hi(float f) {
     bits32 v;
     v.f = f;
     uint32_t i = v.i;
-    uint32_t r = (i + 0x7fffu + ((i >> 16) & 1u)) >> 16;
-    return (uint16_t)((i & 0x7fffffffu) > 0x7f800000u ? ((i >> 16) | 0x40u) : r);
+    return (i & 0x7fffffffu) > 0x7f800000u ? (i | 0x400000u) : i + 0x7fffu + ((i >> 16) & 1u);
+}
+
+static inline uint16_t bf16_st(float f) {
+    return (uint16_t)(bf16_hi(f) >> 16);
 }
 
 static inline float f16_ld(uint16_t h) {
@@ -277,7 +290,8 @@ static inline float f16_ld(uint16_t h) {
     return v.f;
 }
 
-static inline uint16_t f16_st(float f) {
+/* f rounded to float16, in the low half of a word (the high half 0) */
+static inline uint32_t f16_bits(float f) {
     bits32 v, magic;
     v.f = f;
     uint32_t sign = v.i & 0x80000000u;
@@ -289,7 +303,11 @@ static inline uint16_t f16_st(float f) {
     uint32_t nrm_o = (v.i + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((v.i >> 13) & 1u)) >> 13;
     uint32_t o = v.i >= (uint32_t)(127 + 16) << 23 ? (v.i > 0x7f800000u ? 0x7e00u : 0x7c00u)
                  : v.i < (uint32_t)113 << 23 ? sub_o : nrm_o;
-    return (uint16_t)(o | (sign >> 16));
+    return o | (sign >> 16);
+}
+
+static inline uint16_t f16_st(float f) {
+    return (uint16_t)f16_bits(f);
 }
 
 #define T uint16_t
@@ -297,6 +315,12 @@ static inline uint16_t f16_st(float f) {
 #define A float
 #define CB (4 * VEC_BYTES / 4)
 #define STREAMABLE 0
+/* channels-last rows read and written as 32-bit words of two values (kernels_impl.h:
+ * block_moments2): the low and high halves of a word w, and two values as one word */
+#define PAIRED 1
+typedef uint32_t nl_pair __attribute__((aligned(2), may_alias));
+#define LD_LO(w) LD((uint16_t)((w) & 0xffffu))
+#define LD_HI(w) LD((uint16_t)((w) >> 16))
 #undef EP_EXPA
 #define EP_EXPA nl_expf_half
 #undef EP_GELU
@@ -306,18 +330,23 @@ static inline uint16_t f16_st(float f) {
 #if UNIT(3)
 #define LD(v) bf16_ld(v)
 #define ST(v) bf16_st(v)
+#define ST_PAIR(lo, hi) ((bf16_hi(lo) >> 16) | (bf16_hi(hi) & 0xffff0000u)) /* all in 32-bit lanes */
+#define PAIRED_OUT 1
 #define S(name) name##_bf16
 #include "kernels_impl.h"
 #include "elementwise_impl.h"
 #include "evonorm_impl.h"
 #undef LD
 #undef ST
+#undef ST_PAIR
 #undef S
 #endif
 
 #if UNIT(4)
 #define LD(v) f16_ld(v)
 #define ST(v) f16_st(v)
+#define ST_PAIR(lo, hi) (f16_bits(lo) | f16_bits(hi) << 16) /* all in 32-bit lanes */
+#define PAIRED_OUT 0
 #define S(name) name##_f16
 #include "kernels_impl.h"
 #include "elementwise_impl.h"

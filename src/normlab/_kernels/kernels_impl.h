@@ -363,11 +363,56 @@ static inline __attribute__((always_inline)) void S(block_moments)(const T *p0, 
     }
 }
 
+#if PAIRED
+/* The same for the 16-bit types, CB channels read as CB / 2 32-bit words of two channels each:
+ * a word's low half (channel 2j) converted by a shift, its high half (2j + 1) by a mask, no
+ * shuffles (widening 16 values to 32 bits is a lane-crossing shuffle, which bounds these
+ * loops). The sums of channel c are kept at PAIR_AT(c): even channels first, then odd ones;
+ * each channel's sums run over the same rows in the same order, so the values are those of
+ * the plain loop. */
+#define PAIR_AT(c) (((c) & 1) * (CB / 2) + (c) / 2)
+static inline __attribute__((always_inline)) void S(block_moments2)(const T *p0, i64 k, i64 C, A *mu, A *e, A *q) {
+    const i64 H = CB / 2;
+    for (i64 c = 0; c < CB; c++) mu[c] = e[c] = q[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const nl_pair *p = (const nl_pair *)(p0 + l * C);
+#pragma omp simd
+        for (i64 j = 0; j < H; j++) {
+            mu[j] += LD_LO(p[j]);
+            mu[H + j] += LD_HI(p[j]);
+        }
+    }
+    for (i64 c = 0; c < CB; c++) mu[c] /= (A)k;
+    for (i64 l = 0; l < k; l++) {
+        const nl_pair *p = (const nl_pair *)(p0 + l * C);
+#pragma omp simd
+        for (i64 j = 0; j < H; j++) {
+            A d0 = LD_LO(p[j]) - mu[j], d1 = LD_HI(p[j]) - mu[H + j];
+            e[j] += d0;
+            q[j] += d0 * d0;
+            e[H + j] += d1;
+            q[H + j] += d1 * d1;
+        }
+    }
+}
+#endif
+
 /* a block's exact mean and M2 per channel, in double (q is about mu; the exact mean is
  * mu + e / k): the full-width call with a literal CB is the vectorised one */
 static inline __attribute__((always_inline)) void S(block_moments_exact)(const T *p0, i64 k, i64 C, i64 w,
                                                                          double *pm, double *pq) {
     A mu[CB], e[CB], q[CB];
+#if PAIRED
+    if (w == CB) { /* pairs of channels: channel c's sums at PAIR_AT(c) */
+        S(block_moments2)(p0, k, C, mu, e, q);
+        for (i64 c = 0; c < w; c++) {
+            const i64 i = PAIR_AT(c);
+            pm[c] = (double)mu[i] + (double)e[i] / k;
+            pq[c] = (double)q[i] - (double)e[i] * e[i] / k;
+        }
+        return;
+    }
+#endif
     if (w == CB)
         S(block_moments)(p0, k, C, CB, mu, e, q);
     else
@@ -409,12 +454,94 @@ static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d
     }
 }
 
+#if PAIRED
+/* the two for CB channels of the 16-bit types as pairs (block_moments2): m, s, b, t and the
+ * sums in the PAIR_AT layout */
+static inline __attribute__((always_inline)) void S(block_reduce2)(const T *d0, const T *p0, i64 k, i64 C,
+                                                                   const A *m, A *sg, A *sh) {
+    const i64 H = CB / 2;
+    for (i64 c = 0; c < CB; c++) sg[c] = sh[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const nl_pair *d = (const nl_pair *)(d0 + l * C), *p = (const nl_pair *)(p0 + l * C);
+#pragma omp simd
+        for (i64 j = 0; j < H; j++) {
+            sg[j] += LD_LO(d[j]);
+            sh[j] += LD_LO(d[j]) * (LD_LO(p[j]) - m[j]);
+            sg[H + j] += LD_HI(d[j]);
+            sh[H + j] += LD_HI(d[j]) * (LD_HI(p[j]) - m[H + j]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void S(block_reduce_act2)(const T *d0, const T *p0, i64 k, i64 C,
+                                                                       const A *m, const F *s, const F *b, int act,
+                                                                       F sl, const F *t, T *kp, A *sg, A *sh, A *se) {
+    const i64 H = CB / 2;
+    for (i64 c = 0; c < CB; c++) sg[c] = sh[c] = se[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        const nl_pair *d = (const nl_pair *)(d0 + l * C), *p = (const nl_pair *)(p0 + l * C);
+        nl_pair *q = kp ? (nl_pair *)(kp + l * C) : NULL;
+#pragma omp simd
+        for (i64 j = 0; j < H; j++) {
+            F dy0 = LD_LO(d[j]), xc0 = LD_LO(p[j]) - m[j];
+            F dd0 = S(act_grad)(dy0, xc0 * s[j] + b[j], act, sl, THRESHOLD(act, t, j));
+            F dy1 = LD_HI(d[j]), xc1 = LD_HI(p[j]) - m[H + j];
+            F dd1 = S(act_grad)(dy1, xc1 * s[H + j] + b[H + j], act, sl, THRESHOLD(act, t, H + j));
+            if (q) q[j] = ST_PAIR(dd0, dd1);
+            sg[j] += dd0;
+            sh[j] += dd0 * xc0;
+            if (THRESHOLDED(act)) se[j] += dy0 - dd0;
+            sg[H + j] += dd1;
+            sh[H + j] += dd1 * xc1;
+            if (THRESHOLDED(act)) se[H + j] += dy1 - dd1;
+        }
+    }
+}
+
+/* src[0, CB) into dst in the PAIR_AT layout */
+static inline __attribute__((always_inline)) void S(to_pairs)(F *dst, const F *src) {
+    for (i64 j = 0; j < CB / 2; j++) {
+        dst[j] = src[2 * j];
+        dst[CB / 2 + j] = src[2 * j + 1];
+    }
+}
+
+/* block_sums of CB channels as pairs: its coefficients into the pair layout, the sums back */
+static inline __attribute__((always_inline)) void S(block_sums2)(const T *d0, const T *p0, i64 k, i64 C,
+                                                                 const A *m0, const F *s0, const F *b0, int act,
+                                                                 F sl, const F *t0, T *kp, A *sg, A *sh, A *se) {
+    A m[CB], g[CB], h[CB], e[CB];
+    F s[CB], b[CB], t[CB];
+    S(to_pairs)(m, m0);
+    if (act) {
+        S(to_pairs)(s, s0);
+        S(to_pairs)(b, b0);
+        if (THRESHOLDED(act)) S(to_pairs)(t, t0);
+#define RED(K) S(block_reduce_act2)(d0, p0, k, C, m, s, b, K, sl, t, kp, g, h, e);
+        ACT_SWITCH(act, RED);
+#undef RED
+    } else
+        S(block_reduce2)(d0, p0, k, C, m, g, h);
+    for (i64 c = 0; c < CB; c++) {
+        sg[c] = g[PAIR_AT(c)];
+        sh[c] = h[PAIR_AT(c)];
+        se[c] = act ? e[PAIR_AT(c)] : 0;
+    }
+}
+#endif
+
 /* sums of rows [0, k) over channels [0, w) of a block, dy' = dy act'(...) with act, else dy
  * (se: the threshold's sum dy - dy', 0 without one); the full-width call with a literal CB is
  * the vectorised one */
 static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                 const A *m, const F *s, const F *b, int act, F sl,
                                                                 const F *t, T *kp, A *sg, A *sh, A *se) {
+#if PAIRED
+    if (w == CB) {
+        S(block_sums2)(d0, p0, k, C, m, s, b, act, sl, t, kp, sg, sh, se);
+        return;
+    }
+#endif
     if (act) {
 #define RED(K)                                                                                                 \
     if (w == CB)                                                                                               \
@@ -532,16 +659,134 @@ static F *S(coef_rows)(const double *const *src, int count, i64 NC) {
     return co;
 }
 
+/* Rows [0, N L) of a channels-last (N, L, C) array, split over the threads of the enclosing
+ * parallel region as schedule(static) would, each thread's range cut at sample boundaries and
+ * into runs of at most RB rows: SEG(n, l0, k) handles rows [l0, l0 + k) of sample n, whose
+ * per-(n, c) coefficients are fixed (no division per row) */
+#define SAMPLE_RUNS(N, L, RB, SEG)                                                                             \
+    do {                                                                                                       \
+        const i64 nr_ = (N) * (L), tn_ = omp_get_num_threads(), ti_ = omp_get_thread_num();                   \
+        const i64 q_ = nr_ / tn_, x_ = nr_ % tn_, r0_ = ti_ * q_ + MIN(ti_, x_), r1_ = r0_ + q_ + (ti_ < x_);  \
+        for (i64 r_ = r0_; r_ < r1_;) {                                                                        \
+            const i64 n_ = r_ / (L), l_ = r_ - n_ * (L), k_ = MIN(MIN(r1_ - r_, (L) - l_), (RB));              \
+            SEG(n_, l_, k_);                                                                                   \
+            r_ += k_;                                                                                          \
+        }                                                                                                      \
+    } while (0)
+
+#if PAIRED_OUT
+/* one row of CB channels of affine_row_cl and dx_row_cl for the 16-bit types, as pairs
+ * (block_moments2), the coefficients in the PAIR_AT layout (kept: dy' was kept in o) */
+static inline __attribute__((always_inline)) void S(affine_row2_cl)(const T *p0, T *o0, const F *m, const F *s,
+                                                                    const F *b, int act, F sl, const F *t) {
+    const i64 H = CB / 2;
+    const nl_pair *p = (const nl_pair *)p0;
+    nl_pair *o = (nl_pair *)o0;
+#define AFF(v, i) (act ? S(act_fwd)(((v) - m[i]) * s[i] + b[i], act, sl, THRESHOLD(act, t, i)) : ((v) - m[i]) * s[i] + b[i])
+#pragma omp simd
+    for (i64 j = 0; j < H; j++) o[j] = ST_PAIR(AFF(LD_LO(p[j]), j), AFF(LD_HI(p[j]), H + j));
+#undef AFF
+}
+
+static inline __attribute__((always_inline)) void S(dx_row2_cl)(const T *d0, const T *p0, T *o0, const F *m,
+                                                                const F *a, const F *bc, const F *k, const F *s,
+                                                                const F *b, int act, F sl, const F *t, int kept) {
+    const i64 H = CB / 2;
+    const nl_pair *d = (const nl_pair *)d0, *p = (const nl_pair *)p0;
+    nl_pair *o = (nl_pair *)o0;
+#define DX(dd, v, i) (a[i] * (dd) + bc[i] * ((v) - m[i]) + k[i])
+#define DXA(dy, v, i) (a[i] * S(act_grad)(dy, ((v) - m[i]) * s[i] + b[i], act, sl, THRESHOLD(act, t, i)) + bc[i] * ((v) - m[i]) + k[i])
+    if (kept) {
+#pragma omp simd
+        for (i64 j = 0; j < H; j++)
+            o[j] = ST_PAIR(DX(LD_LO(o[j]), LD_LO(p[j]), j), DX(LD_HI(o[j]), LD_HI(p[j]), H + j));
+    } else if (act) {
+#pragma omp simd
+        for (i64 j = 0; j < H; j++)
+            o[j] = ST_PAIR(DXA(LD_LO(d[j]), LD_LO(p[j]), j), DXA(LD_HI(d[j]), LD_HI(p[j]), H + j));
+    } else {
+#pragma omp simd
+        for (i64 j = 0; j < H; j++)
+            o[j] = ST_PAIR(DX(LD_LO(d[j]), LD_LO(p[j]), j), DX(LD_HI(d[j]), LD_HI(p[j]), H + j));
+    }
+#undef DX
+#undef DXA
+}
+#endif
+
+/* rows [0, k) (stride C) of channels [0, w) of one sample; the coefficients copied into local
+ * arrays once: with a literal w (CB) they stay in registers across the rows */
+static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, T *o, i64 k, i64 C, i64 w,
+                                                                    const F *m0, const F *s0, const F *b0, int act,
+                                                                    F sl, const F *t0) {
+    F m[CB], s[CB], b[CB], t[CB];
+#if PAIRED_OUT
+    if (w == CB) {
+        S(to_pairs)(m, m0);
+        S(to_pairs)(s, s0);
+        S(to_pairs)(b, b0);
+        if (THRESHOLDED(act)) S(to_pairs)(t, t0);
+        for (i64 l = 0; l < k; l++) S(affine_row2_cl)(p + l * C, o + l * C, m, s, b, act, sl, t);
+        return;
+    }
+#endif
+    for (i64 c = 0; c < w; c++) {
+        m[c] = m0[c];
+        s[c] = s0[c];
+        b[c] = b0[c];
+        t[c] = THRESHOLDED(act) ? t0[c] : 0;
+    }
+    for (i64 l = 0; l < k; l++) S(affine_row_cl)(p + l * C, o + l * C, w, m, s, b, act, sl, t);
+}
+
+/* For each block of CB channels [c0, c0 + w) of a row of C: BLOCK(W, K), defined by the caller, with
+ * the width W a literal CB where the block is full and the activation code K a literal (0: none) */
+#define FULL_OR_NOT(K)                                                                                         \
+    if (w == CB)                                                                                               \
+        BLOCK(CB, K);                                                                                          \
+    else                                                                                                       \
+        BLOCK(w, K);
+#define CHANNEL_BLOCKS(C, act)                                                                                 \
+    for (i64 c0 = 0; c0 < (C); c0 += CB) {                                                                     \
+        const i64 w = MIN(CB, (C) - c0);                                                                       \
+        if (act) {                                                                                             \
+            ACT_SWITCH(act, FULL_OR_NOT);                                                                      \
+        } else                                                                                                 \
+            FULL_OR_NOT(0)                                                                                     \
+    }
+
+/* rows [0, k) of C channels at p of nl_affine_cl into o, CB channels at a time, the coefficients
+ * m, s, b (t: the thresholds, with one) of those channels held */
+static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T *o, i64 k, i64 C, const F *m,
+                                                                   const F *s, const F *b, int act, F sl,
+                                                                   const F *t) {
+#define BLOCK(W, K) S(affine_rows_cl)(p + c0, o + c0, k, C, W, m + c0, s + c0, b + c0, K, sl, THRESHOLDED(K) ? t + c0 : NULL)
+    CHANNEL_BLOCKS(C, act);
+#undef BLOCK
+}
+
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
                     const double *shift, int act, double slope, const double *thr, int nt) {
     const double *src[4] = {center, scale, shift, thr};
     F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+    const F sl = (F)slope;
+    if (!st) {
+        const i64 R = RUN_ROWS(C);
+#define SEG(n, l0, k)                                                                                          \
+    S(affine_run_cl)(x + ((n) * L + (l0)) * C, y + ((n) * L + (l0)) * C, k, C, co + (n) * C, co + (N + (n)) * C,   \
+                     co + (2 * N + (n)) * C, act, sl, THRESHOLDED(act) ? co + (3 * N + (n)) * C : NULL)
+#pragma omp parallel num_threads(nt)
+        SAMPLE_RUNS(N, L, R, SEG);
+#undef SEG
+        free(co);
+        return 0;
+    }
 #define ROW(r, o, i0, k)                                                                                       \
     {                                                                                                          \
         const F *cn = co + (r) / L * C + (i0);                                                                 \
-        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, (F)slope,              \
+        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, sl,                     \
                          THRESHOLDED(act) ? cn + 3 * N * C : NULL);                                            \
     }
 #pragma omp parallel num_threads(nt)
@@ -549,6 +794,53 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 #undef ROW
     free(co);
     return 0;
+}
+
+/* the same for nl_dx_cl (kp: where dy' was kept, the output itself, or NULL) */
+static inline __attribute__((always_inline)) void S(dx_rows_cl)(const T *d, const T *p, T *o, i64 k, i64 C, i64 w,
+                                                                const F *m0, const F *a0, const F *bc0, const F *k0,
+                                                                const F *s0, const F *b0, int act, F sl,
+                                                                const F *t0, int kept) {
+    F m[CB], a[CB], bc[CB], kc[CB], s[CB], b[CB], t[CB];
+#if PAIRED_OUT
+    if (w == CB) {
+        S(to_pairs)(m, m0);
+        S(to_pairs)(a, a0);
+        S(to_pairs)(bc, bc0);
+        S(to_pairs)(kc, k0);
+        if (act) {
+            S(to_pairs)(s, s0);
+            S(to_pairs)(b, b0);
+        }
+        if (THRESHOLDED(act)) S(to_pairs)(t, t0);
+        for (i64 l = 0; l < k; l++)
+            S(dx_row2_cl)(d + l * C, p + l * C, o + l * C, m, a, bc, kc, s, b, act, sl, t, kept);
+        return;
+    }
+#endif
+    for (i64 c = 0; c < w; c++) {
+        m[c] = m0[c];
+        a[c] = a0[c];
+        bc[c] = bc0[c];
+        kc[c] = k0[c];
+        s[c] = act ? s0[c] : 0;
+        b[c] = act ? b0[c] : 0;
+        t[c] = THRESHOLDED(act) ? t0[c] : 0;
+    }
+    for (i64 l = 0; l < k; l++)
+        S(dx_row_cl)(d + l * C, p + l * C, o + l * C, w, m, a, bc, kc, s, b, act, sl, t, kept ? o + l * C : NULL);
+}
+
+/* the same for nl_dx_cl */
+static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const T *p, T *o, i64 k, i64 C,
+                                                               const F *m, const F *a, const F *bc, const F *kc,
+                                                               const F *s, const F *b, int act, F sl, const F *t,
+                                                               int kept) {
+#define BLOCK(W, K)                                                                                            \
+    S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,          \
+                  K ? b + c0 : NULL, K, sl, THRESHOLDED(K) ? t + c0 : NULL, kept)
+    CHANNEL_BLOCKS(C, act);
+#undef BLOCK
 }
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
@@ -560,12 +852,26 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
     F *co = S(coef_rows)(src, rows, N * C);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
+    const F sl = (F)slope;
+    if (!st) {
+        const i64 R = RUN_ROWS(C);
+#define AT(j, n) (j < rows ? co + (j * N + (n)) * C : NULL)
+#define SEG(n, l0, k)                                                                                          \
+    S(dx_run_cl)(dy + ((n) * L + (l0)) * C, x + ((n) * L + (l0)) * C, dx + ((n) * L + (l0)) * C, k, C, AT(0, n), \
+                 AT(1, n), AT(2, n), AT(3, n), AT(4, n), AT(5, n), act, sl, AT(6, n), kept)
+#pragma omp parallel num_threads(nt)
+        SAMPLE_RUNS(N, L, R, SEG);
+#undef SEG
+#undef AT
+        free(co);
+        return 0;
+    }
 #define AT(j, n, i0) (j < rows ? co + (j * N + (n)) * C + (i0) : NULL)
 #define ROW(r, o, i0, k)                                                                                       \
     {                                                                                                          \
         const i64 n = (r) / L;                                                                                 \
         S(dx_row_cl)(dy + (r) * C + (i0), x + (r) * C + (i0), o, k, AT(0, n, i0), AT(1, n, i0), AT(2, n, i0),  \
-                     AT(3, n, i0), AT(4, n, i0), AT(5, n, i0), act, (F)slope, AT(6, n, i0),                    \
+                     AT(3, n, i0), AT(4, n, i0), AT(5, n, i0), act, sl, AT(6, n, i0),                          \
                      kept ? dx + (r) * C + (i0) : NULL);                                                       \
     }
 #pragma omp parallel num_threads(nt)
@@ -639,8 +945,13 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
             }
 #define ROW(l, o, i0, k)                                                                                       \
     S(affine_row_cl)(xs + (l) * C + (i0), o, k, cm + (i0), cs + (i0), cb + (i0), act, (F)slope, ct + (i0))
-            for (i64 l0 = 0; l0 < L; l0 += rb)
-                ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
+            if (!st) /* runs of rows, coefficients held */
+                for (i64 l0 = 0; l0 < L; l0 += RUN_ROWS(C))
+                    S(affine_run_cl)(xs + l0 * C, ys + l0 * C, MIN(RUN_ROWS(C), L - l0), C, cm, cs, cb, act, (F)slope,
+                                     ct);
+            else
+                for (i64 l0 = 0; l0 < L; l0 += rb)
+                    ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
 #undef ROW
         }
         stream_fence(st);
@@ -797,8 +1108,13 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
 #define ROW(l, o, i0, k)                                                                                       \
     S(dx_row_cl)(ds + (l) * C + (i0), xs + (l) * C + (i0), o, k, cm + (i0), ca + (i0), cb + (i0), ck + (i0),   \
                  ca + (i0), csh + (i0), act, (F)slope, ct + (i0), KEEPS(act) ? os + (l) * C + (i0) : NULL)
-            for (i64 l0 = 0; l0 < L; l0 += rb)
-                ROW_BLOCK(st, os, l0, MIN(l0 + rb, L), C, ROW);
+            if (!st)
+                for (i64 l0 = 0; l0 < L; l0 += RUN_ROWS(C))
+                    S(dx_run_cl)(ds + l0 * C, xs + l0 * C, os + l0 * C, MIN(RUN_ROWS(C), L - l0), C, cm, ca, cb, ck, ca,
+                                 csh, act, (F)slope, ct, KEEPS(act));
+            else
+                for (i64 l0 = 0; l0 < L; l0 += rb)
+                    ROW_BLOCK(st, os, l0, MIN(l0 + rb, L), C, ROW);
 #undef ROW
         }
         stream_fence(st);
