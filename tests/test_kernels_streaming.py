@@ -15,7 +15,8 @@ from normlab import _kernels
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason=_kernels.status())
 
 # positions / channels below, at and above the streamed chunk (256 values), and odd ones
-SHAPES = [(2, 3, 7), (2, 5, 256), (3, 4, 700), (2, 300, 5), (1, 513, 3)]
+# (2, 1100, 3), (2, 2100, 3): channels-last rows wider than a run's buffer (8 kB) in float64, in both
+SHAPES = [(2, 3, 7), (2, 5, 256), (3, 4, 700), (2, 300, 5), (1, 513, 3), (2, 1100, 3), (2, 2100, 3)]
 EPILOGUES = [None, ("relu",), ("leaky_relu", 0.2), ("silu",), ("gelu",), ("tlu",)]
 
 
@@ -86,7 +87,8 @@ def test_streaming_threshold_is_restored():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["cf", "cl"])
-@pytest.mark.parametrize("shape,groups", [((4, 6, 7), 2), ((4, 4, 300), 1), ((3, 300, 5), 3), ((4, 6, 50), 6)])
+@pytest.mark.parametrize("shape,groups", [((4, 6, 7), 2), ((4, 4, 300), 1), ((3, 300, 5), 3), ((4, 6, 50), 6),
+                                         ((4, 2100, 3), 3)])
 @pytest.mark.parametrize("act", EPILOGUES, ids=lambda a: "none" if a is None else a[0])
 def test_streamed_group_passes_equal_plain_stores(dtype, layout, shape, groups, act):
     n, c, length = shape
