@@ -314,6 +314,7 @@ static inline uint16_t f16_st(float f) {
 #define F float
 #define A float
 #define CB (4 * VEC_BYTES / 4)
+#undef STREAMABLE /* (float32/float64's 1, in their units) */
 #define STREAMABLE 0
 /* channels-last rows read and written as 32-bit words of two values (kernels_impl.h:
  * block_moments2): the low and high halves of a word w, and two values as one word */
