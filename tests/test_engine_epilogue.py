@@ -439,3 +439,26 @@ def test_batch_and_mixed_norms_with_activation_save_one_input(spec):
     with normlab.functional.fast_path(True):
         nbytes = saved_bytes(lambda: m(x))
     assert nbytes <= x.numel() * 4 + 64 * 8 * 16 * 8  # x, and (N, C) statistics
+
+
+@pytest.mark.parametrize("spec", ["bn", "gn:2", "rms"] + MIXED_SPECS)
+@pytest.mark.parametrize("engine_on", [True, False])
+def test_an_unknown_activation_is_refused_on_every_route(spec, engine_on):
+    """``act=`` with a name the engine does not know raises (naming it and the known ones) on
+    the engine's route as on the plain path, instead of returning the norm without it; on the
+    engine's route before any running statistic changes (the layer's step count aside: it counts
+    the call before its function runs)."""
+    from normlab.engine import epilogue
+
+    with pytest.raises(ValueError, match=r"unknown activation 'tanh'; known: relu, leaky_relu, silu, gelu"):
+        epilogue("tanh")
+    assert epilogue(None) is None
+    layer = normlab.make_norm(spec, 4, act="relu")
+    layer.act.name = "tanh"  # (make_norm refuses the name itself; the functions are reached directly too)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with normlab.functional.fast_path(True if engine_on else False), pytest.raises(ValueError, match="'tanh'"):
+        layer(x)
+    if engine_on and _kernels.available():
+        for k, v in layer.state_dict().items():
+            assert k == "num_batches_tracked" or torch.equal(v, before[k]), k

@@ -30,7 +30,7 @@ from .routing import fast_path, is_half, kernel_views, route
 __all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "EvoB0Stats", "EvoS0Stats",
            "GlobalResponseStats", "GroupStats",
            "PowerStats", "SwitchableStats",
-           "activate", "affine_eval", "dtypes_of", "epilogue", "fast_path", "fuses", "kernel_moments", "local_only", "route",
+           "activate", "affine_eval", "check_activation", "dtypes_of", "epilogue", "fast_path", "fuses", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 
 # name -> f(x, negative_slope): torch's activations as a norm + activation applies them (leaky
@@ -43,6 +43,12 @@ ACTIVATIONS = {
 }
 
 
+def check_activation(act: str) -> None:
+    """A ValueError listing the known activations unless ``act`` is one of :data:`ACTIVATIONS`."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+
+
 def fuses(act: str | None) -> bool:
     """Whether the engine applies ``act`` in its output pass (then the route prefers the
     engine): relu, leaky_relu, silu and gelu, in every dtype (the half types' exact GELU on
@@ -52,22 +58,21 @@ def fuses(act: str | None) -> bool:
 
 def epilogue(act: str | None, negative_slope: float = 0.01,
              threshold: Tensor | None = None) -> _kernels.Epilogue | None:
-    """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu), or None
-    where the engine does not fuse it (:func:`fuses`: the caller applies the activation after
-    the norm). ``"tlu"``: FRN's thresholded linear unit ``max(y, threshold)`` (Singh & Krishnan
-    2020) with a per-channel ``threshold`` (a tensor that may need a gradient: :func:`run` hands
-    it to the autograd Function, which returns it)."""
+    """The kernels' epilogue argument for ``act`` (relu, leaky_relu, silu, exact gelu; every
+    activation the engine knows, :func:`fuses`), None for no activation, a ValueError for an
+    unknown name (so that no engine route drops one). ``"tlu"``: FRN's thresholded linear unit
+    ``max(y, threshold)`` (Singh & Krishnan 2020) with a per-channel ``threshold`` (a tensor that
+    may need a gradient: :func:`run` hands it to the autograd Function, which returns it)."""
+    if act is None:
+        return None
     if act == "tlu":
         if threshold is None:
             raise ValueError("engine.epilogue('tlu'): needs the threshold tensor (FRN's tau)")
         return _kernels.Epilogue(_kernels.EPILOGUES["tlu"], 0.0, threshold)
-    if not fuses(act):
-        return None
+    check_activation(act)
     if act == "relu":
         return _kernels.Epilogue(_kernels.EPILOGUES["leaky_relu"], 0.0)
-    if act in _kernels.EPILOGUES:
-        return _kernels.Epilogue(_kernels.EPILOGUES[act], float(negative_slope))
-    return None
+    return _kernels.Epilogue(_kernels.EPILOGUES[act], float(negative_slope))
 
 
 def dtypes_of(*tensors: Tensor | None) -> tuple:

@@ -64,7 +64,7 @@ def batch_norm(
         else:
             y = engine.affine_eval(x, cd, running_mean, running_var, eps, weight, bias, fused)
         if y is not None:
-            return y if fused is not None else activation(y, act, negative_slope)
+            return y
     mean, var = batch_statistics(x, running_mean, running_var, training, momentum, cd, process_group)
     y = normalize(x, mean, var, eps, weight, bias, cd)
     return activation(y, act, negative_slope)
@@ -131,7 +131,7 @@ def mean_only_batch_norm(
         fused = engine.epilogue(act, negative_slope)
         y = engine.affine_eval(x, cd, running_mean, None, 0.0, None, bias, fused)
         if y is not None:
-            return y if fused is not None else activation(y, act, negative_slope)
+            return y
     if training or running_mean is None:
         m = batch_moments(x, cd, process_group)
         if training and momentum is not None and running_mean is not None and _has_values(m):
@@ -218,6 +218,7 @@ def batch_renorm(
     shape = stat_shape(x.ndim, cd, x.shape[cd])
     desc = BatchStats(eps, process_group=group, stat_shape=shape)
     fast = route("brn", x, cd) == "kernels"
+    fused = engine.epilogue(act, negative_slope) if fast else None  # (an unknown act fails before any update)
     if fast:  # the batch moments first (r and d depend on them), then the engine's batch norm
         mean_nc, m2_nc, count = engine.kernel_moments(x, cd)
         desc.moments_given = (mean_nc, m2_nc)
@@ -240,7 +241,7 @@ def batch_renorm(
         desc.renorm = (r, d)
         desc.reference = lambda x, w, b: batch_norm(x, None, None, *_renormed(w, b, r, d), eps=eps, channel_dim=cd,
                                                     process_group=group)
-        return engine.run(desc, x, cd, (weight, bias), engine.epilogue(act, negative_slope))
+        return engine.run(desc, x, cd, (weight, bias), fused)
     return activation(normalize(x, m.mean, m.var, eps, *_renormed(weight, bias, r, d), cd), act, negative_slope)
 
 

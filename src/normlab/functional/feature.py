@@ -30,9 +30,7 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
         return None
     desc = GroupStats(groups, eps, center)
     desc.reference = reference
-    fused = engine.epilogue(act, negative_slope)
-    y = engine.run(desc, x, cd, (weight, bias) if center else (weight,), fused)
-    return (y if fused is not None else activation(y, act, negative_slope)), desc
+    return engine.run(desc, x, cd, (weight, bias) if center else (weight,), engine.epilogue(act, negative_slope)), desc
 
 
 def per_sample_call(norm: str, x: Tensor, groups: int, weight: Tensor | None = None, bias: Tensor | None = None, *,

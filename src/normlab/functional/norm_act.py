@@ -11,7 +11,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from .._layout import channel_axis, per_channel, stat_dims
-from ..engine import ACTIVATIONS
+from ..engine import ACTIVATIONS, check_activation
 from ._common import batch_statistics
 
 __all__ = ["ACTIVATIONS", "activation", "batch_norm_leaky_relu_inplace"]
@@ -22,8 +22,7 @@ def activation(x: Tensor, act: str | None, negative_slope: float = 0.01) -> Tens
     listing them otherwise."""
     if act is None:
         return x
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    check_activation(act)
     return ACTIVATIONS[act](x, negative_slope)
 
 

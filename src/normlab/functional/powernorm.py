@@ -94,7 +94,7 @@ def power_norm(
         if not training:  # batch norm's eval map with centre 0 and variance psi2
             y = engine.affine_eval(x, cd, torch.zeros_like(running_phi), running_phi, eps, weight, bias, fused)
             if y is not None:
-                return y if fused is not None else activation(y, act, negative_slope)
+                return y
         else:  # the engine: x and (N, C) statistics saved, nu updated by the description's adjoint
             desc = engine.PowerStats(eps, running_phi, ema_gz, alpha_bkw)
 
