@@ -247,24 +247,29 @@ def _code(act: tuple | None) -> tuple[int, float]:
     return (0, 0.0) if act is None else (int(act[0]), float(act[1]))
 
 
-def _thr(act: tuple | None, n: int, c: int) -> Tensor | None:
-    """The threshold as the kernels' per-(n, c) float64 array, or None."""
+def _threshold(act: tuple | None) -> Tensor | None:
+    """The epilogue's threshold tensor, or None; an error for the TLU without one."""
     t = threshold_of(act)
     if _code(act)[0] == EPILOGUES["tlu"] and t is None:
         raise ValueError("normlab kernels: the TLU epilogue needs a threshold tensor")
+    return t
+
+
+def _thr(act: tuple | None, n: int, c: int) -> Tensor | None:
+    """The threshold as the kernels' per-(n, c) float64 array, or None."""
+    t = _threshold(act)
     return None if t is None else _nc(t, n, c)
 
 
 def _act_coefs(act: tuple | None, scale: Tensor | None, shift: Tensor | None) -> list:
     """The epilogue's per-(n, c) coefficients (for :func:`_packed`): scale, shift and threshold
     (None where absent; the TLU needs its threshold)."""
-    if _code(act)[0] == EPILOGUES["tlu"] and threshold_of(act) is None:
-        raise ValueError("normlab kernels: the TLU epilogue needs a threshold tensor")
+    t = _threshold(act)
     if act is None:
         return [None, None, None]
     if scale is None or shift is None:
         raise ValueError("normlab kernels: an epilogue in a backward pass needs the forward's scale and shift")
-    return [scale, shift, threshold_of(act)]
+    return [scale, shift, t]
 
 
 def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, shift: Tensor,
@@ -273,7 +278,7 @@ def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, s
     ``v``); ``act``: None, or an :class:`Epilogue`."""
     n, c = _nc_shape(v, layout)
     _dims(out)
-    _held, ptrs = _packed([center, scale, shift, _thr(act, n, c)], n, c)
+    _held, ptrs = _packed([center, scale, shift, _threshold(act)], n, c)
     _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *ptrs[:3], *_code(act),
                                           ptrs[3], torch.get_num_threads()), "affine")
 
