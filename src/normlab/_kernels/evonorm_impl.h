@@ -44,12 +44,10 @@
 #endif
 
 /* S0's sigmoid, s = sigmoid(v x) = 1 / (1 + 2^t) with t = c x, c = -v log2(e) folded per channel
- * (EV_COEF): 2^t = 2^k 2^r, k the nearest integer to t (t clamped to [-125, 125], where s is 1
- * or 0 to float precision, so 2^t stays a normal float), r = t - k, 2^r a polynomial on |r| <= 1/2
- * (fits: relative error 1.9e-7 with degree 5 for float32, 2.9e-6 with degree 4 for the half
- * types, 0.003 of a float16 ulp); k taken from the bits of t + 1.5 2^23, added to the exponent
- * bits. About half the operations of 1 / (1 + EP_EXPA(-v x)), whose general range reduction
- * (ln 2 in parts, the scaling by 1 / ln 2, the negation) this folding avoids. Float64: libm. */
+ * (EV_COEF), t clamped to [-125, 125] (where s is 1 or 0 to float precision, so 2^t stays a
+ * normal float), 2^t by mathfn.h's nl_exp2f (float32) or nl_exp2_half (the half types). About
+ * half the operations of 1 / (1 + EP_EXPA(-v x)), whose general range reduction (ln 2 in
+ * parts, the scaling by 1 / ln 2, the negation) this folding avoids. Float64: libm. */
 #define EV_COEF(v) (-(v) * 1.4426950408889634)
 /* the clamp's bound, 125, read from mathfn.h's nl_act_bounds (EV_LIMIT(lim) at the top of a
  * kernel), for the reason given there: with a literal, GCC splits every vector loop into the
@@ -60,24 +58,9 @@
 #define EV_TIMES_SIGMOID(xv, vc, cc, lim) ((void)(lim), (xv) / ((F)1 + exp2((cc) * (xv))))
 #else
 static inline __attribute__((always_inline)) float S(ev_sig2)(float t, float lim, float num) {
-    const float shifter = 0x1.8p23f; /* adding it rounds to an integer, kept in the low bits */
     t = t < -lim ? -lim : t; /* (a NaN stays NaN) */
     t = t > lim ? lim : t;
-    nl_bits j;
-    j.f = t + shifter;
-    float r = t - (j.f - shifter);
-#if UNIT(1)
-    float p = NL_FMA(0.001326472614891827f, r, 0.009671512991189957f);
-    p = NL_FMA(p, r, 0.05550733581185341f);
-#else
-    float p = NL_FMA(0.009582852944731712f, r, 0.055906426161527634f);
-#endif
-    p = NL_FMA(p, r, UNIT(1) ? 0.24022242426872253f : 0.24024099111557007f);
-    p = NL_FMA(p, r, UNIT(1) ? 0.6931470036506653f : 0.6931241750717163f);
-    nl_bits e;
-    e.f = NL_FMA(p, r, 1.0f);
-    e.u += j.u << 23; /* 2^k: j's low bits hold k (two's complement), the rest shifts out */
-    return num / (1.0f + e.f);
+    return num / (1.0f + (UNIT(1) ? nl_exp2f(t) : nl_exp2_half(t)));
 }
 #define EV_SIGMOID(xv, vc, cc, lim) S(ev_sig2)((cc) * (xv), lim, 1.0f)
 #define EV_TIMES_SIGMOID(xv, vc, cc, lim) S(ev_sig2)((cc) * (xv), lim, xv)
