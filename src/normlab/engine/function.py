@@ -67,7 +67,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         desc.rstd_rows = _kernels.rowrms_forward(v.view(n, c), yv.view(n, c), desc.eps, params[0])
         return yv.view(x.shape)
     y = torch.empty_like(x)
-    yv = view_like(y, x, layout, v, cd)
+    yv = view_like(y, layout, cd)
     if desc.elementwise:  # its own element map (EvoNorm): its own passes, per sample from cache or not
         desc.mean_nc, desc.m2_nc = desc.forward(v, yv, layout, length, params, ctx.fused == "group")
         desc.count_nc = length
@@ -112,9 +112,9 @@ class EngineNorm(torch.autograd.Function):
         if x is None:  # (not saved: the adjoint has b = 0, so dy stands in for x)
             x = dy if kernel_views(dy, cd) is not None else dy.contiguous()
         layout, v = kernel_views(x, cd)  # type: ignore[misc]
-        dyv = dy_view(dy, x, cd, layout, v)
+        dyv = dy_view(dy, x, cd, layout)
         dx = torch.empty_like(x) if need_x else None
-        dxv = view_like(dx, x, layout, v, cd) if need_x else None
+        dxv = view_like(dx, layout, cd) if need_x else None
         if desc.elementwise:
             return (dx, None, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
         if ctx.fused == "rows":

@@ -115,26 +115,18 @@ def kernel_views(x: Tensor, cd: int) -> tuple[str, Tensor] | None:
     return geo[0], x.as_strided(geo[1], geo[2], x.storage_offset())
 
 
-def view_like(t: Tensor, x: Tensor, layout: str, v: Tensor, cd: int) -> Tensor | None:
-    """``t``'s kernel view in ``x``'s ``layout`` given ``x``'s view ``v``, or None where ``t`` is
-    laid out otherwise. With ``x``'s shape and strides (an ``empty_like(x)``, a gradient in ``x``'s
-    layout) it is one ``as_strided``, not :func:`kernel_views`' four calls."""
-    if t.stride() == x.stride() and t.shape == x.shape:
-        return t.as_strided(v.shape, v.stride(), t.storage_offset())
+def view_like(t: Tensor, layout: str, cd: int) -> Tensor | None:
+    """``t``'s kernel view in ``layout`` (that of the input it goes with: an output, a gradient),
+    or None where ``t`` is laid out otherwise."""
     got = kernel_views(t, cd)
     return got[1] if got is not None and got[0] == layout else None
 
 
-def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str, v: Tensor | None = None) -> Tensor:
+def dy_view(dy: Tensor, x: Tensor, cd: int, layout: str) -> Tensor:
     """The incoming gradient as ``x``'s kernel view (copied into ``x``'s layout if it arrives
-    in another one, e.g. contiguous for a channels-last input); ``v``: ``x``'s view, if known."""
-    if v is not None:
-        got = view_like(dy, x, layout, v, cd)
-        return got if got is not None else view_like(torch.empty_like(x).copy_(dy), x, layout, v, cd)  # type: ignore[return-value]
-    got = kernel_views(dy, cd)
-    if got is None or got[0] != layout:
-        got = kernel_views(torch.empty_like(x).copy_(dy), cd)
-    return got[1]  # type: ignore[index]
+    in another one, e.g. contiguous for a channels-last input)."""
+    got = view_like(dy, layout, cd)
+    return got if got is not None else view_like(torch.empty_like(x).copy_(dy), layout, cd)  # type: ignore[return-value]
 
 
 # None: automatic; True: the engine wherever it can run (tests); False: the plain reference
