@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from normlab import _kernels
+from normlab._kernels import evonorm as _evonorm
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason=_kernels.status())
 
@@ -90,3 +91,34 @@ def test_channels_last_moments_and_sums_match_float64(dtype, shape):
     gs, hs = _kernels.reduce(dyl, xl, "cl", center)
     torch.testing.assert_close(gs, dref.sum(2), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(hs, (dref * (ref - center[..., None])).sum(2), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["s0", "b0"])
+def test_channels_last_evonorm_maps_equal_channel_first(dtype, shape, kind):
+    """EvoNorm's element maps (evonorm_impl.h): the channels-last forward, dy slope(x) kept by the
+    sums pass and the input gradient (kept and not) bit for bit as channel-first; the five sums
+    within float rounding of channel-first's."""
+    n, c, _ = shape
+    g = torch.Generator().manual_seed(31 * c + n)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(c, generator=g, dtype=torch.float64)
+    dstd = torch.rand(1, c, generator=g, dtype=torch.float64) + 0.5
+    istd = torch.rand(n, c, generator=g, dtype=torch.float64) + 0.5
+    scale, shift, a, b, m, k = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6))
+    xf, xl = _views(x)
+    dyf, dyl = _views(dy)
+    outs = {}
+    for lay, xv, dv in (("cf", xf, dyf), ("cl", xl, dyl)):
+        y, dx, kept = torch.empty_like(xv), torch.empty_like(xv), torch.full_like(xv, 3.0)
+        _evonorm.evonorm_forward(kind, xv, y, lay, v, dstd, istd, scale, shift)
+        sums = _evonorm.evonorm_reduce(kind, dv, xv, lay, v, dstd, istd, keep=kept)
+        kept_in = kept.clone()
+        _evonorm.evonorm_dx(kind, dv, xv, kept, lay, v, dstd, istd, a, b, m, k, kept=True)
+        _evonorm.evonorm_dx(kind, dv, xv, dx, lay, v, dstd, istd, a, b, m, k)
+        outs[lay] = (y, kept_in, kept, dx, sums)
+    for u, w in zip(outs["cf"][:4], outs["cl"][:4]):
+        _same(u, w)
+    torch.testing.assert_close(outs["cl"][4], outs["cf"][4], rtol=1e-4, atol=1e-3)

@@ -105,12 +105,7 @@ int S(nl_evos0_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
                     cs[c] = (F)(weight ? weight[c] * rstd : rstd);
                 }
             }
-            for (i64 l = 0; l < L; l++) {
-                const T *p = xs + l * C;
-                T *o = ys + l * C;
-#pragma omp simd
-                for (i64 c = 0; c < C; c++) o[c] = ST(S(ev_map)(0, LD(p[c]), vr[c], cr[c], lim, 0, 0) * cs[c] + cb[c]);
-            }
+            S(ev_fwd_run_cl)(0, xs, ys, L, C, vr, cr, lim, vr, vr, cs, cb); /* (S0: no D, E) */
         }
         free(pm);
     }
@@ -144,10 +139,7 @@ int S(nl_evos0_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                 for (i64 c0 = 0; c0 < C; c0 += CB) {
                     A acc[5 * CB];
                     i64 w = MIN(CB, C - c0), at = l0 * C + c0;
-                    if (w == CB)
-                        S(ev_block_red)(0, ds + at, xs + at, k, C, CB, vr + c0, cr + c0, lim, vr, vr, acc, os + at);
-                    else
-                        S(ev_block_red)(0, ds + at, xs + at, k, C, w, vr + c0, cr + c0, lim, vr, vr, acc, os + at);
+                    S(ev_block_red)(0, ds + at, xs + at, k, C, w, vr + c0, cr + c0, lim, vr, vr, acc, os + at);
                     for (int j = 0; j < 3; j++)
                         for (i64 c = 0; c < w; c++) tot[j * C + c0 + c] += acc[j * CB + c];
                 }
@@ -162,12 +154,7 @@ int S(nl_evos0_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                 cb[c] = (F)(-r * r * r * big_a[c / cpg] / K);
                 cm[c] = (F)ctr[n * C + c];
             }
-            for (i64 l = 0; l < L; l++) {
-                const T *p = xs + l * C;
-                T *o = os + l * C;
-#pragma omp simd
-                for (i64 c = 0; c < C; c++) o[c] = ST(ca[c] * LD(o[c]) + cb[c] * (LD(p[c]) - cm[c]));
-            }
+            S(ev_dx_run_cl)(0, 1, NULL, xs, os, L, C, vr, cr, lim, vr, vr, ca, cb, cm, NULL); /* dy f'(x) kept in os */
         }
         free(vr);
         free(tot);
