@@ -188,9 +188,14 @@ class EvoB0Stats(_ElementMapStats):
     def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
                  weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
         """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
-        # (dy slope(x) is not kept between the passes, unlike S0: the slope, one division, costs less than
-        # writing and reading it back; measured one thread, (32, 64, 56, 56): both passes 0.93-1.0x)
-        p, g, s_l, s_r, s_v = _evonorm.evonorm_reduce("b0", dy, x, layout, v, self.d_std, self.e_std).unbind(0)
+        # dy slope(x) is kept between the passes (as S0 does) only for channels-last bfloat16: the slope, one
+        # division, costs less than writing and reading it back elsewhere (measured two threads, (32, 64, 56,
+        # 56), both passes kept / not: bfloat16 channels-last 0.85-0.97 (the layer's step 0.85-0.92),
+        # channel-first 1.11-1.12; float16 channels-last, the layer 1.03; float32 channels-last 0.97-1.10,
+        # channel-first 1.16)
+        keep = dx if dx is not None and layout == "cl" and x.dtype == torch.bfloat16 else None
+        p, g, s_l, s_r, s_v = _evonorm.evonorm_reduce("b0", dy, x, layout, v, self.d_std, self.e_std,
+                                                      keep=keep).unbind(0)
         if dx is not None:
             n = g.shape[0]
             b_i = -self.w * s_r / (self.e_std * self.count)
@@ -199,7 +204,8 @@ class EvoB0Stats(_ElementMapStats):
                 b, k = b_b + b_i, b_b * (self.mu_i - self.mu_b)
             else:
                 b, k = b_i, torch.zeros_like(b_i)
-            _evonorm.evonorm_dx("b0", dy, x, dx, layout, v, self.d_std, self.e_std, self.w, b, self.mu_i, k)
+            _evonorm.evonorm_dx("b0", dy, x, dx, layout, v, self.d_std, self.e_std, self.w, b, self.mu_i, k,
+                                kept=keep is not None)
         dw = _out(p.sum(0), weight) if need[0] else None
         db = _out(g.sum(0), bias) if need[1] else None
         dv = _out(-self.w.reshape(-1) * s_v.sum(0), v) if need[2] else None
