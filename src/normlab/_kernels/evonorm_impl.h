@@ -497,3 +497,6 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
 #include "evos0_impl.h" /* S0 per sample from cache (uses the helpers above) */
 
 #undef EV_TERMS
+#ifdef EV_PAIRS
+#undef EV_PAIRS
+#endif
