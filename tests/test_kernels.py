@@ -40,6 +40,9 @@ def _as_ref(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _tol(dtype):
+    """An output computed in float32 (float64) and rounded once to ``dtype``."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return dict(rtol=2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11, atol=1e-5)
     return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
 
 
@@ -62,24 +65,31 @@ def test_moments_match_a_float64_two_pass_reference(layout, dtype, shape, far):
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_affine_reduce_and_dx_match_their_formulas(layout, dtype, shape):
+    """Against the formulas in float64 (odd row lengths included: the 16-bit types go two values a
+    32-bit word, an odd last value alone)."""
     ref, v = _data(shape, dtype, layout, seed=1)
     dref, dv = _data(shape, dtype, layout, seed=2)
     n, c, _ = shape
     g = torch.Generator().manual_seed(3)
     center, scale, shift, a, b, k = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6))
-    cast = lambda t: t.to(dtype).double().unsqueeze(2)  # noqa: E731 - the kernels apply the coefficients in x's type
+    arith = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # the coefficients' type there
+    cast = lambda t: t.to(arith).double().unsqueeze(2)  # noqa: E731
 
     y = torch.empty_like(v)
     _kernels.affine(v, y, layout, center, scale, shift)
-    torch.testing.assert_close(_as_ref(y, layout), (ref - cast(center)) * cast(scale) + cast(shift), **_tol(dtype))
+    want_y = (ref - cast(center)) * cast(scale) + cast(shift)
+    torch.testing.assert_close(_as_ref(y, layout), want_y, **_tol(dtype))
+    yi = v.clone()  # in place
+    _kernels.affine(yi, yi, layout, center, scale, shift)
+    torch.testing.assert_close(_as_ref(yi, layout), want_y, **_tol(dtype))
 
     gs, hs = _kernels.reduce(dv, v, layout, center)
-    torch.testing.assert_close(gs, dref.sum(2), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4)
-    torch.testing.assert_close(hs, (dref * (ref - cast(center))).sum(2), rtol=1e-5 if dtype == torch.float32 else 1e-12,
-                               atol=1e-4)
+    sums = dict(rtol=1e-12, atol=1e-4) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)  # (float accumulators)
+    torch.testing.assert_close(gs, dref.sum(2), **sums)
+    torch.testing.assert_close(hs, (dref * (ref - cast(center))).sum(2), **sums)
 
     dx = torch.empty_like(v)
     _kernels.dx(dv, v, dx, layout, center, a, b, k)

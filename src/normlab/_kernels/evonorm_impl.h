@@ -106,6 +106,52 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 
 /* ---- channel-first (N, C, L): one (n, c) row at a time ---- */
 
+/* the input gradient of one value xv (dv: dy, or with kept dy slope(x)) for the map's coefficients
+ * vc, cc, D, E and the gradient's a, b, m and (with_k, a literal) kc */
+#define EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m)                                                  \
+    ((kept ? (a) * (dv) : (a) * (dv) * S(ev_slope)(kind, xv, vc, cc, lim, D, E)) + (b) * ((xv) - (m)))
+#define EV_DX(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m, kc, with_k)                                          \
+    ((with_k) ? EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m) + (kc)                                  \
+              : EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m))
+
+/* one channel-first row of k values: the forward (p into o) and the input gradient (from dy at d,
+ * or with kept from dy slope(x) in o; with_k a literal), with the row's coefficients; the 16-bit
+ * types two values a 32-bit word, as kernels_impl.h's affine_row */
+static inline __attribute__((always_inline)) void S(ev_fwd_row)(const int kind, const T *p, T *o, i64 k, F vc, F cc,
+                                                                F lim, F D, F E, F s, F b) {
+#define MAP(xv) (S(ev_map)(kind, xv, vc, cc, lim, D, E) * s + b)
+#if PAIRED_OUT
+    const nl_pair *pw = (const nl_pair *)p;
+    nl_pair *ow = (nl_pair *)o;
+#pragma omp simd
+    for (i64 j = 0; j < k / 2; j++) ow[j] = ST_PAIR(MAP(LD_LO(pw[j])), MAP(LD_HI(pw[j])));
+    if (k & 1) o[k - 1] = ST(MAP(LD(p[k - 1])));
+#else
+#pragma omp simd
+    for (i64 i = 0; i < k; i++) o[i] = ST(MAP(LD(p[i])));
+#endif
+#undef MAP
+}
+
+static inline __attribute__((always_inline)) void S(ev_dx_row)(const int kind, const int kept, const int with_k,
+                                                               const T *d, const T *p, T *o, i64 k, F vc, F cc, F lim,
+                                                               F D, F E, F a, F b, F m, F kc) {
+    const T *dd = kept ? o : d;
+#define DXV(dv, xv) EV_DX(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m, kc, with_k)
+#if PAIRED_OUT
+    const nl_pair *dw = (const nl_pair *)dd, *pw = (const nl_pair *)p;
+    nl_pair *ow = (nl_pair *)o;
+#pragma omp simd
+    for (i64 j = 0; j < k / 2; j++)
+        ow[j] = ST_PAIR(DXV(LD_LO(dw[j]), LD_LO(pw[j])), DXV(LD_HI(dw[j]), LD_HI(pw[j])));
+    if (k & 1) o[k - 1] = ST(DXV(LD(dd[k - 1]), LD(p[k - 1])));
+#else
+#pragma omp simd
+    for (i64 i = 0; i < k; i++) o[i] = ST(DXV(LD(dd[i]), LD(p[i])));
+#endif
+#undef DXV
+}
+
 int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const double *v, const double *dstd,
                          const double *istd, const double *scale, const double *shift, int nt) {
     EV_LIMIT(lim);
@@ -116,11 +162,7 @@ int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const 
         for (i64 r = 0; r < N * C; r++) {
             const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], s = (F)scale[r],
                     b = (F)shift[r];
-#define LOOP(K)                                                                                                \
-    STREAMED(st, y + r * L, L, {                                                                               \
-        const T *p = x + r * L + i0_;                                                                          \
-        _Pragma("omp simd") for (i64 i = 0; i < k_; i++) o_[i] = ST(S(ev_map)(K, LD(p[i]), vc, cc, lim, D, E) * s + b); \
-    });
+#define LOOP(K) STREAMED(st, y + r * L, L, S(ev_fwd_row)(K, x + r * L + i0_, o_, k_, vc, cc, lim, D, E, s, b));
             EV_SWITCH(kind, LOOP);
 #undef LOOP
         }
@@ -133,25 +175,52 @@ int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const 
 static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, const T *d, const T *p, i64 k, F vc,
                                                                 F cc, F lim, F D, F E, double *acc, T *kp) {
     A a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
-    if (kp) { /* (two loops: no branch inside the vector loop) */
+/* the terms of the values xv, dv into the sums, after KEEP (a statement, which may read dy slope(x) as
+ * (dv) * sl_) */
+#define ADD(xv, dv, KEEP)                                                                                      \
+    {                                                                                                          \
+        EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)                                                              \
+        KEEP;                                                                                                  \
+        a0 += t0, a1 += t1, a2 += t2;                                                                          \
+        if (kind) a3 += t3, a4 += t4; /* (S0: none) */                                                         \
+    }
+    i64 i = 0;
+#if PAIRED_OUT
+    { /* bfloat16: two values a 32-bit word, as kernels_impl.h's affine_row */
+        const nl_pair *dw = (const nl_pair *)d, *pw = (const nl_pair *)p;
+        nl_pair *qw = (nl_pair *)kp;
+        if (kp) { /* (two loops: no branch inside the vector loop) */
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
-        for (i64 i = 0; i < k; i++) {
-            F xv = LD(p[i]), dv = LD(d[i]);
-            EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)
-            kp[i] = ST(dv * sl_);
-            a0 += t0, a1 += t1, a2 += t2;
-            if (kind) a3 += t3, a4 += t4; /* (S0: none) */
+            for (i64 j = 0; j < k / 2; j++) {
+                F lo, hi;
+                ADD(LD_LO(pw[j]), LD_LO(dw[j]), lo = LD_LO(dw[j]) * sl_)
+                ADD(LD_HI(pw[j]), LD_HI(dw[j]), hi = LD_HI(dw[j]) * sl_)
+                qw[j] = ST_PAIR(lo, hi);
+            }
+        } else {
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
+            for (i64 j = 0; j < k / 2; j++) {
+                ADD(LD_LO(pw[j]), LD_LO(dw[j]), (void)sl_)
+                ADD(LD_HI(pw[j]), LD_HI(dw[j]), (void)sl_)
+            }
+        }
+        i = k & ~(i64)1; /* (an odd last value below) */
+    }
+#endif
+    if (kp) {
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
+        for (i64 j = i; j < k; j++) {
+            F xv = LD(p[j]), dv = LD(d[j]);
+            ADD(xv, dv, kp[j] = ST(dv * sl_))
         }
     } else {
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
-        for (i64 i = 0; i < k; i++) {
-            F xv = LD(p[i]), dv = LD(d[i]);
-            EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)
-            (void)sl_;
-            a0 += t0, a1 += t1, a2 += t2;
-            if (kind) a3 += t3, a4 += t4; /* (S0: none) */
+        for (i64 j = i; j < k; j++) {
+            F xv = LD(p[j]), dv = LD(d[j]);
+            ADD(xv, dv, (void)sl_)
         }
     }
+#undef ADD
     acc[0] += a0, acc[1] += a1, acc[2] += a2;
     if (kind) acc[3] += a3, acc[4] += a4;
 }
@@ -187,21 +256,12 @@ int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
             const F vc = (F)v[r % C], cc = (F)EV_COEF(v[r % C]), D = (F)dstd[r], E = (F)istd[r], ar = (F)a[r],
                     br = (F)b[r], mr = (F)m[r], kr = (F)k[r];
             if (kept) { /* dy slope(x), kept in dx by evonorm_red */
-                const T *p = x + r * L;
-                T *o = dx + r * L;
-#pragma omp simd
-                for (i64 i = 0; i < L; i++) o[i] = ST(ar * LD(o[i]) + br * (LD(p[i]) - mr) + kr);
+                S(ev_dx_row)(0, 1, 1, NULL, x + r * L, dx + r * L, L, vc, cc, lim, D, E, ar, br, mr, kr);
                 continue;
             }
 #define LOOP(K)                                                                                                \
-    STREAMED(st, dx + r * L, L, {                                                                              \
-        const T *d = dy + r * L + i0_;                                                                         \
-        const T *p = x + r * L + i0_;                                                                          \
-        _Pragma("omp simd") for (i64 i = 0; i < k_; i++) {                                                     \
-            F xv = LD(p[i]);                                                                                   \
-            o_[i] = ST(ar * LD(d[i]) * S(ev_slope)(K, xv, vc, cc, lim, D, E) + br * (xv - mr) + kr);           \
-        }                                                                                                      \
-    });
+    STREAMED(st, dx + r * L, L,                                                                                \
+             S(ev_dx_row)(K, 0, 1, dy + r * L + i0_, x + r * L + i0_, o_, k_, vc, cc, lim, D, E, ar, br, mr, kr));
             EV_SWITCH(kind, LOOP);
 #undef LOOP
         }
@@ -426,16 +486,15 @@ int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind,
 
 /* rows [0, k) of one sample's channels [0, C) of the input gradient into o: from dy at d
  * (kept 0) or from dy slope(x) already in o (kept 1, the kind unused); the sample's rows of
- * coefficients vr, cr, D, E (of the map), a, b, m, kc (of the gradient; kc NULL: 0, with a
- * literal NULL the term is compiled out) */
+ * coefficients vr, cr, D, E (of the map), a, b, m, kc (of the gradient; kc NULL: none, with a
+ * literal NULL compiled out) */
 static inline __attribute__((always_inline)) void S(ev_dx_run_cl)(const int kind, const int kept, const T *d,
                                                                   const T *p, T *o, i64 k, i64 C, const F *vr,
                                                                   const F *cr, F lim, const F *D, const F *E,
                                                                   const F *a, const F *b, const F *m, const F *kc) {
 /* the gradient of one value xv of channel i (dv: dy, or with kept dy slope(x)), coefficients q */
-#define DX(q, i, dv, xv)                                                                                       \
-    ((kept ? (q##a)[i] * (dv) : (q##a)[i] * (dv) * S(ev_slope)(kind, xv, (q##v)[i], (q##c)[i], lim, (q##D)[i], (q##E)[i])) + \
-     (q##b)[i] * ((xv) - (q##m)[i]) + (kc ? (q##k)[i] : (F)0))
+#define DX(q, i, dv, xv) EV_DX(kind, kept, dv, xv, (q##v)[i], (q##c)[i], lim, (q##D)[i], (q##E)[i], (q##a)[i], (q##b)[i], \
+                               (q##m)[i], kc ? (q##k)[i] : (F)0, kc)
     i64 c0 = 0;
 #if PAIRED_OUT
     for (; c0 + CB <= C; c0 += CB) {
@@ -497,6 +556,8 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
 #include "evos0_impl.h" /* S0 per sample from cache (uses the helpers above) */
 
 #undef EV_TERMS
+#undef EV_DX0
+#undef EV_DX
 #ifdef EV_PAIRS
 #undef EV_PAIRS
 #endif

@@ -35,8 +35,7 @@ int S(nl_evos0_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, i64 G, double eps,
             T *o = y + (n * C + c) * L;
             const F vc = (F)v[c], cc = (F)EV_COEF(v[c]), s = (F)(weight ? weight[c] * rstd : rstd),
                     b = (F)(bias ? bias[c] : 0.0);
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST(S(ev_map)(0, LD(p[i]), vc, cc, lim, 0, 0) * s + b);
+            S(ev_fwd_row)(0, p, o, L, vc, cc, lim, 0, 0, s, b);
         }
     }
     return 0;
@@ -67,8 +66,7 @@ int S(nl_evos0_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
             const T *p = x + (n * C + c) * L;
             T *o = dx + (n * C + c) * L;
             const F a = (F)((weight ? weight[c] : 1.0) * r);
-#pragma omp simd
-            for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(o[i]) + b * (LD(p[i]) - m));
+            S(ev_dx_row)(0, 1, 0, NULL, p, o, L, 0, 0, 0, 0, 0, a, b, m, 0); /* (kept dy f'(x) in o) */
         }
     }
     return 0;

@@ -316,8 +316,11 @@ static inline uint16_t f16_st(float f) {
 #define CB (4 * VEC_BYTES / 4)
 #undef STREAMABLE /* (float32/float64's 1, in their units) */
 #define STREAMABLE 0
-/* channels-last rows read and written as 32-bit words of two values (kernels_impl.h:
- * block_moments2): the low and high halves of a word w, and two values as one word */
+/* rows read (PAIRED) and, in bfloat16, written (PAIRED_OUT) as 32-bit words of two values
+ * (kernels_impl.h: block_moments2 for channels-last rows, affine_row and PAIR_STEP for
+ * channel-first ones): the low and high halves of a word w, and two values as one word. Measured
+ * two threads, (32, 64, 3136) bfloat16 channel-first, over one value a lane: moments 0.72,
+ * sums 0.85-0.93, affine 0.88, input gradient 0.88-0.89; EvoNorm's passes 0.80-0.94. */
 #define PAIRED 1
 typedef uint32_t nl_pair __attribute__((aligned(2), may_alias));
 #define LD_LO(w) LD((uint16_t)((w) & 0xffffu))

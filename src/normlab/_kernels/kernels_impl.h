@@ -48,11 +48,30 @@ static inline A S(lanes_total)(A *acc) {
     return acc[0];
 }
 
+/* The 16-bit types read the LANES values of a step as LANES / 2 32-bit words of two values
+ * (see block_moments2): value 2j of the step in lane j, value 2j + 1 in lane LANES / 2 + j;
+ * PAIR_STEP(i, BODY) runs BODY(lane, value index) over them (the others: value j in lane j). */
+#if PAIRED
+#define PAIR_STEP(i, BODY)                                                                                     \
+    for (int j = 0; j < LANES / 2; j++) {                                                                      \
+        BODY(j, (i) + 2 * j, LO);                                                                              \
+        BODY(LANES / 2 + j, (i) + 2 * j, HI);                                                                  \
+    }
+#define WORD_AT(a, at, half) LD_##half(((const nl_pair *)((a) + (at)))[0])
+#else
+#define PAIR_STEP(i, BODY)                                                                                     \
+    for (int j = 0; j < LANES; j++) {                                                                          \
+        BODY(j, (i) + j, LO);                                                                                  \
+    }
+#define WORD_AT(a, at, half) LD((a)[at])
+#endif
+
 static inline A S(row_sum)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
     i64 i = 0;
-    for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += LD(p[i + j]);
+#define BODY(lane, at, half) acc[lane] += WORD_AT(p, at, half)
+    for (; i + LANES <= k; i += LANES) PAIR_STEP(i, BODY)
+#undef BODY
     for (; i < k; i++) s += LD(p[i]);
     return s + S(lanes_total)(acc);
 }
@@ -61,12 +80,14 @@ static inline A S(row_sum)(const T *p, i64 k) {
 static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
     A ae[LANES] = {0}, aq[LANES] = {0}, se = 0, sq = 0;
     i64 i = 0;
-    for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            A d = LD(p[i + j]) - mu;
-            ae[j] += d;
-            aq[j] += d * d;
-        }
+#define BODY(lane, at, half)                                                                                   \
+    {                                                                                                          \
+        A d = WORD_AT(p, at, half) - mu;                                                                       \
+        ae[lane] += d;                                                                                         \
+        aq[lane] += d * d;                                                                                     \
+    }
+    for (; i + LANES <= k; i += LANES) PAIR_STEP(i, BODY)
+#undef BODY
     for (; i < k; i++) {
         A d = LD(p[i]) - mu;
         se += d;
@@ -80,11 +101,14 @@ static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
 static inline void S(row_dot)(const T *d, const T *p, i64 k, F m, A *g, A *h) {
     A ag[LANES] = {0}, ah[LANES] = {0}, sg = 0, sh = 0;
     i64 i = 0;
-    for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            ag[j] += LD(d[i + j]);
-            ah[j] += LD(d[i + j]) * (LD(p[i + j]) - m);
-        }
+#define BODY(lane, at, half)                                                                                   \
+    {                                                                                                          \
+        A dv = WORD_AT(d, at, half);                                                                           \
+        ag[lane] += dv;                                                                                        \
+        ah[lane] += dv * (WORD_AT(p, at, half) - m);                                                           \
+    }
+    for (; i + LANES <= k; i += LANES) PAIR_STEP(i, BODY)
+#undef BODY
     for (; i < k; i++) {
         sg += LD(d[i]);
         sh += LD(d[i]) * (LD(p[i]) - m);
@@ -160,6 +184,25 @@ static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, co
  * by the generic passes and the per-sample passes from cache; t: the row's threshold (TLU) */
 static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o, i64 L, F m, F s, F b, int act,
                                                                 F sl, F t) {
+#if PAIRED_OUT
+    { /* bfloat16: values 2j and 2j + 1 as one 32-bit word (see block_moments2), an odd last one alone */
+        const nl_pair *pw = (const nl_pair *)p;
+        nl_pair *ow = (nl_pair *)o;
+        const i64 H = L / 2;
+#define AFF(v, K) (K ? S(act_fwd)(((v) - m) * s + b, K, sl, t) : ((v) - m) * s + b)
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 j = 0; j < H; j++) ow[j] = ST_PAIR(AFF(LD_LO(pw[j]), K), AFF(LD_HI(pw[j]), K)); \
+    if (L & 1) o[L - 1] = ST(AFF(LD(p[L - 1]), K));
+        if (act) {
+            ACT_SWITCH(act, LOOP);
+        } else {
+            LOOP(0)
+        }
+#undef LOOP
+#undef AFF
+        return;
+    }
+#endif
     if (act) {
 #define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl, t));
         ACT_SWITCH(act, LOOP);
@@ -172,6 +215,27 @@ static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o
 
 static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T *p, T *o, i64 L, F m, F a, F bc, F k,
                                                             F s, F b, int act, F sl, F t, const T *kp) {
+#if PAIRED_OUT
+    { /* bfloat16 as words of two values, as affine_row */
+        const nl_pair *dw = (const nl_pair *)(kp ? kp : d), *pw = (const nl_pair *)p;
+        nl_pair *ow = (nl_pair *)o;
+        const i64 H = L / 2;
+#define DX(dv, v, K) (K && !kp ? a * S(act_grad)(dv, ((v) - m) * s + b, K, sl, t) + bc * ((v) - m) + k \
+                               : a * (dv) + bc * ((v) - m) + k)
+#define LOOP(K)                                                                                                \
+    _Pragma("omp simd") for (i64 j = 0; j < H; j++)                                                           \
+        ow[j] = ST_PAIR(DX(LD_LO(dw[j]), LD_LO(pw[j]), K), DX(LD_HI(dw[j]), LD_HI(pw[j]), K));               \
+    if (L & 1) o[L - 1] = ST(DX(LD((kp ? kp : d)[L - 1]), LD(p[L - 1]), K));
+        if (act && !kp) {
+            ACT_SWITCH(act, LOOP);
+        } else {
+            LOOP(0)
+        }
+#undef LOOP
+#undef DX
+        return;
+    }
+#endif
     if (kp) { /* dy' kept by the sums pass (kp may be o) */
 #pragma omp simd
         for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(kp[i]) + bc * (LD(p[i]) - m) + k);
