@@ -21,6 +21,18 @@ import time
 import torch
 
 
+def other_library(name: str):
+    """Another kernel library from the kernel cache folder (e.g. another branch's build:
+    ``_build.library_name`` names it), loaded through the same checks as the package's own."""
+    from normlab import _kernels
+    from normlab._kernels import _build
+
+    if not re.fullmatch(r"normlab_kernels_[0-9a-f]{16}\.so", name):
+        raise SystemExit(f"--other: expected a cached library's file name (normlab_kernels_<16 hex>.so), got {name!r}")
+    path = _build.cache_dir()[0] / name  # the checked private cache folder
+    return _build._load(_build._read_checked(path), path, _kernels._declare)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", default="bn+gelu,gn+gelu,rms+gelu,bn+silu,ln+silu")
@@ -33,17 +45,12 @@ def main() -> None:
 
     import normlab
     from normlab import _kernels
-    from normlab._kernels import _build
     from normlab.layers.norm_act import Activation
 
     assert _kernels.available(), _kernels.status()
     libs = {"this": _kernels._lib()}
     if args.other:
-        if not re.fullmatch(r"normlab_kernels_[0-9a-f]{16}\.so", args.other):
-            raise SystemExit(f"--other: expected a cached library's file name (normlab_kernels_<16 hex>.so), got {args.other!r}")
-        folder = _build.cache_dir()[0]  # the checked private cache folder
-        path = folder / args.other
-        libs["other"] = _build._load(_build._read_checked(path), path, _kernels._declare)
+        libs["other"] = other_library(args.other)
     dtype = getattr(torch, args.dtype)
     shape = tuple(int(s) for s in args.shape.split(","))
     g = torch.Generator().manual_seed(0)

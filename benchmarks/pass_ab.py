@@ -1,0 +1,103 @@
+"""A/B timing of the kernels' passes: this checkout's library against another cached build.
+
+    PYTHONPATH=src python3 benchmarks/pass_ab.py --other normlab_kernels_<key>.so \\
+        [--dtype bfloat16] [--layout cl] [--passes moments,affine,evob0_dx] [--threads 2] [--rounds 15]
+
+Each pass runs on the same (N, C, L) data with both libraries, alternating call by call in one
+process (the order flipped every round), and the figure is the median wall time of a round of
+two calls; the last column says whether the two libraries' outputs agree bit for bit (sums may
+differ in their last digits where a change reorders them). The other library is a build in the
+kernel cache folder (``_build.library_name`` names a checkout's; build it by importing normlab
+in that checkout once), loaded through the same checks as the package's own. Shape (32, 64,
+3136) by default: ``normlab bench``'s (32, 64, 56, 56) as the kernels see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from act_ab import other_library
+
+
+def passes(x, dy, out, layout: str) -> dict:
+    """The passes by name: the generic ones and EvoNorm's (B0 and S0), on per-(n, c) coefficients."""
+    from normlab import _kernels
+    from normlab._kernels import evonorm as ev
+
+    n, c = (x.shape[0], x.shape[1]) if layout == "cf" else (x.shape[0], x.shape[2])
+    g = torch.Generator().manual_seed(1)
+    a, b, m, v = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(4))
+    d = torch.rand(1, c, generator=g, dtype=torch.float64) + 0.5
+    e = torch.rand(n, c, generator=g, dtype=torch.float64) + 0.5
+    return {
+        "moments": lambda: _kernels.moments(x, layout),
+        "affine": lambda: _kernels.affine(x, out, layout, m, e, b),
+        "reduce": lambda: _kernels.reduce(dy, x, layout, m),
+        "dx": lambda: _kernels.dx(dy, x, out, layout, m, a, b, e),
+        "evob0_fwd": lambda: ev.evonorm_forward("b0", x, out, layout, v[0], d, e, a, b),
+        "evob0_red": lambda: ev.evonorm_reduce("b0", dy, x, layout, v[0], d, e),
+        "evob0_dx": lambda: ev.evonorm_dx("b0", dy, x, out, layout, v[0], d, e, a, b, m, e),
+        "evos0_fwd": lambda: ev.evonorm_forward("s0", x, out, layout, v[0], None, None, a, b),
+        "evos0_red": lambda: ev.evonorm_reduce("s0", dy, x, layout, v[0], None, None, keep=out),
+        "evos0_sample_fwd": lambda: ev.evos0_forward(x, out, layout, 32 if c % 32 == 0 else 1, 1e-5, v[0], None, None),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--other", required=True, help="file name of another cached kernel library")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layout", default="cf", choices=["cf", "cl"])
+    ap.add_argument("--passes", default="all")
+    ap.add_argument("--shape", default="32,64,3136", help="N,C,L")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from normlab import _kernels
+
+    assert _kernels.available(), _kernels.status()
+    libs = {"this": _kernels._lib(), "other": other_library(args.other)}
+    n, c, length = (int(s) for s in args.shape.split(","))
+    shape = (n, c, length) if args.layout == "cf" else (n, length, c)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(getattr(torch, args.dtype))
+    dy, start = torch.randn(shape, generator=g).to(x.dtype), torch.randn(shape, generator=g).to(x.dtype)
+    out = torch.empty_like(x)
+    table = passes(x, dy, out, args.layout)
+    names = list(table) if args.passes == "all" else args.passes.split(",")
+    try:
+        for name in names:
+            run = table[name]
+            got = {}
+            for k, lib in libs.items():
+                _kernels._state["lib"] = lib
+                out.copy_(start)  # (the kept-gradient passes read out)
+                res = run()
+                res = res if isinstance(res, tuple) else () if res is None else (res,)
+                got[k] = [t.clone() for t in (*res, out)]
+            same = all(torch.equal(p.view(torch.int16) if p.element_size() == 2 else p,
+                                   q.view(torch.int16) if q.element_size() == 2 else q)
+                       for p, q in zip(got["this"], got["other"]))
+            times: dict = {k: [] for k in libs}
+            for r in range(args.rounds):
+                for k in (("this", "other") if r % 2 else ("other", "this")):
+                    _kernels._state["lib"] = libs[k]
+                    run()
+                    t0 = time.perf_counter()
+                    run(), run()
+                    times[k].append((time.perf_counter() - t0) / 2)
+            this, other = (statistics.median(times[k]) * 1e3 for k in ("this", "other"))
+            print(f"{name:17s} {args.dtype} {args.layout}: this {this:.3f} ms, other {other:.3f} ms, "
+                  f"this/other {this / other:.2f}, outputs {'identical' if same else 'differ'}", flush=True)
+    finally:
+        _kernels._state["lib"] = libs["this"]
+
+
+if __name__ == "__main__":
+    main()
