@@ -286,17 +286,14 @@ static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, const d
     return co;
 }
 
-#if PAIRED_OUT
 /* The 16-bit types' channels-last passes take runs of rows within one sample (SAMPLE_RUNS) and
  * read them CB channels at a time as 32-bit words of two channels (kernels_impl.h:
- * block_moments2), the block's coefficients copied once a run into the PAIR_AT layout:
+ * block_moments2), the block's coefficients held once a run in the PAIR_AT layout (to_pairs_n):
  * without the lane-crossing shuffles that widen 16-bit values, the division per row and the
  * row loop's setup over C. Measured bfloat16 (32, 3136, 64), two threads, over the row-by-row
  * loops (which took 1.3-1.4x their channel-first passes): forward B0 0.62, S0 0.77; sums B0
  * 0.82, S0 0.90; input gradient B0 0.78, S0 (kept) 0.63-0.70; S0 per sample 0.84-0.90.
  * float32 keeps plain rows (held coefficients measured slower there), now in the same runs. */
-#define EV_PAIRS(dst, src, n) for (int q_ = 0; q_ < (n); q_++) S(to_pairs)((dst)[q_], (src)[q_])
-#endif
 
 /* rows [0, k) of one sample's channels [0, C) of the forward, x at p into o; vr, cr, D, E, s, b
  * the sample's coefficient rows */
@@ -309,7 +306,7 @@ static inline __attribute__((always_inline)) void S(ev_fwd_run_cl)(const int kin
         const i64 H = CB / 2;
         F cf[6][CB]; /* v, EV_COEF(v), scale, shift, D, E (S0: no D, E) */
         const F *src[6] = {vr + c0, cr + c0, s + c0, b + c0, D + c0, E + c0};
-        EV_PAIRS(cf, src, kind ? 6 : 4);
+        S(to_pairs_n)(cf, src, kind ? 6 : 4);
 #define MAP(xv, i) (S(ev_map)(kind, xv, cf[0][i], cf[1][i], lim, kind ? cf[4][i] : 0, kind ? cf[5][i] : 0) * cf[2][i] + cf[3][i])
         for (i64 l = 0; l < k; l++) {
             const nl_pair *pw = (const nl_pair *)(p + l * C + c0);
@@ -432,7 +429,7 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
         F cf[4][CB];
         A sums[5 * CB];
         const F *src[4] = {vr, cr, D, E};
-        EV_PAIRS(cf, src, kind ? 4 : 2);
+        S(to_pairs_n)(cf, src, kind ? 4 : 2);
         S(ev_block_red2)(kind, d0, p0, k, C, cf[0], cf[1], lim, cf[kind ? 2 : 0], cf[kind ? 3 : 0], sums, kp);
         for (int j = 0; j < 5; j++)
             for (i64 c = 0; c < CB; c++) acc[j * CB + c] = sums[j * CB + PAIR_AT(c)];
@@ -501,7 +498,7 @@ static inline __attribute__((always_inline)) void S(ev_dx_run_cl)(const int kind
         const i64 H = CB / 2;
         F cf[8][CB]; /* a, b, m, kc, then (without kept) v, EV_COEF(v), D, E (S0: no D, E) */
         const F *src[8] = {a + c0, b + c0, m + c0, kc ? kc + c0 : a + c0, vr + c0, cr + c0, D + c0, E + c0};
-        EV_PAIRS(cf, src, kept ? 4 : kind ? 8 : 6);
+        S(to_pairs_n)(cf, src, kept ? 4 : kind ? 8 : 6);
         const F *pa = cf[0], *pb = cf[1], *pm = cf[2], *pk = cf[3], *pv = cf[4], *pc = cf[5],
                 *pD = cf[kind ? 6 : 4], *pE = cf[kind ? 7 : 4];
         for (i64 l = 0; l < k; l++) {
@@ -558,6 +555,3 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
 #undef EV_TERMS
 #undef EV_DX0
 #undef EV_DX
-#ifdef EV_PAIRS
-#undef EV_PAIRS
-#endif

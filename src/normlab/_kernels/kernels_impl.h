@@ -184,73 +184,47 @@ static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, co
  * by the generic passes and the per-sample passes from cache; t: the row's threshold (TLU) */
 static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o, i64 L, F m, F s, F b, int act,
                                                                 F sl, F t) {
-#if PAIRED_OUT
-    { /* bfloat16: values 2j and 2j + 1 as one 32-bit word (see block_moments2), an odd last one alone */
-        const nl_pair *pw = (const nl_pair *)p;
-        nl_pair *ow = (nl_pair *)o;
-        const i64 H = L / 2;
 #define AFF(v, K) (K ? S(act_fwd)(((v) - m) * s + b, K, sl, t) : ((v) - m) * s + b)
+#if PAIRED_OUT /* bfloat16: values 2j and 2j + 1 as one 32-bit word (see block_moments2), an odd last one alone */
+    const nl_pair *pw = (const nl_pair *)p;
+    nl_pair *ow = (nl_pair *)o;
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 j = 0; j < H; j++) ow[j] = ST_PAIR(AFF(LD_LO(pw[j]), K), AFF(LD_HI(pw[j]), K)); \
+    _Pragma("omp simd") for (i64 j = 0; j < L / 2; j++) ow[j] = ST_PAIR(AFF(LD_LO(pw[j]), K), AFF(LD_HI(pw[j]), K)); \
     if (L & 1) o[L - 1] = ST(AFF(LD(p[L - 1]), K));
-        if (act) {
-            ACT_SWITCH(act, LOOP);
-        } else {
-            LOOP(0)
-        }
-#undef LOOP
-#undef AFF
-        return;
-    }
+#else
+#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(AFF(LD(p[i]), K));
 #endif
     if (act) {
-#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(S(act_fwd)((LD(p[i]) - m) * s + b, K, sl, t));
         ACT_SWITCH(act, LOOP);
-#undef LOOP
     } else {
-#pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ST((LD(p[i]) - m) * s + b);
+        LOOP(0)
     }
+#undef LOOP
+#undef AFF
 }
 
 static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T *p, T *o, i64 L, F m, F a, F bc, F k,
                                                             F s, F b, int act, F sl, F t, const T *kp) {
-#if PAIRED_OUT
-    { /* bfloat16 as words of two values, as affine_row */
-        const nl_pair *dw = (const nl_pair *)(kp ? kp : d), *pw = (const nl_pair *)p;
-        nl_pair *ow = (nl_pair *)o;
-        const i64 H = L / 2;
-#define DX(dv, v, K) (K && !kp ? a * S(act_grad)(dv, ((v) - m) * s + b, K, sl, t) + bc * ((v) - m) + k \
-                               : a * (dv) + bc * ((v) - m) + k)
+    const T *dd = kp ? kp : d; /* dy' kept by the sums pass (kp may be o), or dy */
+#define DX(dv, v, K) (K ? a * S(act_grad)(dv, ((v) - m) * s + b, K, sl, t) + bc * ((v) - m) + k \
+                        : a * (dv) + bc * ((v) - m) + k)
+#if PAIRED_OUT /* bfloat16 as words of two values, as affine_row */
+    const nl_pair *dw = (const nl_pair *)dd, *pw = (const nl_pair *)p;
+    nl_pair *ow = (nl_pair *)o;
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 j = 0; j < H; j++)                                                           \
+    _Pragma("omp simd") for (i64 j = 0; j < L / 2; j++)                                                       \
         ow[j] = ST_PAIR(DX(LD_LO(dw[j]), LD_LO(pw[j]), K), DX(LD_HI(dw[j]), LD_HI(pw[j]), K));               \
-    if (L & 1) o[L - 1] = ST(DX(LD((kp ? kp : d)[L - 1]), LD(p[L - 1]), K));
-        if (act && !kp) {
-            ACT_SWITCH(act, LOOP);
-        } else {
-            LOOP(0)
-        }
+    if (L & 1) o[L - 1] = ST(DX(LD(dd[L - 1]), LD(p[L - 1]), K));
+#else
+#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(DX(LD(dd[i]), LD(p[i]), K));
+#endif
+    if (act && !kp) {
+        ACT_SWITCH(act, LOOP);
+    } else {
+        LOOP(0)
+    }
 #undef LOOP
 #undef DX
-        return;
-    }
-#endif
-    if (kp) { /* dy' kept by the sums pass (kp may be o) */
-#pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(kp[i]) + bc * (LD(p[i]) - m) + k);
-    } else if (act) {
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 i = 0; i < L; i++) {                                                          \
-        F xc = LD(p[i]) - m;                                                                                   \
-        o[i] = ST(a * S(act_grad)(LD(d[i]), xc * s + b, K, sl, t) + bc * xc + k);                              \
-    }
-        ACT_SWITCH(act, LOOP);
-#undef LOOP
-    } else {
-#pragma omp simd
-        for (i64 i = 0; i < L; i++) o[i] = ST(a * LD(d[i]) + bc * (LD(p[i]) - m) + k);
-    }
 }
 
 /* sum dy' and sum dy' (p - m) of one channel-first row, dy' as in dx_row, and (*se) the
@@ -569,6 +543,12 @@ static inline __attribute__((always_inline)) void S(to_pairs)(F *dst, const F *s
         dst[CB / 2 + j] = src[2 * j + 1];
     }
 }
+
+/* the same for n rows: src[q] into dst[q], q < n */
+static inline __attribute__((always_inline)) void S(to_pairs_n)(F (*dst)[CB], const F *const *src, int n) {
+    for (int q = 0; q < n; q++) S(to_pairs)(dst[q], src[q]);
+}
+
 
 /* block_sums of CB channels as pairs: its coefficients into the pair layout, the sums back */
 static inline __attribute__((always_inline)) void S(block_sums2)(const T *d0, const T *p0, i64 k, i64 C,
