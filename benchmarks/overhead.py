@@ -1,0 +1,141 @@
+"""The engine's time per training step outside its kernels, by input size.
+
+    PYTHONPATH=src python3 benchmarks/overhead.py [--norms bn,sn,evob0] [--channels-last] \\
+        [--dtype float32] [--sizes 2,7,14,28,56] [--rounds 21]
+
+A norm on the engine is, per forward+backward, four passes over the data in C (the kernel
+calls) and, between them, small float64 math in torch: the description's merge and adjoint,
+the running statistics, packing the coefficients, autograd. For each norm (forced onto the
+engine) and each spatial size (input (32, 64, S, S)) this times the whole step and the calls
+into the kernel library within it (timed at the ctypes boundary), and prints the rest and the
+number of torch operations a step makes. The allocator is kept steady (``normlab.bench``'s
+``steady_malloc``), so that no page faults land in either share.
+
+The last lines time one fixed sequence of small torch operations with nothing before it and
+right after a pass over an input-sized tensor: after a pass the same operations take longer
+(the pass evicted their code and data from the caches), which is why the rest grows with the
+input although the small math does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _Timed:
+    """A kernel library whose functions add their wall time to ``total`` (attributes such as
+    ``argtypes`` go to the real function)."""
+
+    def __init__(self, lib) -> None:
+        object.__setattr__(self, "lib", lib)
+        object.__setattr__(self, "total", 0.0)
+
+    def __getattr__(self, name: str):
+        return _TimedFn(self, getattr(self.lib, name))
+
+
+class _TimedFn:
+    def __init__(self, owner: _Timed, fn) -> None:
+        object.__setattr__(self, "owner", owner)
+        object.__setattr__(self, "fn", fn)
+
+    def __getattr__(self, name: str):
+        return getattr(self.fn, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.fn, name, value)
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            object.__setattr__(self.owner, "total", self.owner.total + time.perf_counter() - t0)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _small_ops(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A fixed handful of the small float64 operations a description makes."""
+    m = (a * b + a).rsqrt_().reshape(1, -1)
+    (m.detach().to(torch.float32) * 2).sum()
+    torch.cat([a, b]).mean()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--norms", default="bn,sn,bin,evob0")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--sizes", default="2,7,14,28,56", help="spatial sizes S of a (32, 64, S, S) input")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=21)
+    args = ap.parse_args()
+
+    import normlab
+    from normlab import _kernels
+    from normlab.bench import steady_malloc
+    from normlab.engine import fast_path
+
+    torch.set_num_threads(args.threads)
+    steady_malloc()
+    if _kernels._lib() is None:
+        raise SystemExit(f"the kernels are not loaded: {_kernels._state['reason']}")
+    timed = _Timed(_kernels._state["lib"])
+    dtype = getattr(torch, args.dtype)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(f"{'norm':8s} {'S':>3s} {'step ms':>8s} {'kernels':>8s} {'rest':>7s} {'ops':>5s}")
+    try:
+        _kernels._state["lib"] = timed
+        for name in args.norms.split(","):
+            for s in (int(v) for v in args.sizes.split(",")):
+                layer = normlab.make_norm(name, 64).to(dtype)
+                x = torch.randn(32, 64, s, s).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+                dy = torch.randn_like(x)
+                steps, kernels = [], []
+                with fast_path(True):
+                    for r in range(args.rounds + 2):
+                        x.grad = None
+                        object.__setattr__(timed, "total", 0.0)
+                        t0 = time.perf_counter()
+                        layer(x).backward(dy)
+                        if r >= 2:  # (two warm-up steps)
+                            steps.append(time.perf_counter() - t0)
+                            kernels.append(timed.total)
+                    count = _Count()
+                    with count:
+                        layer(x).backward(dy)
+                step, kern = statistics.median(steps) * 1e3, statistics.median(kernels) * 1e3
+                print(f"{name:8s} {s:3d} {step:8.3f} {kern:8.3f} {step - kern:7.3f} {count.ops:5d}", flush=True)
+    finally:
+        _kernels._state["lib"] = timed.lib
+
+    a, b = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    big = torch.randn(32, 64, 56, 56).contiguous(memory_format=fmt)
+    after = {"nothing": lambda: None, "a pass over (32, 64, 56, 56)": lambda: big.sum()}
+    times: dict = {k: [] for k in after}
+    for r in range(args.rounds * 3):
+        for k, before in after.items():
+            before()
+            t0 = time.perf_counter()
+            _small_ops(a, b)
+            times[k].append(time.perf_counter() - t0)
+    for k, v in times.items():
+        print(f"the same small torch ops after {k}: {statistics.median(v) * 1e6:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
