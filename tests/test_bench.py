@@ -45,6 +45,32 @@ def test_layer_table_has_a_legend_and_spreads(tmp_path, capsys):
     assert data["dtype"] == "bfloat16" and data["copy_spread"] >= 0 and data["baseline_spread"] >= 0
 
 
+def test_layer_intervals_pair_each_round(monkeypatch):
+    """The /BN 95% interval is of the per-round ratios: a machine that slows down round by round
+    (both layers alike) leaves bn's ratio to torch's BatchNorm2d exactly 2 in every round."""
+    import normlab.bench as bench
+
+    real_step, calls = bench._step, {"k": 0}
+
+    def named_step(case, kind):
+        step = real_step(case, kind)
+        return lambda: (step(), case.name)[1]
+
+    def drifting_time(f):
+        got = f()
+        k, calls["k"] = calls["k"], calls["k"] + 1
+        drift = 1.0 + k // 7  # a round: the copy, then two layers x (fwd, fwd+bwd, eval)
+        return {"bn": 2.0, "BatchNorm2d": 1.0}.get(got, 1.0) * drift if isinstance(got, str) else drift
+
+    monkeypatch.setattr(bench, "_step", named_step)
+    monkeypatch.setattr(bench, "_time", drifting_time)
+    result = bench.run_bench((2, 4, 3, 3), norms=["bn"], threads=1, repeats=5, warmup=1)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["bn"]["ratio_to_native_bn_interval"] == (2.0, 2.0)
+    assert rows["bn"]["ratio_to_native_bn"] == pytest.approx(2.0)
+    assert rows["BatchNorm2d"]["ratio_to_native_bn_interval"] is None  # (the baseline itself)
+
+
 def test_loaded_warning_names_the_baseline():
     assert loaded_warning({"copy": 0.1}) is None
     w = loaded_warning({"copy": 0.1, "torch BatchNorm": LOADED_SPREAD + 0.2})

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BenchRow", "DEFAULT_NORMS", "run_bench", "saved_bytes", "split_act"]
+__all__ = ["BenchRow", "DEFAULT_NORMS", "paired_ratio_interval", "run_bench", "saved_bytes", "split_act"]
 
 # evos0 with gn's 32 groups (timm's default), so the two group-statistics rows compare alike
 DEFAULT_NORMS = ("bn", "ln", "in", "gn", "rms", "mobn", "brn", "bin", "sn", "on", "lnc", "rmsc",
@@ -92,6 +92,10 @@ class BenchRow:
     compile_s: float | None = None
     ratio_to_contiguous: float | None = None
     page_faults_per_step: float = math.nan
+    # bootstrap intervals (95%) of the median of the per-round ratios to torch's BatchNorm and
+    # to the counterpart (every round times each layer once): what this run can tell apart
+    ratio_to_native_bn_interval: tuple[float, float] | None = None
+    ratio_to_counterpart_interval: tuple[float, float] | None = None
     note: str = ""
 
 
@@ -351,12 +355,17 @@ def run_bench(
     bn_native = next((r for r in rows if r.native and r.name.startswith("BatchNorm")), None)
     bn_case = next((k for k in cases if k.native and k.name.startswith("BatchNorm")), None)
     by_name = {r.name: r for r in rows}
+    case_of = {k.name: k for k in cases}
     for r in rows:
-        if bn_native is not None:
+        fb = case_of[r.name].times["fb"]
+        if bn_native is not None and bn_case is not None:
             r.ratio_to_native_bn = r.train_fwd_bwd_ms / bn_native.train_fwd_bwd_ms
+            if r is not bn_native:
+                r.ratio_to_native_bn_interval = paired_ratio_interval(fb, bn_case.times["fb"])
         r.memory_limit_fraction = limit_ms / r.train_fwd_bwd_ms
         if r.counterpart and r.counterpart in by_name:
             r.ratio_to_counterpart = r.train_fwd_bwd_ms / by_name[r.counterpart].train_fwd_bwd_ms
+            r.ratio_to_counterpart_interval = paired_ratio_interval(fb, case_of[r.counterpart].times["fb"])
     for case in cases:
         if case.layout_of in by_name:
             by_name[case.name].ratio_to_contiguous = (by_name[case.name].train_fwd_bwd_ms
@@ -380,6 +389,23 @@ def run_bench(
         "rows": [asdict(r) for r in rows],
         "skipped": skipped,
     }
+
+
+def paired_ratio_interval(ours: list[float], theirs: list[float], level: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval (percentile, fixed seed) of the median of the per-round ratios
+    ``ours[r] / theirs[r]``: the two steps of a round ran back to back, so a slow moment of the
+    machine slows both and drops out of their ratio. An interval that holds 1.0 means the run
+    cannot tell the two apart."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    if len(ratios) < 2:
+        r = ratios[0] if ratios else float("nan")
+        return r, r
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=gen)
+    medians = torch.tensor(ratios, dtype=torch.float64)[picks].median(dim=1).values
+    tail = (1.0 - level) / 2
+    return float(medians.quantile(tail)), float(medians.quantile(1.0 - tail))
 
 
 def _spread(times: list[float]) -> float:

@@ -22,8 +22,10 @@ forward (no grad); /native BN = fwd+bwd over torch's BatchNorm of the same dtype
 over torch's own version of the same layer; limit frac = the memory limit (8 input-sized reads and writes at
 the measured copy speed) over fwd+bwd (1.0 = at the limit); saved (T) = bytes saved for backward in
 input-sized tensors; best f+b ms = the fastest round; faults/step = minor page faults of one fwd+bwd;
-/contiguous = channels-last time over the same layer's time on the contiguous copy. Medians of alternating
-rounds (ABBA) in one process. lnc, rmsc, dyt, derf run on the channel-last copy (N, *spatial, C). dyt and
+/contiguous = channels-last time over the same layer's time on the contiguous copy; /BN 95%, /cp 95% = a
+bootstrap interval of the median of the per-round fwd+bwd ratios to torch's BatchNorm and to the counterpart
+(every round times each layer once; an interval that holds 1.00 means this run cannot tell the two apart).
+Medians of alternating rounds (ABBA) in one process. lnc, rmsc, dyt, derf run on the channel-last copy (N, *spatial, C). dyt and
 derf (element-wise) have torch tanh as counterpart: torch.tanh forward+backward on the same tensor (goal:
 /counterpart <= 1.5). NORM+ACT rows (bn+relu) are make_norm(NORM, C, act=ACT), their counterpart the row
 "NORM then ACT": the same normlab norm followed by torch's activation (goal: /counterpart <= 0.8); "torch
@@ -161,6 +163,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(bounds: Any) -> str:
+    return "-" if not bounds else f"{bounds[0]:.2f}-{bounds[1]:.2f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result of :func:`normlab.bench.run_bench` as a plain-text table."""
     head = (f"torch {result['torch']}, {result['threads']} threads, shape {tuple(result['shape'])} "
@@ -168,8 +174,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"copy {result['copy_ms']:.2f} ms ({result['copy_GBps']:.0f} GB/s), "
             f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds; "
             f"allocator {result.get('allocator', 'default')}; {result.get('kernels', '')}")
-    cols = ("layer", "fwd ms", "fwd+bwd ms", "eval ms", "/native BN", "/counterpart", "limit frac", "saved (T)",
-            "best f+b ms", "faults/step")
+    cols = ("layer", "fwd ms", "fwd+bwd ms", "eval ms", "/native BN", "/BN 95%", "/counterpart", "/cp 95%",
+            "limit frac", "saved (T)", "best f+b ms", "faults/step")
     if any(r.get("ratio_to_contiguous") is not None for r in result["rows"]):
         cols += ("/contiguous",)
     if any(r.get("goal") is not None for r in result["rows"]):
@@ -180,7 +186,9 @@ def format_table(result: dict[str, Any]) -> str:
         name = ("torch " if r["native"] else "") + r["name"]
         cp = f"{r['ratio_to_counterpart']:.2f}" if r.get("ratio_to_counterpart") is not None else "-"
         cells = (f"{r['train_fwd_ms']:.2f}", f"{r['train_fwd_bwd_ms']:.2f}", f"{r['eval_fwd_ms']:.2f}",
-                 f"{r['ratio_to_native_bn']:.2f}", cp, f"{r['memory_limit_fraction']:.2f}", f"{r['saved_T']:.2f}",
+                 f"{r['ratio_to_native_bn']:.2f}", _interval(r.get("ratio_to_native_bn_interval")), cp,
+                 _interval(r.get("ratio_to_counterpart_interval")), f"{r['memory_limit_fraction']:.2f}",
+                 f"{r['saved_T']:.2f}",
                  f"{r.get('train_fwd_bwd_best_ms', math.nan):.2f}", f"{r.get('page_faults_per_step', math.nan):.0f}")
         if "/contiguous" in cols:
             rc = r.get("ratio_to_contiguous")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import _spread
+from .bench import _spread, paired_ratio_interval
 
 __all__ = ["MODELS", "SMALL_CASES", "build_model", "paired_ratio_interval", "run_models", "run_small"]
 
@@ -102,23 +102,6 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
         opt.step()
 
     return step
-
-
-def paired_ratio_interval(ours: list[float], theirs: list[float], level: float = 0.95,
-                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """A bootstrap interval (percentile, fixed seed) of the median of the per-round ratios
-    ``ours[r] / theirs[r]``: the two steps of a round ran back to back, so a slow moment of the
-    machine slows both and drops out of their ratio. An interval that holds 1.0 means the run
-    cannot tell the two apart."""
-    ratios = [a / b for a, b in zip(ours, theirs)]
-    if len(ratios) < 2:
-        r = ratios[0] if ratios else float("nan")
-        return r, r
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=gen)
-    medians = torch.tensor(ratios, dtype=torch.float64)[picks].median(dim=1).values
-    tail = (1.0 - level) / 2
-    return float(medians.quantile(tail)), float(medians.quantile(1.0 - tail))
 
 
 def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (8, 32),
