@@ -1,11 +1,13 @@
 """A/B timing of the kernels' passes: this checkout's library against another cached build.
 
     PYTHONPATH=src python3 benchmarks/pass_ab.py --other normlab_kernels_<key>.so \\
-        [--dtype bfloat16] [--layout cl] [--passes moments,affine,evob0_dx] [--threads 2] [--rounds 15]
+        [--dtype bfloat16] [--layout cl] [--passes moments,affine,evob0_dx] [--threads 2] [--rounds 15] [--cold]
 
 Each pass runs on the same (N, C, L) data with both libraries, alternating call by call in one
 process (the order flipped every round), and the figure is the median wall time of a round of
-two calls; the last column says whether the two libraries' outputs agree bit for bit (sums may
+two calls; with ``--cold``, of one call after a 64 MB write evicted the caches, as a pass inside
+a layer's step finds them (without it the re-run finds part of its data in the last-level
+cache). The last column says whether the two libraries' outputs agree bit for bit (sums may
 differ in their last digits where a change reorders them). The other library is a build in the
 kernel cache folder (``_build.library_name`` names a checkout's; build it by importing normlab
 in that checkout once), loaded through the same checks as the package's own. Shape (32, 64,
@@ -56,6 +58,9 @@ def main() -> None:
     ap.add_argument("--shape", default="32,64,3136", help="N,C,L")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the caches (write 64 MB) before each timed call, as a pass in a layer's step finds "
+                         "them; default: the pass re-runs on the same data, which the last-level cache partly keeps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,6 +74,7 @@ def main() -> None:
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(getattr(torch, args.dtype))
     dy, start = torch.randn(shape, generator=g).to(x.dtype), torch.randn(shape, generator=g).to(x.dtype)
     out = torch.empty_like(x)
+    flush = torch.empty(64 << 20, dtype=torch.uint8) if args.cold else None  # (twice the 32 MB L3 here)
     table = passes(x, dy, out, args.layout)
     names = list(table) if args.passes == "all" else args.passes.split(",")
     try:
@@ -89,9 +95,15 @@ def main() -> None:
                 for k in (("this", "other") if r % 2 else ("other", "this")):
                     _kernels._state["lib"] = libs[k]
                     run()
-                    t0 = time.perf_counter()
-                    run(), run()
-                    times[k].append((time.perf_counter() - t0) / 2)
+                    if args.cold:
+                        flush.fill_(r & 0xFF)
+                        t0 = time.perf_counter()
+                        run()
+                        times[k].append(time.perf_counter() - t0)
+                    else:
+                        t0 = time.perf_counter()
+                        run(), run()
+                        times[k].append((time.perf_counter() - t0) / 2)
             this, other = (statistics.median(times[k]) * 1e3 for k in ("this", "other"))
             print(f"{name:17s} {args.dtype} {args.layout}: this {this:.3f} ms, other {other:.3f} ms, "
                   f"this/other {this / other:.2f}, outputs {'identical' if same else 'differ'}", flush=True)
