@@ -40,13 +40,23 @@ CHECK = """
 """
 
 
+# The cases build the library (once, or again after a refusal) at -O0: what they test is the
+# cache's handling, the same at any optimization level, and a build then takes seconds instead of
+# 30-40 (the builds with the real flags are tests/test_kernels.py's). The flags are part of the
+# library's cache key, so these builds never meet the real ones.
+UNOPTIMIZED = """
+    from normlab._kernels import _build
+    _build._FLAGS = [f for f in _build._FLAGS if f != "-O3"] + ["-O0"]
+"""
+
+
 def _run(tmp_path: Path, cache: Path, code: str = CHECK, **extra: str) -> subprocess.CompletedProcess:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {**os.environ, "NORMLAB_CACHE": str(cache), "HOME": str(home), "TMPDIR": str(_private_tmp(tmp_path)),
            **extra}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(UNOPTIMIZED) + textwrap.dedent(code)],
+                          capture_output=True, text=True, env=env, timeout=300)
 
 
 def _private_tmp(tmp_path: Path) -> Path:
