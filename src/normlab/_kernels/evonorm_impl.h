@@ -115,40 +115,20 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
               : EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m))
 
 /* one channel-first row of k values: the forward (p into o) and the input gradient (from dy at d,
- * or with kept from dy slope(x) in o; with_k a literal), with the row's coefficients; the 16-bit
- * types two values a 32-bit word, as kernels_impl.h's affine_row */
+ * or with kept from dy slope(x) in o; with_k a literal), with the row's coefficients (kernels_impl.h's
+ * ROW_OUT: bfloat16 two values a 32-bit word) */
 static inline __attribute__((always_inline)) void S(ev_fwd_row)(const int kind, const T *p, T *o, i64 k, F vc, F cc,
                                                                 F lim, F D, F E, F s, F b) {
-#define MAP(xv) (S(ev_map)(kind, xv, vc, cc, lim, D, E) * s + b)
-#if PAIRED_OUT
-    const nl_pair *pw = (const nl_pair *)p;
-    nl_pair *ow = (nl_pair *)o;
-#pragma omp simd
-    for (i64 j = 0; j < k / 2; j++) ow[j] = ST_PAIR(MAP(LD_LO(pw[j])), MAP(LD_HI(pw[j])));
-    if (k & 1) o[k - 1] = ST(MAP(LD(p[k - 1])));
-#else
-#pragma omp simd
-    for (i64 i = 0; i < k; i++) o[i] = ST(MAP(LD(p[i])));
-#endif
+#define MAP(_, xv, X) (S(ev_map)(kind, xv, vc, cc, lim, D, E) * s + b)
+    ROW_OUT(o, p, p, k, MAP, 0);
 #undef MAP
 }
 
 static inline __attribute__((always_inline)) void S(ev_dx_row)(const int kind, const int kept, const int with_k,
                                                                const T *d, const T *p, T *o, i64 k, F vc, F cc, F lim,
                                                                F D, F E, F a, F b, F m, F kc) {
-    const T *dd = kept ? o : d;
-#define DXV(dv, xv) EV_DX(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m, kc, with_k)
-#if PAIRED_OUT
-    const nl_pair *dw = (const nl_pair *)dd, *pw = (const nl_pair *)p;
-    nl_pair *ow = (nl_pair *)o;
-#pragma omp simd
-    for (i64 j = 0; j < k / 2; j++)
-        ow[j] = ST_PAIR(DXV(LD_LO(dw[j]), LD_LO(pw[j])), DXV(LD_HI(dw[j]), LD_HI(pw[j])));
-    if (k & 1) o[k - 1] = ST(DXV(LD(dd[k - 1]), LD(p[k - 1])));
-#else
-#pragma omp simd
-    for (i64 i = 0; i < k; i++) o[i] = ST(DXV(LD(dd[i]), LD(p[i])));
-#endif
+#define DXV(dv, xv, X) EV_DX(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m, kc, with_k)
+    ROW_OUT(o, kept ? o : d, p, k, DXV, 0);
 #undef DXV
 }
 

@@ -66,6 +66,27 @@ static inline A S(lanes_total)(A *acc) {
 #define WORD_AT(a, at, half) LD((a)[at])
 #endif
 
+/* One output row of k values, o[i] = MAP(dv, pv, X) rounded to T with dv = d[i], pv = p[i] as F (MAP
+ * a macro; one of p alone passes p as d and ignores dv; X is passed through, e.g. an activation
+ * code as a literal): bfloat16 (PAIRED_OUT) reads and writes 32-bit words of two values (see
+ * block_moments2), an odd last value alone. Used by every channel-first output pass. */
+#if PAIRED_OUT
+#define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
+    do {                                                                                                       \
+        const nl_pair *dw_ = (const nl_pair *)(d), *pw_ = (const nl_pair *)(p);                                \
+        nl_pair *ow_ = (nl_pair *)(o);                                                                         \
+        (void)dw_; /* (a map of p alone does not read it) */                                                   \
+        _Pragma("omp simd") for (i64 j_ = 0; j_ < (k) / 2; j_++) ow_[j_] =                                     \
+            ST_PAIR(MAP(LD_LO(dw_[j_]), LD_LO(pw_[j_]), X), MAP(LD_HI(dw_[j_]), LD_HI(pw_[j_]), X));           \
+        if ((k) & 1) (o)[(k) - 1] = ST(MAP(LD((d)[(k) - 1]), LD((p)[(k) - 1]), X));                            \
+    } while (0)
+#else
+#define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
+    do {                                                                                                       \
+        _Pragma("omp simd") for (i64 i_ = 0; i_ < (k); i_++) (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), X));   \
+    } while (0)
+#endif
+
 static inline A S(row_sum)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
     i64 i = 0;
@@ -184,16 +205,8 @@ static inline __attribute__((always_inline)) void S(row_sums_act)(const T *d, co
  * by the generic passes and the per-sample passes from cache; t: the row's threshold (TLU) */
 static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o, i64 L, F m, F s, F b, int act,
                                                                 F sl, F t) {
-#define AFF(v, K) (K ? S(act_fwd)(((v) - m) * s + b, K, sl, t) : ((v) - m) * s + b)
-#if PAIRED_OUT /* bfloat16: values 2j and 2j + 1 as one 32-bit word (see block_moments2), an odd last one alone */
-    const nl_pair *pw = (const nl_pair *)p;
-    nl_pair *ow = (nl_pair *)o;
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 j = 0; j < L / 2; j++) ow[j] = ST_PAIR(AFF(LD_LO(pw[j]), K), AFF(LD_HI(pw[j]), K)); \
-    if (L & 1) o[L - 1] = ST(AFF(LD(p[L - 1]), K));
-#else
-#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(AFF(LD(p[i]), K));
-#endif
+#define AFF(_, v, K) (K ? S(act_fwd)(((v) - m) * s + b, K, sl, t) : ((v) - m) * s + b)
+#define LOOP(K) ROW_OUT(o, p, p, L, AFF, K);
     if (act) {
         ACT_SWITCH(act, LOOP);
     } else {
@@ -208,16 +221,7 @@ static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T 
     const T *dd = kp ? kp : d; /* dy' kept by the sums pass (kp may be o), or dy */
 #define DX(dv, v, K) (K ? a * S(act_grad)(dv, ((v) - m) * s + b, K, sl, t) + bc * ((v) - m) + k \
                         : a * (dv) + bc * ((v) - m) + k)
-#if PAIRED_OUT /* bfloat16 as words of two values, as affine_row */
-    const nl_pair *dw = (const nl_pair *)dd, *pw = (const nl_pair *)p;
-    nl_pair *ow = (nl_pair *)o;
-#define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 j = 0; j < L / 2; j++)                                                       \
-        ow[j] = ST_PAIR(DX(LD_LO(dw[j]), LD_LO(pw[j]), K), DX(LD_HI(dw[j]), LD_HI(pw[j]), K));               \
-    if (L & 1) o[L - 1] = ST(DX(LD(dd[L - 1]), LD(p[L - 1]), K));
-#else
-#define LOOP(K) _Pragma("omp simd") for (i64 i = 0; i < L; i++) o[i] = ST(DX(LD(dd[i]), LD(p[i]), K));
-#endif
+#define LOOP(K) ROW_OUT(o, dd, p, L, DX, K);
     if (act && !kp) {
         ACT_SWITCH(act, LOOP);
     } else {
