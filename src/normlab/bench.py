@@ -352,16 +352,16 @@ def run_bench(
         rows.append(BenchRow(case.name, case.native, med["fwd"], med["fb"], med["eval"], sb, sb / nbytes,
                              train_fwd_bwd_best_ms=min(case.times["fb"]), counterpart=case.counterpart, goal=case.goal,
                              compile_s=case.compile_s, page_faults_per_step=statistics.median(case.faults)))
-    bn_native = next((r for r in rows if r.native and r.name.startswith("BatchNorm")), None)
     bn_case = next((k for k in cases if k.native and k.name.startswith("BatchNorm")), None)
     by_name = {r.name: r for r in rows}
     case_of = {k.name: k for k in cases}
+    bn_native = by_name[bn_case.name] if bn_case is not None else None
     for r in rows:
         fb = case_of[r.name].times["fb"]
-        if bn_native is not None and bn_case is not None:
+        if bn_native is not None:
             r.ratio_to_native_bn = r.train_fwd_bwd_ms / bn_native.train_fwd_bwd_ms
             if r is not bn_native:
-                r.ratio_to_native_bn_interval = paired_ratio_interval(fb, bn_case.times["fb"])
+                r.ratio_to_native_bn_interval = paired_ratio_interval(fb, bn_case.times["fb"])  # type: ignore[union-attr]
         r.memory_limit_fraction = limit_ms / r.train_fwd_bwd_ms
         if r.counterpart and r.counterpart in by_name:
             r.ratio_to_counterpart = r.train_fwd_bwd_ms / by_name[r.counterpart].train_fwd_bwd_ms
