@@ -97,6 +97,50 @@ def test_affine_reduce_and_dx_match_their_formulas(layout, dtype, shape):
     torch.testing.assert_close(_as_ref(dx, layout), want, **_tol(dtype))
 
 
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [None, "silu", "tlu"])
+def test_coefficients_as_rows_equal_the_same_as_full_arrays(layout, dtype, act):
+    """The passes take a per-channel coefficient as one (1, C) row (or a (C,) vector, or a row
+    expanded to (N, C)) that the kernels repeat over the samples, with no copy made in Python
+    (``_coefs``' mask): the outputs and sums are those of the same values as (N, C) arrays, bit for
+    bit, in every pass (EvoNorm's too), whichever coefficients are rows."""
+    from normlab._kernels import evonorm
+
+    n, c = 3, 70
+    _, v = _data((n, c, 37), dtype, layout, seed=4)
+    _, dv = _data((n, c, 37), dtype, layout, seed=5)
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randn(1, c, generator=g, dtype=torch.float64) for _ in range(8)]
+    forms = [rows[0], rows[1].reshape(c), rows[2].expand(n, c), rows[3], rows[4].reshape(c), rows[5].expand(n, c),
+             rows[6], rows[7].float()]  # (1, C), (C,), a stride-0 (N, C) view, ..., float32 (converted)
+    full = [r.expand(n, c).contiguous() for r in rows]
+    mixed = [f if i % 2 else full[i] for i, f in enumerate(forms)]  # some rows, some full arrays
+    code = None if act is None else _kernels.Epilogue(_kernels.EPILOGUES[act], 0.0,
+                                                      rows[7].reshape(c) if act == "tlu" else None)
+    code_full = None if act is None else code._replace(threshold=None if act != "tlu" else full[7])
+
+    def run(cs, ep):
+        y, dx, dx_ev = torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
+        _kernels.affine(v, y, layout, cs[0], cs[1], cs[2], act=ep)
+        sums = _kernels.reduce(dv, v, layout, cs[0], ep, cs[1], cs[2])
+        _kernels.dx(dv, v, dx, layout, cs[0], cs[3], cs[4], cs[5], ep, cs[1], cs[2])
+        vv = rows[6].reshape(c).abs()
+        y_ev = torch.empty_like(v)
+        evonorm.evonorm_forward("b0", v, y_ev, layout, vv, cs[6].abs() + 1, cs[0].abs() + 1, cs[1], cs[2])
+        s_ev = evonorm.evonorm_reduce("b0", dv, v, layout, vv, cs[6].abs() + 1, cs[0].abs() + 1)
+        evonorm.evonorm_dx("b0", dv, v, dx_ev, layout, vv, cs[6].abs() + 1, cs[0].abs() + 1, cs[3], cs[4], cs[5], None)
+        return [y, *sums, dx, y_ev, s_ev, dx_ev]
+
+    want = run(full, code_full)
+    for cs in (forms, mixed):
+        for got, ref in zip(run(cs, code), want):
+            assert torch.equal(got, ref)
+    # which forms went as rows (no copy) and which were converted (held)
+    held, _, mask = _kernels._coefs([*forms[:3], full[0], forms[7], torch.tensor(2.0, dtype=torch.float64)], n, c)
+    assert mask == 0b111 and len(held) == 2 and torch.equal(held[1], torch.full((n, c), 2.0, dtype=torch.float64))
+
+
 def test_affine_in_place():
     ref, v = _data((3, 4, 50), torch.float32, "cf")
     ones = torch.ones(3, 4, dtype=torch.float64)

@@ -65,11 +65,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         for layout in ("cf", "cl"):
             getattr(lib, f"nl_moments_{layout}_{s}").argtypes = [p, i, i, i, p, p, n]
             d = ctypes.c_double
-            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n, d, p, n]
-            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, p, p, p, n]
-            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, p, n, n]
-            for kind in ("moments", "affine", "reduce", "dx"):
-                getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
+            getattr(lib, f"nl_affine_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, n, d, p, n, n]
+            getattr(lib, f"nl_reduce_{layout}_{s}").argtypes = [p, p, i, i, i, p, p, p, p, p, n, d, p, p, p, n, n]
+            getattr(lib, f"nl_dx_{layout}_{s}").argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, n, d, p, n, n, n]
+            for kind in ("affine", "reduce", "dx"):
+                getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int
+            getattr(lib, f"nl_moments_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
         for layout in ("cf", "cl"):
             fn = getattr(lib, f"nl_group_fwd_{layout}_{s}")
             fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, n, d, p, p, p, p, p, n]
@@ -185,24 +186,30 @@ def _nc(t: Tensor, n: int, c: int) -> Tensor:
     return t.detach().to(torch.float64).expand(n, c).contiguous()
 
 
-def _packed(ts: list, n: int, c: int) -> tuple[Tensor | None, list]:
-    """Per-(n, c) coefficients (each broadcastable to (N, C); None where absent) as one contiguous
-    float64 (k, N, C) array, made by one copy, and a pointer into it for each (None where absent).
-    The caller holds the array while a kernel reads it."""
-    got = [t.detach() for t in ts if t is not None]
-    if not got:
-        return None, [None] * len(ts)
-    if all(t.shape == (1, c) and t.dtype == torch.float64 for t in got):
-        # per-channel rows (the batch norms): the (k, C) rows broadcast into (k, N, C) by one copy
-        arr = torch.empty(len(got), n, c, dtype=torch.float64).copy_(torch.cat(got).view(len(got), 1, c))
-    else:
-        arr = torch.stack([t.expand(n, c) if t.dtype == torch.float64 else t.to(torch.float64).expand(n, c)
-                           for t in got])
-    base, step, i, ptrs = arr.data_ptr(), n * c * 8, 0, []
-    for t in ts:
-        ptrs.append(None if t is None else ctypes.c_void_p(base + i * step))
-        i += t is not None
-    return arr, ptrs
+def _coefs(ts: list, n: int, c: int) -> tuple[list, list, int]:
+    """Per-(n, c) coefficients (each broadcastable to (N, C); None where absent) as the kernels
+    take them: a pointer each (None where absent) and the mask of those that are one float64 row
+    of C values for every sample (bit j: ``ts[j]``; the kernels repeat it: the batch norms'
+    per-channel coefficients cost no copy here). A float64 (N, C) array or row is passed as it
+    is, anything else converted; the first list holds the conversions (keep it while the kernel
+    reads them)."""
+    held, ptrs, mask = [], [], 0
+    for j, t in enumerate(ts):
+        if t is None:
+            ptrs.append(None)
+            continue
+        if t.dtype == torch.float64 and 1 <= t.ndim <= 2 and t.shape[-1] == c and t.stride(-1) == 1:
+            if t.ndim == 1 or t.shape[0] == 1 or t.stride(0) == 0:
+                mask |= 1 << j
+                ptrs.append(_ptr(t))
+                continue
+            if t.shape[0] == n and t.stride(0) == c:
+                ptrs.append(_ptr(t))
+                continue
+        t = t.detach().to(torch.float64).expand(n, c).contiguous()
+        held.append(t)
+        ptrs.append(_ptr(t))
+    return held, ptrs, mask
 
 
 def _check(rc: int | None, kind: str) -> None:
@@ -256,13 +263,13 @@ def _threshold(act: tuple | None) -> Tensor | None:
 
 
 def _thr(act: tuple | None, n: int, c: int) -> Tensor | None:
-    """The threshold as the kernels' per-(n, c) float64 array, or None."""
+    """The threshold as a per-(n, c) float64 array (the per-sample kernels'), or None."""
     t = _threshold(act)
     return None if t is None else _nc(t, n, c)
 
 
 def _act_coefs(act: tuple | None, scale: Tensor | None, shift: Tensor | None) -> list:
-    """The epilogue's per-(n, c) coefficients (for :func:`_packed`): scale, shift and threshold
+    """The epilogue's per-(n, c) coefficients (for :func:`_coefs`): scale, shift and threshold
     (None where absent; the TLU needs its threshold)."""
     t = _threshold(act)
     if act is None:
@@ -278,9 +285,9 @@ def affine(v: Tensor, out: Tensor, layout: str, center: Tensor, scale: Tensor, s
     ``v``); ``act``: None, or an :class:`Epilogue`."""
     n, c = _nc_shape(v, layout)
     _dims(out)
-    _held, ptrs = _packed([center, scale, shift, _threshold(act)], n, c)
+    _held, ptrs, rows = _coefs([center, scale, shift, _threshold(act)], n, c)
     _check(_fn("affine", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), *ptrs[:3], *_code(act),
-                                          ptrs[3], torch.get_num_threads()), "affine")
+                                          ptrs[3], rows, torch.get_num_threads()), "affine")
 
 
 def _ptrs(ts: list) -> list:
@@ -307,11 +314,12 @@ def reduce(dyv: Tensor, v: Tensor, layout: str, center: Tensor, act: tuple | Non
     n, c = _nc_shape(v, layout)
     _dims(dyv)
     g, h, e = _sums(n, c, act)
-    _held, (ctr, sc, sh, thr) = _packed([center, *_act_coefs(act, scale, shift)], n, c)
+    _held, (ctr, sc, sh, thr), rows = _coefs([center, *_act_coefs(act, scale, shift)], n, c)
     if keep is not None:
         _dims(keep)
     _check(_fn("reduce", layout, v.dtype)(_ptr(dyv), _ptr(v), *_dims(v), ctr, _ptr(g), _ptr(h), sc, sh,
-                                          *_code(act), thr, *_ptrs([e, keep]), torch.get_num_threads()), "reduce")
+                                          *_code(act), thr, *_ptrs([e, keep]), rows, torch.get_num_threads()),
+           "reduce")
     return _returned(g, h, e)
 
 
@@ -322,9 +330,9 @@ def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tens
     :func:`reduce`; ``kept``: the reduce call was given ``keep=out``)."""
     n, c = _nc_shape(v, layout)
     _dims(dyv), _dims(out)
-    _held, ptrs = _packed([center, a, b, k, *_act_coefs(act, scale, shift)], n, c)
+    _held, ptrs, rows = _coefs([center, a, b, k, *_act_coefs(act, scale, shift)], n, c)
     _check(_fn("dx", layout, v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), *ptrs[:6], *_code(act), ptrs[6],
-                                      int(kept), torch.get_num_threads()), "dx")
+                                      int(kept), rows, torch.get_num_threads()), "dx")
 
 
 def _opt(t: Tensor | None) -> Tensor | None:

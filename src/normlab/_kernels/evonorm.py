@@ -33,7 +33,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from . import _SUFFIX, _check, _dims, _lib, _nc, _nc_shape, _opt, _ptr
+from . import _SUFFIX, _check, _coefs, _dims, _lib, _nc, _nc_shape, _opt, _ptr
 
 __all__ = ["KINDS", "evonorm_dx", "evonorm_forward", "evonorm_reduce", "evos0_backward", "evos0_forward"]
 
@@ -44,12 +44,14 @@ KINDS = {"s0": 0, "b0": 1}
 def _fn(name: str, layout: str, dtype: torch.dtype, heads: int, tails: int, family: str = "evonorm"):
     """The entry point ``nl_{family}_{name}_{layout}_{type}``: ``heads`` tensors, the three sizes,
     the kind (evonorm) or the group count (evos0, then eps for its forward), ``tails`` arrays,
-    the thread count (declared on first use: the library's loader does not know these)."""
+    (evonorm) the mask of the coefficients given as rows (:func:`normlab._kernels._coefs`), the
+    thread count (declared on first use: the library's loader does not know these)."""
     fn = getattr(_lib(), f"nl_{family}_{name}_{layout}_{_SUFFIX[dtype]}")
     if fn.argtypes is None:  # (per loaded library: ctypes keeps one function object per name)
         p, i, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         mid = [n] if family == "evonorm" else [i, ctypes.c_double] if name == "fwd" else [i]
-        fn.argtypes, fn.restype = [*[p] * heads, i, i, i, *mid, *[p] * tails, n], ctypes.c_int
+        rows = [n] if family == "evonorm" else []
+        fn.argtypes, fn.restype = [*[p] * heads, i, i, i, *mid, *[p] * tails, *rows, n], ctypes.c_int
     return fn
 
 
@@ -58,10 +60,14 @@ def _vec(t: Tensor | None) -> Tensor | None:
     return None if t is None else _opt(t.reshape(-1))
 
 
-def _arrays(v: Tensor, n: int, c: int, *per_nc: Tensor | None) -> list[Tensor]:
-    """``v`` as a float64 vector, then the per-(n, c) arrays as float64 (N, C) (zeros for None)."""
-    zero = torch.zeros(1, 1, dtype=torch.float64)
-    return [_vec(v), *(_nc(zero if t is None else t, n, c) for t in per_nc)]
+def _arrays(v: Tensor, n: int, c: int, *per_nc: Tensor | None) -> tuple[list, list, int]:
+    """``v`` as a float64 vector and the per-(n, c) coefficients as :func:`normlab._kernels._coefs`
+    gives them (a row of zeros for None, S0's D and E): the tensors to hold while the kernel reads,
+    the pointers (v's first) and the rows' mask."""
+    zero = torch.zeros(c, dtype=torch.float64) if any(t is None for t in per_nc) else None
+    vec = _vec(v)
+    held, ptrs, rows = _coefs([zero if t is None else t for t in per_nc], n, c)
+    return [vec, zero, *held], [_ptr(vec), *ptrs], rows
 
 
 def evonorm_forward(kind: str, x: Tensor, out: Tensor, layout: str, v: Tensor, dstd: Tensor | None,
@@ -69,8 +75,8 @@ def evonorm_forward(kind: str, x: Tensor, out: Tensor, layout: str, v: Tensor, d
     """``out = f(x) * scale + shift`` for the map ``kind`` ("s0", "b0")."""
     n, c = _nc_shape(x, layout)
     _dims(out)
-    args = _arrays(v, n, c, dstd, istd, scale, shift)
-    _check(_fn("fwd", layout, x.dtype, 2, 5)(_ptr(x), _ptr(out), *_dims(x), KINDS[kind], *map(_ptr, args),
+    _held, ptrs, rows = _arrays(v, n, c, dstd, istd, scale, shift)
+    _check(_fn("fwd", layout, x.dtype, 2, 5)(_ptr(x), _ptr(out), *_dims(x), KINDS[kind], *ptrs, rows,
                                               torch.get_num_threads()), "evonorm_fwd")
 
 
@@ -83,9 +89,9 @@ def evonorm_reduce(kind: str, dy: Tensor, x: Tensor, layout: str, v: Tensor, dst
     if keep is not None:
         _dims(keep)
     sums = torch.empty(5, n, c, dtype=torch.float64)
-    args = [*_arrays(v, n, c, dstd, istd), sums]
-    _check(_fn("red", layout, x.dtype, 2, 5)(_ptr(dy), _ptr(x), *_dims(x), KINDS[kind], *map(_ptr, args),
-                                              None if keep is None else _ptr(keep), torch.get_num_threads()),
+    _held, ptrs, rows = _arrays(v, n, c, dstd, istd)
+    _check(_fn("red", layout, x.dtype, 2, 5)(_ptr(dy), _ptr(x), *_dims(x), KINDS[kind], *ptrs, _ptr(sums),
+                                              None if keep is None else _ptr(keep), rows, torch.get_num_threads()),
            "evonorm_red")
     return sums
 
@@ -96,9 +102,9 @@ def evonorm_dx(kind: str, dy: Tensor, x: Tensor, out: Tensor, layout: str, v: Te
     already in ``out``, from :func:`evonorm_reduce` with ``keep=out``)."""
     n, c = _nc_shape(x, layout)
     _dims(dy), _dims(out)
-    args = _arrays(v, n, c, dstd, istd, a, b, m, k)
-    _check(_fn("dx", layout, x.dtype, 3, 8)(_ptr(dy), _ptr(x), _ptr(out), *_dims(x), KINDS[kind], *map(_ptr, args),
-                                             _ptr(out) if kept else None, torch.get_num_threads()), "evonorm_dx")
+    _held, ptrs, rows = _arrays(v, n, c, dstd, istd, a, b, m, k)
+    _check(_fn("dx", layout, x.dtype, 3, 8)(_ptr(dy), _ptr(x), _ptr(out), *_dims(x), KINDS[kind], *ptrs,
+                                             _ptr(out) if kept else None, rows, torch.get_num_threads()), "evonorm_dx")
 
 
 def evos0_forward(x: Tensor, out: Tensor, layout: str, groups: int, eps: float, v: Tensor, weight: Tensor | None,

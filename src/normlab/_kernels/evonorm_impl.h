@@ -133,7 +133,8 @@ static inline __attribute__((always_inline)) void S(ev_dx_row)(const int kind, c
 }
 
 int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const double *v, const double *dstd,
-                         const double *istd, const double *scale, const double *shift, int nt) {
+                         const double *istd, const double *scale, const double *shift, int rowmask, int nt) {
+    REPEAT_ROWS(4, &dstd, &istd, &scale, &shift);
     EV_LIMIT(lim);
     const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
 #pragma omp parallel num_threads(nt)
@@ -148,6 +149,7 @@ int S(nl_evonorm_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, const 
         }
         stream_fence(st);
     }
+    free(rep_);
     return 0;
 }
 
@@ -206,7 +208,8 @@ static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, 
 }
 
 int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind, const double *v,
-                         const double *dstd, const double *istd, double *sums, T *keep, int nt) {
+                         const double *dstd, const double *istd, double *sums, T *keep, int rowmask, int nt) {
+    REPEAT_ROWS(2, &dstd, &istd);
     EV_LIMIT(lim);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
@@ -221,12 +224,14 @@ int S(nl_evonorm_red_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, int kind,
         }
         for (int j = 0; j < 5; j++) sums[j * N * C + r] = acc[j];
     }
+    free(rep_);
     return 0;
 }
 
 int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
-                        const double *k, const T *kept, int nt) {
+                        const double *k, const T *kept, int rowmask, int nt) {
+    REPEAT_ROWS(6, &dstd, &istd, &a, &b, &m, &k);
     EV_LIMIT(lim);
     const int st = STREAMABLE && !kept && streams(N * C * L * (i64)sizeof(T)); /* (kept: dx is read: in cache) */
 #pragma omp parallel num_threads(nt)
@@ -247,6 +252,7 @@ int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
         }
         stream_fence(st);
     }
+    free(rep_);
     return 0;
 }
 
@@ -306,10 +312,12 @@ static inline __attribute__((always_inline)) void S(ev_fwd_run_cl)(const int kin
 }
 
 int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const double *v, const double *dstd,
-                         const double *istd, const double *scale, const double *shift, int nt) {
+                         const double *istd, const double *scale, const double *shift, int rowmask, int nt) {
+    REPEAT_ROWS(4, &dstd, &istd, &scale, &shift);
     EV_LIMIT(lim);
     const double *src[4] = {dstd, istd, scale, shift};
     F *co = S(ev_coefs)(src, 4, N, C, v);
+    free(rep_); /* (co holds them now) */
     if (!co) return 1;
     const F *vr = co + 4 * N * C, *cr = vr + C;
 #define SEG(n, l0, k)                                                                                          \
@@ -423,11 +431,13 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
 }
 
 int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind, const double *v,
-                         const double *dstd, const double *istd, double *sums, T *keep, int nt) {
+                         const double *dstd, const double *istd, double *sums, T *keep, int rowmask, int nt) {
+    REPEAT_ROWS(2, &dstd, &istd);
     EV_LIMIT(lim);
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R, NC = N * C, P = N * nb * C;
     const double *src[2] = {dstd, istd};
     F *co = S(ev_coefs)(src, 2, N, C, v);
+    free(rep_); /* (co holds them now) */
     double *part = malloc(sizeof(double) * P * 5);
     if (!co || !part) {
         free(co), free(part);
@@ -502,10 +512,12 @@ static inline __attribute__((always_inline)) void S(ev_dx_run_cl)(const int kind
 
 int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
-                        const double *k, const T *kept, int nt) {
+                        const double *k, const T *kept, int rowmask, int nt) {
+    REPEAT_ROWS(6, &dstd, &istd, &a, &b, &m, &k);
     EV_LIMIT(lim);
     const double *src[6] = {dstd, istd, a, b, m, k};
     F *co = S(ev_coefs)(src, 6, N, C, v);
+    free(rep_); /* (co holds them now) */
     if (!co) return 1;
     const F *vr = co + 6 * N * C, *cr = vr + C;
 #define SEG(n, l0, k)                                                                                          \

@@ -73,6 +73,7 @@ static i64 rows_per_block(i64 c, i64 size) {
  * output stays in cache for the layer that reads it next. The passes compute a chunk of
  * STREAM_CHUNK values into an L1 buffer with their usual vectorised loop and stream it out
  * (STREAMED); each thread fences its streamed stores before the pass returns. ---- */
+#include <stdarg.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
@@ -145,6 +146,44 @@ static inline void merge_row(double *na, double *ma, double *qa, i64 w, double n
     for (i64 c = 0; c < w; c++) merge_with(&ma[c], &qa[c], mb[c], qb[c], fb, fq);
     *na = n;
 }
+
+/* The per-(n, c) coefficient arrays of a pass (centre, scale, ...) come as full (N, C) arrays or,
+ * where bit j of `rowmask` is set, as one (1, C) row for every sample (the batch norms' per-channel
+ * coefficients, as the engine's descriptions make them): those rows are repeated here into one
+ * buffer, so that the pass indexes every coefficient as (N, C) and the caller makes no copy. The
+ * `count` pointers to the pass's coefficient arguments follow; a repeated one is pointed at its
+ * copy. Returns the buffer, to be freed after the pass (NULL with nothing to repeat); *failed
+ * is set if it could not be allocated. */
+static double *repeat_rows(int rowmask, i64 N, i64 C, int *failed, int count, ...) {
+    *failed = 0;
+    if (!rowmask || N * C == 0) return NULL;
+    int k = 0;
+    for (int j = 0; j < count; j++) k += rowmask >> j & 1;
+    double *buf = malloc(sizeof(double) * (size_t)(k * N * C));
+    if (!buf) {
+        *failed = 1;
+        return NULL;
+    }
+    va_list ap;
+    va_start(ap, count);
+    double *at = buf;
+    for (int j = 0; j < count; j++) {
+        const double **arg = va_arg(ap, const double **);
+        if (!(rowmask >> j & 1) || !*arg) continue;
+        for (i64 n = 0; n < N; n++) memcpy(at + n * C, *arg, sizeof(double) * (size_t)C);
+        *arg = at;
+        at += N * C;
+    }
+    va_end(ap);
+    return buf;
+}
+
+/* REPEAT_ROWS(count, &coefficient, ...) at the top of a pass that has the arguments N, C and
+ * rowmask: its coefficient rows repeated by repeat_rows, the buffer in rep_ (freed on every return) */
+#define REPEAT_ROWS(...)                                                                                       \
+    int bad_;                                                                                                  \
+    double *rep_ = repeat_rows(rowmask, N, C, &bad_, __VA_ARGS__);                                         \
+    if (bad_) return 1
 
 /* The activation epilogue's functions (kernels_impl.h: act_fwd, act_grad): float versions for
  * the float-computed types, libm's for float64. Leaky ReLU passes dy where v > 0 and sl * dy

@@ -335,8 +335,9 @@ void S(nl_moments_cf)(const T *x, i64 N, i64 C, i64 L, double *mean, double *m2,
 }
 
 /* thr: the per-(n, c) thresholds of an activation that has them (THRESHOLDED: TLU), else unread */
-void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
-                     const double *shift, int act, double slope, const double *thr, int nt) {
+int S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center, const double *scale,
+                    const double *shift, int act, double slope, const double *thr, int rowmask, int nt) {
+    REPEAT_ROWS(4, &center, &scale, &shift, &thr);
     const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
 #pragma omp parallel num_threads(nt)
     {
@@ -347,13 +348,16 @@ void S(nl_affine_cf)(const T *x, T *y, i64 N, i64 C, i64 L, const double *center
                                    THRESHOLDED(act) ? (F)thr[r] : 0));
         stream_fence(st);
     }
+    free(rep_);
+    return 0;
 }
 
 /* keep: the input-gradient buffer, where dy' is kept for nl_dx_cf (kept = 1) when KEEPS(act); or NULL.
  * e: with a threshold, the per-(n, c) sum dy - dy' (the threshold's gradient) */
-void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
-                     const double *scale, const double *shift, int act, double slope, const double *thr, double *e,
-                     T *keep, int nt) {
+int S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double *center, double *g, double *h,
+                    const double *scale, const double *shift, int act, double slope, const double *thr, double *e,
+                    T *keep, int rowmask, int nt) {
+    REPEAT_ROWS(4, &center, &scale, &shift, &thr);
     if (!KEEPS(act)) keep = NULL;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 r = 0; r < N * C; r++) {
@@ -362,11 +366,14 @@ void S(nl_reduce_cf)(const T *dy, const T *x, i64 N, i64 C, i64 L, const double 
                     (F)slope, THRESHOLDED(act) ? (F)thr[r] : 0, keep ? keep + r * L : NULL, &g[r], &h[r], &se);
         if (THRESHOLDED(act)) e[r] = se;
     }
+    free(rep_);
+    return 0;
 }
 
-void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
-                 const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
-                 const double *thr, int kept, int nt) {
+int S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *center, const double *a,
+                const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
+                const double *thr, int kept, int rowmask, int nt) {
+    REPEAT_ROWS(7, &center, &a, &b, &k, &scale, &shift, &thr);
     kept = kept && KEEPS(act);
     const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
 #pragma omp parallel num_threads(nt)
@@ -379,6 +386,8 @@ void S(nl_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const doub
                                THRESHOLDED(act) ? (F)thr[r] : 0, kept ? dx + r * L + i0_ : NULL));
         stream_fence(st);
     }
+    free(rep_);
+    return 0;
 }
 
 /* ---- channels-last (N, L, C): work items are (sample, block of rows); inside one, CB
@@ -643,12 +652,16 @@ int S(nl_moments_cl)(const T *x, i64 N, i64 L, i64 C, double *mean, double *m2, 
 
 int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *center, double *g, double *h,
                     const double *scale, const double *shift, int act, double slope, const double *thr, double *e,
-                    T *keep, int nt) {
+                    T *keep, int rowmask, int nt) {
+    REPEAT_ROWS(4, &center, &scale, &shift, &thr);
     if (!KEEPS(act)) keep = NULL;
     const F sl = (F)slope;
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R;
     double *pg = malloc(sizeof(double) * N * nb * C * 3);
-    if (!pg) return 1;
+    if (!pg) {
+        free(rep_);
+        return 1;
+    }
     double *ph = pg + N * nb * C, *pe = pg + 2 * N * nb * C;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 it = 0; it < N * nb; it++) {
@@ -694,6 +707,7 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
         }
     }
     free(pg);
+    free(rep_);
     return 0;
 }
 
@@ -814,9 +828,11 @@ static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T
 }
 
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
-                    const double *shift, int act, double slope, const double *thr, int nt) {
+                    const double *shift, int act, double slope, const double *thr, int rowmask, int nt) {
+    REPEAT_ROWS(4, &center, &scale, &shift, &thr);
     const double *src[4] = {center, scale, shift, thr};
     F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
+    free(rep_); /* (co holds them now) */
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const F sl = (F)slope;
@@ -893,17 +909,19 @@ static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const
 
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
                 const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
-                const double *thr, int kept, int nt) {
+                const double *thr, int kept, int rowmask, int nt) {
+    REPEAT_ROWS(7, &center, &a, &b, &k, &scale, &shift, &thr);
     kept = kept && KEEPS(act);
     const double *src[7] = {center, a, b, k, scale, shift, thr};
-    int rows = THRESHOLDED(act) ? 7 : act ? 6 : 4;
-    F *co = S(coef_rows)(src, rows, N * C);
+    const int nco = THRESHOLDED(act) ? 7 : act ? 6 : 4;
+    F *co = S(coef_rows)(src, nco, N * C);
+    free(rep_); /* (co holds them now) */
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const F sl = (F)slope;
     if (!st) {
         const i64 R = RUN_ROWS(C);
-#define AT(j, n) (j < rows ? co + (j * N + (n)) * C : NULL)
+#define AT(j, n) (j < nco ? co + (j * N + (n)) * C : NULL)
 #define SEG(n, l0, k)                                                                                          \
     S(dx_run_cl)(dy + ((n) * L + (l0)) * C, x + ((n) * L + (l0)) * C, dx + ((n) * L + (l0)) * C, k, C, AT(0, n), \
                  AT(1, n), AT(2, n), AT(3, n), AT(4, n), AT(5, n), act, sl, AT(6, n), kept)
@@ -914,7 +932,7 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
         free(co);
         return 0;
     }
-#define AT(j, n, i0) (j < rows ? co + (j * N + (n)) * C + (i0) : NULL)
+#define AT(j, n, i0) (j < nco ? co + (j * N + (n)) * C + (i0) : NULL)
 #define ROW(r, o, i0, k)                                                                                       \
     {                                                                                                          \
         const i64 n = (r) / L;                                                                                 \
