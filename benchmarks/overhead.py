@@ -5,7 +5,7 @@
 
 A norm on the engine is, per forward+backward, four passes over the data in C (the kernel
 calls) and, between them, small float64 math in torch: the description's merge and adjoint,
-the running statistics, packing the coefficients, autograd. For each norm (forced onto the
+the running statistics, handing the coefficients over, autograd. For each norm (forced onto the
 engine) and each spatial size (input (32, 64, S, S)) this times the whole step and the calls
 into the kernel library within it (timed at the ctypes boundary), and prints the rest and the
 number of torch operations a step makes. The allocator is kept steady (``normlab.bench``'s
