@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from normlab.bench import paired_ratio_interval
 from normlab.bench_cli import LOADED_SPREAD, loaded_warning
-from normlab.bench_models import build_model, paired_ratio_interval
+from normlab.bench_models import build_model
 from normlab.cli import main
 
 

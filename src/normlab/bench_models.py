@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .bench import _spread, paired_ratio_interval
 
-__all__ = ["MODELS", "SMALL_CASES", "build_model", "paired_ratio_interval", "run_models", "run_small"]
+__all__ = ["MODELS", "SMALL_CASES", "build_model", "run_models", "run_small"]
 
 MODELS = ("resnet", "mlp", "transformer")
 _SPEC = {"resnet": "bn", "mlp": "bn", "transformer": "lnc"}

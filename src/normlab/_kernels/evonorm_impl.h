@@ -260,15 +260,12 @@ int S(nl_evonorm_dx_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
  * with the sample's coefficients as F rows; the reduction per (sample, block of rows), CB
  * channels at a time ---- */
 
-/* ``count`` per-(n, c) arrays as F rows (N * C each), then v and EV_COEF(v) as F rows of C; NULL if out
- * of memory */
-static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, const double *v) {
-    F *co = malloc(sizeof(F) * (N * C * count + 2 * C));
-    if (co) {
-        for (int j = 0; j < count; j++)
-            for (i64 i = 0; i < N * C; i++) co[j * N * C + i] = (F)src[j][i];
+/* ``count`` per-(n, c) arrays as F rows (N * C each; kernels_impl.h's coef_rows, rows of rowmask
+ * repeated), then v and EV_COEF(v) as F rows of C; NULL if out of memory */
+static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, int rowmask, const double *v) {
+    F *co = S(coef_rows)(src, count, N, C, rowmask, 2 * C);
+    if (co)
         for (i64 c = 0; c < C; c++) co[N * C * count + c] = (F)v[c], co[N * C * count + C + c] = (F)EV_COEF(v[c]);
-    }
     return co;
 }
 
@@ -313,11 +310,9 @@ static inline __attribute__((always_inline)) void S(ev_fwd_run_cl)(const int kin
 
 int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const double *v, const double *dstd,
                          const double *istd, const double *scale, const double *shift, int rowmask, int nt) {
-    REPEAT_ROWS(4, &dstd, &istd, &scale, &shift);
     EV_LIMIT(lim);
     const double *src[4] = {dstd, istd, scale, shift};
-    F *co = S(ev_coefs)(src, 4, N, C, v);
-    free(rep_); /* (co holds them now) */
+    F *co = S(ev_coefs)(src, 4, N, C, rowmask, v);
     if (!co) return 1;
     const F *vr = co + 4 * N * C, *cr = vr + C;
 #define SEG(n, l0, k)                                                                                          \
@@ -432,12 +427,10 @@ static inline __attribute__((always_inline)) void S(ev_block_red)(const int kind
 
 int S(nl_evonorm_red_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, int kind, const double *v,
                          const double *dstd, const double *istd, double *sums, T *keep, int rowmask, int nt) {
-    REPEAT_ROWS(2, &dstd, &istd);
     EV_LIMIT(lim);
     i64 R = rows_per_block(C, sizeof(T)), nb = (L + R - 1) / R, NC = N * C, P = N * nb * C;
     const double *src[2] = {dstd, istd};
-    F *co = S(ev_coefs)(src, 2, N, C, v);
-    free(rep_); /* (co holds them now) */
+    F *co = S(ev_coefs)(src, 2, N, C, rowmask, v);
     double *part = malloc(sizeof(double) * P * 5);
     if (!co || !part) {
         free(co), free(part);
@@ -513,11 +506,9 @@ static inline __attribute__((always_inline)) void S(ev_dx_run_cl)(const int kind
 int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int kind, const double *v,
                         const double *dstd, const double *istd, const double *a, const double *b, const double *m,
                         const double *k, const T *kept, int rowmask, int nt) {
-    REPEAT_ROWS(6, &dstd, &istd, &a, &b, &m, &k);
     EV_LIMIT(lim);
     const double *src[6] = {dstd, istd, a, b, m, k};
-    F *co = S(ev_coefs)(src, 6, N, C, v);
-    free(rep_); /* (co holds them now) */
+    F *co = S(ev_coefs)(src, 6, N, C, rowmask, v);
     if (!co) return 1;
     const F *vr = co + 6 * N * C, *cr = vr + C;
 #define SEG(n, l0, k)                                                                                          \

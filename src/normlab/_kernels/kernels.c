@@ -150,7 +150,9 @@ static inline void merge_row(double *na, double *ma, double *qa, i64 w, double n
 /* The per-(n, c) coefficient arrays of a pass (centre, scale, ...) come as full (N, C) arrays or,
  * where bit j of `rowmask` is set, as one (1, C) row for every sample (the batch norms' per-channel
  * coefficients, as the engine's descriptions make them): those rows are repeated here into one
- * buffer, so that the pass indexes every coefficient as (N, C) and the caller makes no copy. The
+ * buffer, so that the pass indexes every coefficient as (N, C) and the caller makes no copy (the
+ * channels-last element passes, which convert their coefficients to F rows first, repeat them
+ * there: kernels_impl.h's coef_rows). The
  * `count` pointers to the pass's coefficient arguments follow; a repeated one is pointed at its
  * copy. Returns the buffer, to be freed after the pass (NULL with nothing to repeat); *failed
  * is set if it could not be allocated. */

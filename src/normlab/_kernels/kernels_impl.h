@@ -712,12 +712,17 @@ int S(nl_reduce_cl)(const T *dy, const T *x, i64 N, i64 L, i64 C, const double *
 }
 
 /* the elementwise passes go row by row over all C channels, with the sample's coefficients
- * as F rows (converted once): faster here than channel blocks */
-static F *S(coef_rows)(const double *const *src, int count, i64 NC) {
-    F *co = malloc(sizeof(F) * NC * count);
+ * as F rows (converted once): faster here than channel blocks. The `count` per-(n, c) arrays
+ * (bit j of rowmask: src[j] is one (1, C) row for every sample, repeated here) as F rows, N * C
+ * each, with `extra` more F allocated after them; NULL if out of memory */
+static F *S(coef_rows)(const double *const *src, int count, i64 N, i64 C, int rowmask, i64 extra) {
+    F *co = malloc(sizeof(F) * (N * C * count + extra));
     if (co)
-        for (int j = 0; j < count; j++)
-            for (i64 i = 0; i < NC; i++) co[j * NC + i] = (F)src[j][i];
+        for (int j = 0; j < count; j++) {
+            const i64 step = rowmask >> j & 1 ? 0 : C;
+            for (i64 n = 0; n < N; n++)
+                for (i64 c = 0; c < C; c++) co[(j * N + n) * C + c] = (F)src[j][n * step + c];
+        }
     return co;
 }
 
@@ -829,10 +834,8 @@ static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T
 
 int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center, const double *scale,
                     const double *shift, int act, double slope, const double *thr, int rowmask, int nt) {
-    REPEAT_ROWS(4, &center, &scale, &shift, &thr);
     const double *src[4] = {center, scale, shift, thr};
-    F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N * C);
-    free(rep_); /* (co holds them now) */
+    F *co = S(coef_rows)(src, THRESHOLDED(act) ? 4 : 3, N, C, rowmask, 0);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const F sl = (F)slope;
@@ -910,12 +913,10 @@ static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const
 int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const double *center, const double *a,
                 const double *b, const double *k, const double *scale, const double *shift, int act, double slope,
                 const double *thr, int kept, int rowmask, int nt) {
-    REPEAT_ROWS(7, &center, &a, &b, &k, &scale, &shift, &thr);
     kept = kept && KEEPS(act);
     const double *src[7] = {center, a, b, k, scale, shift, thr};
     const int nco = THRESHOLDED(act) ? 7 : act ? 6 : 4;
-    F *co = S(coef_rows)(src, nco, N * C);
-    free(rep_); /* (co holds them now) */
+    F *co = S(coef_rows)(src, nco, N, C, rowmask, 0);
     if (!co) return 1;
     const int st = STREAMABLE && streams(N * L * C * (i64)sizeof(T));
     const F sl = (F)slope;
