@@ -128,3 +128,41 @@ def test_evonorm_streamed_passes_equal_plain_stores(dtype, kind, shape):
         f = xd * torch.sigmoid(v.view(1, c, 1) * xd)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(streamed[0].double(), f * nc(scale) + nc(shift), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 70, 33), (2, 64, 301), (1, 9, 1)])
+def test_evonorm_b0_passes_against_float64(dtype, layout, shape):
+    # B0's three passes against its formulas in float64 (evonorm_impl.h): odd row counts (the
+    # channels-last passes take two rows a step, then the last one alone), channel counts off the
+    # vector width, and both sides of max(D, v x + E) well represented
+    n, c, length = shape
+    g = torch.Generator().manual_seed(7 * c + length)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    dstd = torch.rand(1, c, generator=g, dtype=torch.float64) + 0.5
+    istd = torch.rand(n, c, generator=g, dtype=torch.float64) + 0.5
+    scale, shift, a, b, m, k = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6))
+    lay = (lambda t: t.contiguous()) if layout == "cf" else (lambda t: t.transpose(1, 2).contiguous())
+    back = (lambda t: t) if layout == "cf" else (lambda t: t.transpose(1, 2))
+    xl, dyl = lay(x), lay(dy)
+    y, dx = torch.empty_like(xl), torch.empty_like(xl)
+    kernels.evonorm_forward("b0", xl, y, layout, v, dstd, istd, scale, shift)
+    sums = kernels.evonorm_reduce("b0", dyl, xl, layout, v, dstd, istd)
+    kernels.evonorm_dx("b0", dyl, xl, dx, layout, v, dstd, istd, a, b, m, k)
+
+    xd, dyd, nc = x.double(), dy.double(), (lambda t: t.unsqueeze(2))
+    r = v.view(1, c, 1) * xd + nc(istd)
+    left = nc(dstd).expand_as(r) >= r
+    assert 0.1 < left.double().mean().item() < 0.9
+    u = 1 / torch.maximum(nc(dstd), r)
+    slope = torch.where(left, u, nc(istd) * u * u)
+    q = dyd * xd * u * u
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(back(y).double(), xd * u * nc(scale) + nc(shift), **tol)
+    torch.testing.assert_close(back(dx).double(), nc(a) * dyd * slope + nc(b) * (xd - nc(m)) + nc(k), **tol)
+    want = [dyd * xd * u, dyd, torch.where(left, q, 0), torch.where(left, 0, q), torch.where(left, 0, q * xd)]
+    stol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sums, torch.stack([t.sum(2) for t in want]), **stol)

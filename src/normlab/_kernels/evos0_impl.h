@@ -152,7 +152,7 @@ int S(nl_evos0_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
                 cb[c] = (F)(-r * r * r * big_a[c / cpg] / K);
                 cm[c] = (F)ctr[n * C + c];
             }
-            S(ev_dx_run_cl)(0, 1, NULL, xs, os, L, C, vr, cr, lim, vr, vr, ca, cb, cm, NULL); /* dy f'(x) kept in os */
+            S(ev_dx_run_cl)(0, 1, 0, NULL, xs, os, L, C, vr, cr, lim, vr, vr, ca, cb, cm, NULL); /* dy f'(x) kept in os */
         }
         free(vr);
         free(tot);
