@@ -100,11 +100,14 @@ def test_evonorm_s0_sigmoid_against_float64(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["s0", "b0"])
-@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 5, 256), (3, 4, 700)])
-def test_evonorm_streamed_passes_equal_plain_stores(dtype, kind, shape):
-    # the channel-first forward and input-gradient passes stream large float32/float64 outputs
-    # (forced on here for small ones: rows below, at and above the streamed chunk, outputs off a
-    # 64-byte line); they write exactly what plain stores write, and the forward the map's value
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 5, 256), (3, 4, 700), (2, 64, 9), (2, 300, 5), (1, 200, 3)])
+def test_evonorm_streamed_passes_equal_plain_stores(dtype, kind, layout, shape):
+    # the forward and input-gradient passes stream large float32/float64 outputs (forced on here
+    # for small ones: channel-first rows below, at and above the streamed chunk; channels-last
+    # chunks of several rows (64 channels: 8, with a last short one; 200: 2) and rows too wide to
+    # stream (300); outputs off a 64-byte line); they write exactly what plain stores write, and
+    # the forward the map's value
     n, c, length = shape
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
@@ -114,11 +117,14 @@ def test_evonorm_streamed_passes_equal_plain_stores(dtype, kind, shape):
     scale, shift, a, b, m, k = (torch.randn(n, c, generator=g, dtype=torch.float64) for _ in range(6))
     d_e = (dstd, istd) if kind == "b0" else (None, None)
 
+    lay = (lambda t: t.contiguous()) if layout == "cf" else (lambda t: t.transpose(1, 2).contiguous())
+    xl, dyl = lay(x), lay(dy)
+
     def passes(off):
-        y, dx = (torch.zeros(x.numel() + off, dtype=dtype)[off:].view(shape) for _ in range(2))
-        kernels.evonorm_forward(kind, x, y, "cf", v, *d_e, scale, shift)
-        kernels.evonorm_dx(kind, dy, x, dx, "cf", v, *d_e, a, b, m, k)
-        return y, dx
+        y, dx = (torch.zeros(x.numel() + off, dtype=dtype)[off:].view(xl.shape) for _ in range(2))
+        kernels.evonorm_forward(kind, xl, y, layout, v, *d_e, scale, shift)
+        kernels.evonorm_dx(kind, dyl, xl, dx, layout, v, *d_e, a, b, m, k)
+        return (y, dx) if layout == "cf" else (y.transpose(1, 2), dx.transpose(1, 2))
 
     streamed = assert_streaming_changes_nothing(passes)
     xd, nc = x.double(), (lambda t: t.unsqueeze(2))

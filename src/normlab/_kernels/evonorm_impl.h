@@ -22,8 +22,11 @@
  * Channel-first outputs of float32 and float64 larger than the last-level cache are streamed
  * (evonorm_fwd, evonorm_dx without keep: STREAMED, kernels.c's streams): measured one thread,
  * (32, 64, 3136) float32, B0's forward 0.76-0.90x and input gradient 0.72-0.83x of plain stores.
- * Channels-last ones are not: computed a block of rows into an L1 buffer and streamed out, the
- * same passes took 1.06-1.19x (forward) and 1.07-1.16x (input gradient) of plain stores.
+ * Channels-last ones too, EV_CHUNK / C rows at a time computed into an L1 buffer and streamed out
+ * (EV_STREAMED_ROWS, where C <= EV_CHUNK / 2). When these passes loaded every coefficient once a
+ * row that took 1.06-1.19x (forward) and 1.07-1.16x (input gradient) of plain stores; with two
+ * rows a step (ROW_STEPS, below), two threads, from memory: input gradient 0.91-0.94x as a pass,
+ * forward 0.89-1.03x, and the layer's step 0.93-0.99x (paired, in one process).
  *
  * (the statistics come from the moments kernel; the adjoints are in
  * normlab/engine/describe_modern.py). Per-(n, c) arrays are double (N, C) (D, E unused by S0);
@@ -309,6 +312,25 @@ static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, int row
     } while (0)
 #define NO_POST(c)
 
+/* rows [0, rows) of a channels-last output at out (row stride C), RUNTO(o, j, kk) writing rows
+ * [j, j + kk) of the run to o: in place, or with st EV_CHUNK / C rows at a time into an L1 buffer
+ * streamed out (kernels.c: streams, stream_copy; st only where C <= EV_CHUNK / 2) */
+#define EV_CHUNK 512
+#define EV_STREAMED_ROWS(st, out, rows, C, RUNTO)                                                              \
+    do {                                                                                                       \
+        if (!(st)) {                                                                                           \
+            RUNTO((out), 0, (rows));                                                                           \
+        } else {                                                                                               \
+            T buf_[EV_CHUNK] __attribute__((aligned(64)));                                                     \
+            const i64 rb_ = EV_CHUNK / (C);                                                                    \
+            for (i64 j_ = 0; j_ < (rows); j_ += rb_) {                                                         \
+                const i64 kk_ = MIN(rb_, (rows) - j_);                                                         \
+                RUNTO(buf_, j_, kk_);                                                                          \
+                stream_copy((out) + j_ * (C), buf_, kk_ * (C) * (i64)sizeof(T));                               \
+            }                                                                                                  \
+        }                                                                                                      \
+    } while (0)
+
 /* rows [0, k) of one sample's channels [0, C) of the forward, x at p into o; vr, cr, D, E, s, b
  * the sample's coefficient rows */
 static inline __attribute__((always_inline)) void S(ev_fwd_run_cl)(const int kind, const T *p, T *o, i64 k, i64 C,
@@ -351,9 +373,19 @@ int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const 
         const F *D = co + (n) * C, *E = co + (N + (n)) * C, *s = co + (2 * N + (n)) * C, *b = co + (3 * N + (n)) * C; \
         EV_SWITCH(kind, RUN);                                                                                  \
     }
-#define RUN(K) S(ev_fwd_run_cl)(K, x + at, y + at, rows, C, vr, cr, lim, D, E, s, b);
+    const int st = STREAMABLE && C <= EV_CHUNK / 2 && streams(N * L * C * (i64)sizeof(T));
+#define TO(o, j, kk) S(ev_fwd_run_cl)(K_, x + at + (j) * C, o, kk, C, vr, cr, lim, D, E, s, b)
+#define RUN(K)                                                                                                 \
+    {                                                                                                          \
+        const int K_ = K;                                                                                      \
+        EV_STREAMED_ROWS(st, y + at, rows, C, TO);                                                             \
+    }
 #pragma omp parallel num_threads(nt)
-    SAMPLE_RUNS(N, L, RUN_ROWS(C), SEG);
+    {
+        SAMPLE_RUNS(N, L, RUN_ROWS(C), SEG);
+        stream_fence(st);
+    }
+#undef TO
 #undef RUN
 #undef SEG
     free(co);
@@ -556,10 +588,20 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
         else                                                                                                   \
             EV_SWITCH(kind, UNKEPT);                                                                           \
     }
+    const int st = STREAMABLE && !kept && C <= EV_CHUNK / 2 && streams(N * L * C * (i64)sizeof(T)); /* (kept: dx is read) */
 #define RUN(K, KEPT) S(ev_dx_run_cl)(K, KEPT, 1, dy + at, x + at, dx + at, rows, C, vr, cr, lim, D, E, ar, br, mr, kr);
-#define UNKEPT(K) RUN(K, 0)
+#define TO(o, j, kk) S(ev_dx_run_cl)(K_, 0, 1, dy + at + (j) * C, x + at + (j) * C, o, kk, C, vr, cr, lim, D, E, ar, br, mr, kr)
+#define UNKEPT(K)                                                                                              \
+    {                                                                                                          \
+        const int K_ = K;                                                                                      \
+        EV_STREAMED_ROWS(st, dx + at, rows, C, TO);                                                            \
+    }
 #pragma omp parallel num_threads(nt)
-    SAMPLE_RUNS(N, L, RUN_ROWS(C), SEG);
+    {
+        SAMPLE_RUNS(N, L, RUN_ROWS(C), SEG);
+        stream_fence(st);
+    }
+#undef TO
 #undef UNKEPT
 #undef RUN
 #undef SEG
