@@ -57,16 +57,23 @@ typedef union {
     float f;
 } nl_bits;
 
-/* The clamp bounds of the activation epilogues and of EvoNorm-S0's sigmoid: the exps' range
- * [-86, 88] (nl_expf_act, nl_expf_half), GELU's largest |v|, 12.5 (nl_gelu_t), and the S0
- * sigmoid's |t| limit, 125 (evonorm_impl.h: EV_LIMIT), read from memory rather than
- * written as literals: with literal bounds GCC 12 if-converts the clamps of a vectorised loop
- * into masked copies of the code after them for each bound (the constant propagated into
- * them), about 25 instructions per 32 values more than one vmaxps and one vminps. A weak
+/* The clamp bounds of the activation epilogues, EvoNorm-S0's sigmoid and the float32 erf, tanh
+ * and exp: the exps' range [-86, 88] (nl_expf_act, nl_expf_half), GELU's largest |v|, 12.5
+ * (nl_gelu_t), the S0 sigmoid's |t| limit, 125 (evonorm_impl.h: EV_LIMIT), erf's and tanh's
+ * largest |x|, 3.92 and 9.2, their results' 1 (nl_erff, nl_tanhf), and nl_expf's range
+ * [-104, 88.75], read from memory rather than written as literals: with literal bounds GCC 12
+ * if-converts the clamps of a vectorised loop into masked copies of the code after them for each
+ * bound (the constant propagated into them), about 25 instructions per 32 values more than one
+ * vmaxps and one vminps. A weak
  * definition may be replaced at link time, so the compiler cannot fold it; hidden, so nothing
  * outside the library can. The exp loop alone: bfloat16 0.50 -> 0.37 ns/value, float32 0.37
- * -> 0.24 (one thread). */
-__attribute__((weak, visibility("hidden"))) const float nl_act_bounds[4] = {-86.0f, 88.0f, 12.5f, 125.0f};
+ * -> 0.24 (one thread). erf's, tanh's and exp's literal bounds had left masked copies (a masked
+ * division among them) in every float32 GELU epilogue and Dynamic erf/tanh pass, and in the
+ * bfloat16 Dynamic erf/tanh ones; read from here, a layer's step, paired (two threads): float32
+ * norm + GELU 0.86-0.90x, dyt 0.76-0.77x, derf 0.83x then 0.92x (exp); bfloat16 dyt 0.79x, derf
+ * 0.81x then 0.96x. */
+__attribute__((weak, visibility("hidden"))) const float nl_act_bounds[9] = {-86.0f, 88.0f, 12.5f, 125.0f,
+                                                                            3.92f, 9.2f, 1.0f, -104.0f, 88.75f};
 
 /* x limited to [lo, hi]; NaN stays NaN (both comparisons are false) */
 static inline float nl_clampf(float x, float lo, float hi) {
@@ -110,7 +117,7 @@ static inline float nl_scale_normal(float e, float kf) {
 }
 
 static inline float nl_expf(float x) {
-    float kf, r = nl_exp_reduce(nl_clampf(x, -104.0f, 88.75f), &kf, 1);
+    float kf, r = nl_exp_reduce(nl_clampf(x, nl_act_bounds[7], nl_act_bounds[8]), &kf, 1);
     int32_t k = (int32_t)kf, k1 = k / 2; /* two factors: 2^k may lie outside the normal range */
     return nl_exp_poly(r) * nl_pow2i(k1) * nl_pow2i(k - k1);
 }
@@ -209,7 +216,7 @@ static inline float nl_gelu_grad_half(float v) {
 }
 
 static inline float nl_tanhf(float x) {
-    x = nl_clampf(x, -9.2f, 9.2f);
+    x = nl_clampf(x, -nl_act_bounds[5], nl_act_bounds[5]);
     float t = x * x;
     float p = NL_FMA(5.40039018e-08f, t, 3.25208384e-05f);
     p = NL_FMA(p, t, 0.00405152468f);
@@ -220,11 +227,11 @@ static inline float nl_tanhf(float x) {
     q = NL_FMA(q, t, 0.0278931316f);
     q = NL_FMA(q, t, 0.471524805f);
     q = NL_FMA(q, t, 1.0f);
-    return nl_clampf(x * p / q, -1.0f, 1.0f);
+    return nl_clampf(x * p / q, -nl_act_bounds[6], nl_act_bounds[6]);
 }
 
 static inline float nl_erff(float x) {
-    x = nl_clampf(x, -3.92f, 3.92f);
+    x = nl_clampf(x, -nl_act_bounds[4], nl_act_bounds[4]);
     float t = x * x;
     float p = NL_FMA(2.05004608e-06f, t, 0.000284880021f);
     p = NL_FMA(p, t, 0.00376561983f);
@@ -236,7 +243,7 @@ static inline float nl_erff(float x) {
     q = NL_FMA(q, t, 0.114109233f);
     q = NL_FMA(q, t, 0.502076447f);
     q = NL_FMA(q, t, 1.0f);
-    return nl_clampf(x * p / q, -1.0f, 1.0f);
+    return nl_clampf(x * p / q, -nl_act_bounds[6], nl_act_bounds[6]);
 }
 
 static inline float nl_sigmoidf(float x) { return 1.0f / (1.0f + nl_expf(-x)); }
