@@ -64,14 +64,15 @@ typedef union {
  * [-104, 88.75], read from memory rather than written as literals: with literal bounds GCC 12
  * if-converts the clamps of a vectorised loop into masked copies of the code after them for each
  * bound (the constant propagated into them), about 25 instructions per 32 values more than one
- * vmaxps and one vminps. A weak
- * definition may be replaced at link time, so the compiler cannot fold it; hidden, so nothing
- * outside the library can. The exp loop alone: bfloat16 0.50 -> 0.37 ns/value, float32 0.37
- * -> 0.24 (one thread). erf's, tanh's and exp's literal bounds had left masked copies (a masked
- * division among them) in every float32 GELU epilogue and Dynamic erf/tanh pass, and in the
- * bfloat16 Dynamic erf/tanh ones; read from here, a layer's step, paired (two threads): float32
- * norm + GELU 0.86-0.90x, dyt 0.76-0.77x, derf 0.83x then 0.92x (exp); bfloat16 dyt 0.79x, derf
- * 0.81x then 0.96x. */
+ * vmaxps and one vminps. A weak definition may be replaced at link time, so the compiler cannot
+ * fold it; hidden, so nothing outside the library can. By index: 0-1 the exps' range, 2 GELU's
+ * |v|, 3 S0's |t|, 4 erf's |x|, 5 tanh's |x|, 6 their results' bound, 7-8 nl_expf's range.
+ * The exp loop alone: bfloat16 0.50 -> 0.37 ns/value, float32 0.37 -> 0.24 (one thread).
+ * erf's, tanh's and exp's literal bounds had left masked copies (a masked division among them)
+ * in every float32 GELU epilogue and Dynamic erf/tanh pass, and in the bfloat16 Dynamic
+ * erf/tanh ones; read from here, a layer's step, paired (two threads): float32 norm + GELU
+ * 0.86-0.90x, dyt 0.76-0.77x, derf 0.83x then 0.92x (exp); bfloat16 dyt 0.79x, derf 0.81x then
+ * 0.96x. */
 __attribute__((weak, visibility("hidden"))) const float nl_act_bounds[9] = {-86.0f, 88.0f, 12.5f, 125.0f,
                                                                             3.92f, 9.2f, 1.0f, -104.0f, 88.75f};
 
