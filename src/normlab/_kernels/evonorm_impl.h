@@ -313,9 +313,11 @@ static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, int row
 #define NO_POST(c)
 
 /* rows [0, rows) of a channels-last output at out (row stride C), RUNTO(o, j, kk) writing rows
- * [j, j + kk) of the run to o: in place, or with st EV_CHUNK / C rows at a time into an L1 buffer
- * streamed out (kernels.c: streams, stream_copy; st only where C <= EV_CHUNK / 2) */
+ * [j, j + kk) of the run to o: in place, or with st (EV_STREAMS) EV_CHUNK / C rows at a time into
+ * an L1 buffer streamed out (kernels.c: streams, stream_copy). EV_CHUNK is twice kernels.c's
+ * STREAM_CHUNK so that a chunk holds a two-row step for up to 256 channels. */
 #define EV_CHUNK 512
+#define EV_STREAMS(C, values) (STREAMABLE && (C) <= EV_CHUNK / 2 && streams((values) * (i64)sizeof(T)))
 #define EV_STREAMED_ROWS(st, out, rows, C, RUNTO)                                                              \
     do {                                                                                                       \
         if (!(st)) {                                                                                           \
@@ -373,7 +375,7 @@ int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const 
         const F *D = co + (n) * C, *E = co + (N + (n)) * C, *s = co + (2 * N + (n)) * C, *b = co + (3 * N + (n)) * C; \
         EV_SWITCH(kind, RUN);                                                                                  \
     }
-    const int st = STREAMABLE && C <= EV_CHUNK / 2 && streams(N * L * C * (i64)sizeof(T));
+    const int st = EV_STREAMS(C, N * L * C);
 #define TO(o, j, kk) S(ev_fwd_run_cl)(K_, x + at + (j) * C, o, kk, C, vr, cr, lim, D, E, s, b)
 #define RUN(K)                                                                                                 \
     {                                                                                                          \
@@ -588,14 +590,15 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
         else                                                                                                   \
             EV_SWITCH(kind, UNKEPT);                                                                           \
     }
-    const int st = STREAMABLE && !kept && C <= EV_CHUNK / 2 && streams(N * L * C * (i64)sizeof(T)); /* (kept: dx is read) */
-#define RUN(K, KEPT) S(ev_dx_run_cl)(K, KEPT, 1, dy + at, x + at, dx + at, rows, C, vr, cr, lim, D, E, ar, br, mr, kr);
-#define TO(o, j, kk) S(ev_dx_run_cl)(K_, 0, 1, dy + at + (j) * C, x + at + (j) * C, o, kk, C, vr, cr, lim, D, E, ar, br, mr, kr)
-#define UNKEPT(K)                                                                                              \
+    const int st = !kept && EV_STREAMS(C, N * L * C); /* (kept: dx is read, in place) */
+#define TO(o, j, kk)                                                                                           \
+    S(ev_dx_run_cl)(K_, KEPT_, 1, dy + at + (j) * C, x + at + (j) * C, o, kk, C, vr, cr, lim, D, E, ar, br, mr, kr)
+#define RUN(K, KEPT)                                                                                           \
     {                                                                                                          \
-        const int K_ = K;                                                                                      \
+        const int K_ = K, KEPT_ = KEPT;                                                                        \
         EV_STREAMED_ROWS(st, dx + at, rows, C, TO);                                                            \
     }
+#define UNKEPT(K) RUN(K, 0)
 #pragma omp parallel num_threads(nt)
     {
         SAMPLE_RUNS(N, L, RUN_ROWS(C), SEG);
@@ -617,3 +620,6 @@ int S(nl_evonorm_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, int
 #undef EV_DX
 #undef ROW_STEPS
 #undef NO_POST
+#undef EV_STREAMS
+#undef EV_STREAMED_ROWS
+#undef EV_CHUNK
