@@ -12,8 +12,10 @@ relative error, the denominator linearised as in Loeb's method), printed as C li
   has only positive coefficients (no pole and zero pair inside the range, which float32
   rounding would expose); see the printed minimum of Q.
 
-And the half-precision GELU (``nl_gelu_half``, ``nl_gelu_grad_half``), whose result is rounded
-to bfloat16 or float16 (polynomials only, no division):
+For the half types, whose results are rounded to bfloat16 or float16: tanh and erf of lower
+degree (``nl_tanhf_half``: degrees 3 and 4 on [0, 9.2]; ``nl_erff_half``: 3 and 3 on [0, 3.5],
+erfc(3.5) = 7e-7), and the GELU (``nl_gelu_half``, ``nl_gelu_grad_half``; polynomials only, no
+division):
 
 - 2^r on |r| <= 1/2: ``1 + r P(r)``, P of degree 3;
 - log2 Phi(-t), the standard normal's lower tail, on [0, 6]: a polynomial of degree 7 in t
@@ -112,14 +114,17 @@ def main() -> None:
     from scipy.special import erf
 
     show("exp P", fit_exp())
-    print("tanh on [0, 9]")
-    p, q = fit_rational(np.tanh, 9.0, 4, 5)
-    show("tanh P", p)
-    show("tanh Q", q)
-    print("erf on [0, 3.92]")
-    p, q = fit_rational(erf, 3.92, 5, 5)
-    show("erf P", p)
-    show("erf Q", q)
+    rationals = [  # (what, name, range end, degrees of P and Q)
+        ("tanh on [0, 9]", "tanh", 9.0, 4, 5),
+        ("erf on [0, 3.92]", "erf", 3.92, 5, 5),
+        ("half-precision tanh on [0, 9.2] (nl_tanhf_half)", "tanh", 9.2, 3, 4),
+        ("half-precision erf on [0, 3.5] (nl_erff_half)", "erf", 3.5, 3, 3),
+    ]
+    for label, name, xmax, deg_p, deg_q in rationals:
+        print(label)
+        p, q = fit_rational(np.tanh if name == "tanh" else erf, xmax, deg_p, deg_q)
+        show(f"{name} P", p)
+        show(f"{name} Q", q)
     print("half-precision GELU")
     e, p, k = fit_gelu_half()
     show("2^r P", e)

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not _kernels.available(), reason="compiled kerne
 CASES = [
     ((3, 7, 13), -1, None, "cl"),  # transformer (N, T, C), C not a multiple of the vector width
     ((1, 1, 40), -1, None, "cl"),  # one row
+    ((3, 400, 24), -1, None, "cl"),  # 1200 rows: the backward's sums pass MAX_ROWS (512) a thread
     ((2, 5, 3, 7), 1, None, "cf"),  # (N, C, H, W), odd L
     ((2, 5, 3, 7), 1, torch.channels_last, "cl"),  # the same in channels-last memory
     ((4, 6), 1, None, "cl"),  # (N, C): one value per (n, c)

@@ -21,7 +21,7 @@ KINDS = {"tanh": 0, "erf": 1}
 """The squashing functions f, by name, as the kernels number them."""
 
 MATH_FUNCTIONS = {"exp": 0, "tanh": 1, "erf": 2, "sigmoid": 3, "exp_act": 4, "gelu": 5, "gelu_grad": 6,
-                  "gelu_half": 7, "gelu_grad_half": 8}
+                  "gelu_half": 7, "gelu_grad_half": 8, "tanh_half": 9, "erf_half": 10}
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -87,7 +87,8 @@ def squash_backward(dy: Tensor, v: Tensor, out: Tensor, layout: str, kind: str, 
 def math_function(name: str, x: Tensor) -> Tensor:
     """``name`` ("exp", "tanh", "erf", "sigmoid"; "exp_act": the activation epilogues' exp;
     "gelu", "gelu_grad": the epilogues' exact GELU and its derivative; "gelu_half",
-    "gelu_grad_half": the half types' GELU and derivative, unrounded on float32 input) of every
+    "gelu_grad_half", "tanh_half", "erf_half": the half types' GELU, its derivative, tanh and
+    erf, unrounded on float32 input; on half-precision input "tanh" and "erf" are these) of every
     value of ``x`` by the kernels' own functions (mathfn.h for the float types, libm for
     float64), for tests."""
     x = x.contiguous()

@@ -313,12 +313,14 @@ static inline float bf16_ld(uint16_t u) {
     return v.f;
 }
 
-/* f rounded to bfloat16, in the high half of a word (the low half is left over) */
+/* f rounded to bfloat16, in the high half of a word (the low half is left over). NaN is told by
+ * f != f, one float compare (the bit test, (i & 0x7fffffff) > 0x7f800000, took one operation
+ * more a vector: Dynamic tanh's bfloat16 passes 0.96x with the compare) */
 static inline uint32_t bf16_hi(float f) {
     bits32 v;
     v.f = f;
     uint32_t i = v.i;
-    return (i & 0x7fffffffu) > 0x7f800000u ? (i | 0x400000u) : i + 0x7fffu + ((i >> 16) & 1u);
+    return f != f ? (i | 0x400000u) : i + 0x7fffu + ((i >> 16) & 1u);
 }
 
 static inline uint16_t bf16_st(float f) {
@@ -374,6 +376,10 @@ typedef uint32_t nl_pair __attribute__((aligned(2), may_alias));
 #define EP_EXPA nl_expf_half
 #undef EP_GELU
 #undef EP_GELU_GRAD
+#undef EP_TANH
+#undef EP_ERF
+#define EP_TANH nl_tanhf_half
+#define EP_ERF nl_erff_half
 #define EP_GELU nl_gelu_half
 #define EP_GELU_GRAD nl_gelu_grad_half
 #if UNIT(3)
