@@ -228,3 +228,20 @@ def test_float32_derivative_error_over_a_sweep(kind, bound):
     x64 = x.detach().double().requires_grad_()
     (want,) = torch.autograd.grad(reference(kind, x64, 1.0, None, None, None, 2).sum(), x64)
     assert (dx.double() - want).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,floor", [("dyt", 2e-6), ("derf", 0.0)])
+def test_half_types_derivative_over_a_sweep(kind, dtype, floor):
+    # f'(z) as the half types' kernels compute it, rounded to the type: within two ulps of the
+    # float64 derivative at the same (rounded) input, plus for tanh' = 1 - tanh^2 the absolute
+    # error of nl_tanhf_half near +-1 (4.5e-7 relative: under 1e-6); erf' = 2/sqrt(pi) exp(-z^2)
+    # keeps its relative accuracy down to the type's subnormals (2^(-u^2) by nl_exp2_half)
+    x = torch.linspace(-6, 6, 40001).to(dtype).unique().view(1, -1, 1).requires_grad_()
+    y = call(kind, x, torch.ones(1, dtype=dtype), None, None, None, -1)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference(kind, x64, 1.0, None, None, None, 2).sum(), x64)
+    fi = torch.finfo(dtype)
+    bound = 2 * fi.eps * want.abs() + floor + fi.tiny * fi.eps
+    assert ((dx.double() - want).abs() <= bound).all()
