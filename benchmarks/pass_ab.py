@@ -26,7 +26,8 @@ from act_ab import other_library
 
 
 def passes(x, dy, out, layout: str) -> dict:
-    """The passes by name: the generic ones and EvoNorm's (B0 and S0), on per-(n, c) coefficients."""
+    """The passes by name: the generic ones, EvoNorm's (B0 and S0), on per-(n, c) coefficients, and
+    Dynamic tanh's and erf's."""
     from normlab import _kernels
     from normlab._kernels import evonorm as ev
 
@@ -46,7 +47,21 @@ def passes(x, dy, out, layout: str) -> dict:
         "evos0_fwd": lambda: ev.evonorm_forward("s0", x, out, layout, v[0], None, None, a, b),
         "evos0_red": lambda: ev.evonorm_reduce("s0", dy, x, layout, v[0], None, None, keep=out),
         "evos0_sample_fwd": lambda: ev.evos0_forward(x, out, layout, 32 if c % 32 == 0 else 1, 1e-5, v[0], None, None),
+        # Dynamic tanh and erf (elementwise_impl.h): channels-last as (M, C) rows
+        **{f"{name}_{step}": _squash(step, kind, x, dy, out, layout, d[0], b[0])
+           for name, kind in (("dyt", "tanh"), ("derf", "erf")) for step in ("fwd", "bwd")},
     }
+
+
+def _squash(step: str, kind: str, x, dy, out, layout: str, w, bias):
+    from normlab._kernels import elementwise as ew
+
+    def rows(t):
+        return t.reshape(-1, t.shape[-1]) if layout == "cl" else t
+
+    if step == "fwd":
+        return lambda: ew.squash_forward(rows(x), rows(out), layout, kind, 0.7, 0.1, w, bias)
+    return lambda: ew.squash_backward(rows(dy), rows(x), rows(out), layout, kind, 0.7, 0.1, w)[:2]
 
 
 def main() -> None:
