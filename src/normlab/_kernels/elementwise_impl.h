@@ -10,8 +10,8 @@
  *             over everything sum g x (dalpha) and sum g (dshift)
  *
  * w and b may be NULL (1 and 0). Two layouts: rows of an (M, C) matrix, the channel axis last
- * ("cl"), and (N, C, L), channel-first ("cf"). Sums are accumulated in A over a row or at most
- * MAX_ROWS rows (CF_CHUNK values of a channel-first row), then in double; the partial sums are
+ * ("cl"), and (N, C, L), channel-first ("cf"). Sums are accumulated in A over at most MAX_ROWS
+ * rows (CF_CHUNK values of a channel-first row), then in double; the partial sums are
  * added in a fixed order, so the results depend only on the shape and the thread count.
  */
 
@@ -187,10 +187,11 @@ int S(nl_squash_bwd_cl)(const T *dy, const T *x, T *dx, i64 M, i64 C, int kind, 
 #pragma omp for schedule(static)
         for (i64 r = 0; r < M; r++) {
             if (!acc) continue;
+            const i64 at = r * C;
             if (kind)
-                S(ew_bwd_row)(dy + r * C, x + r * C, dx + r * C, C, a, s, w, acc, acc + C, acc + 2 * C, acc + 3 * C, 1);
+                S(ew_bwd_row)(dy + at, x + at, dx + at, C, a, s, w, acc, acc + C, acc + 2 * C, acc + 3 * C, 1);
             else
-                S(ew_bwd_row)(dy + r * C, x + r * C, dx + r * C, C, a, s, w, acc, acc + C, acc + 2 * C, acc + 3 * C, 0);
+                S(ew_bwd_row)(dy + at, x + at, dx + at, C, a, s, w, acc, acc + C, acc + 2 * C, acc + 3 * C, 0);
             if (++pending == MAX_ROWS) {
                 S(ew_flush)(acc, mine, C);
                 pending = 0;
@@ -253,8 +254,8 @@ int S(nl_squash_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
 /* y = f(x) for f = exp (0), tanh (1), erf (2), sigmoid (3), the activations' exp (4), the
  * epilogue's GELU (5) and its derivative (6), the half types' GELU (7) and derivative (8), tanh
  * (9) and erf (10) in the unit's type (float32: unrounded; in the half types' units 1 and 2 are
- * 9 and 10): the math functions alone (in the same vectorised loops
- * as the kernels), for tests */
+ * 9 and 10): the math functions alone (in the same vectorised loops as the kernels), for
+ * tests */
 #define EW_MAP(fn)                                                                                                    \
     _Pragma("omp simd") for (i64 i = 0; i < n; i++) y[i] = ST(fn(LD(x[i])))
 void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
