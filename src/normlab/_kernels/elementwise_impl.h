@@ -1,7 +1,7 @@
 /* The element-wise normalization-free norms, Dynamic Tanh and Dynamic erf, for one storage type
  * T (arithmetic F, accumulator A, names S(...), LD/ST as in kernels_impl.h; EP_TANH, EP_ERF,
- * EP_EXPA and EP_EXP name the float or double functions of mathfn.h). Included by kernels.c once
- * per type.
+ * EP_GAUSS, EP_EXPA and EP_EXP name the float or double functions of mathfn.h, kernels.c choosing
+ * them per type). Included by kernels.c once per type.
  *
  *   forward   y = w_c f(z) + b_c,  z = alpha x + s,  f = tanh (kind 0) or erf (kind 1)
  *             read x, write y
@@ -17,22 +17,6 @@
 
 #define EW_TWO_OVER_SQRT_PI 1.1283791670955126
 
-/* exp(-z^2), erf's derivative over 2 / sqrt(pi). Float32: the epilogues' exp (kernels.c: EP_EXPA;
- * the values of nl_expf but 4e-38 for 0 below exp(-86)), the pass 0.81-0.88x of nl_expf's. The
- * half types: 2^(-u^2), u = z sqrt(log2 e), by nl_exp2_half (4e-6 relative, 1e-5 with the
- * rounding of u^2; exponent clamped at -125, S0's bound): no division by ln 2, no second clamp
- * (-u^2 <= 0) and no range reduction in two parts; bfloat16 backward 0.91-0.93x of the
- * epilogues' half-type exp (two threads, (32, 3136, 64), both layouts). Float64: libm. */
-static inline __attribute__((always_inline)) F S(ew_gauss)(F z) {
-#if UNIT(3) || UNIT(4)
-    const float u = z * 1.2011224087864498f, lim = nl_act_bounds[3];
-    float t = NL_FMA(-u, u, 0.0f);
-    return nl_exp2_half(t < -lim ? -lim : t);
-#else
-    return EP_EXPA(-z * z);
-#endif
-}
-
 /* f(z) and, with fd, f'(z); kind is a constant after inlining, so each loop has one f */
 static inline __attribute__((always_inline)) F S(ew_f)(F z, const int kind) {
     return kind ? EP_ERF(z) : EP_TANH(z);
@@ -40,7 +24,7 @@ static inline __attribute__((always_inline)) F S(ew_f)(F z, const int kind) {
 
 static inline __attribute__((always_inline)) F S(ew_fd)(F z, const int kind, F *fd) {
     if (kind) {
-        *fd = (F)EW_TWO_OVER_SQRT_PI * S(ew_gauss)(z);
+        *fd = (F)EW_TWO_OVER_SQRT_PI * EP_GAUSS(z);
         return EP_ERF(z);
     }
     F t = EP_TANH(z);

@@ -198,6 +198,9 @@ static double *repeat_rows(int rowmask, i64 N, i64 C, int *failed, int count, ..
 /* the exact GELU and its derivative (kernels_impl.h); the half types': mathfn.h's */
 #define EP_GELU S(gelu_erf)
 #define EP_GELU_GRAD S(gelu_erf_grad)
+/* exp(-z^2), Dynamic erf's derivative (elementwise_impl.h): on the epilogue's exp (4e-38 for 0
+ * below exp(-86); float64: libm's); the half types': mathfn.h's nl_gauss_half */
+#define EP_GAUSS(z) EP_EXPA(-(z) * (z))
 /* the activations' sigmoid: on the epilogue's exp (EP_EXPA) */
 #define EP_SIGMOIDA(v) ((F)1 / ((F)1 + EP_EXPA(-(v))))
 /* M(K) once per activation code K, as a literal (see act_fwd in kernels_impl.h) */
@@ -380,6 +383,8 @@ typedef uint32_t nl_pair __attribute__((aligned(2), may_alias));
 #undef EP_ERF
 #define EP_TANH nl_tanhf_half
 #define EP_ERF nl_erff_half
+#undef EP_GAUSS
+#define EP_GAUSS nl_gauss_half
 #define EP_GELU nl_gelu_half
 #define EP_GELU_GRAD nl_gelu_grad_half
 #if UNIT(3)
