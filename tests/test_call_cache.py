@@ -44,6 +44,8 @@ def _pair(kind: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[nn.Modul
         ours, ref, shape = ChannelLayerNorm(32, channel_dim=-1, **kw), nn.LayerNorm(32, **kw), (4, 10, 32)
     elif kind == "rmsc":
         ours, ref, shape = ChannelRMSNorm(32, channel_dim=-1, **kw), nn.RMSNorm(32, eps=1e-6, **kw), (4, 10, 32)
+    elif kind == "lnc_rows":  # large enough for the engine's row passes in bfloat16 (torch's in float32)
+        ours, ref, shape = ChannelLayerNorm(512, channel_dim=-1, **kw), nn.LayerNorm(512, **kw), (8, 128, 512)
     elif kind == "rmsc_rows":  # large enough for the engine's row passes
         ours, ref, shape = ChannelRMSNorm(512, channel_dim=-1, **kw), nn.RMSNorm(512, eps=1e-6, **kw), (4, 64, 512)
     else:
@@ -90,6 +92,27 @@ def _check_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, backward: bool
         torch.testing.assert_close(mine[k], v, rtol=1e-6, atol=1e-7, msg=f"{k} differs")
 
 
+def _check_half_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) -> None:
+    """A half-precision input to layers with float32 parameters (as under autocast): output and
+    input gradient against torch's layer, the parameters' gradients against a float64 copy of
+    it (torch's bfloat16 layer norm sums its weight's gradient less exactly, 0.1 relative at
+    (8, 56, 56, 64), than the row passes: test_kernels.py holds those to float64)."""
+    exact = copy.deepcopy(ref).double()
+    xa, xb, xe = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+    ya, yb, ye = ours(xa), ref(xb), exact(xe)
+    assert ya.dtype == yb.dtype
+    torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g), ye.backward(g.double())
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=4 * tol, atol=4 * tol)
+    params = dict(ours.named_parameters())
+    for name, p in exact.named_parameters():
+        got = params[name].grad
+        assert got.dtype == params[name].dtype
+        torch.testing.assert_close(got.double(), p.grad, rtol=tol, atol=tol * max(1.0, p.grad.abs().max().item()))
+    ours.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("kind", ["bn2d", "bn1d", "bn_seq", "gn", "ln", "lnc", "rmsc", "rmsc_rows"])
 def test_cached_calls_equal_torch_through_changes(kind):
     torch.manual_seed(0)
@@ -134,19 +157,22 @@ def test_cached_calls_equal_torch_through_changes(kind):
         _check_step(ours, ref, x.double(), backward=False, tol=tol)
 
 
-@pytest.mark.parametrize("kind", ["bn2d", "gn", "lnc", "rmsc", "rmsc_rows"])
+@pytest.mark.parametrize("kind", ["bn2d", "gn", "lnc", "lnc_rows", "rmsc", "rmsc_rows"])
 def test_cached_calls_under_autocast(kind):
     torch.manual_seed(1)
     ours, ref, shape = _pair(kind)
     x = torch.randn(shape)
     # (bfloat16 outputs: the engine's row passes and torch's RMSNorm compute in float32 in a
     # different order, so a value near a rounding boundary can land an ulp apart)
-    half_tol = 2.0 ** -6 if kind == "rmsc_rows" else 1e-6
+    half_tol = 2.0 ** -6 if kind.endswith("_rows") else 1e-6
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(3):
             _check_step(ours, ref, x)
         for _ in range(2):
-            _check_step(ours, ref, x.bfloat16(), tol=half_tol)
+            if kind == "lnc_rows":
+                _check_half_step(ours, ref, x.bfloat16(), tol=half_tol)
+            else:
+                _check_step(ours, ref, x.bfloat16(), tol=half_tol)
 
 
 def test_bad_input_after_a_cached_call_raises_the_layers_error():
@@ -255,19 +281,31 @@ def test_compile_traces_past_the_cache():
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_rmsc_rows_route_torch_below_the_crossover_and_the_kernels_above(monkeypatch):
+@pytest.mark.parametrize("kind,dtype,shape,on_rows", [
+    ("rmsc", torch.float32, (64, 512), False), ("rmsc", torch.float32, (4, 64, 512), True),
+    ("lnc", torch.float32, (64, 512), False), ("lnc", torch.float32, (8, 128, 512), False),
+    ("lnc", torch.bfloat16, (8, 128, 512), True), ("lnc", torch.bfloat16, (128, 64, 64), True),
+    ("lnc", torch.float16, (8, 128, 512), False), ("lnc", torch.bfloat16, (8, 64, 256), False)])
+def test_rows_route_torch_below_the_crossover_and_the_kernels_above(monkeypatch, kind, dtype, shape, on_rows):
     """Both routes keep a ready call; above the crossover it runs the engine's row passes
     (counted), below it torch's kernel (no row pass)."""
     rows_calls = []
-    real = _kernels.rowrms_forward
-    monkeypatch.setattr(_kernels, "rowrms_forward", lambda *a: rows_calls.append(1) or real(*a))
+    real = _kernels.rows_forward
+    monkeypatch.setattr(_kernels, "rows_forward", lambda *a: rows_calls.append(1) or real(*a))
     torch.manual_seed(8)
-    for shape, on_rows in (((64, 512), False), ((4, 64, 512), True)):
-        ours, ref = ChannelRMSNorm(512, channel_dim=-1), nn.RMSNorm(512, eps=1e-6)
-        randomize_affine(ref)
-        ours.load_state_dict(ref.state_dict())
-        rows_calls.clear()
-        for _ in range(2):
-            _check_step(ours, ref, torch.randn(shape), tol=1e-5)
-        assert _kept(ours) == 1
-        assert len(rows_calls) == (2 if on_rows and _kernels.available() else 0)
+    c = shape[-1]
+    if kind == "rmsc":
+        ours, ref = ChannelRMSNorm(c, channel_dim=-1), nn.RMSNorm(c, eps=1e-6)
+    else:
+        ours, ref = ChannelLayerNorm(c, channel_dim=-1), nn.LayerNorm(c)
+    randomize_affine(ref)
+    ours.load_state_dict(ref.state_dict())
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -5  # (half inputs: float32 parameters, as under autocast)
+    for _ in range(2):
+        x = torch.randn(shape).to(dtype)
+        if on_rows and dtype != torch.float32:
+            _check_half_step(ours, ref, x, tol=tol)
+        else:  # (torch's kernel on both sides: the same numbers)
+            _check_step(ours, ref, x, tol=tol)
+    assert _kept(ours) == 1
+    assert len(rows_calls) == (2 if on_rows and _kernels.available() else 0)

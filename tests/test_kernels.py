@@ -310,30 +310,63 @@ def test_built_once_and_reused_by_later_processes(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("normlab_kernels_*.so")) == built
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rows,c", [(1, 1), (7, 10), (130, 768), (3, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,c", [(1, 1), (7, 10), (9, 7), (130, 768), (3, 5000), (2, 9001)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_row_rms_forward_and_backward_match_autograd(dtype, rows, c, affine):
+@pytest.mark.parametrize("center", [True, False])
+def test_row_norm_forward_and_backward_match_float64_autograd(dtype, rows, c, affine, center):
+    """Layer norm (center) and RMS norm of each row against float64 autograd on the same rounded
+    input: rows of odd and even length (bfloat16 pairs values by words), longer than a chunk
+    (CF_CHUNK, 4096), fewer and more than a block of rows, and a mean far from zero."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(rows, c, generator=g, dtype=torch.float64) * 2 + 0.5
+    x = torch.randn(rows, c, generator=g, dtype=torch.float64) * 2 + (30.0 if center else 0.5)
     dy = torch.randn(rows, c, generator=g, dtype=torch.float64)
     w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64) if affine and center else None
     xr = x.to(dtype).double().requires_grad_()
     wr = w.clone().requires_grad_() if affine else None
-    want = xr * torch.rsqrt((xr * xr).mean(1, keepdim=True) + 1e-6)
+    br = b.clone().requires_grad_() if b is not None else None
+    ctr = xr - xr.mean(1, keepdim=True) if center else xr
+    want = ctr * torch.rsqrt((ctr * ctr).mean(1, keepdim=True) + 1e-6)
     want = want * wr if affine else want
-    grads = torch.autograd.grad(want, [xr] + ([wr] if affine else []), dy.to(dtype).double())
+    want = want + br if br is not None else want
+    wrt = [xr] + [t for t in (wr, br) if t is not None]
+    grads = torch.autograd.grad(want, wrt, dy.to(dtype).double())
     xv, dv = x.to(dtype), dy.to(dtype)
     y, dx = torch.empty_like(xv), torch.empty_like(xv)
-    rstd = _kernels.rowrms_forward(xv, y, 1e-6, w)
-    dw = _kernels.rowrms_backward(dv, xv, dx, w, rstd, affine)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    mean, rstd = _kernels.rows_forward(xv, y, 1e-6, w, b, center)
+    dw, db = _kernels.rows_backward(dv, xv, dx, w, mean, rstd, affine, b is not None)
+    if dtype == torch.float64:
+        tol = dict(rtol=1e-10, atol=1e-10)
+    elif dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-4)
+    else:  # (the output rounded to the half type: half an ulp, 2^-8 or 2^-11 relative)
+        tol = dict(rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=2e-2 if dtype == torch.bfloat16 else 3e-3)
     torch.testing.assert_close(y.double(), want.detach(), **tol)
     torch.testing.assert_close(dx.double(), grads[0], **tol)
+    assert (mean is None) == (not center)
+    sums = dict(rtol=1e-9, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
     if affine:
-        torch.testing.assert_close(dw, grads[1], rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=1e-6)
+        torch.testing.assert_close(dw, grads[1], **sums)
     else:
         assert dw is None
+    if b is not None:
+        torch.testing.assert_close(db, grads[2], **sums)
+    else:
+        assert db is None
+
+
+@pytest.mark.parametrize("c", [64, 768, 5000])
+def test_row_layer_norm_at_a_far_mean_matches_float64(c):
+    """Mean 1e4 x the spread in float32: the rows' two-pass sums keep the variance (E[x^2] - E[x]^2
+    would give errors of order 1-100); what is left is the float32 input's own spacing near 1e4
+    (1e-3 of a spread) and the mean's rounding, as in torch's layer norm (about 2e-3 both)."""
+    x = (torch.randn(64, c, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 1e4).float()
+    xd = x.double()
+    want = (xd - xd.mean(1, keepdim=True)) * torch.rsqrt(xd.var(1, unbiased=False, keepdim=True) + 1e-5)
+    y = torch.empty_like(x)
+    _kernels.rows_forward(x, y, 1e-5, None, None, True)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=6e-3)
 
 
 # ----------------------------------------------- the per-sample norms on the compiled kernels
@@ -363,7 +396,7 @@ def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center,
     def run(x, w, b):
         desc = engine.GroupStats(groups, 1e-5, center)
         y = engine.run(desc, x, cd, (w, b) if center else (w,))
-        if not need_moments:  # (RMS over rows keeps none)
+        if not need_moments or layout == "2d" and groups == 1:  # (the row passes keep no per-(n, c) moments)
             return y, None, None
         return y, desc.mean_nc, desc.m2_nc / desc.count_nc
 
@@ -379,7 +412,7 @@ def test_group_norm_kernel_gradcheck_and_torch_reference(groups, layout, center,
     y, mean, var = run(x, w, b)
     torch.testing.assert_close(y.movedim(cd, 1), ref, rtol=1e-10, atol=1e-10)
     assert y.stride() == x.stride()
-    if need_moments:  # per-(n, c) moments, for instance norm's running statistics
+    if mean is not None:  # per-(n, c) moments, for instance norm's running statistics
         if xm.ndim == 2:  # one value per (n, c)
             torch.testing.assert_close(mean, xm, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(var, torch.zeros_like(xm), rtol=0, atol=1e-12)

@@ -21,8 +21,8 @@ merged exactly across blocks in double precision. Two fused pairs serve the per-
 (group, instance, layer, RMS): :func:`group_forward` (moments, group statistics and output
 per (sample, group) block, or per sample channels-last, while it is in cache) and
 :func:`group_backward` (the closed-form input gradient the same way); and
-:func:`rowrms_forward` / :func:`rowrms_backward` normalize the rows of an (M, C) matrix
-(the transformer's RMSNorm over the channel axis).
+:func:`rows_forward` / :func:`rows_backward` normalize the rows of an (M, C) matrix
+(the transformer's LayerNorm and RMSNorm over the channel axis).
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``,
 ``-O3 -march=native -fopenmp -ffp-contract=fast``: some 18 s, four units in parallel) into a private cache directory
@@ -49,7 +49,7 @@ from . import _build
 
 __all__ = ["EPILOGUES", "Epilogue", "available", "enabled", "status", "streaming", "supports", "moments", "affine",
            "reduce", "dx",
-           "group_forward", "group_backward", "rowrms_forward", "rowrms_backward", "threshold_of",
+           "group_forward", "group_backward", "rows_forward", "rows_backward", "threshold_of",
            "linear_scan", "scans"]
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -78,9 +78,9 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"nl_group_bwd_{layout}_{s}")
             fn.argtypes = [p, p, p, i, i, i, i, n, p, p, n, d, p, p, p, p, p, p, n]
             fn.restype = ctypes.c_int
-        getattr(lib, f"nl_rowrms_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n]
-        getattr(lib, f"nl_rowrms_bwd_{s}").argtypes = [p, p, p, i, i, p, p, p, n]
-        getattr(lib, f"nl_rowrms_fwd_{s}").restype = getattr(lib, f"nl_rowrms_bwd_{s}").restype = ctypes.c_int
+        getattr(lib, f"nl_rows_fwd_{s}").argtypes = [p, p, i, i, ctypes.c_double, p, p, n, p, p, n]
+        getattr(lib, f"nl_rows_bwd_{s}").argtypes = [p, p, p, i, i, p, n, p, p, p, p, n]
+        getattr(lib, f"nl_rows_fwd_{s}").restype = getattr(lib, f"nl_rows_bwd_{s}").restype = ctypes.c_int
     for s in ("f32", "f64"):
         getattr(lib, f"nl_scan_{s}").argtypes = [p, p, p, i, i, p, p]
     from .elementwise import declare as declare_elementwise; declare_elementwise(lib)  # noqa: E702 (imports this module)
@@ -392,30 +392,38 @@ def _row_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if weight is None else weight.detach().to(_COMPUTE.get(dtype, torch.float32)).contiguous()
 
 
-def rowrms_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None) -> Tensor:
-    """RMS norm of each row of a contiguous (M, C) matrix into ``out``; returns the rows' 1/rms, float64 (M,)."""
+def rows_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None = None,
+                 center: bool = False) -> tuple[Tensor | None, Tensor]:
+    """Layer norm (``center``) or RMS norm of each row of a contiguous (M, C) matrix into ``out``;
+    returns the rows' means (None for RMS) and 1/std, float64 (M,) each, for :func:`rows_backward`."""
     m, c = _rows(x)
     _rows(out)
+    mean = torch.empty(m, dtype=torch.float64) if center else None
     rstd = torch.empty(m, dtype=torch.float64)
-    w = _row_weight(weight, x.dtype)
-    _check(getattr(_lib(), f"nl_rowrms_fwd_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(out), m, c, float(eps),
-                                                       None if w is None else _ptr(w), _ptr(rstd),
-                                                       torch.get_num_threads()), "rowrms_fwd")
-    return rstd
+    w, b = _row_weight(weight, x.dtype), _row_weight(bias, x.dtype)
+    _check(getattr(_lib(), f"nl_rows_fwd_{_SUFFIX[x.dtype]}")(
+        _ptr(x), _ptr(out), m, c, float(eps), _ptr_or_null(w), _ptr_or_null(b), int(center), _ptr_or_null(mean),
+        _ptr(rstd), torch.get_num_threads()), "rows_fwd")
+    return mean, rstd
 
 
-def rowrms_backward(dy: Tensor, x: Tensor, out: Tensor, weight: Tensor | None, rstd: Tensor,
-                    weight_grad: bool) -> Tensor | None:
-    """The input gradient of :func:`rowrms_forward` into ``out``; returns the weight's, float64 (C,), if asked."""
+def rows_backward(dy: Tensor, x: Tensor, out: Tensor, weight: Tensor | None, mean: Tensor | None, rstd: Tensor,
+                  weight_grad: bool, bias_grad: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    """The input gradient of :func:`rows_forward` into ``out``; returns the weight's and the bias's,
+    float64 (C,) each, where asked (else None)."""
     m, c = _rows(x)
     _rows(dy), _rows(out)
     w = _row_weight(weight, x.dtype)
     dw = torch.empty(c, dtype=torch.float64) if weight_grad else None
-    _check(getattr(_lib(), f"nl_rowrms_bwd_{_SUFFIX[x.dtype]}")(_ptr(dy), _ptr(x), _ptr(out), m, c,
-                                                       None if w is None else _ptr(w), _ptr(rstd),
-                                                       None if dw is None else _ptr(dw), torch.get_num_threads()),
-           "rowrms_bwd")
-    return dw
+    db = torch.empty(c, dtype=torch.float64) if bias_grad else None
+    _check(getattr(_lib(), f"nl_rows_bwd_{_SUFFIX[x.dtype]}")(
+        _ptr(dy), _ptr(x), _ptr(out), m, c, _ptr_or_null(w), int(mean is not None), _ptr_or_null(mean), _ptr(rstd),
+        _ptr_or_null(dw), _ptr_or_null(db), torch.get_num_threads()), "rows_bwd")
+    return dw, db
+
+
+def _ptr_or_null(t: Tensor | None):
+    return None if t is None else _ptr(t)
 
 
 def linear_scan(first: Tensor, coef: Tensor, inc: Tensor) -> tuple[Tensor, Tensor]:

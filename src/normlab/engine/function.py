@@ -13,7 +13,7 @@ Per-sample norms (:class:`GroupStats`) without an activation run both passes fus
 (sample, group), or per sample channels-last, from cache when there are at least two such
 items a thread (:func:`normlab._kernels.group_forward` / ``group_backward``; EvoNorm-S0, whose
 description runs its own element map, ``evos0_forward`` / ``evos0_backward``); the transformer's
-RMS norm over the channel axis alone runs row by row (``rowrms_*``). Only ``x`` (one
+layer and RMS norm over the channel axis alone run row by row (``rows_*``). Only ``x`` (one
 input-sized tensor, in its own dtype) and (N, C) statistics are saved for backward.
 """
 
@@ -32,13 +32,13 @@ __all__ = ["EngineNorm", "run", "kernel_moments"]
 
 
 def _fused(desc: Description, layout: str, n: int, length: int, act: tuple[int, float] | None) -> str | None:
-    """Which fused per-sample passes apply: "rows" (RMS over the channels of each position),
+    """Which fused per-sample passes apply: "rows" (layer or RMS norm over the channels of each position),
     "group" (per (sample, group) or per sample from cache: group norms and EvoNorm-S0, the
     per-sample norms that have ``groups``), or None (the generic passes). The fused passes need
     at least two work items a thread; the rows kernel has no epilogue."""
     if desc.groups is None or desc.moments_given is not None:
         return None
-    if isinstance(desc, GroupStats) and layout == "cl" and length == 1 and desc.groups == 1 and not desc.center:
+    if isinstance(desc, GroupStats) and layout == "cl" and length == 1 and desc.groups == 1:
         return "rows" if act is None else None
     items = n * desc.groups if layout == "cf" else n  # type: ignore[operator]
     return "group" if items >= 2 * torch.get_num_threads() else None
@@ -64,7 +64,8 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     ctx.fused = _fused(desc, layout, n, length, act)
     if ctx.fused == "rows":  # (v is x's (N, 1, C) view; the output is made in its shape)
         yv = torch.empty_like(v)
-        desc.rstd_rows = _kernels.rowrms_forward(v.view(n, c), yv.view(n, c), desc.eps, params[0])
+        desc.rows = _kernels.rows_forward(v.view(n, c), yv.view(n, c), desc.eps, params[0],
+                                          _bias(params) if desc.center else None, desc.center)
         return yv.view(x.shape)
     y = torch.empty_like(x)
     yv = view_like(y, layout, cd)
@@ -119,9 +120,11 @@ class EngineNorm(torch.autograd.Function):
             return (dx, None, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
         if ctx.fused == "rows":
             c = x.shape[cd]
-            dw = _kernels.rowrms_backward(dyv.reshape(-1, c), v.reshape(-1, c), (dxv if need_x else torch.empty_like(v)
-                                          ).reshape(-1, c), params[0], desc.rstd_rows, bool(need_p[0]))
-            return (dx, None, None, None, None, None if dw is None else dw.to(params[0].dtype))
+            grads = _kernels.rows_backward(dyv.reshape(-1, c), v.reshape(-1, c),
+                                           (dxv if need_x else torch.empty_like(v)).reshape(-1, c), params[0],
+                                           *desc.rows, bool(need_p[0]), desc.center and bool(need_p[1]))
+            return (dx, None, None, None, None,
+                    *(None if g is None else g.to(p.dtype) for g, p in zip(grads, params)))
         if ctx.fused == "group" and need_x:
             g, h, *e = _kernels.group_backward(dyv, v, dxv, layout, desc.groups, desc.center, params[0], desc.ctr,
                                                desc.rstd, _bias(params), act)

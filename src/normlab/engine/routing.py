@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .. import _kernels
 
-__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_KERNEL_GROUP_NUMEL", "MIN_KERNEL_NUMEL",
-           "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
+__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_LNC_NUMEL", "MIN_KERNEL_GROUP_NUMEL",
+           "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
            "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -34,6 +34,17 @@ cost a fixed ~50 us a call around a kernel as fast as torch's (measured one thre
 engine / torch: forward 2.3-2.7x and forward+backward 0.96-1.17 at 32k values; forward 1.9-2.1x,
 forward+backward 0.77-1.2 at 65k; forward+backward 0.45 at 131k and 0.21-0.26 at 262k, where
 torch's RMSNorm backward is a composite of several full-size passes)."""
+
+MIN_HALF_LNC_NUMEL = 1 << 19
+"""lnc (layer norm over the channel axis alone) runs the engine's row passes in bfloat16 from this
+many values on, with backward; torch's layer-norm kernel below, without backward, and in the other
+dtypes. Measured two threads, layer forward+backward, rows / torch's LayerNorm: bfloat16 1.35 at
+(8, 64, 256), 1.22 at (4, 1024, 64), 0.89 at (32, 64, 256), 0.80-0.82 at (8, 128, 768), (32, 128,
+768) and (8, 3136, 64) (torch's bfloat16 layer norm is slower than its float32 one, and its
+weight's gradient 0.1 relative off at (8, 56, 56, 64)); float32 1.01-1.95 at the same sizes
+(torch's float32 kernel is fast and the engine's per-call cost, some 150 us, is not repaid);
+float16 1.10-1.45 on the kernels alone (their float16 conversions are bit operations, torch's
+the CPU's F16C instructions)."""
 
 MIN_KERNEL_NUMEL = 1 << 19
 """float32/float64 batch norm runs on normlab's kernels from this many values per thread on
@@ -182,7 +193,10 @@ class fast_path:
 #                                                            forced); rmsc (torch's RMS-norm kernel on
 #                                                            the channel-last rows) below
 #                                                            MIN_KERNEL_ROWS_NUMEL, parameters of the
-#                                                            input's dtype, not forced
+#                                                            input's dtype, not forced; lnc (torch's
+#                                                            layer-norm kernel) but in bfloat16 from
+#                                                            MIN_HALF_LNC_NUMEL values with backward,
+#                                                            not forced
 # "kernels"  the engine (normlab.engine.function) on the     every other call the kernels can take:
 #            compiled kernels: moments, the norm's           a channel-first or channels-last dense
 #            description, one output pass; sums, the         view, at least MIN_KERNEL_POSITIONS
@@ -196,6 +210,8 @@ _ROUTES: dict[tuple, str] = {}
 _MAX_ROUTES = 4096
 TORCH_NORMS = ("bn", "ln", "gn", "in")
 PER_CHANNEL = ("bn", "mobn", "brn", "on", "squash")
+ROW_NORMS = ("lnc", "rmsc")
+"""The norms over the channel axis alone, on the engine's row passes (no positions needed)."""
 """Norms that need no positions on the kernels: per-channel statistics, online norm's stream,
 and the element-wise ones (dyt, derf: ``normlab._kernels.elementwise``)."""
 
@@ -234,8 +250,11 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
     if (norm == "rmsc" and mode is None and x.numel() < MIN_KERNEL_ROWS_NUMEL
             and all(d is None or d == x.dtype for d in dtypes)):
         return "torch"
+    if norm == "lnc" and mode is None and (x.dtype != torch.bfloat16 or x.numel() < MIN_HALF_LNC_NUMEL
+                                           or not (x.requires_grad and torch.is_grad_enabled())):
+        return "torch"
     kernels = supported
-    if kernels and norm not in PER_CHANNEL and norm != "rmsc":
+    if kernels and norm not in PER_CHANNEL and norm not in ROW_NORMS:
         kernels = x.numel() // (x.shape[0] * x.shape[cd]) >= MIN_KERNEL_POSITIONS or mode is True
     if kernels and norm == "pn":
         kernels = x.numel() >= MIN_PN_NUMEL or mode is True

@@ -210,8 +210,10 @@ def channel_layer_norm(
         y = weight_c * (x - mean_c(x)) / sqrt(var_c(x) + eps) + bias_c
 
     With ``channel_dim=-1`` this is ``torch.nn.LayerNorm(C)``. When the channel axis is the
-    innermost in memory (channel-last tensors, ``channels_last`` images) the native kernel
-    runs on a view; otherwise the moments come from the statistics core.
+    innermost in memory (channel-last tensors, ``channels_last`` images) it runs on a view:
+    the engine's row passes for large bfloat16 inputs (with backward), torch's layer-norm
+    kernel otherwise (``normlab.engine.routing``); otherwise the moments come from
+    the statistics core.
     """
     torch_call = channel_layer_norm_call(x, weight, bias, eps=eps, channel_dim=channel_dim)
     if torch_call is not None:
@@ -227,10 +229,15 @@ def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tenso
     ``x``'s signature (those whose channel axis is innermost in memory), ready to apply as
     ``f(x, weight, bias)``; else None. Layers keep it per input signature."""
     cd = channel_axis(x.ndim, channel_dim)
-    if _channel_last_view(x, cd) is None:
+    view = _channel_last_view(x, cd)
+    if view is None:
         return None
+    last = cd == x.ndim - 1
+    if route("lnc", view, view.ndim - 1, 1, dtypes_of(weight, bias)) == "kernels":
+        rows = _rows_call(x.shape[cd], eps, center=True)
+        return rows if last else lambda x, w, b: rows(x.movedim(cd, -1), w, b).movedim(-1, cd)
     shape, cudnn = (x.shape[cd],), torch.backends.cudnn.enabled
-    if cd == x.ndim - 1:
+    if last:
         return lambda x, w, b: torch.layer_norm(x, shape, w, b, eps, cudnn)
     return lambda x, w, b: torch.layer_norm(x.movedim(cd, -1), shape, w, b, eps, cudnn).movedim(-1, cd)
 
@@ -247,25 +254,28 @@ def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float
         return None
     shape, last = (x.shape[cd],), cd == x.ndim - 1
     if route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
-        rows = _rows_call(x.shape[cd], _rms_eps(eps, x))
+        rows = _rows_call(x.shape[cd], _rms_eps(eps, x), center=False)
         return rows if last else lambda x, w: rows(x.movedim(cd, -1), w).movedim(-1, cd)
     if last:
         return lambda x, w: torch.rms_norm(x, shape, w, eps)
     return lambda x, w: torch.rms_norm(x.movedim(cd, -1), shape, w, eps).movedim(-1, cd)
 
 
-def _rows_call(c: int, eps: float) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """RMS norm of each row of C values of a channel-last contiguous input on the engine's row
-    passes: one read of each row forward and backward (torch's CPU RMSNorm is a composite with
-    several full-size temporaries)."""
+def _rows_call(c: int, eps: float, center: bool) -> Callable[..., Tensor]:
+    """Layer norm (``center``: ``f(x, weight, bias)``) or RMS norm (``f(x, weight)``) of each row of
+    C values of a channel-last contiguous input on the engine's row passes: one read of each row
+    forward and backward (torch's CPU RMSNorm is a composite with several full-size
+    temporaries; its half-precision layer norm computes in float32 through copies)."""
 
-    def reference(r: Tensor, w: Tensor | None) -> Tensor:
-        return channel_rms_norm(r, w, eps=eps, channel_dim=-1)
+    def reference(r: Tensor, *params: Tensor | None) -> Tensor:
+        if center:
+            return channel_layer_norm(r, *params, eps=eps, channel_dim=-1)
+        return channel_rms_norm(r, *params, eps=eps, channel_dim=-1)
 
-    def call(x: Tensor, w: Tensor | None) -> Tensor:
-        desc = GroupStats(1, eps, center=False)  # (positions, 1, C): one "sample" per position
+    def call(x: Tensor, *params: Tensor | None) -> Tensor:
+        desc = GroupStats(1, eps, center=center)  # (positions, 1, C): one "sample" per position
         desc.reference = reference
-        return engine.run(desc, x.view(-1, 1, c), 2, (w,)).view(x.shape)
+        return engine.run(desc, x.view(-1, 1, c), 2, params).view(x.shape)
 
     return call
 
