@@ -1201,14 +1201,20 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
  *   dw = sum over rows of dy (x - m) rstd,  db = sum over rows of dy
  *
  * Each row is read from memory once a pass; its sums (two-pass: the mean, then the squared
- * deviations) and its output are made while it is in L1. Rows go in blocks of ROWS_BLOCK, each
- * step over every row of the block before the next step, so that the rows' short dependency
- * chains (a sum across the vector, the square root) overlap instead of following each other:
- * measured one thread from L2, bfloat16 layer norm over the row-at-a-time loop 0.74x at C = 64,
- * 0.6x at C = 256. The weight and bias come in the compute type F (float32, float64 for double),
- * as a layer holds them; bfloat16 reads and writes rows as 32-bit words of two values, with the
- * weight, bias and their gradients' sums split into even and odd channels to match. ---- */
+ * deviations) and its output are made while it is in L1. The forward goes over blocks of up to
+ * ROWS_BLOCK rows (ROWS_BLOCK_BYTES of input), each step over every row of the block before the
+ * next step, so that the rows' dependency chains (two sums across the vector, the square root)
+ * overlap instead of following each other. Measured two threads from memory, RMS norm forward
+ * over the row-at-a-time kernel before it (two runs): bfloat16 0.56-0.58x at C = 64, 0.77-0.78x
+ * at 256, 0.90x at 768; float32 0.64-0.99x, 0.83-0.97x, 1.02-1.23x (blocks of 4 kB were slower at
+ * 256 and 768). The backward (one sum pass and one output pass a row) goes row by row and adds
+ * the weight's and bias's gradients in its sum pass: over the kernel before it 0.86-0.96x in
+ * bfloat16, 0.70-0.97x in float32 (blocked, it was 1.0-1.35x). The weight and bias come in the
+ * compute type F (float32, float64 for double), as a layer holds them; bfloat16 reads and writes
+ * rows as 32-bit words of two values, with the weight, bias and their gradients' sums split into
+ * even and odd channels to match. ---- */
 #define ROWS_BLOCK 8
+#define ROWS_BLOCK_BYTES 1024
 /* where channel c of a row of C sits in the rows' channel order: bfloat16 rows of even C go as
  * words of two values, so their per-channel factors and sums are held even channels first */
 #if PAIRED_OUT
@@ -1285,9 +1291,10 @@ int S(nl_rows_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const F *weight, 
     F *wb = S(rows_params)(weight, bias, C);
     if (!wb) return 1;
     const F *w = wb, *b = wb + C;
+    const i64 block = MAX(1, MIN(ROWS_BLOCK, ROWS_BLOCK_BYTES / (C * (i64)sizeof(T))));
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 r0 = 0; r0 < M; r0 += ROWS_BLOCK) {
-        const i64 nr = MIN(ROWS_BLOCK, M - r0);
+    for (i64 r0 = 0; r0 < M; r0 += block) {
+        const i64 nr = MIN(block, M - r0);
         F mb[ROWS_BLOCK] = {0}, rb[ROWS_BLOCK];
         if (center)
             for (i64 i = 0; i < nr; i++) mb[i] = (F)(S(rows_total)(x + (r0 + i) * C, C, 0, 0) / C);
@@ -1309,9 +1316,21 @@ int S(nl_rows_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const F *weight, 
 }
 
 /* the row's A1 = sum w dy and A2 = sum w dy (x - m) (w in the rows' channel order), CF_CHUNK
- * values at a time in A, the chunks in double */
-static inline __attribute__((always_inline)) void S(rows_dots)(const T *d, const T *p, const F *w, i64 C, F m,
-                                                                 double *a1, double *a2) {
+ * values at a time in A, the chunks in double; with SUMS (a literal) it also adds each
+ * channel's dy (x - m) rs and dy to them, the weight's and bias's gradients, in the same read */
+#define ROWS_DOT(dv, pv, c)                                                                                 \
+    do {                                                                                                       \
+        F g_ = w[c] * (dv), e_ = (pv) - m;                                                                     \
+        s1 += g_;                                                                                              \
+        s2 += g_ * e_;                                                                                         \
+        if (SUMS) {                                                                                            \
+            gw[c] += (dv) * e_ * rs;                                                                           \
+            gb[c] += (dv);                                                                                     \
+        }                                                                                                      \
+    } while (0)
+static inline __attribute__((always_inline)) void S(rows_dots)(const T *d, const T *p, const F *w, i64 C, F m, F rs,
+                                                                 F *gw, F *gb, const int SUMS, double *a1,
+                                                                 double *a2) {
     double t1 = 0.0, t2 = 0.0;
 #if PAIRED_OUT
     if (!(C & 1)) {
@@ -1321,9 +1340,8 @@ static inline __attribute__((always_inline)) void S(rows_dots)(const T *d, const
             A s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
             for (i64 j = j0; j < MIN(h, j0 + CF_CHUNK / 2); j++) {
-                F gl = w[j] * LD_LO(dw[j]), gh = w[h + j] * LD_HI(dw[j]);
-                s1 += gl + gh;
-                s2 += gl * (LD_LO(pw[j]) - m) + gh * (LD_HI(pw[j]) - m);
+                ROWS_DOT(LD_LO(dw[j]), LD_LO(pw[j]), j);
+                ROWS_DOT(LD_HI(dw[j]), LD_HI(pw[j]), h + j);
             }
             t1 += s1;
             t2 += s2;
@@ -1336,17 +1354,14 @@ static inline __attribute__((always_inline)) void S(rows_dots)(const T *d, const
     for (i64 c0 = 0; c0 < C; c0 += CF_CHUNK) {
         A s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
-        for (i64 c = c0; c < MIN(C, c0 + CF_CHUNK); c++) {
-            F g = w[c] * LD(d[c]);
-            s1 += g;
-            s2 += g * (LD(p[c]) - m);
-        }
+        for (i64 c = c0; c < MIN(C, c0 + CF_CHUNK); c++) ROWS_DOT(LD(d[c]), LD(p[c]), c);
         t1 += s1;
         t2 += s2;
     }
     *a1 = t1;
     *a2 = t2;
 }
+#undef ROWS_DOT
 
 /* the input gradient into dx; the weight's and bias's (dw, db: float64 (C,), NULL where not
  * wanted) summed per thread in F over at most MAX_ROWS rows, then in double, added in thread
@@ -1369,52 +1384,27 @@ int S(nl_rows_bwd)(const T *dy, const T *x, T *dx, i64 M, i64 C, const F *weight
         i64 pending = 0;
         if (!fw) failed = 1;
 #pragma omp for schedule(static)
-        for (i64 r0 = 0; r0 < M; r0 += ROWS_BLOCK) {
+        for (i64 r = 0; r < M; r++) {
             if (!fw) continue;
-            const i64 nr = MIN(ROWS_BLOCK, M - r0);
-            double s1[ROWS_BLOCK], s2[ROWS_BLOCK];
-            F mb[ROWS_BLOCK];
-            for (i64 i = 0; i < nr; i++) {
-                const i64 at = (r0 + i) * C;
-                mb[i] = center ? (F)mean[r0 + i] : (F)0;
-                S(rows_dots)(dy + at, x + at, w, C, mb[i], s1 + i, s2 + i);
-            }
-            for (i64 i = 0; i < nr; i++) {
-                const i64 at = (r0 + i) * C;
-                const double rsd = rstd[r0 + i];
-                const F m = mb[i], rs = (F)rsd, k1 = center ? (F)(-rsd * s1[i] / C) : (F)0,
-                        k2 = (F)(-rsd * rsd * rsd * s2[i] / C);
-#define MAP(dv, pv, c) rs * w[c] * (dv) + k1 + ((pv) - m) * k2
-                ROWS_MAP(dx + at, dy + at, x + at, C, MAP);
-#undef MAP
-                if (dw || db) {
-                    F *gw = fw, *gb = fw + C;
-#define MAP(dv, pv, c) (gw[c] += (dv) * ((pv) - m) * rs, gb[c] += (dv), (F)0)
-                    /* (the sums in the rows' channel order; MAP's value is not stored) */
-                    const T *d = dy + at, *p = x + at;
-#if PAIRED_OUT
-                    if (!(C & 1)) {
-                        const i64 h = C / 2;
-                        const nl_pair *dw2 = (const nl_pair *)d, *pw2 = (const nl_pair *)p;
-#pragma omp simd
-                        for (i64 j = 0; j < h; j++) {
-                            (void)MAP(LD_LO(dw2[j]), LD_LO(pw2[j]), j);
-                            (void)MAP(LD_HI(dw2[j]), LD_HI(pw2[j]), h + j);
-                        }
-                    } else
-#endif
-#pragma omp simd
-                        for (i64 c = 0; c < C; c++) (void)MAP(LD(d[c]), LD(p[c]), c);
-#undef MAP
-                    if (++pending == MAX_ROWS) {
-                        for (i64 c = 0; c < 2 * C; c++) {
-                            mine[c] += fw[c];
-                            fw[c] = 0;
-                        }
-                        pending = 0;
-                    }
+            const i64 at = r * C;
+            const double rsd = rstd[r];
+            const F m = center ? (F)mean[r] : (F)0, rs = (F)rsd;
+            double s1, s2;
+            if (dw || db)
+                S(rows_dots)(dy + at, x + at, w, C, m, rs, fw, fw + C, 1, &s1, &s2);
+            else
+                S(rows_dots)(dy + at, x + at, w, C, m, rs, NULL, NULL, 0, &s1, &s2);
+            if ((dw || db) && ++pending == MAX_ROWS) {
+                for (i64 c = 0; c < 2 * C; c++) {
+                    mine[c] += fw[c];
+                    fw[c] = 0;
                 }
+                pending = 0;
             }
+            const F k1 = center ? (F)(-rsd * s1 / C) : (F)0, k2 = (F)(-rsd * rsd * rsd * s2 / C);
+#define MAP(dv, pv, c) rs * w[c] * (dv) + k1 + ((pv) - m) * k2
+            ROWS_MAP(dx + at, dy + at, x + at, C, MAP);
+#undef MAP
         }
         if (fw)
             for (i64 c = 0; c < 2 * C; c++) mine[c] += fw[c];
