@@ -225,9 +225,10 @@ def channel_layer_norm(
 
 def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *,
                             eps: float = 1e-5, channel_dim: int = 1) -> Callable[..., Tensor] | None:
-    """The call of torch's layer-norm kernel that :func:`channel_layer_norm` makes for inputs of
-    ``x``'s signature (those whose channel axis is innermost in memory), ready to apply as
-    ``f(x, weight, bias)``; else None. Layers keep it per input signature."""
+    """The call :func:`channel_layer_norm` makes for inputs of ``x``'s signature when their channel
+    axis is innermost in memory: torch's layer-norm kernel, or the engine's row passes where
+    :func:`normlab.engine.route` says "kernels"; ready to apply as ``f(x, weight, bias)``; else
+    None (the plain path). Layers keep it per input signature, so a call skips the routing."""
     cd = channel_axis(x.ndim, channel_dim)
     view = _channel_last_view(x, cd)
     if view is None:
@@ -265,7 +266,7 @@ def _rows_call(c: int, eps: float, center: bool) -> Callable[..., Tensor]:
     """Layer norm (``center``: ``f(x, weight, bias)``) or RMS norm (``f(x, weight)``) of each row of
     C values of a channel-last contiguous input on the engine's row passes: one read of each row
     forward and backward (torch's CPU RMSNorm is a composite with several full-size
-    temporaries; its half-precision layer norm computes in float32 through copies)."""
+    temporaries; its bfloat16 layer norm is slower than its float32 one)."""
 
     def reference(r: Tensor, *params: Tensor | None) -> Tensor:
         if center:
