@@ -387,9 +387,9 @@ def _rows(t: Tensor) -> tuple[int, int]:
 _COMPUTE = {torch.float64: torch.float64}  # the kernels' compute type F: float32 but for double
 
 
-def _row_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """The row kernels' weight, in their compute type (no copy for a float32 layer)."""
-    return None if weight is None else weight.detach().to(_COMPUTE.get(dtype, torch.float32)).contiguous()
+def _row_param(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A row kernel's weight or bias, in its compute type (no copy for a float32 layer)."""
+    return None if param is None else param.detach().to(_COMPUTE.get(dtype, torch.float32)).contiguous()
 
 
 def rows_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None = None,
@@ -400,10 +400,10 @@ def rows_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None, bias
     _rows(out)
     mean = torch.empty(m, dtype=torch.float64) if center else None
     rstd = torch.empty(m, dtype=torch.float64)
-    w, b = _row_weight(weight, x.dtype), _row_weight(bias, x.dtype)
+    w, b = _row_param(weight, x.dtype), _row_param(bias, x.dtype)
     _check(getattr(_lib(), f"nl_rows_fwd_{_SUFFIX[x.dtype]}")(
-        _ptr(x), _ptr(out), m, c, float(eps), _ptr_or_null(w), _ptr_or_null(b), int(center), _ptr_or_null(mean),
-        _ptr(rstd), torch.get_num_threads()), "rows_fwd")
+        _ptr(x), _ptr(out), m, c, float(eps), *_ptrs([w, b]), int(center), *_ptrs([mean]), _ptr(rstd),
+        torch.get_num_threads()), "rows_fwd")
     return mean, rstd
 
 
@@ -413,17 +413,13 @@ def rows_backward(dy: Tensor, x: Tensor, out: Tensor, weight: Tensor | None, mea
     float64 (C,) each, where asked (else None)."""
     m, c = _rows(x)
     _rows(dy), _rows(out)
-    w = _row_weight(weight, x.dtype)
+    w = _row_param(weight, x.dtype)
     dw = torch.empty(c, dtype=torch.float64) if weight_grad else None
     db = torch.empty(c, dtype=torch.float64) if bias_grad else None
     _check(getattr(_lib(), f"nl_rows_bwd_{_SUFFIX[x.dtype]}")(
-        _ptr(dy), _ptr(x), _ptr(out), m, c, _ptr_or_null(w), int(mean is not None), _ptr_or_null(mean), _ptr(rstd),
-        _ptr_or_null(dw), _ptr_or_null(db), torch.get_num_threads()), "rows_bwd")
+        _ptr(dy), _ptr(x), _ptr(out), m, c, *_ptrs([w]), int(mean is not None), *_ptrs([mean]), _ptr(rstd),
+        *_ptrs([dw, db]), torch.get_num_threads()), "rows_bwd")
     return dw, db
-
-
-def _ptr_or_null(t: Tensor | None):
-    return None if t is None else _ptr(t)
 
 
 def linear_scan(first: Tensor, coef: Tensor, inc: Tensor) -> tuple[Tensor, Tensor]:

@@ -1263,7 +1263,8 @@ static F *S(rows_params)(const F *weight, const F *bias, i64 C) {
     return wb;
 }
 
-/* one row's output: o = f(x - m, dy) with f's per-channel factors in channel order */
+/* one row's output, o[c] = MAP(dy[c], x[c], c) rounded to T: ROW_OUT with the channel's index
+ * passed to MAP (the rows' factors are per channel, in ROWS_AT order; ROW_OUT's per row) */
 #if PAIRED_OUT
 #define ROWS_MAP(o, d, p, C, MAP)                                                                              \
     do {                                                                                                       \

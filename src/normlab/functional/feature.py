@@ -233,14 +233,10 @@ def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tenso
     view = _channel_last_view(x, cd)
     if view is None:
         return None
-    last = cd == x.ndim - 1
     if route("lnc", view, view.ndim - 1, 1, dtypes_of(weight, bias)) == "kernels":
-        rows = _rows_call(x.shape[cd], eps, center=True)
-        return rows if last else lambda x, w, b: rows(x.movedim(cd, -1), w, b).movedim(-1, cd)
+        return _at_channel_axis(_rows_call(x.shape[cd], eps, center=True), cd, x.ndim)
     shape, cudnn = (x.shape[cd],), torch.backends.cudnn.enabled
-    if last:
-        return lambda x, w, b: torch.layer_norm(x, shape, w, b, eps, cudnn)
-    return lambda x, w, b: torch.layer_norm(x.movedim(cd, -1), shape, w, b, eps, cudnn).movedim(-1, cd)
+    return _at_channel_axis(lambda x, w, b: torch.layer_norm(x, shape, w, b, eps, cudnn), cd, x.ndim)
 
 
 def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float | None = 1e-6,
@@ -253,13 +249,18 @@ def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float
     view = _channel_last_view(x, cd)
     if view is None:
         return None
-    shape, last = (x.shape[cd],), cd == x.ndim - 1
     if route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
-        rows = _rows_call(x.shape[cd], _rms_eps(eps, x), center=False)
-        return rows if last else lambda x, w: rows(x.movedim(cd, -1), w).movedim(-1, cd)
-    if last:
-        return lambda x, w: torch.rms_norm(x, shape, w, eps)
-    return lambda x, w: torch.rms_norm(x.movedim(cd, -1), shape, w, eps).movedim(-1, cd)
+        return _at_channel_axis(_rows_call(x.shape[cd], _rms_eps(eps, x), center=False), cd, x.ndim)
+    shape = (x.shape[cd],)
+    return _at_channel_axis(lambda x, w: torch.rms_norm(x, shape, w, eps), cd, x.ndim)
+
+
+def _at_channel_axis(f: Callable[..., Tensor], cd: int, ndim: int) -> Callable[..., Tensor]:
+    """``f``, a call on input whose channel axis is last, for input whose channel axis is ``cd``
+    (moved last and back; no move where it is last already: each costs microseconds)."""
+    if cd == ndim - 1:
+        return f
+    return lambda x, *params: f(x.movedim(cd, -1), *params).movedim(-1, cd)
 
 
 def _rows_call(c: int, eps: float, center: bool) -> Callable[..., Tensor]:
