@@ -205,6 +205,13 @@ def steady_malloc() -> bool:
         return False
 
 
+def _grad_like(x: Tensor, gen: torch.Generator) -> Tensor:
+    """A random incoming gradient laid out as ``x`` (channels-last for a channels-last input, 4-d
+    or 5-d), as a layer's gradient arrives in a network of that layout: one in another layout
+    would time torch's slow mixed-layout backward instead of the layer's."""
+    return torch.empty_like(x).copy_(torch.randn(x.shape, generator=gen))
+
+
 def _step(case: _Case, kind: str) -> Callable[[], Any]:
     m, x, dy = case.module, case.x, case.dy
 
@@ -289,8 +296,7 @@ def run_bench(
             continue
         nat = _native_for(base, c, len(shape)) if natives else None
         xg = x.detach().clone().requires_grad_()
-        dy = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
-        dy = dy.contiguous(memory_format=torch.channels_last) if channels_last and not chan and x.ndim == 4 else dy
+        dy = _grad_like(x, gen)
         if compile:
             mod = torch.compile(mod, fullgraph=True)
         case = _Case(spec, mod, xg, dy, False, nat[0] if nat else None)
@@ -316,7 +322,7 @@ def run_bench(
         nat = _native_for("bn", c, len(shape))
         if nat:
             cases.append(_Case(nat[0], nat[1].to(dtype), x_cf.detach().clone().requires_grad_(),
-                               torch.randn(shape, generator=gen).to(dtype), True))
+                               _grad_like(x_cf, gen), True))
 
     # copy bandwidth on the same tensor size and layout
     out = torch.empty_like(x_cf)

@@ -139,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
     repeats = 3 if args.quick else args.repeats
     if args.model is not None:
         result = run_models(cfg["kinds"], cfg["batch_sizes"], cfg["dtype"], steps=repeats,
-                            warmup=1 if args.quick else 3, threads=args.threads, progress=progress)
+                            warmup=1 if args.quick else 3, threads=args.threads, progress=progress,
+                            malloc=args.malloc)
         print(format_models(result))
         spreads = {f"torch {r['model']} b{r['batch_size']}": r["torch_spread"] for r in result["rows"]}
     elif args.small:

@@ -5,8 +5,11 @@ per-call times on small inputs, each against torch's own norms in the same proce
 ResNet-style CNN (``resnet``: BatchNorm2d), an MLP with BatchNorm1d (``mlp``) or a pre-norm
 Transformer encoder (``transformer``: LayerNorm over the channels), with torch's norms and
 after ``normlab.convert(model, <the same kind>)`` (``bn``, ``bn``, ``lnc``), from the same
-initial weights, alternating the two models step by step; optionally under
-``torch.autocast("cpu", dtype=torch.bfloat16)``.
+initial weights, alternating the models step by step (with an exact copy of torch's model as a
+control); optionally under ``torch.autocast("cpu", dtype=torch.bfloat16)``. Each model's page
+faults a step are counted: glibc's allocator returns freed memory to the system by heuristics,
+and whichever model's step then touches fresh pages pays for it (``malloc="steady"`` keeps
+freed memory in the process, as :func:`normlab.bench.steady_malloc` says).
 
 ``run_small``: per-call training forward and forward+backward of normlab's layer and torch's
 same layer on small inputs, where the Python around the kernels is the cost: (8, 16, 8, 8),
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import _spread, paired_ratio_interval
+from .bench import _minor_faults, _spread, paired_ratio_interval, steady_malloc
 
 __all__ = ["MODELS", "SMALL_CASES", "build_model", "run_models", "run_small"]
 
@@ -104,12 +107,28 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
     return step
 
 
+# the arms' orders in a round, in turn: each arm runs first, second and third equally often
+_ORDERS = ((0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1), (2, 0, 1), (1, 0, 2))
+
+
 def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (8, 32),
                dtype: torch.dtype = torch.float32, steps: int = 20, warmup: int = 3, threads: int | None = 2,
-               progress: bool = True) -> dict[str, Any]:
-    """Median training-step time of each model with torch's norms and with normlab's, alternating."""
+               progress: bool = True, malloc: str = "default") -> dict[str, Any]:
+    """Median training-step time of each model with torch's norms and with normlab's, alternating.
+
+    A third model, an exact copy of torch's (``copy.deepcopy``: the same layers, weights and
+    optimizer, only other memory), runs in the same rounds as a control: its ratio to torch's
+    (``aa_ratio``, with its paired interval) is what this run measures between two identical
+    models, the noise floor to read normlab's ratio against. ``*_faults``: the median minor page
+    faults of each model's step; ``malloc="steady"`` first raises glibc's trim and mmap
+    thresholds (:func:`normlab.bench.steady_malloc`), so that no step pays for fresh pages."""
     from .convert import convert
 
+    if malloc not in ("default", "steady"):
+        raise ValueError(f"bench: malloc must be 'default' or 'steady', got {malloc!r}")
+    allocator = "default"
+    if malloc == "steady":
+        allocator = "steady (glibc trim/mmap thresholds raised)" if steady_malloc() else "default (no glibc)"
     if threads is not None:
         torch.set_num_threads(threads)
     rows = []
@@ -117,29 +136,36 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
         for bs in batch_sizes:
             base, x, y = build_model(kind, bs)
             ours = convert(copy.deepcopy(base), _SPEC[kind])
+            twin = copy.deepcopy(base)
             steps_of = [_train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y, dtype)
-                        for m in (base, ours)]
+                        for m in (base, ours, twin)]
             for f in steps_of:
                 for _ in range(warmup):
                     f()
-            times: list[list[float]] = [[], []]
+            times: list[list[float]] = [[], [], []]
+            faults: list[list[int]] = [[], [], []]
             for r in range(steps):
-                order = (0, 1) if r % 2 == 0 else (1, 0)
+                order = _ORDERS[r % len(_ORDERS)]
                 for i in order:
+                    f0 = _minor_faults()
                     t0 = time.perf_counter()
                     steps_of[i]()
                     times[i].append((time.perf_counter() - t0) * 1e3)
+                    faults[i].append(_minor_faults() - f0)
                 if progress:
                     print(f"\rbench: {kind} batch {bs}: step {r + 1}/{steps}", end="", file=sys.stderr, flush=True)
-            torch_ms, ours_ms = statistics.median(times[0]), statistics.median(times[1])
+            torch_ms, ours_ms, twin_ms = (statistics.median(t) for t in times)
             low, high = paired_ratio_interval(times[1], times[0])
+            aa_low, aa_high = paired_ratio_interval(times[2], times[0])
             rows.append({"model": kind, "batch_size": bs, "norm": _SPEC[kind], "torch_ms": torch_ms,
                          "normlab_ms": ours_ms, "ratio": ours_ms / torch_ms, "ratio_low": low, "ratio_high": high,
-                         "torch_spread": _spread(times[0])})
+                         "copy_ms": twin_ms, "aa_ratio": twin_ms / torch_ms, "aa_low": aa_low, "aa_high": aa_high,
+                         "torch_faults": statistics.median(faults[0]), "normlab_faults": statistics.median(faults[1]),
+                         "copy_faults": statistics.median(faults[2]), "torch_spread": _spread(times[0])})
     if progress:
         print(file=sys.stderr)
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
-            "steps": steps, "rows": rows}
+            "steps": steps, "allocator": allocator, "rows": rows}
 
 
 SMALL_CASES = (("bn", (8, 16, 8, 8), 1), ("gn:4", (8, 16, 8, 8), 1), ("ln", (8, 16, 8, 8), 1),
@@ -195,15 +221,22 @@ def run_small(dtype: torch.dtype = torch.float32, rounds: int = 15, threads: int
 def format_models(result: dict[str, Any]) -> str:
     lines = [f"torch {result['torch']}, {result['threads']} threads, {result['dtype']}"
              f"{' autocast' if result['dtype'] != 'float32' else ''}; one training step (forward, loss, "
-             f"backward, SGD step), medians of {result['steps']} alternating steps",
+             f"backward, SGD step), medians of {result['steps']} alternating steps; allocator "
+             f"{result.get('allocator', 'default')}",
              f"{'model':<12} {'batch':>5} {'norm':>5} {'torch ms':>10} {'normlab ms':>11} {'ratio':>6} "
-             f"{'paired 95%':>12}"]
+             f"{'paired 95%':>12} {'A/A':>6} {'A/A 95%':>12} {'faults torch/normlab/copy':>26}"]
     for r in result["rows"]:
+        fl = f"{r['torch_faults']:.0f}/{r['normlab_faults']:.0f}/{r['copy_faults']:.0f}"
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['norm']:>5} {r['torch_ms']:>10.2f} "
-                     f"{r['normlab_ms']:>11.2f} {r['ratio']:>6.2f} {r['ratio_low']:>5.2f}-{r['ratio_high']:<5.2f}")
+                     f"{r['normlab_ms']:>11.2f} {r['ratio']:>6.2f} {r['ratio_low']:>5.2f}-{r['ratio_high']:<5.2f} "
+                     f"{r['aa_ratio']:>6.2f} {r['aa_low']:>5.2f}-{r['aa_high']:<5.2f} {fl:>26}")
     lines.append("ratio = normlab's median step over torch's; paired 95% = a bootstrap interval of the median of "
-                 "the per-round ratios (the two models' steps alternate, back to back): one that holds 1.00 "
-                 "means this run cannot tell them apart")
+                 "the per-round ratios (the models' steps alternate, back to back): one that holds 1.00 "
+                 "means this run cannot tell them apart; A/A = the same for an exact copy of torch's model "
+                 "timed in the same rounds (the difference this run shows between identical models); faults = "
+                 "median minor page faults of a step (fresh memory from the system: glibc's allocator hands "
+                 "freed memory back by heuristics, and the step that next grows the heap pays; --malloc steady "
+                 "keeps it)")
     return "\n".join(lines)
 
 
