@@ -70,10 +70,8 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     y = torch.empty_like(x)
     yv = view_like(y, layout, cd)
     if desc.elementwise:  # its own element map (EvoNorm): its own passes, per sample from cache or not
-        desc.mean_nc, desc.m2_nc = desc.forward(v, yv, layout, length, params, ctx.fused == "group")
-        desc.count_nc = length
-        return y
-    if ctx.fused == "group":
+        mean, m2 = desc.forward(v, yv, layout, length, params, ctx.fused == "group")
+    elif ctx.fused == "group":
         mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
                                                      params[0], _bias(params), act)
         desc.keep(ctr, rstd, length, params[0])  # type: ignore[attr-defined]
@@ -81,7 +79,8 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         mean, m2 = desc.moments_given or _kernels.moments(v, layout)
         ctx.coefs = desc.coefficients(mean, m2, length, *params)
         _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
-    desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
+    if desc.keeps_moments:
+        desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
     return y
 
 
@@ -90,8 +89,8 @@ class EngineNorm(torch.autograd.Function):
     an optional activation epilogue (``act``: a :class:`normlab._kernels.Epilogue` from
     :func:`normlab.engine.epilogue`; None: none) and ``threshold``, the epilogue's threshold
     tensor (the TLU's; None otherwise), an input here so that it gets its gradient. After the
-    call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C)) and, for batch norms,
-    ``desc.batch_moments`` hold the moments for running statistics."""
+    call ``desc.mean_nc``, ``desc.m2_nc`` (float64 (N, C); where ``desc.keeps_moments``) or, for
+    batch norms, ``desc.batch_moments`` hold the moments for running statistics."""
 
     @staticmethod
     def forward(ctx, x: Tensor, desc: Description, channel_dim: int, act: tuple | None,  # type: ignore[override]
