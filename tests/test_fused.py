@@ -220,6 +220,22 @@ def test_channels_last_output_without_hidden_copy(name):
     assert x.grad.is_contiguous(memory_format=CL)
 
 
+def test_batch_norm_descriptions_hold_only_their_merged_moments(kernel_mode):
+    """A batch norm's description rides on the autograd context until the backward: it keeps the
+    batch's per-channel moments (exact against float64), not the (N, C) per-sample ones, which
+    held between a model's activations cost page faults (engine/describe.py, keeps_moments)."""
+    if kernel_mode != "c-kernels":
+        pytest.skip("the engine runs on the compiled kernels")
+    x = torch.randn(4, 3, 5, 6, requires_grad=True)
+    desc = engine.BatchStats(1e-5)
+    y = engine.run(desc, x, 1, (None, None))
+    assert y.grad_fn is not None and not hasattr(desc, "mean_nc") and not hasattr(desc, "m2_nc")
+    xd = x.detach().double()
+    np.testing.assert_allclose(desc.batch_moments.mean.numpy(), xd.mean((0, 2, 3)).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose((desc.batch_moments.m2 / desc.batch_moments.count).numpy(),
+                               xd.var((0, 2, 3), unbiased=False).numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_engine_keeps_the_per_nc_moments(kernel_mode):
     if kernel_mode != "c-kernels":
         pytest.skip("the engine runs on the compiled kernels")
