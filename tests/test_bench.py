@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from normlab.bench import paired_ratio_interval
-from normlab.bench_cli import LOADED_SPREAD, loaded_warning
+from normlab.bench_cli import LOADED_SPREAD, faults_warning, loaded_warning
 from normlab.bench_models import build_model
 from normlab.cli import main
 
@@ -98,6 +98,14 @@ def test_loaded_warning_names_the_baseline():
     assert loaded_warning({"copy": 0.1}) is None
     w = loaded_warning({"copy": 0.1, "torch BatchNorm": LOADED_SPREAD + 0.2})
     assert w is not None and "torch BatchNorm 50%" in w and "copy" not in w.split("(")[1].split(";")[0]
+
+
+def test_faults_note_names_the_layers_that_took_page_faults():
+    rows = [{"name": "bn", "page_faults_per_step": 0.5}, {"name": "BatchNorm2d", "page_faults_per_step": 6272}]
+    note = faults_warning(rows, "default")
+    assert note is not None and "BatchNorm2d 6272" in note and "bn " not in note and "--malloc steady" in note
+    assert faults_warning(rows[:1], "default") is None
+    assert faults_warning(rows, "steady (glibc trim/mmap thresholds raised)") is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

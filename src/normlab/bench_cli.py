@@ -130,6 +130,18 @@ def loaded_warning(spreads: dict[str, float]) -> str | None:
             f"{LOADED_SPREAD:.0%}): absolute times are unreliable, compare the ratios of this run only")
 
 
+def faults_warning(rows: list[dict[str, Any]], allocator: str) -> str | None:
+    """A one-line note naming the layers whose forward+backward took page faults (fresh memory
+    from the system): their times, and every ratio to them, include the allocator's cost, which
+    glibc's heuristics hand to whichever step next grows the heap (the baseline's too)."""
+    hit = [f"{r['name']} {r['page_faults_per_step']:.0f}" for r in rows if r.get("page_faults_per_step", 0) >= 1]
+    if not hit or allocator.startswith("steady"):
+        return None
+    return (f"note: page faults a step in {', '.join(hit)}: those times include fresh pages from the system "
+            f"(glibc hands freed memory back by heuristics, and whichever step next grows the heap pays); "
+            f"--malloc steady keeps it and times the layers alone")
+
+
 def _run(args: argparse.Namespace) -> int:
     from .bench import DEFAULT_NORMS, run_bench
     from .bench_models import format_models, format_small, run_models, run_small
@@ -154,6 +166,10 @@ def _run(args: argparse.Namespace) -> int:
         print(format_table(result))
         print(LEGEND)
         spreads = {"copy": result["copy_spread"], "torch BatchNorm": result["baseline_spread"]}
+        note = faults_warning(result["rows"], result["allocator"])
+        if note:
+            print(note)
+            result["faults_note"] = note
     warning = loaded_warning(spreads) if not args.quick else None
     if warning:
         print(warning)
