@@ -234,6 +234,14 @@ def test_batch_norm_descriptions_hold_only_their_merged_moments(kernel_mode):
     np.testing.assert_allclose(desc.batch_moments.mean.numpy(), xd.mean((0, 2, 3)).numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose((desc.batch_moments.m2 / desc.batch_moments.count).numpy(),
                                xd.var((0, 2, 3), unbiased=False).numpy(), rtol=1e-5, atol=1e-7)
+    # batch renorm's way: the moments merged before the call (given), used, and not kept either
+    given = engine.BatchStats(1e-5)
+    mean_nc, m2_nc, count = engine.kernel_moments(x.detach(), 1)
+    given.moments_given = (mean_nc, m2_nc)
+    given.merge(mean_nc, m2_nc, count, x.dtype)
+    y2 = engine.run(given, x, 1, (None, None))
+    assert given.moments_given is None and not hasattr(given, "mean_nc")
+    torch.testing.assert_close(y2, y)
 
 
 def test_engine_keeps_the_per_nc_moments(kernel_mode):

@@ -78,6 +78,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     else:
         mean, m2 = desc.moments_given or _kernels.moments(v, layout)
         ctx.coefs = desc.coefficients(mean, m2, length, *params)
+        desc.moments_given = None  # (used: not kept on the autograd context to the backward, see keeps_moments)
         _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
     if desc.keeps_moments:
         desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
