@@ -160,3 +160,25 @@ def test_gradient_in_another_layout(spec, x_fmt):
         out.append([y, xx.grad, *(p.grad for p in m.parameters())])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_running_statistics_from_the_engine(channels_last):
+    """Instance norm tracking running statistics reads the engine's per-(n, c) moments (the one
+    description that keeps them after the forward, ``keeps_moments``): the engine's running
+    buffers equal the plain path's, step after step, and so do the eval outputs."""
+    from normlab import InstanceNorm
+
+    x = torch.randn(4, 6, 9, 7) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layers = [InstanceNorm(6, track_running_stats=True, momentum=0.3) for _ in range(2)]
+    for layer, fast in zip(layers, (True, False)):
+        with fast_path(fast):
+            for step in range(3):
+                layer(x * (step + 1)).sum().backward()
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(layers[0].running_var, torch.ones(6))
+    with torch.no_grad():
+        torch.testing.assert_close(layers[0].eval()(x), layers[1].eval()(x), rtol=1e-5, atol=1e-5)

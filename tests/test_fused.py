@@ -248,7 +248,11 @@ def test_engine_keeps_the_per_nc_moments(kernel_mode):
     if kernel_mode != "c-kernels":
         pytest.skip("the engine runs on the compiled kernels")
     x = torch.randn(2, 3, 4, 5)
+    plain = engine.GroupStats(3, 1e-5)
+    engine.run(plain, x, 1, (None, None))
+    assert not hasattr(plain, "mean_nc")  # (kept only when asked: instance norm tracking running statistics)
     desc = engine.GroupStats(3, 1e-5)
+    desc.keeps_moments = True
     engine.run(desc, x, 1, (None, None))
     assert desc.mean_nc.shape == (2, 3) and desc.count_nc == 20
     np.testing.assert_allclose(desc.mean_nc.numpy(), x.double().mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)

@@ -58,8 +58,8 @@ class Description:
     moments_given: tuple[Tensor, Tensor] | None = None  # per-(n, c) (mean, M2) already computed
     elementwise = False  # True: not the affine map; the description's forward() and backward() run the passes
     # True: the engine leaves the per-(n, c) moments on the description after the forward
-    # (mean_nc, m2_nc, count_nc), for a caller that reads them (instance norm's running
-    # statistics: GroupStats). Otherwise not kept: the description rides on the autograd context,
+    # (mean_nc, m2_nc, count_nc), for a caller that reads them (instance norm tracking running
+    # statistics sets it). Otherwise not kept: the description rides on the autograd context,
     # and (N, C) float64 arrays kept from forward to backward between a model's activations leave
     # holes in glibc's heap, which then grows and is trimmed: kept, the bench's float32 resnet
     # (bn on the kernels at 1M values a layer and more) took 1.03-1.06x torch's step with 8-24k page
@@ -173,8 +173,6 @@ class GroupStats(Description):
 
     The engine runs these with both passes fused per (sample, group) from cache when the
     input has enough such items (:func:`normlab._kernels.group_forward`)."""
-
-    keeps_moments = True  # (instance norm's running statistics average them over the batch)
 
     def __init__(self, groups: int, eps: float, center: bool = True) -> None:
         self.groups, self.eps, self.center = groups, eps, center

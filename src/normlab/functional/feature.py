@@ -19,17 +19,18 @@ from .norm_act import activation
 
 def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight: Tensor | None,
                 bias: Tensor | None, eps: float, act: str | None, negative_slope: float, reference,
-                flags: tuple = ()) -> tuple[Tensor, GroupStats | None] | None:
+                flags: tuple = (), keep_moments: bool = False) -> tuple[Tensor, GroupStats | None] | None:
     """Layer, group, instance or RMS norm on the route :func:`normlab.engine.route` picks:
-    ``(y, None)`` from torch's kernel, ``(y, description)`` from the engine (the description
-    keeps the per-(n, c) moments), or None (the caller's plain path)."""
+    ``(y, None)`` from torch's kernel, ``(y, description)`` from the engine (with
+    ``keep_moments`` the description keeps the per-(n, c) moments), or None (the caller's plain
+    path)."""
     way = _route(norm, x, cd, groups, weight, bias, act, flags)
     if way == "torch":
         return activation(engine.torch_group_norm(groups, eps, cd)(x, weight, bias), act, negative_slope), None
     if way != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
-    desc.reference = reference
+    desc.reference, desc.keeps_moments = reference, keep_moments
     return engine.run(desc, x, cd, (weight, bias) if center else (weight,), engine.epilogue(act, negative_slope)), desc
 
 
@@ -115,7 +116,8 @@ def instance_norm(
     tracking = momentum is not None and (running_mean is not None or running_var is not None)
     c = x.shape[cd]
     fast = _per_sample("in", x, cd, c, True, weight, bias, eps, act, negative_slope,
-                       lambda x, w, b: instance_norm(x, w, b, eps=eps, channel_dim=cd), (not tracking,))
+                       lambda x, w, b: instance_norm(x, w, b, eps=eps, channel_dim=cd), (not tracking,),
+                       keep_moments=tracking)
     if fast is not None:
         y, desc = fast
         if tracking and desc is not None:
