@@ -205,6 +205,16 @@ def steady_malloc() -> bool:
         return False
 
 
+def use_malloc(malloc: str) -> str:
+    """Apply a bench's ``malloc`` setting ("default": the allocator as users run it; "steady":
+    :func:`steady_malloc`) and return the allocator's description for the report."""
+    if malloc not in ("default", "steady"):
+        raise ValueError(f"bench: malloc must be 'default' or 'steady', got {malloc!r}")
+    if malloc == "default":
+        return "default"
+    return "steady (glibc trim/mmap thresholds raised)" if steady_malloc() else "default (no glibc)"
+
+
 def _grad_like(x: Tensor, gen: torch.Generator) -> Tensor:
     """A random incoming gradient laid out as ``x`` (channels-last for a channels-last input, 4-d
     or 5-d), as a layer's gradient arrives in a network of that layout: one in another layout
@@ -257,11 +267,7 @@ def run_bench(
     from . import _kernels
     from .registry import make_norm
 
-    if malloc not in ("default", "steady"):
-        raise ValueError(f"bench: malloc must be 'default' or 'steady', got {malloc!r}")
-    allocator = "default"
-    if malloc == "steady":
-        allocator = "steady (glibc trim/mmap thresholds raised)" if steady_malloc() else "default (no glibc)"
+    allocator = use_malloc(malloc)
 
     if threads is not None:
         torch.set_num_threads(threads)

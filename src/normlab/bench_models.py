@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import _minor_faults, _spread, paired_ratio_interval, steady_malloc
+from .bench import _minor_faults, _spread, paired_ratio_interval, use_malloc
 
 __all__ = ["MODELS", "SMALL_CASES", "build_model", "run_models", "run_small"]
 
@@ -124,11 +124,7 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
     thresholds (:func:`normlab.bench.steady_malloc`), so that no step pays for fresh pages."""
     from .convert import convert
 
-    if malloc not in ("default", "steady"):
-        raise ValueError(f"bench: malloc must be 'default' or 'steady', got {malloc!r}")
-    allocator = "default"
-    if malloc == "steady":
-        allocator = "steady (glibc trim/mmap thresholds raised)" if steady_malloc() else "default (no glibc)"
+    allocator = use_malloc(malloc)
     if threads is not None:
         torch.set_num_threads(threads)
     rows = []
