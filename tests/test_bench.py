@@ -60,7 +60,7 @@ def test_layer_intervals_pair_each_round(monkeypatch):
     def drifting_time(f):
         got = f()
         k, calls["k"] = calls["k"], calls["k"] + 1
-        drift = 1.0 + k // 7  # a round: the copy, then two layers x (fwd, fwd+bwd, eval)
+        drift = 1.0 + k // 10  # a round: the copy, then three layers x (fwd, fwd+bwd, eval)
         return {"bn": 2.0, "BatchNorm2d": 1.0}.get(got, 1.0) * drift if isinstance(got, str) else drift
 
     monkeypatch.setattr(bench, "_step", named_step)
@@ -70,6 +70,22 @@ def test_layer_intervals_pair_each_round(monkeypatch):
     assert rows["bn"]["ratio_to_native_bn_interval"] == (2.0, 2.0)
     assert rows["bn"]["ratio_to_native_bn"] == pytest.approx(2.0)
     assert rows["BatchNorm2d"]["ratio_to_native_bn_interval"] is None  # (the baseline itself)
+    # the A/A control (an exact copy of the baseline, same rounds) reads 1 where the layers are equal
+    assert rows["BatchNorm2d (A/A copy)"]["native"]
+    assert result["aa"] == {"ratio": pytest.approx(1.0), "interval": (1.0, 1.0)}
+
+
+def test_the_baseline_is_torchs_batch_norm_also_beside_fused_rows():
+    """With only a fused row (whose torch pair, "BatchNorm2d then relu", is native too), /native
+    BN is still over torch's BatchNorm2d alone, and the A/A control copies that layer."""
+    import normlab.bench as bench
+
+    result = bench.run_bench((2, 4, 3, 3), norms=["bn+relu"], threads=1, repeats=2, warmup=0)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["BatchNorm2d"]["ratio_to_native_bn"] == 1.0
+    assert rows["BatchNorm2d then relu"]["ratio_to_native_bn_interval"] is not None
+    assert set(rows) == {"bn+relu", "bn then relu", "BatchNorm2d then relu", "BatchNorm2d", "BatchNorm2d (A/A copy)"}
+    assert isinstance(result["aa"]["ratio"], float)
 
 
 @pytest.mark.parametrize("shape,norms", [((2, 4, 3, 3), ["gn:2"]), ((2, 4, 3, 3), ["bn", "lnc"]),

@@ -45,6 +45,7 @@ CHANNEL_LAST_SPECS = ("lnc", "rmsc", "dyt", "derf")
 ELEMENTWISE_SPECS = ("dyt", "derf")  # timed against torch.tanh forward+backward
 TANH = "tanh"  # the element-wise baseline's row name
 GOALS = {"elementwise": 1.5, "fused": 0.8}  # the issue's limits on /counterpart
+AA_SUFFIX = "(A/A copy)"  # the row of the exact copy of torch's BatchNorm baseline (the A/A control)
 
 
 def split_act(spec: str) -> tuple[str, str | None]:
@@ -254,12 +255,16 @@ def run_bench(
     natives: bool = True,
     malloc: str = "default",
     progress: bool = False,
+    control: bool = True,
 ) -> dict[str, Any]:
     """Time every norm in ``norms`` (registry specs) and torch's native equivalents.
 
     With ``channels_last``, every normlab layer is also timed on the contiguous copy of the
     input in the same rounds (``ratio_to_contiguous``). ``malloc="steady"`` calls
-    :func:`steady_malloc` first (the default keeps the allocator users run with).
+    :func:`steady_malloc` first (the default keeps the allocator users run with). ``control``:
+    also time an exact copy of torch's BatchNorm baseline in the same rounds (row
+    ``BatchNorm2d (A/A copy)``, and ``aa``: its ratio and interval), the difference the run shows
+    between two identical layers, against which a ratio near 1.0 can be read.
     Returns a JSON-ready dict: the settings (torch version, threads, shape, dtype, layout,
     allocator, whether normlab's compiled kernels are in use), the copy figures and one row
     per layer (see :class:`BenchRow`).
@@ -324,11 +329,15 @@ def run_bench(
             nat = None  # a fused row's torch norm runs with the activation
         if nat and not any(k.name == nat[0] for k in cases):
             cases.append(_Case(nat[0], nat[1].to(dtype), x.detach().clone().requires_grad_(), dy, True))
-    if natives and not any(k.name.startswith("BatchNorm") for k in cases):
-        nat = _native_for("bn", c, len(shape))
-        if nat:
-            cases.append(_Case(nat[0], nat[1].to(dtype), x_cf.detach().clone().requires_grad_(),
-                               _grad_like(x_cf, gen), True))
+    # the baseline: torch's own BatchNorm (not a fused row's "BatchNorm2d then relu")
+    nat = _native_for("bn", c, len(shape)) if natives else None
+    if nat and not any(k.name == nat[0] for k in cases):
+        cases.append(_Case(nat[0], nat[1].to(dtype), x_cf.detach().clone().requires_grad_(),
+                           _grad_like(x_cf, gen), True))
+    bn_case = next((k for k in cases if nat and k.native and k.name == nat[0]), None)
+    if control and bn_case is not None:  # the A/A control: torch's layer against an exact copy of itself
+        cases.append(_Case(f"{bn_case.name} {AA_SUFFIX}", copy.deepcopy(bn_case.module),
+                           bn_case.x.detach().clone().requires_grad_(), bn_case.dy, True))
 
     # copy bandwidth on the same tensor size and layout
     out = torch.empty_like(x_cf)
@@ -364,7 +373,6 @@ def run_bench(
         rows.append(BenchRow(case.name, case.native, med["fwd"], med["fb"], med["eval"], sb, sb / nbytes,
                              train_fwd_bwd_best_ms=min(case.times["fb"]), counterpart=case.counterpart, goal=case.goal,
                              compile_s=case.compile_s, page_faults_per_step=statistics.median(case.faults)))
-    bn_case = next((k for k in cases if k.native and k.name.startswith("BatchNorm")), None)
     by_name = {r.name: r for r in rows}
     case_of = {k.name: k for k in cases}
     bn_native = by_name[bn_case.name] if bn_case is not None else None
@@ -398,9 +406,18 @@ def run_bench(
         "memory_limit_ms": limit_ms,
         "copy_spread": _spread(copy_times),
         "baseline_spread": _spread(bn_case.times["fb"]) if bn_case is not None else 0.0,
+        "aa": _control_of(rows, bn_case),
         "rows": [asdict(r) for r in rows],
         "skipped": skipped,
     }
+
+
+def _control_of(rows: list[BenchRow], bn_case: _Case | None) -> dict[str, Any] | None:
+    """The A/A control's ratio to the baseline and its interval (None without one)."""
+    row = next((r for r in rows if bn_case is not None and r.name == f"{bn_case.name} {AA_SUFFIX}"), None)
+    if row is None:
+        return None
+    return {"ratio": row.ratio_to_native_bn, "interval": row.ratio_to_native_bn_interval}
 
 
 def paired_ratio_interval(ours: list[float], theirs: list[float], level: float = 0.95,

@@ -29,7 +29,9 @@ Medians of alternating rounds (ABBA) in one process. lnc, rmsc, dyt, derf run on
 derf (element-wise) have torch tanh as counterpart: torch.tanh forward+backward on the same tensor (goal:
 /counterpart <= 1.5). NORM+ACT rows (bn+relu) are make_norm(NORM, C, act=ACT), their counterpart the row
 "NORM then ACT": the same normlab norm followed by torch's activation (goal: /counterpart <= 0.8); "torch
-BatchNorm2d then ACT" is torch's norm followed by it. goal = the issue's limit on /counterpart."""
+BatchNorm2d then ACT" is torch's norm followed by it. goal = the issue's limit on /counterpart. "(A/A copy)":
+an exact copy of torch's BatchNorm timed in the same rounds, the A/A control: its /native BN and /BN 95% are
+the difference this run shows between two identical layers."""
 
 LOADED_SPREAD = 0.3
 """A baseline whose interquartile range exceeds this fraction of its median was measured on a
@@ -217,4 +219,9 @@ def format_table(result: dict[str, Any]) -> str:
             lines[-1] += f"  (compile {r['compile_s']:.1f} s)"
     for spec, why in result.get("skipped", {}).items():
         lines.append(f"skipped {spec}: {why}")
+    aa = result.get("aa")
+    if aa:
+        lines.append(f"A/A control: torch's BatchNorm over an exact copy of itself {aa['ratio']:.2f} "
+                     f"(95% {_interval(aa['interval'])}): a ratio to it inside that band is one this run "
+                     f"cannot tell from 1.00")
     return "\n".join(lines)
