@@ -248,3 +248,16 @@ def test_goal_rows_compute_what_their_names_say():
     assert tanh.name == TANH and el.goal == 1.5
     torch.testing.assert_close(tanh.module(x), torch.tanh(x))
     assert _goal_cases(el, "dyt", None, None, _layer("dyt", 6), torch.float32, {TANH}) == []
+
+
+def test_rounds_alternate_and_rotate_so_no_case_always_follows_the_copy():
+    """ABBA in pairs of rounds (the second the first reversed), each pair rotated: over the rounds
+    every case runs first, right after the copy, and each position is held by several cases."""
+    from normlab.bench import _round_order
+
+    cases = list(range(10))
+    orders = [_round_order(cases, r) for r in range(20)]
+    for r in range(0, 20, 2):
+        assert orders[r + 1] == orders[r][::-1] and sorted(orders[r]) == cases
+    assert {o[0] for o in orders} == set(cases)
+    assert orders[0] == cases and orders[2][0] == 7

@@ -4,8 +4,9 @@ For each norm, in one process: the median time of a training forward, of a train
 forward+backward and of an eval forward; the bytes saved for backward (counted through
 ``torch.autograd.graph.saved_tensors_hooks``, each storage once); and the same figures for
 torch's native equivalent where one exists. Candidates are measured in alternating order
-(ABBA: forward order on even rounds, reversed on odd ones) so that drifts of a shared
-machine hit all of them alike.
+(ABBA: a round's order, then the next round the same reversed) so that drifts of a shared
+machine hit all of them alike, rotated from pair to pair of rounds (``_round_order``); an exact
+copy of torch's BatchNorm baseline, timed in the same rounds, is the A/A control.
 
 The memory limit: a training step of a layer whose statistics do not fit in cache moves at
 least 8 input-sized tensors (3 forward, 5 backward); ``out.copy_(x)`` moves 2, so the limit
@@ -354,7 +355,7 @@ def run_bench(
             import sys
 
             print(f"\rbench: round {r + 1}/{repeats}", end="" if r + 1 < repeats else "\n", file=sys.stderr, flush=True)
-        order = cases if r % 2 == 0 else cases[::-1]
+        order = _round_order(cases, r)
         copy_times.append(_time(copy_f))
         for case in order:
             for kind in ("fwd", "fb", "eval"):
@@ -410,6 +411,17 @@ def run_bench(
         "rows": [asdict(r) for r in rows],
         "skipped": skipped,
     }
+
+
+def _round_order(cases: list, r: int) -> list:
+    """The cases in round ``r``: rounds in pairs, the second the first reversed (ABBA, so that a
+    drift of the machine within a pair hits every case alike), each pair's list rotated by 7 more
+    places, so that the case timed right after the copy (which leaves the caches full of its dirty
+    lines for the next step to write back) changes from pair to pair instead of always being the
+    last one."""
+    s = (r // 2 * 7) % max(len(cases), 1)
+    order = cases[s:] + cases[:s]
+    return order if r % 2 == 0 else order[::-1]
 
 
 def _control_of(rows: list[BenchRow], bn_case: _Case | None) -> dict[str, Any] | None:
