@@ -136,9 +136,12 @@ def test_coefficients_as_rows_equal_the_same_as_full_arrays(layout, dtype, act):
     for cs in (forms, mixed):
         for got, ref in zip(run(cs, code), want):
             assert torch.equal(got, ref)
-    # which forms went as rows (no copy) and which were converted (held)
+    # which forms went as rows (no copy) and which were converted (held): the float32 row is
+    # converted to a float64 row and still goes as a row; the 0-d tensor is expanded to (N, C)
     held, _, mask = _kernels._coefs([*forms[:3], full[0], forms[7], torch.tensor(2.0, dtype=torch.float64)], n, c)
-    assert mask == 0b111 and len(held) == 2 and torch.equal(held[1], torch.full((n, c), 2.0, dtype=torch.float64))
+    assert mask == 0b10111 and len(held) == 2
+    assert held[0].dtype == torch.float64 and held[0].shape == (1, c) and torch.equal(held[0], forms[7].double())
+    assert torch.equal(held[1], torch.full((n, c), 2.0, dtype=torch.float64))
 
 
 def test_affine_in_place():

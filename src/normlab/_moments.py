@@ -124,7 +124,8 @@ def reduce_moments(m: Moments, dims: Sequence[int] | int) -> Moments:
     if not isinstance(m.count, Tensor) and m.count > 0 and all(m.mean.shape[d] > 0 for d in dims):
         # equal counts (the common case): the mean of the means, and M2 plus their spread
         mean = m.mean.mean(dims, keepdim=True)
-        m2 = m.m2.sum(dims, keepdim=True) + m.count * ((m.mean - mean) ** 2).sum(dims, keepdim=True)
+        dev = m.mean - mean
+        m2 = m.m2.sum(dims, keepdim=True).add_((dev * dev).sum(dims, keepdim=True), alpha=m.count)
         n = m.count
         for d in dims:
             n *= m.mean.shape[d]
@@ -195,8 +196,15 @@ def update_running_stats(
         ref = running_mean if running_mean is not None else running_var
         if ref is not None:
             factor = factor.to(ref.dtype)
-    if running_mean is not None:
-        running_mean.lerp_(batch.mean.detach().reshape(running_mean.shape).to(running_mean.dtype), factor)
+    if running_mean is not None:  # (no graph is recorded here: no detach needed)
+        running_mean.lerp_(_like(batch.mean, running_mean), factor)
     if running_var is not None:
-        var = batch.unbiased_var.detach().reshape(running_var.shape).to(running_var.dtype)
-        running_var.lerp_(var, factor)
+        running_var.lerp_(_like(batch.unbiased_var, running_var), factor)
+
+
+def _like(t: Tensor, buffer: Tensor) -> Tensor:
+    """``t`` in the shape and dtype of ``buffer`` (no operation where it already is: a norm's
+    step pays each small one, see normlab.engine.describe)."""
+    if t.shape != buffer.shape:
+        t = t.reshape(buffer.shape)
+    return t if t.dtype == buffer.dtype else t.to(buffer.dtype)

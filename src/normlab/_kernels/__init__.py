@@ -198,6 +198,11 @@ def _coefs(ts: list, n: int, c: int) -> tuple[list, list, int]:
         if t is None:
             ptrs.append(None)
             continue
+        if t.dtype != torch.float64 and 1 <= t.ndim <= 2 and t.shape[-1] == c:
+            # one conversion, not detach, convert, expand and copy: each small operation between
+            # the passes costs 10-17 us there (see normlab.engine.describe)
+            t = (t.detach() if t.requires_grad else t).to(torch.float64)
+            held.append(t)
         if t.dtype == torch.float64 and 1 <= t.ndim <= 2 and t.shape[-1] == c and t.stride(-1) == 1:
             if t.ndim == 1 or t.shape[0] == 1 or t.stride(0) == 0:
                 mask |= 1 << j
