@@ -36,8 +36,12 @@ from ._selftest import SelfTestFailed, self_test
 _SOURCE = Path(__file__).with_name("kernels.c")
 _SOURCES = (_SOURCE, *sorted(Path(__file__).parent.glob("*.h")))  # every header kernels.c includes
 # -ffp-contract=fast: a * b + c as one fused multiply-add (-std=c99 alone turns contraction off);
-# one rounding fewer, and the half-precision loops, bound by arithmetic, 3-12% faster (one thread)
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c99", "-ffp-contract=fast"]
+# one rounding fewer, and the half-precision loops, bound by arithmetic, 3-12% faster (one thread).
+# -fno-trapping-math: nothing here reads the floating-point exception flags, and without it GCC
+# may not evaluate both sides of a select such as leaky ReLU's `v > 0 ? v : sl * v` (the
+# multiply could raise a flag the source would not): on a CPU without AVX-512's masked
+# arithmetic (AVX2) such loops then stayed scalar with a branch a value, 5-10x slower. Same values.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math"]
 _LINK = ["-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 # kernels.c's translation units (NL_UNIT: float32, float64, bfloat16, float16), compiled in
