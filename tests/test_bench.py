@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from normlab._kernels._build import cpu_vectors
 from normlab.bench import paired_ratio_interval
 from normlab.bench_cli import LOADED_SPREAD, faults_warning, loaded_warning
 from normlab.bench_models import build_model
@@ -44,6 +45,23 @@ def test_layer_table_has_a_legend_and_spreads(tmp_path, capsys):
     assert "columns: fwd ms" in captured.out and "bench: round 3/3" in captured.err
     data = json.loads(out.read_text())
     assert data["dtype"] == "bfloat16" and data["copy_spread"] >= 0 and data["baseline_spread"] >= 0
+    # the header says which vector extension the kernels run on (their speed depends on it)
+    assert data["cpu"] == cpu_vectors() and captured.out.startswith(f"torch {torch.__version__}, 1 threads, {data['cpu']}, ")
+
+
+@pytest.mark.parametrize("flags, want", [
+    ("fpu sse2 avx avx2 fma f16c", "AVX2"),
+    ("sse2 avx avx2 avx512f avx512bw avx512vl", "AVX-512"),
+    ("avx2 avx512f avx512_bf16 avx512_fp16", "AVX-512 BF16"),
+    ("sse2 avx", "AVX"),
+])
+def test_cpu_vectors_reads_the_widest_extension_from_the_flags(flags, want, monkeypatch):
+    from normlab._kernels import _build
+
+    monkeypatch.setattr(_build, "_cpu_key", lambda: f"model name\t: Some CPU\nflags\t\t: {flags}")
+    assert _build.cpu_vectors() == want
+    monkeypatch.setattr(_build, "_cpu_key", lambda: "model name\t: no flags line")
+    assert _build.cpu_vectors() not in ("AVX2", "AVX-512", "AVX-512 BF16", "AVX")
 
 
 def test_layer_intervals_pair_each_round(monkeypatch):
@@ -129,7 +147,9 @@ def test_model_mode_times_both_models(dtype, tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["bench", "--model", "mlp", "--batch-size", "4", "--quick", "--threads", "1", "--dtype", dtype,
                  "--no-progress", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert data["cpu"] == cpu_vectors() and data["threads"] == 1
     assert [(r["model"], r["batch_size"], r["norm"]) for r in rows] == [("mlp", 4, "bn")]
     assert rows[0]["torch_ms"] > 0 and rows[0]["normlab_ms"] > 0
     assert 0 < rows[0]["ratio_low"] <= rows[0]["ratio_high"]

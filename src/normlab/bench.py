@@ -392,8 +392,7 @@ def run_bench(
             by_name[case.name].ratio_to_contiguous = (by_name[case.name].train_fwd_bwd_ms
                                                       / by_name[case.layout_of].train_fwd_bwd_ms)
     return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **host(),
         "shape": list(shape),
         "dtype": str(dtype).replace("torch.", ""),
         "layout": layout,
@@ -447,6 +446,20 @@ def paired_ratio_interval(ours: list[float], theirs: list[float], level: float =
     medians = torch.tensor(ratios, dtype=torch.float64)[picks].median(dim=1).values
     tail = (1.0 - level) / 2
     return float(medians.quantile(tail)), float(medians.quantile(1.0 - tail))
+
+
+def host() -> dict[str, Any]:
+    """What every bench result records of the machine it ran on: torch's version, its threads
+    and the vector extension the kernels are built for (an AVX2 host runs the arithmetic-bound
+    half-precision passes at half the width of an AVX-512 one: compare runs on like CPUs)."""
+    from ._kernels._build import cpu_vectors
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_vectors()}
+
+
+def host_line(result: dict[str, Any]) -> str:
+    """The start of every bench header: torch, threads, CPU vectors."""
+    return f"torch {result['torch']}, {result['threads']} threads, {result.get('cpu', '?')}"
 
 
 def _spread(times: list[float]) -> float:

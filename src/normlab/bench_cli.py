@@ -188,7 +188,9 @@ def _interval(bounds: Any) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The result of :func:`normlab.bench.run_bench` as a plain-text table."""
-    head = (f"torch {result['torch']}, {result['threads']} threads, shape {tuple(result['shape'])} "
+    from .bench import host_line
+
+    head = (f"{host_line(result)}, shape {tuple(result['shape'])} "
             f"{result['dtype']} {result['layout']}{' (compiled)' if result['compile'] else ''}; "
             f"copy {result['copy_ms']:.2f} ms ({result['copy_GBps']:.0f} GB/s), "
             f"8T limit {result['memory_limit_ms']:.2f} ms; medians of {result['repeats']} rounds; "

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import _minor_faults, _spread, paired_ratio_interval, use_malloc
+from .bench import _minor_faults, _spread, host, host_line, paired_ratio_interval, use_malloc
 
 __all__ = ["MODELS", "SMALL_CASES", "build_model", "run_models", "run_small"]
 
@@ -160,7 +160,7 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
                          "copy_faults": statistics.median(faults[2]), "torch_spread": _spread(times[0])})
     if progress:
         print(file=sys.stderr)
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+    return {**host(), "dtype": str(dtype).replace("torch.", ""),
             "steps": steps, "allocator": allocator, "rows": rows}
 
 
@@ -210,12 +210,12 @@ def run_small(dtype: torch.dtype = torch.float32, rounds: int = 15, threads: int
             print(f"\rbench: small inputs {k + 1}/{len(SMALL_CASES)}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+    return {**host(), "dtype": str(dtype).replace("torch.", ""),
             "rounds": rounds, "rows": rows}
 
 
 def format_models(result: dict[str, Any]) -> str:
-    lines = [f"torch {result['torch']}, {result['threads']} threads, {result['dtype']}"
+    lines = [f"{host_line(result)}, {result['dtype']}"
              f"{' autocast' if result['dtype'] != 'float32' else ''}; one training step (forward, loss, "
              f"backward, SGD step), medians of {result['steps']} alternating steps; allocator "
              f"{result.get('allocator', 'default')}",
@@ -237,7 +237,7 @@ def format_models(result: dict[str, Any]) -> str:
 
 
 def format_small(result: dict[str, Any]) -> str:
-    lines = [f"torch {result['torch']}, {result['threads']} threads, {result['dtype']}; per call, microseconds, "
+    lines = [f"{host_line(result)}, {result['dtype']}; per call, microseconds, "
              f"medians of {result['rounds']} alternating blocks",
              f"{'norm':<6} {'shape':<16} {'torch layer':<16} {'fwd':>8} {'torch':>8} {'ratio':>6} "
              f"{'fwd+bwd':>9} {'torch':>9} {'ratio':>6}"]
