@@ -292,6 +292,34 @@ def test_routing_table(name, channels_last, kernel_mode):
         assert _route_of(ENTRY[name](large)) == "plain"
 
 
+@pytest.mark.parametrize("wide", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_batch_norm_runs_torchs_kernel_but_bfloat16_with_avx512(dtype, wide, monkeypatch, kernel_mode):
+    """Large half-precision batch norm with backward: the engine in bfloat16 on AVX-512 CPUs
+    only; torch's own kernel in float16 and without AVX-512 (the CPU read from the flags, here
+    set); with an activation the engine either way (its output pass applies it)."""
+    if kernel_mode != "c-kernels":
+        pytest.skip("the choice is between the compiled kernels and torch's")
+    monkeypatch.setattr(_routing, "_WIDE", [wide])
+    _routing._ROUTES.clear()
+    x = torch.randn(8, 16, 128, 128, dtype=dtype)  # 2M values: from MIN_HALF_BN_NUMEL a thread on
+    monkeypatch.setattr(_routing, "MIN_HALF_BN_NUMEL", x.numel() // 4)
+    on_kernels = dtype == torch.bfloat16 and wide
+    assert _routing.half_bn_on_kernels(dtype) == on_kernels
+    try:
+        with fast_path(None):  # automatic (this module forces the engine on)
+            y = NF.batch_norm(x.requires_grad_(), weight=torch.ones(16))
+            assert _route_of(y) == ("normlab" if on_kernels else "torch") and y.dtype == dtype
+            fused = NF.batch_norm(x, weight=torch.ones(16), act="relu")
+            assert _route_of(fused) == "normlab"
+        # the same values either way (torch's kernel or the engine, against the plain path)
+        with fast_path(False):
+            ref = NF.batch_norm(x, weight=torch.ones(16))
+        torch.testing.assert_close(y.float(), ref.float(), atol=0.02, rtol=0.02)
+    finally:
+        _routing._ROUTES.clear()
+
+
 @pytest.mark.parametrize("name", ["bn", "mobn", "brn", "bin", "sn"])
 def test_process_group_routing(name, monkeypatch, kernel_mode):
     # a group that is not active (one process, or torch.distributed not initialized) keeps the

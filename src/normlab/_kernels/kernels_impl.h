@@ -164,7 +164,7 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 
 /* the same with the activation's gradient applied to dy: d = dy * act'((p - m) * s + b); with
  * a threshold (THRESHOLDED(act)), *e = sum (dy - d), the threshold's part */
-static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F t, T *kp, A *g, A *h, A *e) {
+static inline __attribute__((always_inline)) void S(row_dot_act_)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F t, T *kp, A *g, A *h, A *e) {
     A ag[LANES] = {0}, ah[LANES] = {0}, ae[LANES] = {0}, sg = 0, sh = 0, se = 0;
     i64 i = 0;
     for (; i + LANES <= k; i += LANES)
@@ -185,6 +185,16 @@ static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, con
     *g = sg + S(lanes_total)(ag);
     *h = sh + S(lanes_total)(ah);
     *e = THRESHOLDED(act) ? se + S(lanes_total)(ae) : 0;
+}
+
+/* (kp tested once, outside the loops: a store under a condition inside them stays scalar where
+ * the CPU has no masked store of the element's width, 16-bit ones on AVX2: float16 FRN's
+ * backward ran a branch a value, 10x slower) */
+static inline __attribute__((always_inline)) void S(row_dot_act)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F t, T *kp, A *g, A *h, A *e) {
+    if (kp)
+        S(row_dot_act_)(d, p, k, m, s, b, act, sl, t, kp, g, h, e);
+    else
+        S(row_dot_act_)(d, p, k, m, s, b, act, sl, t, NULL, g, h, e);
 }
 
 /* (kp: where to keep dy', or NULL) */
@@ -487,9 +497,9 @@ static inline __attribute__((always_inline)) void S(block_reduce)(const T *d0, c
     }
 }
 
-static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
-                                                                      const A *m, const F *s, const F *b, int act, F sl,
-                                                                      const F *t, T *kp, A *sg, A *sh, A *se) {
+static inline __attribute__((always_inline)) void S(block_reduce_act_)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
+                                                                       const A *m, const F *s, const F *b, int act, F sl,
+                                                                       const F *t, T *kp, A *sg, A *sh, A *se) {
     for (i64 c = 0; c < w; c++) sg[c] = sh[c] = se[c] = 0;
     for (i64 l = 0; l < k; l++) {
         const T *d = d0 + l * C, *p = p0 + l * C;
@@ -503,6 +513,16 @@ static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d
             if (THRESHOLDED(act)) se[c] += dy - dd;
         }
     }
+}
+
+/* (kp tested outside the loops, as in row_dot_act) */
+static inline __attribute__((always_inline)) void S(block_reduce_act)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
+                                                                      const A *m, const F *s, const F *b, int act, F sl,
+                                                                      const F *t, T *kp, A *sg, A *sh, A *se) {
+    if (kp)
+        S(block_reduce_act_)(d0, p0, k, C, w, m, s, b, act, sl, t, kp, sg, sh, se);
+    else
+        S(block_reduce_act_)(d0, p0, k, C, w, m, s, b, act, sl, t, NULL, sg, sh, se);
 }
 
 #if PAIRED

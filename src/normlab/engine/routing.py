@@ -16,7 +16,7 @@ from .. import _kernels
 
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_LNC_NUMEL", "MIN_KERNEL_GROUP_NUMEL",
            "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
-           "dy_view", "fast_path", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
+           "dy_view", "fast_path", "half_bn_on_kernels", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -60,6 +60,25 @@ MIN_HALF_BN_NUMEL = 1 << 21
 kernel below (the engine's fixed cost, some 0.5 ms a step of small float64 work and calls
 around the kernels, is repaid from about 2M values a thread: measured one thread 2.9x at 131k,
 1.2x at 1M, 0.90 at 2M, 0.77 at 6.4M; two threads 1.33 at 2M, 0.99 at 4M, 1.02 at 6.4M)."""
+
+def half_bn_on_kernels(dtype: torch.dtype) -> bool:
+    """Whether half-precision batch norm may run on the kernels at all (from MIN_HALF_BN_NUMEL):
+    bfloat16 on a CPU with AVX-512 only. On AVX2 the kernels' half passes work 8 floats at a time
+    and torch's bfloat16 kernel is as fast (measured, Zen 3, (32, 64, 56, 56), engine / torch
+    forward+backward, six runs: 0.98-1.17, median 1.05); float16 on every CPU: the kernels convert
+    it by bit operations where torch uses the CPU's F16C instructions (engine 1.98-2.50x torch's)."""
+    return dtype == torch.bfloat16 and _wide_vectors()
+
+
+def _wide_vectors() -> bool:
+    if _WIDE[0] is None:
+        from .._kernels._build import cpu_vectors
+
+        _WIDE[0] = cpu_vectors().startswith("AVX-512")
+    return _WIDE[0]
+
+
+_WIDE: list[bool | None] = [None]  # (read once: /proc/cpuinfo)
 
 MIN_KERNEL_GROUP_NUMEL = 1 << 22
 """float32/float64 channel-first group, layer and instance norm: torch's group-norm kernels (one
@@ -186,7 +205,9 @@ class fast_path:
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
 #                                                            channels-last, or without positions; bn
 #                                                            in half precision below
-#                                                            MIN_HALF_BN_NUMEL; ln/gn/in channel-
+#                                                            MIN_HALF_BN_NUMEL, in float16, and in
+#                                                            bfloat16 without AVX-512
+#                                                            (half_bn_on_kernels); ln/gn/in channel-
 #                                                            first in half precision, or in float32/64
 #                                                            below MIN_KERNEL_GROUP_NUMEL or with
 #                                                            fewer than two (sample, group) items a
@@ -242,7 +263,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
             return "kernels"
         if not (x.requires_grad and torch.is_grad_enabled()):
             return "torch"  # forward only (eval, inference): torch's one call is the faster there
-        if norm == "bn" and (kv[0] == "cl" and not half or  # type: ignore[index]
+        if norm == "bn" and (kv[0] == "cl" and not half or half and not half_bn_on_kernels(x.dtype) or  # type: ignore[index]
                              x.numel() < (MIN_HALF_BN_NUMEL if half else MIN_KERNEL_NUMEL) * torch.get_num_threads()):
             return "torch"
         if norm != "bn" and kv[0] == "cf" and (half or  # type: ignore[index]
