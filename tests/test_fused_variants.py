@@ -320,6 +320,33 @@ def test_half_batch_norm_runs_torchs_kernel_but_bfloat16_with_avx512(dtype, wide
         _routing._ROUTES.clear()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_instance_norm_takes_torchs_instance_kernel_in_float16(dtype, kernel_mode):
+    """On the "torch" route a float16 instance norm from MIN_HALF_IN_KERNEL_NUMEL values runs
+    torch's instance-norm kernel (batch norm over the (1, N C, ...) view), the other calls its
+    group-norm kernel; both equal the plain path, with gradients."""
+    big = torch.randn(4, 8, 64, 64, dtype=dtype)
+    assert big.numel() >= _routing.MIN_HALF_IN_KERNEL_NUMEL
+    for x, by_bn in ((big, dtype == torch.float16), (torch.randn(2, 3, 5, 5, dtype=dtype), False)):
+        w = torch.rand(x.shape[1], requires_grad=True)
+        b = torch.randn(x.shape[1], requires_grad=True)
+        x.requires_grad_()
+        with fast_path(None):
+            y = NF.instance_norm(x, w, b)
+        want = {"NativeBatchNormBackward0"} if by_bn else {"NativeGroupNormBackward0"}
+        if _routing.route("in", x, 1, x.shape[1], (w.dtype, b.dtype), (True,)) == "torch":
+            assert _nodes(y) & TORCH_NODES == want, x.shape
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b), g)
+        with fast_path(False):
+            ref_y = NF.instance_norm(x, w, b)
+        ref = torch.autograd.grad(ref_y, (x, w, b), g)
+        tol = {"atol": 4e-3, "rtol": 4e-3} if dtype != torch.float32 else {"atol": 1e-4, "rtol": 1e-4}
+        torch.testing.assert_close(y.float(), ref_y.float(), **tol)
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a.float(), r.float(), atol=tol["atol"] * 8, rtol=tol["rtol"] * 8)
+
+
 @pytest.mark.parametrize("name", ["bn", "mobn", "brn", "bin", "sn"])
 def test_process_group_routing(name, monkeypatch, kernel_mode):
     # a group that is not active (one process, or torch.distributed not initialized) keeps the

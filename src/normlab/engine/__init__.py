@@ -25,12 +25,12 @@ from .._layout import per_channel
 from .describe import BatchInstanceStats, BatchStats, Description, GlobalResponseStats, GroupStats, SwitchableStats
 from .describe_modern import EvoB0Stats, EvoS0Stats, PowerStats
 from .function import EngineNorm, kernel_moments, run
-from .routing import fast_path, is_half, kernel_views, route
+from .routing import fast_path, instance_by_batch_norm, is_half, kernel_views, route
 
 __all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "EvoB0Stats", "EvoS0Stats",
            "GlobalResponseStats", "GroupStats",
            "PowerStats", "SwitchableStats",
-           "activate", "affine_eval", "check_activation", "dtypes_of", "epilogue", "fast_path", "fuses", "kernel_moments", "local_only", "route",
+           "activate", "affine_eval", "check_activation", "dtypes_of", "epilogue", "fast_path", "fuses", "instance_by_batch_norm", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 
 # name -> f(x, negative_slope): torch's activations as a norm + activation applies them (leaky
@@ -117,12 +117,20 @@ def torch_batch_norm(training: bool, momentum: float | None, eps: float, cd: int
     return f
 
 
-def torch_group_norm(num_groups: int, eps: float, cd: int) -> Callable[..., Tensor]:
+def torch_group_norm(num_groups: int, eps: float, cd: int, instance: bool = False) -> Callable[..., Tensor]:
     """Group norm (layer norm: one group; instance norm: one per channel) as one call of torch's
     kernel (the "torch" route), ready to apply: ``f(x, weight, bias)``. The route has checked
     what ``F.group_norm`` checks in Python (more than one value per group), so ``f`` calls the
-    kernel directly."""
+    kernel directly. ``instance``: torch's instance-norm kernel instead, for an instance norm
+    (``routing.instance_by_batch_norm`` says where it is the faster)."""
     cudnn = torch.backends.cudnn.enabled
+    if instance:
+        def g(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+            xm = x if cd == 1 else x.movedim(cd, 1)
+            y = torch.instance_norm(xm, weight, bias, None, None, True, 0.0, eps, cudnn)
+            return y if cd == 1 else y.movedim(1, cd)
+
+        return g
 
     def f(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if cd == 1:

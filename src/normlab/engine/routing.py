@@ -14,9 +14,10 @@ from torch import Tensor
 
 from .. import _kernels
 
-__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_LNC_NUMEL", "MIN_KERNEL_GROUP_NUMEL",
+__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_IN_KERNEL_NUMEL", "MIN_HALF_LNC_NUMEL",
+           "MIN_KERNEL_GROUP_NUMEL",
            "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
-           "dy_view", "fast_path", "half_bn_on_kernels", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
+           "dy_view", "fast_path", "half_bn_on_kernels", "instance_by_batch_norm", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -79,6 +80,19 @@ def _wide_vectors() -> bool:
 
 
 _WIDE: list[bool | None] = [None]  # (read once: /proc/cpuinfo)
+
+MIN_HALF_IN_KERNEL_NUMEL = 1 << 17
+"""From this many values a float16 instance norm on the "torch" route calls torch's instance-norm
+kernel (a batch norm over the (1, N C, ...) view, as torch's InstanceNorm2d does) rather than its
+group-norm kernel, whose float16 backward is slow (measured, two threads, forward+backward,
+instance / group kernel: 1.95 at (8, 16, 8, 8), 0.78 at (32, 64, 14, 14), 0.50 at (32, 64, 28, 28),
+0.35-0.73 at (32, 64, 56, 56); bfloat16 and float32 1.09-2.05: the group kernel there)."""
+
+
+def instance_by_batch_norm(x: Tensor) -> bool:
+    """Whether an instance norm of ``x`` on the "torch" route runs torch's instance-norm kernel
+    (see MIN_HALF_IN_KERNEL_NUMEL) instead of its group-norm one."""
+    return x.dtype == torch.float16 and x.numel() >= MIN_HALF_IN_KERNEL_NUMEL
 
 MIN_KERNEL_GROUP_NUMEL = 1 << 22
 """float32/float64 channel-first group, layer and instance norm: torch's group-norm kernels (one
@@ -190,9 +204,9 @@ class fast_path:
 #                                                            32/64, bfloat16, float16; an empty input
 # "torch"    torch's own kernel for the same layer, one      norms torch has (bn, ln, gn, in without
 #            call (bn: torch.batch_norm; ln, gn, in:         running statistics; ln/gn/in not on
-#            F.group_norm), the same running-statistics      channels-last input), local statistics,
-#            rule                                            parameters of the input's dtype (or
-#                                                            float32 with half input), more than one
+#            F.group_norm, but in float16 from MIN_HALF_    channels-last input), local statistics,
+#            IN_KERNEL_NUMEL torch.instance_norm), the       parameters of the input's dtype (or
+#            same running-statistics rule                    float32 with half input), more than one
 #                                                            value per group, not forced, and one of:
 #                                                            fewer than MIN_FAST_NUMEL values (the
 #                                                            only case with an activation); a call
