@@ -30,7 +30,8 @@ from .routing import fast_path, instance_by_batch_norm, is_half, kernel_views, r
 __all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "EngineNorm", "EvoB0Stats", "EvoS0Stats",
            "GlobalResponseStats", "GroupStats",
            "PowerStats", "SwitchableStats",
-           "activate", "affine_eval", "check_activation", "dtypes_of", "epilogue", "fast_path", "fuses", "instance_by_batch_norm", "kernel_moments", "local_only", "route",
+           "activate", "affine_eval", "check_activation", "dtypes_of", "epilogue", "fast_path", "fuses",
+           "instance_by_batch_norm", "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 
 # name -> f(x, negative_slope): torch's activations as a norm + activation applies them (leaky

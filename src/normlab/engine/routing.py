@@ -17,7 +17,8 @@ from .. import _kernels
 __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_IN_KERNEL_NUMEL", "MIN_HALF_LNC_NUMEL",
            "MIN_KERNEL_GROUP_NUMEL",
            "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
-           "dy_view", "fast_path", "half_bn_on_kernels", "instance_by_batch_norm", "is_half", "kernel_views", "route", "signature", "view_like", "views"]
+           "dy_view", "fast_path", "half_bn_on_kernels", "instance_by_batch_norm", "is_half", "kernel_views", "route",
+           "signature", "view_like", "views"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -62,6 +63,7 @@ kernel below (the engine's fixed cost, some 0.5 ms a step of small float64 work 
 around the kernels, is repaid from about 2M values a thread: measured one thread 2.9x at 131k,
 1.2x at 1M, 0.90 at 2M, 0.77 at 6.4M; two threads 1.33 at 2M, 0.99 at 4M, 1.02 at 6.4M)."""
 
+
 def half_bn_on_kernels(dtype: torch.dtype) -> bool:
     """Whether half-precision batch norm may run on the kernels at all (from MIN_HALF_BN_NUMEL):
     bfloat16 on a CPU with AVX-512 only. On AVX2 the kernels' half passes work 8 floats at a time
@@ -93,6 +95,7 @@ def instance_by_batch_norm(x: Tensor) -> bool:
     """Whether an instance norm of ``x`` on the "torch" route runs torch's instance-norm kernel
     (see MIN_HALF_IN_KERNEL_NUMEL) instead of its group-norm one."""
     return x.dtype == torch.float16 and x.numel() >= MIN_HALF_IN_KERNEL_NUMEL
+
 
 MIN_KERNEL_GROUP_NUMEL = 1 << 22
 """float32/float64 channel-first group, layer and instance norm: torch's group-norm kernels (one
