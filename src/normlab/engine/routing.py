@@ -23,7 +23,8 @@ __all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_IN_KE
 FLOAT_DTYPES = (torch.float32, torch.float64)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 """Half-precision inputs run on the compiled kernels (read and written in their own type,
-computed in float32): torch's own CPU kernels in these types are several times slower."""
+computed in float32), except where torch's kernel of the same layer is as fast or faster (see
+MIN_HALF_BN_NUMEL, half_bn_on_kernels, instance_by_batch_norm and the table below)."""
 
 MIN_FAST_NUMEL = 1 << 15
 """Below this many values bn, ln, gn and in call torch's own kernel once: the call is the
