@@ -87,7 +87,7 @@ def main() -> None:
 
     import normlab
     from normlab import _kernels
-    from normlab.bench import steady_malloc
+    from normlab.bench_measure import steady_malloc
     from normlab.engine import fast_path
 
     torch.set_num_threads(args.threads)

@@ -82,7 +82,7 @@ def test_layer_intervals_pair_each_round(monkeypatch):
         return {"bn": 2.0, "BatchNorm2d": 1.0}.get(got, 1.0) * drift if isinstance(got, str) else drift
 
     monkeypatch.setattr(bench, "_step", named_step)
-    monkeypatch.setattr(bench, "_time", drifting_time)
+    monkeypatch.setattr(bench, "time_ms", drifting_time)
     result = bench.run_bench((2, 4, 3, 3), norms=["bn"], threads=1, repeats=5, warmup=1)
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["bn"]["ratio_to_native_bn_interval"] == (2.0, 2.0)

@@ -37,6 +37,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .bench_measure import host, minor_faults, paired_ratio_interval, saved_bytes, spread, time_ms, use_malloc
+
 __all__ = ["BenchRow", "DEFAULT_NORMS", "paired_ratio_interval", "run_bench", "saved_bytes", "split_act"]
 
 # evos0 with gn's 32 groups (timm's default), so the two group-statistics rows compare alike
@@ -116,25 +118,6 @@ class _Case:
     goal: float | None = None
 
 
-def saved_bytes(fn: Callable[[], Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``fn()``."""
-    seen: dict[tuple[int, str], int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        try:
-            st = t.untyped_storage()
-            key = (st.data_ptr(), str(t.device))
-            seen[key] = max(seen.get(key, 0), st.nbytes())
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrapped numbers)
-            seen[(id(t), "")] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 def _native_for(spec: str, c: int, ndim: int) -> tuple[str, nn.Module] | None:
     spatial = ndim - 2
     if spec == "bn":
@@ -173,48 +156,6 @@ def _goal_cases(case: _Case, base: str, act: str | None, nat: tuple[str, nn.Modu
     if nat and torch_pair not in have:
         out.append(like(torch_pair, nn.Sequential(nat[1], Activation(act)), True))
     return [k for k in out if k.name not in have]
-
-
-def _time(f: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    f()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _minor_faults() -> int:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    except (ImportError, OSError):  # not on this platform
-        return 0
-
-
-def steady_malloc() -> bool:
-    """Stop glibc from handing freed input-sized blocks back to the OS (``mallopt``: mmap
-    threshold 1 GiB, trim threshold 2 GiB), so that a fresh output buffer is not one page
-    fault per 4 kB. On the machines this was measured on a fault costs about 0.7 us, i.e.
-    2-3 ms for a (32, 64, 56, 56) float32 tensor: more than the normalization itself. For
-    the process that calls it; returns False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-def use_malloc(malloc: str) -> str:
-    """Apply a bench's ``malloc`` setting ("default": the allocator as users run it; "steady":
-    :func:`steady_malloc`) and return the allocator's description for the report."""
-    if malloc not in ("default", "steady"):
-        raise ValueError(f"bench: malloc must be 'default' or 'steady', got {malloc!r}")
-    if malloc == "default":
-        return "default"
-    return "steady (glibc trim/mmap thresholds raised)" if steady_malloc() else "default (no glibc)"
 
 
 def _grad_like(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -356,13 +297,13 @@ def run_bench(
 
             print(f"\rbench: round {r + 1}/{repeats}", end="" if r + 1 < repeats else "\n", file=sys.stderr, flush=True)
         order = _round_order(cases, r)
-        copy_times.append(_time(copy_f))
+        copy_times.append(time_ms(copy_f))
         for case in order:
             for kind in ("fwd", "fb", "eval"):
-                f0 = _minor_faults() if kind == "fb" else 0
-                case.times[kind].append(_time(_step(case, kind)))
+                f0 = minor_faults() if kind == "fb" else 0
+                case.times[kind].append(time_ms(_step(case, kind)))
                 if kind == "fb":
-                    case.faults.append(_minor_faults() - f0)
+                    case.faults.append(minor_faults() - f0)
 
     nbytes = x_cf.numel() * x_cf.element_size()
     t_copy = statistics.median(copy_times)
@@ -404,8 +345,8 @@ def run_bench(
         "copy_ms": t_copy,
         "copy_GBps": 2 * nbytes / (t_copy * 1e-3) / 1e9,
         "memory_limit_ms": limit_ms,
-        "copy_spread": _spread(copy_times),
-        "baseline_spread": _spread(bn_case.times["fb"]) if bn_case is not None else 0.0,
+        "copy_spread": spread(copy_times),
+        "baseline_spread": spread(bn_case.times["fb"]) if bn_case is not None else 0.0,
         "aa": _control_of(rows, bn_case),
         "rows": [asdict(r) for r in rows],
         "skipped": skipped,
@@ -429,42 +370,3 @@ def _control_of(rows: list[BenchRow], bn_case: _Case | None) -> dict[str, Any] |
     if row is None:
         return None
     return {"ratio": row.ratio_to_native_bn, "interval": row.ratio_to_native_bn_interval}
-
-
-def paired_ratio_interval(ours: list[float], theirs: list[float], level: float = 0.95,
-                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """A bootstrap interval (percentile, fixed seed) of the median of the per-round ratios
-    ``ours[r] / theirs[r]``: the two steps of a round ran back to back, so a slow moment of the
-    machine slows both and drops out of their ratio. An interval that holds 1.0 means the run
-    cannot tell the two apart."""
-    ratios = [a / b for a, b in zip(ours, theirs)]
-    if len(ratios) < 2:
-        r = ratios[0] if ratios else float("nan")
-        return r, r
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=gen)
-    medians = torch.tensor(ratios, dtype=torch.float64)[picks].median(dim=1).values
-    tail = (1.0 - level) / 2
-    return float(medians.quantile(tail)), float(medians.quantile(1.0 - tail))
-
-
-def host() -> dict[str, Any]:
-    """What every bench result records of the machine it ran on: torch's version, its threads
-    and the vector extension the kernels are built for (an AVX2 host runs the arithmetic-bound
-    half-precision passes at half the width of an AVX-512 one: compare runs on like CPUs)."""
-    from ._kernels._build import cpu_vectors
-
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_vectors()}
-
-
-def host_line(result: dict[str, Any]) -> str:
-    """The start of every bench header: torch, threads, CPU vectors."""
-    return f"torch {result['torch']}, {result['threads']} threads, {result.get('cpu', '?')}"
-
-
-def _spread(times: list[float]) -> float:
-    """(upper quartile - lower quartile) / median of a baseline's rounds: how loaded the machine was."""
-    if len(times) < 4:
-        return 0.0
-    q = statistics.quantiles(times, n=4)
-    return (q[2] - q[0]) / statistics.median(times)

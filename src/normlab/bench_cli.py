@@ -188,7 +188,7 @@ def _interval(bounds: Any) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The result of :func:`normlab.bench.run_bench` as a plain-text table."""
-    from .bench import host_line
+    from .bench_measure import host_line
 
     head = (f"{host_line(result)}, shape {tuple(result['shape'])} "
             f"{result['dtype']} {result['layout']}{' (compiled)' if result['compile'] else ''}; "

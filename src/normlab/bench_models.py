@@ -9,7 +9,7 @@ initial weights, alternating the models step by step (with an exact copy of torc
 control); optionally under ``torch.autocast("cpu", dtype=torch.bfloat16)``. Each model's page
 faults a step are counted: glibc's allocator returns freed memory to the system by heuristics,
 and whichever model's step then touches fresh pages pays for it (``malloc="steady"`` keeps
-freed memory in the process, as :func:`normlab.bench.steady_malloc` says).
+freed memory in the process, as :func:`normlab.bench_measure.steady_malloc` says).
 
 ``run_small``: per-call training forward and forward+backward of normlab's layer and torch's
 same layer on small inputs, where the Python around the kernels is the cost: (8, 16, 8, 8),
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import _minor_faults, _spread, host, host_line, paired_ratio_interval, use_malloc
+from .bench_measure import host, host_line, minor_faults, paired_ratio_interval, spread, use_malloc
 
 __all__ = ["MODELS", "SMALL_CASES", "build_model", "run_models", "run_small"]
 
@@ -121,7 +121,7 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
     (``aa_ratio``, with its paired interval) is what this run measures between two identical
     models, the noise floor to read normlab's ratio against. ``*_faults``: the median minor page
     faults of each model's step; ``malloc="steady"`` first raises glibc's trim and mmap
-    thresholds (:func:`normlab.bench.steady_malloc`), so that no step pays for fresh pages."""
+    thresholds (:func:`normlab.bench_measure.steady_malloc`), so that no step pays for fresh pages."""
     from .convert import convert
 
     allocator = use_malloc(malloc)
@@ -143,11 +143,11 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
             for r in range(steps):
                 order = _ORDERS[r % len(_ORDERS)]
                 for i in order:
-                    f0 = _minor_faults()
+                    f0 = minor_faults()
                     t0 = time.perf_counter()
                     steps_of[i]()
                     times[i].append((time.perf_counter() - t0) * 1e3)
-                    faults[i].append(_minor_faults() - f0)
+                    faults[i].append(minor_faults() - f0)
                 if progress:
                     print(f"\rbench: {kind} batch {bs}: step {r + 1}/{steps}", end="", file=sys.stderr, flush=True)
             torch_ms, ours_ms, twin_ms = (statistics.median(t) for t in times)
@@ -157,7 +157,7 @@ def run_models(kinds: tuple[str, ...] = MODELS, batch_sizes: tuple[int, ...] = (
                          "normlab_ms": ours_ms, "ratio": ours_ms / torch_ms, "ratio_low": low, "ratio_high": high,
                          "copy_ms": twin_ms, "aa_ratio": twin_ms / torch_ms, "aa_low": aa_low, "aa_high": aa_high,
                          "torch_faults": statistics.median(faults[0]), "normlab_faults": statistics.median(faults[1]),
-                         "copy_faults": statistics.median(faults[2]), "torch_spread": _spread(times[0])})
+                         "copy_faults": statistics.median(faults[2]), "torch_spread": spread(times[0])})
     if progress:
         print(file=sys.stderr)
     return {**host(), "dtype": str(dtype).replace("torch.", ""),
@@ -205,7 +205,7 @@ def run_small(dtype: torch.dtype = torch.float32, rounds: int = 15, threads: int
         rows.append({"norm": spec, "shape": list(shape), "channel_dim": cd, "torch_layer": name,
                      "fwd_us": med[0], "torch_fwd_us": med[2], "fwd_ratio": med[0] / med[2],
                      "fwd_bwd_us": med[1], "torch_fwd_bwd_us": med[3], "fwd_bwd_ratio": med[1] / med[3],
-                     "torch_spread": _spread(times[3])})
+                     "torch_spread": spread(times[3])})
         if progress:
             print(f"\rbench: small inputs {k + 1}/{len(SMALL_CASES)}", end="", file=sys.stderr, flush=True)
     if progress:
