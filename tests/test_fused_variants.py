@@ -300,7 +300,7 @@ def test_half_batch_norm_runs_torchs_kernel_but_bfloat16_with_avx512(dtype, wide
     set); with an activation the engine either way (its output pass applies it)."""
     if kernel_mode != "c-kernels":
         pytest.skip("the choice is between the compiled kernels and torch's")
-    monkeypatch.setattr(_routing, "_WIDE", [wide])
+    monkeypatch.setattr(_routing, "_wide_vectors", lambda: wide)
     _routing._ROUTES.clear()
     x = torch.randn(8, 16, 128, 128, dtype=dtype)  # 2M values: from MIN_HALF_BN_NUMEL a thread on
     monkeypatch.setattr(_routing, "MIN_HALF_BN_NUMEL", x.numel() // 4)

@@ -32,6 +32,7 @@ __all__ = [
     "reduce_moments",
     "group_moments",
     "running_factor",
+    "shaped_like",
     "update_running_stats",
 ]
 
@@ -197,14 +198,14 @@ def update_running_stats(
         if ref is not None:
             factor = factor.to(ref.dtype)
     if running_mean is not None:  # (no graph is recorded here: no detach needed)
-        running_mean.lerp_(_like(batch.mean, running_mean), factor)
+        running_mean.lerp_(shaped_like(batch.mean, running_mean), factor)
     if running_var is not None:
-        running_var.lerp_(_like(batch.unbiased_var, running_var), factor)
+        running_var.lerp_(shaped_like(batch.unbiased_var, running_var), factor)
 
 
-def _like(t: Tensor, buffer: Tensor) -> Tensor:
-    """``t`` in the shape and dtype of ``buffer`` (no operation where it already is: a norm's
-    step pays each small one, see normlab.engine.describe)."""
-    if t.shape != buffer.shape:
-        t = t.reshape(buffer.shape)
-    return t if t.dtype == buffer.dtype else t.to(buffer.dtype)
+def shaped_like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` in the shape and dtype of ``ref`` (a buffer, a parameter), with no operation where
+    it already is: a norm's step pays each small one (see normlab.engine.describe)."""
+    if t.shape != ref.shape:
+        t = t.reshape(ref.shape)
+    return t if t.dtype == ref.dtype else t.to(ref.dtype)

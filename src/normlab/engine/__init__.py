@@ -31,7 +31,7 @@ __all__ = ["ACTIVATIONS", "BatchInstanceStats", "BatchStats", "Description", "En
            "GlobalResponseStats", "GroupStats",
            "PowerStats", "SwitchableStats",
            "activate", "affine_eval", "check_activation", "dtypes_of", "epilogue", "fast_path", "fuses",
-           "instance_by_batch_norm", "kernel_moments", "local_only", "route",
+           "kernel_moments", "local_only", "route",
            "run", "stat_shape", "torch_batch_norm", "torch_group_norm"]
 
 # name -> f(x, negative_slope): torch's activations as a norm + activation applies them (leaky
@@ -118,14 +118,15 @@ def torch_batch_norm(training: bool, momentum: float | None, eps: float, cd: int
     return f
 
 
-def torch_group_norm(num_groups: int, eps: float, cd: int, instance: bool = False) -> Callable[..., Tensor]:
+def torch_group_norm(num_groups: int, eps: float, cd: int, like: Tensor) -> Callable[..., Tensor]:
     """Group norm (layer norm: one group; instance norm: one per channel) as one call of torch's
-    kernel (the "torch" route), ready to apply: ``f(x, weight, bias)``. The route has checked
-    what ``F.group_norm`` checks in Python (more than one value per group), so ``f`` calls the
-    kernel directly. ``instance``: torch's instance-norm kernel instead, for an instance norm
-    (``routing.instance_by_batch_norm`` says where it is the faster)."""
+    kernel (the "torch" route) for inputs of ``like``'s signature, ready to apply: ``f(x, weight,
+    bias)``. The route has checked what ``F.group_norm`` checks in Python (more than one value per
+    group), so ``f`` calls the kernel directly: torch's group-norm kernel, or with a group per
+    channel its instance-norm kernel where ``routing.instance_by_batch_norm`` says that is the
+    faster."""
     cudnn = torch.backends.cudnn.enabled
-    if instance:
+    if num_groups == like.shape[cd] and instance_by_batch_norm(like):
         def g(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
             xm = x if cd == 1 else x.movedim(cd, 1)
             y = torch.instance_norm(xm, weight, bias, None, None, True, 0.0, eps, cudnn)

@@ -49,11 +49,7 @@ def _row(t: Tensor | None, c: int, fill: float) -> Tensor:
 
 def _out(t: Tensor, like: Tensor | None) -> Tensor | None:
     """``t`` in the shape and dtype of the parameter ``like`` (its gradient; None without one)."""
-    if like is None:
-        return None
-    if t.shape != like.shape:
-        t = t.reshape(like.shape)
-    return t if t.dtype == like.dtype else t.to(like.dtype)
+    return None if like is None else _moments.shaped_like(t, like)
 
 
 class Description:

@@ -9,6 +9,8 @@ kernels work on, and :class:`fast_path` to force the engine on or off (tests, be
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -74,15 +76,12 @@ def half_bn_on_kernels(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _wide_vectors()
 
 
+@functools.lru_cache(maxsize=None)
 def _wide_vectors() -> bool:
-    if _WIDE[0] is None:
-        from .._kernels._build import cpu_vectors
+    """Whether the kernels are built for AVX-512 (read once from /proc/cpuinfo)."""
+    from .._kernels._build import cpu_vectors
 
-        _WIDE[0] = cpu_vectors().startswith("AVX-512")
-    return _WIDE[0]
-
-
-_WIDE: list[bool | None] = [None]  # (read once: /proc/cpuinfo)
+    return cpu_vectors().startswith("AVX-512")
 
 MIN_HALF_IN_KERNEL_NUMEL = 1 << 17
 """From this many values a float16 instance norm on the "torch" route calls torch's instance-norm
@@ -93,8 +92,8 @@ instance / group kernel: 1.95 at (8, 16, 8, 8), 0.78 at (32, 64, 14, 14), 0.50 a
 
 
 def instance_by_batch_norm(x: Tensor) -> bool:
-    """Whether an instance norm of ``x`` on the "torch" route runs torch's instance-norm kernel
-    (see MIN_HALF_IN_KERNEL_NUMEL) instead of its group-norm one."""
+    """Whether a norm with a group per channel (instance norm) of ``x`` on the "torch" route runs
+    torch's instance-norm kernel (see MIN_HALF_IN_KERNEL_NUMEL) instead of its group-norm one."""
     return x.dtype == torch.float16 and x.numel() >= MIN_HALF_IN_KERNEL_NUMEL
 
 

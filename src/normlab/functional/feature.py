@@ -26,7 +26,7 @@ def _per_sample(norm: str, x: Tensor, cd: int, groups: int, center: bool, weight
     path)."""
     way = _route(norm, x, cd, groups, weight, bias, act, flags)
     if way == "torch":
-        return activation(_torch_call(norm, x, groups, eps, cd)(x, weight, bias), act, negative_slope), None
+        return activation(engine.torch_group_norm(groups, eps, cd, x)(x, weight, bias), act, negative_slope), None
     if way != "kernels":
         return None
     desc = GroupStats(groups, eps, center)
@@ -45,11 +45,7 @@ def per_sample_call(norm: str, x: Tensor, groups: int, weight: Tensor | None = N
     cd = channel_axis(x.ndim, channel_dim)
     if _route(norm, x, cd, groups, weight, bias, act, flags) != "torch":
         return None
-    return _torch_call(norm, x, groups, eps, cd)
-
-
-def _torch_call(norm: str, x: Tensor, groups: int, eps: float, cd: int) -> Callable[..., Tensor]:
-    return engine.torch_group_norm(groups, eps, cd, norm == "in" and engine.instance_by_batch_norm(x))
+    return engine.torch_group_norm(groups, eps, cd, x)
 
 
 def _route(norm: str, x: Tensor, cd: int, groups: int, weight: Tensor | None, bias: Tensor | None, act: str | None,
