@@ -182,3 +182,74 @@ def test_instance_norm_running_statistics_from_the_engine(channels_last):
     assert not torch.equal(layers[0].running_var, torch.ones(6))
     with torch.no_grad():
         torch.testing.assert_close(layers[0].eval()(x), layers[1].eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["bn", "mobn", "bn+relu", "bn+silu", "bn+gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("far", [False, True])
+def test_batch_norm_one_channel_at_a_time_equals_the_plain_path(spec, dtype, far, monkeypatch):
+    """The per-channel pass (``batch_forward``/``batch_backward``, taken on large inputs with long
+    rows) with its size rule lowered: taken on both steps, and equal to the plain path in outputs,
+    input and parameter gradients and running statistics, also where the mean is 1e4 x the spread."""
+    from normlab import _kernels
+    from normlab.engine import function
+
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    monkeypatch.setattr(function, "BATCH_FUSED_MIN_LENGTH", 1)
+    monkeypatch.setattr(function, "BATCH_FUSED_MIN_BYTES", 0)
+    calls = []
+    for name in ("batch_forward", "batch_backward"):
+        real = getattr(_kernels, name)
+        monkeypatch.setattr(_kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, 5, 7, generator=g, dtype=torch.float64)
+    x = (x + 1e4 if far else x * 2 + 0.5).to(dtype).double()  # (the values the kernels see)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    base, _, act = spec.partition("+")
+    kw = {"act": act} if act else {}
+
+    def run(xin: torch.Tensor, fast: bool):
+        torch.manual_seed(0)
+        m = make_norm(base, 6, **kw).to(xin.dtype)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.rand(p.shape, dtype=torch.float64).to(p.dtype) * 0.5)
+        xx = xin.detach().clone().requires_grad_()
+        with fast_path(fast):
+            y, y2 = m(xx), m(xx)
+            (y * dy.to(y.dtype) + y2).sum().backward()
+        return [y, y2, xx.grad] + [p.grad for p in m.parameters()] + [b for b in m.buffers() if b.is_floating_point()]
+
+    got = run(x.to(dtype), True)
+    assert calls.count("batch_forward") == 2 and calls.count("batch_backward") == 2, calls
+    want = run(x, False)  # the plain path in float64
+    # float32 values near 1e4 are 1e-3 apart and the affine form rounds once more at that size
+    # (as test_large_mean_small_spread_matches_float64_reference: torch's BatchNorm2d the same)
+    tol = 1e-9 if dtype == torch.float64 else 1.5e-2 if far else 2e-4
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
+                                   msg=lambda m, i=i: f"result {i}: {m}")
+
+
+def test_batch_norm_one_channel_at_a_time_only_where_measured_faster(monkeypatch):
+    """At the default sizes the per-channel pass runs on a large float32 channel-first input with
+    long rows, and not on short rows, half precision or channels-last."""
+    from normlab import _kernels
+
+    if not _kernels.available():
+        pytest.skip(_kernels.status())
+    calls = []
+    real = _kernels.batch_forward
+    monkeypatch.setattr(_kernels, "batch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = make_norm("bn", 4)
+    cases = [((2, 4, 512, 1024), torch.float32, None, 1), ((2, 4, 16, 16), torch.float32, None, 0),
+             ((2, 4, 512, 1024), torch.bfloat16, None, 0), ((2, 4, 512, 1024), torch.float32, torch.channels_last, 0)]
+    for shape, dtype, fmt, want in cases:
+        calls.clear()
+        x = torch.randn(shape).to(dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        m(x.requires_grad_())
+        assert len(calls) == want, (shape, dtype, fmt)

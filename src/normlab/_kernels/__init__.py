@@ -48,7 +48,7 @@ from torch import Tensor
 from . import _build
 
 __all__ = ["EPILOGUES", "Epilogue", "available", "enabled", "status", "streaming", "supports", "moments", "affine",
-           "reduce", "dx",
+           "reduce", "dx", "batch_forward", "batch_backward",
            "group_forward", "group_backward", "rows_forward", "rows_backward", "threshold_of",
            "linear_scan", "scans"]
 
@@ -71,6 +71,12 @@ def _declare(lib: ctypes.CDLL) -> None:
             for kind in ("affine", "reduce", "dx"):
                 getattr(lib, f"nl_{kind}_{layout}_{s}").restype = ctypes.c_int
             getattr(lib, f"nl_moments_{layout}_{s}").restype = ctypes.c_int if layout == "cl" else None
+        fn = getattr(lib, f"nl_batch_fwd_cf_{s}")
+        fn.argtypes = [p, p, i, i, i, ctypes.c_double, n, p, p, n, ctypes.c_double, p, p, n]
+        fn.restype = ctypes.c_int
+        fn = getattr(lib, f"nl_batch_bwd_cf_{s}")
+        fn.argtypes = [p, p, p, i, i, i, p, p, n, p, p, n, ctypes.c_double, p, p, n]
+        fn.restype = ctypes.c_int
         for layout in ("cf", "cl"):
             fn = getattr(lib, f"nl_group_fwd_{layout}_{s}")
             fn.argtypes = [p, p, i, i, i, i, ctypes.c_double, n, p, p, n, d, p, p, p, p, p, n]
@@ -381,6 +387,37 @@ def group_backward(dyv: Tensor, v: Tensor, out: Tensor, layout: str, num_groups:
                                              _ptr(rstd64), _ptr(g), _ptr(h), *_ptrs([e]), torch.get_num_threads()),
            "group_bwd")
     return _returned(g, h, e)
+
+
+def batch_forward(v: Tensor, out: Tensor, eps: float, mean_only: bool, weight: Tensor | None,
+                  bias: Tensor | None, act: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """Batch norm (``mean_only``: without the division) of a channel-first ``(N, C, L)`` view
+    into ``out``, one channel at a time from cache: the channel's moments, then its output
+    ``act((x - mean) * weight * rstd + bias)`` (``act`` as in :func:`affine`, no threshold).
+    Returns the per-channel mean and M2 (float64 (C,), over N L values)."""
+    _, c, _ = _dims(v)
+    _dims(out)
+    mean, m2 = torch.empty(2, c, dtype=torch.float64).unbind(0)
+    w, b = _opt(weight), _opt(bias)  # (held: the kernel reads them)
+    _check(_fn("batch_fwd", "cf", v.dtype)(_ptr(v), _ptr(out), *_dims(v), float(eps), int(mean_only), *_ptrs([w, b]),
+                                           *_code(act), _ptr(mean), _ptr(m2), torch.get_num_threads()), "batch_fwd")
+    return mean, m2
+
+
+def batch_backward(dyv: Tensor, v: Tensor, out: Tensor, mean: Tensor, rstd: Tensor, mean_only: bool,
+                   weight: Tensor | None, bias: Tensor | None = None, act: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """The input gradient of :func:`batch_forward`'s norm into ``out``, one channel at a time
+    from cache, given the channel means and 1/std (float64 (C,)); returns the per-channel
+    ``sum dy'`` and ``sum dy' (x - mean)`` as float64 (1, C) (the weight and bias gradients)."""
+    _, c, _ = _dims(v)
+    _dims(dyv), _dims(out)
+    g, h = torch.empty(2, 1, c, dtype=torch.float64).unbind(0)
+    w, b = _opt(weight), _opt(bias)
+    mean64, rstd64 = (t.reshape(c).to(torch.float64).contiguous() for t in (mean, rstd))
+    _check(_fn("batch_bwd", "cf", v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), _ptr(mean64), _ptr(rstd64),
+                                           int(mean_only), *_ptrs([w, b]), *_code(act), _ptr(g), _ptr(h),
+                                           torch.get_num_threads()), "batch_bwd")
+    return g, h
 
 
 def _rows(t: Tensor) -> tuple[int, int]:

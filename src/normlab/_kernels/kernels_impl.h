@@ -1134,6 +1134,74 @@ int S(nl_group_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, i64 
     return 0;
 }
 
+/* Batch norm (and mean-only batch norm) channel-first, one channel per work item: its N rows'
+ * moments merged into the channel's, then its output rows while they are in cache (the generic
+ * passes read x twice from memory: once for all moments, once for the output). mean and m2 get
+ * the channel's moments (the running statistics' update reads them). */
+int S(nl_batch_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, double eps, int mean_only, const double *weight,
+                       const double *bias, int act, double slope, double *mean, double *m2, int nt) {
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 c = 0; c < C; c++) {
+            double cn = 0.0, cm = 0.0, cq = 0.0;
+            for (i64 n = 0; n < N; n++) {
+                double na, ma, qa;
+                S(row_moments)(x + (n * C + c) * L, L, &na, &ma, &qa);
+                merge(&cn, &cm, &cq, na, ma, qa);
+            }
+            mean[c] = cm;
+            m2[c] = cq;
+            const double rstd = mean_only ? 1.0 : 1.0 / sqrt(cq / cn + eps);
+            const F s = (F)(weight ? weight[c] * rstd : rstd), b = (F)(bias ? bias[c] : 0.0);
+            for (i64 n = 0; n < N; n++)
+                STREAMED(st, y + (n * C + c) * L, L,
+                         S(affine_row)(x + (n * C + c) * L + i0_, o_, k_, (F)cm, s, b, act, (F)slope, 0));
+        }
+        stream_fence(st);
+    }
+    return 0;
+}
+
+/* Its backward, one channel per work item from cache: G = sum dy', H = sum dy' (x - mu) over the
+ * channel's N rows (returned, for the weight and bias gradients), then with a = w rstd, K = N L:
+ * dx = a dy' - a rstd^2 H / K (x - mu) - a G / K (BatchStats.input_grad; mean-only: no H term) */
+int S(nl_batch_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, const double *mean, const double *rstd,
+                       int mean_only, const double *weight, const double *bias, int act, double slope, double *g,
+                       double *h, int nt) {
+    const double K = (double)(N * L);
+    const int st = STREAMABLE && streams(N * C * L * (i64)sizeof(T));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 c = 0; c < C; c++) {
+            const double r = rstd[c], a = (weight ? weight[c] : 1.0) * r;
+            const F m = (F)mean[c], b = (F)(bias ? bias[c] : 0.0);
+            double sg = 0.0, sh = 0.0;
+            for (i64 n = 0; n < N; n++) {
+                double rg, rh, re;
+                const i64 at = (n * C + c) * L;
+                S(sums_row)(dy + at, x + at, L, m, (F)a, b, act, (F)slope, 0, KEEPS(act) ? dx + at : NULL, &rg, &rh,
+                            &re);
+                sg += rg;
+                sh += rh;
+            }
+            g[c] = sg;
+            h[c] = sh;
+            const F bcoef = (F)(mean_only ? 0.0 : -a * r * r * sh / K), kcoef = (F)(-a * sg / K);
+            for (i64 n = 0; n < N; n++) {
+                const i64 at = (n * C + c) * L;
+                STREAMED(st, dx + at, L,
+                         S(dx_row)(dy + at + i0_, x + at + i0_, o_, k_, m, (F)a, bcoef, kcoef, (F)a, b, act, (F)slope, 0,
+                                   KEEPS(act) ? dx + at + i0_ : NULL));
+            }
+        }
+        stream_fence(st);
+    }
+    return 0;
+}
+
 /* The same, channels-last, one sample per work item (callers use it when N is at least twice
  * the thread count). */
 int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 G, int center, const double *weight,

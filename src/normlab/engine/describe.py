@@ -123,20 +123,33 @@ class BatchStats(Description):
         return m
 
     def coefficients(self, mean, m2, count, weight=None, bias=None):
-        if self.mean_only and weight is not None:
-            raise ValueError("mean-only batch norm has no weight (its backward does not keep x)")
         m = self.batch_moments if self.moments_given is not None else self.merge(mean, m2, count, self.dtype)
+        self.keep(m, weight)
         c = m.mean.numel()
-        self.count = float(m.count)
-        self.rstd = torch.ones(1, c, dtype=torch.float64) if self.mean_only else \
-            torch.rsqrt(m.var.reshape(1, c) + self.eps)
-        self.w, shift = _row(weight, c, 1.0), _row(bias, c, 0.0)
+        shift = _row(bias, c, 0.0)
         if self.renorm is not None:  # weight w r, bias w d + b
             r, d = self.renorm
             shift = shift + self.w * d.reshape(1, c)
             self.w = self.w * r.reshape(1, c)
-        self.scale = self.w * self.rstd
+            self.scale = self.w * self.rstd
         return m.mean.reshape(1, c), self.scale, shift
+
+    def keep(self, m: Moments, weight: Tensor | None) -> None:
+        """What the backward needs from the batch's per-channel moments ``m`` (kept as
+        ``batch_moments``; from :meth:`merge`, or from the fused per-channel forward pass)."""
+        if self.mean_only and weight is not None:
+            raise ValueError("mean-only batch norm has no weight (its backward does not keep x)")
+        c = m.mean.numel()
+        self.batch_moments, self.count = m, float(m.count)
+        self.rstd = torch.ones(1, c, dtype=torch.float64) if self.mean_only else \
+            torch.rsqrt(m.var.reshape(1, c) + self.eps)
+        self.w = _row(weight, c, 1.0)
+        self.scale = self.w * self.rstd
+
+    def affine_coefficients(self, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The output pass's per-channel centre, scale and shift, (1, C), from what :meth:`keep` holds."""
+        c = self.rstd.shape[1]
+        return self.batch_moments.mean.reshape(1, c), self.scale, _row(bias, c, 0.0)
 
     def _sums(self, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """g and h summed over the batch, (1, C) (kept: the input's and the parameters' gradients both read them)."""
