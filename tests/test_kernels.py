@@ -197,6 +197,30 @@ def test_group_forward_matches_group_and_rms_norm(layout, dtype, shape, groups, 
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,groups", GROUP_CASES)
+@pytest.mark.parametrize("center", [True, False])
+def test_group_forward_without_channel_moments_gives_the_same_statistics(layout, dtype, shape, groups, center):
+    """Without the per-(n, c) moments a contiguous group (every channel-first one, channels-last
+    with one group) is one row of the moments kernel: the same centre, 1/std and output as
+    the per-channel merge, also at mean = 1e4 x std."""
+    ref, v = _data(shape, dtype, layout, far=center)
+    c = shape[1]
+    w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+    y, y2 = torch.empty_like(v), torch.empty_like(v)
+    _, _, ctr, rstd = _kernels.group_forward(v, y, layout, groups, 1e-5, center, w, b)
+    mean, m2, ctr2, rstd2 = _kernels.group_forward(v, y2, layout, groups, 1e-5, center, w, b, channel_moments=False)
+    assert mean is None and m2 is None
+    torch.testing.assert_close(ctr2, ctr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rstd2, rstd, rtol=1e-6 if dtype == torch.float32 else 1e-11, atol=0)  # (float32 block sums)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3 if center else 1e-5)
+    torch.testing.assert_close(y2, y, **tol)
+    torch.testing.assert_close(_as_ref(y2, layout), _group_ref(ref, groups, center, w, b if center else None) if center
+                               else _group_ref(ref, groups, center, w, None) + b.view(1, -1, 1),
+                               **(dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else tol))
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("shape,groups", GROUP_CASES)
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("affine", [True, False])

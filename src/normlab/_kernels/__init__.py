@@ -351,21 +351,25 @@ def _opt(t: Tensor | None) -> Tensor | None:
 
 
 def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: float, center: bool,
-                  weight: Tensor | None, bias: Tensor | None,
-                  act: tuple | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  weight: Tensor | None, bias: Tensor | None, act: tuple | None = None,
+                  channel_moments: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
     """A per-sample norm in one pass from cache: group norm (``num_groups`` groups of
     consecutive channels; 1 = layer norm, C = instance norm) or, with ``center=False``, RMS
     norm; ``out = act((x - center) * weight * rstd + bias)`` (``act`` as in :func:`affine`).
     Channels-last, one sample per work item (use it for N at least twice the thread count);
     channel-first, one (sample, group). Returns the per-(n, c) mean and M2 and, for the
-    backward, the per-(n, c) group centre (0 for RMS) and 1/std, all float64 (N, C)."""
+    backward, the per-(n, c) group centre (0 for RMS) and 1/std, all float64 (N, C); with
+    ``channel_moments=False`` None for the first two, and a group that is one contiguous block
+    (channel-first always, channels-last with one group) has its moments taken as one row."""
     n, c = _nc_shape(v, layout)
     _dims(out)
     mean, m2, ctr, rstd = torch.empty(4, n, c, dtype=torch.float64).unbind(0)
+    if not channel_moments:
+        mean = m2 = None
     w, b, thr = _opt(weight), _opt(bias), _thr(act, n, c)  # (held: the kernel reads them)
     _check(_fn("group_fwd", layout, v.dtype)(_ptr(v), _ptr(out), *_dims(v), num_groups, float(eps), int(center),
-                                             *_ptrs([w, b]), *_code(act), *_ptrs([thr]), _ptr(mean),
-                                             _ptr(m2), _ptr(ctr), _ptr(rstd), torch.get_num_threads()), "group_fwd")
+                                             *_ptrs([w, b]), *_code(act), *_ptrs([thr, mean, m2]), _ptr(ctr),
+                                             _ptr(rstd), torch.get_num_threads()), "group_fwd")
     return mean, m2, ctr, rstd
 
 

@@ -106,7 +106,7 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         desc.keep(Moments(n * length, mean, m2), params[0])  # type: ignore[attr-defined]
     elif ctx.fused == "group":
         mean, m2, ctr, rstd = _kernels.group_forward(v, yv, layout, desc.groups, desc.eps, desc.center,  # type: ignore[arg-type]
-                                                     params[0], _bias(params), act)
+                                                     params[0], _bias(params), act, desc.keeps_moments)
         desc.keep(ctr, rstd, length, params[0])  # type: ignore[attr-defined]
     else:
         mean, m2 = desc.moments_given or _kernels.moments(v, layout)
