@@ -26,8 +26,8 @@ from act_ab import other_library
 
 
 def passes(x, dy, out, layout: str) -> dict:
-    """The passes by name: the generic ones, EvoNorm's (B0 and S0), on per-(n, c) coefficients, and
-    Dynamic tanh's and erf's."""
+    """The passes by name: the generic ones, the per-sample fused pair (group and layer norm),
+    EvoNorm's (B0 and S0), on per-(n, c) coefficients, and Dynamic tanh's and erf's."""
     from normlab import _kernels
     from normlab._kernels import evonorm as ev
 
@@ -41,6 +41,10 @@ def passes(x, dy, out, layout: str) -> dict:
         "affine": lambda: _kernels.affine(x, out, layout, m, e, b),
         "reduce": lambda: _kernels.reduce(dy, x, layout, m),
         "dx": lambda: _kernels.dx(dy, x, out, layout, m, a, b, e),
+        # the per-sample fused pair (group norm, 32 groups where C allows; ln_: one group), with
+        # the per-(n, c) moments (as both libraries take them), and its backward
+        **{f"{name}_{step}": _group(step, groups, x, dy, out, layout, d[0], b[0])
+           for name, groups in (("gn", 32 if c % 32 == 0 else 1), ("ln", 1)) for step in ("fwd", "bwd")},
         "evob0_fwd": lambda: ev.evonorm_forward("b0", x, out, layout, v[0], d, e, a, b),
         "evob0_red": lambda: ev.evonorm_reduce("b0", dy, x, layout, v[0], d, e),
         "evob0_dx": lambda: ev.evonorm_dx("b0", dy, x, out, layout, v[0], d, e, a, b, m, e),
@@ -51,6 +55,15 @@ def passes(x, dy, out, layout: str) -> dict:
         **{f"{name}_{step}": _squash(step, kind, x, dy, out, layout, d[0], b[0])
            for name, kind in (("dyt", "tanh"), ("derf", "erf")) for step in ("fwd", "bwd")},
     }
+
+
+def _group(step: str, groups: int, x, dy, out, layout: str, w, bias):
+    from normlab import _kernels
+
+    if step == "fwd":
+        return lambda: _kernels.group_forward(x, out, layout, groups, 1e-5, True, w, bias)
+    ctr, rstd = _kernels.group_forward(x, torch.empty_like(x), layout, groups, 1e-5, True, w, bias)[2:]
+    return lambda: _kernels.group_backward(dy, x, out, layout, groups, True, w, ctr, rstd, bias)[:2]
 
 
 def _squash(step: str, kind: str, x, dy, out, layout: str, w, bias):

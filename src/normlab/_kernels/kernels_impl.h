@@ -850,11 +850,22 @@ static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, 
             FULL_OR_NOT(0)                                                                                     \
     }
 
+/* channels-last rows at least this wide are gone over whole, row after row, by the output passes
+ * of the types that store one value a lane (not in blocks of CB channels down a run of rows:
+ * a run is a few rows of a wide row, and each block starts over) */
+#define WIDE_ROW 64
+
 /* rows [0, k) of C channels at p of nl_affine_cl into o, CB channels at a time, the coefficients
  * m, s, b (t: the thresholds, with one) of those channels held */
 static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T *o, i64 k, i64 C, const F *m,
                                                                    const F *s, const F *b, int act, F sl,
                                                                    const F *t) {
+#if !PAIRED_OUT
+    if (C >= WIDE_ROW) { /* wide rows whole, one after the other (the coefficients read in place) */
+        for (i64 l = 0; l < k; l++) S(affine_row_cl)(p + l * C, o + l * C, C, m, s, b, act, sl, t);
+        return;
+    }
+#endif
 #define BLOCK(W, K) S(affine_rows_cl)(p + c0, o + c0, k, C, W, m + c0, s + c0, b + c0, K, sl, THRESHOLDED(K) ? t + c0 : NULL)
     CHANNEL_BLOCKS(C, act);
 #undef BLOCK
@@ -923,6 +934,13 @@ static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const
                                                                const F *m, const F *a, const F *bc, const F *kc,
                                                                const F *s, const F *b, int act, F sl, const F *t,
                                                                int kept) {
+#if !PAIRED_OUT
+    if (C >= WIDE_ROW) {
+        for (i64 l = 0; l < k; l++)
+            S(dx_row_cl)(d + l * C, p + l * C, o + l * C, C, m, a, bc, kc, s, b, act, sl, t, kept ? o + l * C : NULL);
+        return;
+    }
+#endif
 #define BLOCK(W, K)                                                                                            \
     S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,          \
                   K ? b + c0 : NULL, K, sl, THRESHOLDED(K) ? t + c0 : NULL, kept)
@@ -1230,10 +1248,15 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
         F *ca = malloc(sizeof(F) * C * 6), *cm = ca + C, *cb = ca + 2 * C, *ck = ca + 3 * C, *csh = ca + 4 * C,
           *ct = ca + 5 * C;
         double *ab = malloc(sizeof(double) * G * 2);
-        if (!ca || !ab) failed = 1;
+        /* wider than one channel block: a row block's sums over all C channels at once, row by row
+         * (the reads in order; block by block they jump a row's length every CB channels: layer
+         * norm (128, 49, 512) float32 backward 4.3 -> see the commit) */
+        const int wide = C > CB;
+        A *wg = wide ? malloc(sizeof(A) * C * 3) : NULL, *wh = wg ? wg + C : NULL, *we = wg ? wg + 2 * C : NULL;
+        if (!ca || !ab || (wide && !wg)) failed = 1;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            if (!ca || !ab) continue;
+            if (!ca || !ab || (wide && !wg)) continue;
             const T *ds = dy + n * L * C, *xs = x + n * L * C;
             T *os = dx + n * L * C;
             double *gs = g + n * C, *hs = h + n * C, *es = THRESHOLDED(act) ? e + n * C : NULL;
@@ -1247,6 +1270,17 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             }
             for (i64 l0 = 0; l0 < L; l0 += R) {
                 i64 k = MIN(R, L - l0);
+                if (wide) {
+                    const i64 at = l0 * C;
+                    S(block_sums)(ds + at, xs + at, k, C, C, cm, ca, csh, act, (F)slope, ct, KEEPS(act) ? os + at : NULL,
+                                  wg, wh, we);
+                    for (i64 c = 0; c < C; c++) {
+                        gs[c] += wg[c];
+                        hs[c] += wh[c];
+                        if (es) es[c] += we[c];
+                    }
+                    continue;
+                }
                 for (i64 c0 = 0; c0 < C; c0 += CB) {
                     A m[CB], sg[CB], sh[CB], se[CB];
                     i64 w = MIN(CB, C - c0), at = l0 * C + c0;
@@ -1286,6 +1320,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
         stream_fence(st);
         free(ca);
         free(ab);
+        free(wg);
     }
     return failed;
 }
