@@ -57,18 +57,22 @@ def _fused(desc: Description, x: Tensor, layout: str, n: int, c: int, length: in
 # runs, 0.84 at (16, 32, 112, 112); 0.97-1.01 at (64, 64, 56, 56) and (8, 64, 56, 56), 0.99 at
 # (32, 128, 28, 28), 1.08-1.11 at (64, 256, 14, 14) and (128, 512, 7, 7) (short rows: N strided
 # reads of a channel's rows instead of one sequential read); bfloat16 0.95-1.06 (its passes are
-# bound by the conversions more than by memory).
+# bound by the conversions more than by memory). The backward alone (what batch renorm, whose
+# forward needs the merged batch for r and d, takes): 0.74 of the generic sums, adjoint and
+# input-gradient pass at (32, 64, 3136) float32, caches flushed before each call, two runs.
 BATCH_FUSED_MIN_LENGTH = 2048  # values a (sample, channel) row
 BATCH_FUSED_MIN_BYTES = 16 << 20  # the input's size
 
 
 def _batch_fusable(desc: Description, x: Tensor, layout: str, c: int, length: int,
-                   act: tuple[int, float] | None) -> bool:
+                   act: tuple[int, float] | None, backward: bool = False) -> bool:
     """Batch norm channel-first, one channel a work item (:func:`normlab._kernels.batch_forward`):
-    float32 or float64, rows and input at least the sizes above, without synchronization or
-    renormalization (their merge needs every channel first), an activation without a threshold,
-    at least two channels a thread."""
-    return (isinstance(desc, BatchStats) and layout == "cf" and desc.group is None and desc.renorm is None
+    float32 or float64, rows and input at least the sizes above, without synchronization (its
+    merge needs every channel first), an activation without a threshold, at least two channels a
+    thread; forward also without renormalization (its r and d come from the merged batch), which
+    ``backward`` allows (the backward of batch renorm is batch norm's with weight w r)."""
+    return (isinstance(desc, BatchStats) and layout == "cf" and desc.group is None
+            and (backward or desc.renorm is None)
             and not desc.keeps_moments and x.dtype in (torch.float32, torch.float64)
             and length >= BATCH_FUSED_MIN_LENGTH and x.numel() * x.element_size() >= BATCH_FUSED_MIN_BYTES
             and (act is None or act[0] != _kernels.EPILOGUES["tlu"]) and c >= 2 * torch.get_num_threads())
@@ -113,6 +117,9 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
         ctx.coefs = desc.coefficients(mean, m2, length, *params)
         desc.moments_given = None  # (used: not kept on the autograd context to the backward, see keeps_moments)
         _kernels.affine(v, yv, layout, *ctx.coefs, act=act)
+    # backward one channel at a time: after the fused forward, or batch renorm's generic one
+    ctx.batch_backward = ctx.fused == "batch" or (ctx.fused is None and _batch_fusable(desc, x, layout, c, length,
+                                                                                         act, backward=True))
     if desc.keeps_moments:
         desc.mean_nc, desc.m2_nc, desc.count_nc = mean, m2, length
     return y
@@ -158,9 +165,9 @@ class EngineNorm(torch.autograd.Function):
                                            *desc.rows, bool(need_p[0]), desc.center and bool(need_p[1]))
             return (dx, None, None, None, None,
                     *(None if g is None else g.to(p.dtype) for g, p in zip(grads, params)))
-        if ctx.fused == "batch" and need_x:
-            g, h = _kernels.batch_backward(dyv, v, dxv, desc.batch_moments.mean, desc.rstd, desc.mean_only,
-                                           params[0], _bias(params), act)
+        if ctx.batch_backward and need_x:  # (weight and shift as the output pass had them: w r, w d + b in renorm)
+            center, _, shift = ctx.coefs if ctx.fused is None else desc.affine_coefficients(_bias(params))
+            g, h = _kernels.batch_backward(dyv, v, dxv, center, desc.rstd, desc.mean_only, desc.w, shift, act)
             e = []
         elif ctx.fused == "group" and need_x:
             g, h, *e = _kernels.group_backward(dyv, v, dxv, layout, desc.groups, desc.center, params[0], desc.ctr,
