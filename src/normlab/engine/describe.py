@@ -231,6 +231,14 @@ class GroupStats(Description):
         return dw, _out(g.sum(0), bias) if need[1] else None
 
 
+def _mix(weights: list[float], stats: list[Tensor]) -> Tensor:
+    """sum_k weights[k] stats[k], the statistics broadcast to one (N, C) tensor."""
+    out = stats[0] * weights[0] + stats[1] * weights[1]
+    for w, s in zip(weights[2:], stats[2:]):
+        out.add_(s, alpha=w)
+    return out
+
+
 class SwitchableStats(Description):
     """Switchable norm (Luo et al., ICLR 2019): per (n, c) a softmax-weighted mix of the instance,
     layer and batch moments (or the running ones), ``mu = sum_k a_k mu_k``, ``var = sum_k b_k
@@ -261,11 +269,10 @@ class SwitchableStats(Description):
         k = len(stats)
         self.wm = torch.softmax(mean_weight.detach()[-k:].double(), 0)
         self.wv = torch.softmax(var_weight.detach()[-k:].double(), 0)
-        # the k statistics stacked (k, N, C), so that each mixture is one contraction
-        self.means = torch.stack([s[0].expand(n, c) for s in stats])
-        mu = torch.tensordot(self.wm, self.means, 1)
-        self.rstd = torch.rsqrt(torch.tensordot(self.wv, torch.stack([s[1].expand(n, c) for s in stats]), 1)
-                                + self.eps)
+        # each mixture a weighted sum with Python-number weights, broadcast to (N, C): fewer
+        # operations than stacking the statistics and contracting (each costs about 10 us here)
+        mu = _mix(self.wm.tolist(), [s[0] for s in stats])
+        self.rstd = _mix(self.wv.tolist(), [s[1] for s in stats]).add_(self.eps).rsqrt_()
         self.w, self.stats, self.count, self.mu = _row(weight, c, 1.0), stats, count, mu
         return mu, self.w * self.rstd, _row(bias, c, 0.0)
 
@@ -291,9 +298,8 @@ class SwitchableStats(Description):
             self.input_grad(g, h)
         grads: list = [None, None]
         for i, (mix, param, gsum) in enumerate(((self.wm, mean_weight, self.g_mu), (self.wv, var_weight, self.g_var))):
-            if need[i]:
-                stats = self.means if i == 0 else torch.stack([s[1].expand_as(gsum) for s in self.stats])
-                ga = (stats * gsum).sum((1, 2))  # dL/d(mixed statistic k), then the softmax's Jacobian
+            if need[i]:  # dL/d(mixed statistic k) = sum G s_k, then the softmax's Jacobian
+                ga = torch.stack([(s[i] * gsum).sum() for s in self.stats])
                 d = torch.zeros(param.shape, dtype=torch.float64)
                 d[-len(self.stats):] = mix * (ga - (mix * ga).sum())
                 grads[i] = d.to(param.dtype)
