@@ -850,22 +850,32 @@ static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, 
             FULL_OR_NOT(0)                                                                                     \
     }
 
-/* channels-last rows at least this wide are gone over whole, row after row, by the output passes
- * of the types that store one value a lane (not in blocks of CB channels down a run of rows:
- * a run is a few rows of a wide row, and each block starts over) */
+/* channels-last rows at least WIDE_ROW channels wide are gone over whole, row after row, by the
+ * output passes that take `whole` (not in blocks of CB channels down a run of rows: a run is a few
+ * rows of a wide row, and each block starts over, copying its coefficients). Measured (AVX2, 2
+ * threads, caches flushed, whole rows over blocks): float32 affine and input gradient 0.74-0.84 at
+ * (32, 784, 128) and (128, 49, 512), layer norm's per-sample backward 0.84; bfloat16, whose blocks
+ * copy their coefficients in pair order (to_pairs), 0.73-0.85 in the passes from memory at (128, 49,
+ * 512), (32, 3136, 64), (32, 196, 256), but 1.03-1.10 in the per-sample passes from cache (group and
+ * layer norm at (32, 3136, 64)): so bfloat16 takes whole rows from memory only, and with AVX-512 (no
+ * such host to measure on this time) not at all. */
 #define WIDE_ROW 64
+#if !PAIRED_OUT || !defined(__AVX512F__)
+#define WHOLE_FROM_MEMORY 1
+#else
+#define WHOLE_FROM_MEMORY 0
+#endif
+#define WHOLE_FROM_CACHE (!PAIRED_OUT)
 
 /* rows [0, k) of C channels at p of nl_affine_cl into o, CB channels at a time, the coefficients
  * m, s, b (t: the thresholds, with one) of those channels held */
 static inline __attribute__((always_inline)) void S(affine_run_cl)(const T *p, T *o, i64 k, i64 C, const F *m,
                                                                    const F *s, const F *b, int act, F sl,
-                                                                   const F *t) {
-#if !PAIRED_OUT
-    if (C >= WIDE_ROW) { /* wide rows whole, one after the other (the coefficients read in place) */
+                                                                   const F *t, int whole) {
+    if (whole && C >= WIDE_ROW) { /* wide rows whole, one after the other (the coefficients read in place) */
         for (i64 l = 0; l < k; l++) S(affine_row_cl)(p + l * C, o + l * C, C, m, s, b, act, sl, t);
         return;
     }
-#endif
 #define BLOCK(W, K) S(affine_rows_cl)(p + c0, o + c0, k, C, W, m + c0, s + c0, b + c0, K, sl, THRESHOLDED(K) ? t + c0 : NULL)
     CHANNEL_BLOCKS(C, act);
 #undef BLOCK
@@ -882,7 +892,7 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
         const i64 R = RUN_ROWS(C);
 #define SEG(n, l0, k)                                                                                          \
     S(affine_run_cl)(x + ((n) * L + (l0)) * C, y + ((n) * L + (l0)) * C, k, C, co + (n) * C, co + (N + (n)) * C,   \
-                     co + (2 * N + (n)) * C, act, sl, THRESHOLDED(act) ? co + (3 * N + (n)) * C : NULL)
+                     co + (2 * N + (n)) * C, act, sl, THRESHOLDED(act) ? co + (3 * N + (n)) * C : NULL, WHOLE_FROM_MEMORY)
 #pragma omp parallel num_threads(nt)
         SAMPLE_RUNS(N, L, R, SEG);
 #undef SEG
@@ -933,14 +943,12 @@ static inline __attribute__((always_inline)) void S(dx_rows_cl)(const T *d, cons
 static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const T *p, T *o, i64 k, i64 C,
                                                                const F *m, const F *a, const F *bc, const F *kc,
                                                                const F *s, const F *b, int act, F sl, const F *t,
-                                                               int kept) {
-#if !PAIRED_OUT
-    if (C >= WIDE_ROW) {
+                                                               int kept, int whole) {
+    if (whole && C >= WIDE_ROW) {
         for (i64 l = 0; l < k; l++)
             S(dx_row_cl)(d + l * C, p + l * C, o + l * C, C, m, a, bc, kc, s, b, act, sl, t, kept ? o + l * C : NULL);
         return;
     }
-#endif
 #define BLOCK(W, K)                                                                                            \
     S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,          \
                   K ? b + c0 : NULL, K, sl, THRESHOLDED(K) ? t + c0 : NULL, kept)
@@ -963,7 +971,7 @@ int S(nl_dx_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, const doubl
 #define AT(j, n) (j < nco ? co + (j * N + (n)) * C : NULL)
 #define SEG(n, l0, k)                                                                                          \
     S(dx_run_cl)(dy + ((n) * L + (l0)) * C, x + ((n) * L + (l0)) * C, dx + ((n) * L + (l0)) * C, k, C, AT(0, n), \
-                 AT(1, n), AT(2, n), AT(3, n), AT(4, n), AT(5, n), act, sl, AT(6, n), kept)
+                 AT(1, n), AT(2, n), AT(3, n), AT(4, n), AT(5, n), act, sl, AT(6, n), kept, WHOLE_FROM_MEMORY)
 #pragma omp parallel num_threads(nt)
         SAMPLE_RUNS(N, L, R, SEG);
 #undef SEG
@@ -1059,7 +1067,7 @@ int S(nl_group_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, i64 G, double eps,
             if (!st) /* runs of rows, coefficients held */
                 for (i64 l0 = 0; l0 < L; l0 += RUN_ROWS(C))
                     S(affine_run_cl)(xs + l0 * C, ys + l0 * C, MIN(RUN_ROWS(C), L - l0), C, cm, cs, cb, act, (F)slope,
-                                     ct);
+                                     ct, WHOLE_FROM_CACHE);
             else
                 for (i64 l0 = 0; l0 < L; l0 += rb)
                     ROW_BLOCK(st, ys, l0, MIN(l0 + rb, L), C, ROW);
@@ -1311,7 +1319,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
             if (!st)
                 for (i64 l0 = 0; l0 < L; l0 += RUN_ROWS(C))
                     S(dx_run_cl)(ds + l0 * C, xs + l0 * C, os + l0 * C, MIN(RUN_ROWS(C), L - l0), C, cm, ca, cb, ck, ca,
-                                 csh, act, (F)slope, ct, KEEPS(act));
+                                 csh, act, (F)slope, ct, KEEPS(act), WHOLE_FROM_CACHE);
             else
                 for (i64 l0 = 0; l0 < L; l0 += rb)
                     ROW_BLOCK(st, os, l0, MIN(l0 + rb, L), C, ROW);
