@@ -51,6 +51,10 @@ def passes(x, dy, out, layout: str) -> dict:
         "evos0_fwd": lambda: ev.evonorm_forward("s0", x, out, layout, v[0], None, None, a, b),
         "evos0_red": lambda: ev.evonorm_reduce("s0", dy, x, layout, v[0], None, None, keep=out),
         "evos0_sample_fwd": lambda: ev.evos0_forward(x, out, layout, 32 if c % 32 == 0 else 1, 1e-5, v[0], None, None),
+        # the transformer's layer and RMS norm over the channels of each position (channels-last)
+        **({f"{name}_{step}": _rows(step, center, x, dy, out, d[0], b[0])
+            for name, center in (("rowsln", True), ("rowsrms", False)) for step in ("fwd", "bwd")}
+           if layout == "cl" else {}),
         # Dynamic tanh and erf (elementwise_impl.h): channels-last as (M, C) rows
         **{f"{name}_{step}": _squash(step, kind, x, dy, out, layout, d[0], b[0])
            for name, kind in (("dyt", "tanh"), ("derf", "erf")) for step in ("fwd", "bwd")},
@@ -64,6 +68,17 @@ def _group(step: str, groups: int, x, dy, out, layout: str, w, bias):
         return lambda: _kernels.group_forward(x, out, layout, groups, 1e-5, True, w, bias)
     ctr, rstd = _kernels.group_forward(x, torch.empty_like(x), layout, groups, 1e-5, True, w, bias)[2:]
     return lambda: _kernels.group_backward(dy, x, out, layout, groups, True, w, ctr, rstd, bias)[:2]
+
+
+def _rows(step: str, center: bool, x, dy, out, w, bias):
+    from normlab import _kernels
+
+    xr, dr, orr = (t.reshape(-1, t.shape[-1]) for t in (x, dy, out))
+    w, bias = w.float(), bias.float() if center else None
+    if step == "fwd":
+        return lambda: _kernels.rows_forward(xr, orr, 1e-5, w, bias, center)
+    mean, rstd = _kernels.rows_forward(xr, torch.empty_like(xr), 1e-5, w, bias, center)
+    return lambda: _kernels.rows_backward(dr, xr, orr, w, mean, rstd, True, center)
 
 
 def _squash(step: str, kind: str, x, dy, out, layout: str, w, bias):
@@ -114,7 +129,7 @@ def main() -> None:
                 out.copy_(start)  # (the kept-gradient passes read out)
                 res = run()
                 res = res if isinstance(res, tuple) else () if res is None else (res,)
-                got[k] = [t.clone() for t in (*res, out)]
+                got[k] = [t.clone() for t in (*res, out) if t is not None]
             same = all(torch.equal(p.view(torch.int16) if p.element_size() == 2 else p,
                                    q.view(torch.int16) if q.element_size() == 2 else q)
                        for p, q in zip(got["this"], got["other"]))

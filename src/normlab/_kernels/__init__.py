@@ -172,6 +172,12 @@ def _dims(v: Tensor) -> tuple[int, int, int]:
     return tuple(v.shape)  # type: ignore[return-value]
 
 
+def _empty64(count: int, *shape: int) -> list[Tensor]:
+    """``count`` new float64 arrays of ``shape`` (one allocation each: cheaper between the passes
+    than splitting one by ``unbind``, a view a piece)."""
+    return [torch.empty(shape, dtype=torch.float64) for _ in range(count)]
+
+
 def _nc(t: Tensor, n: int, c: int) -> Tensor:
     """A per-(n, c) coefficient as a contiguous float64 (N, C) tensor (no copy if it is one)."""
     if t.dtype == torch.float64 and t.shape == (n, c) and t.is_contiguous():
@@ -334,7 +340,12 @@ def dx(dyv: Tensor, v: Tensor, out: Tensor, layout: str, center: Tensor, a: Tens
 
 
 def _opt(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to(torch.float64).contiguous()
+    """An optional per-channel array as the kernels read it: contiguous float64 (no operation
+    where it is one already: each small one costs 5-30 us between the passes, see
+    normlab.engine.describe; the kernels read the data, so no detach)."""
+    if t is None or t.dtype == torch.float64 and t.is_contiguous():
+        return t
+    return t.to(torch.float64).contiguous()  # (a float64 view stays one after to(): contiguous() copies it)
 
 
 def linear_scan(first: Tensor, coef: Tensor, inc: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from . import _check, _code, _dims, _fn, _lib, _nc, _nc_shape, _opt, _ptr, _ptrs, _returned, _SUFFIX, _sums, _thr
+from . import _check, _code, _dims, _empty64, _fn, _lib, _nc, _nc_shape, _opt, _ptr, _ptrs, _returned, _SUFFIX, _sums, _thr
 
 __all__ = ["declare", "group_forward", "group_backward", "batch_forward", "batch_backward", "rows_forward",
            "rows_backward"]
@@ -52,7 +52,7 @@ def group_forward(v: Tensor, out: Tensor, layout: str, num_groups: int, eps: flo
     (channel-first always, channels-last with one group) has its moments taken as one row."""
     n, c = _nc_shape(v, layout)
     _dims(out)
-    mean, m2, ctr, rstd = torch.empty(4, n, c, dtype=torch.float64).unbind(0)
+    mean, m2, ctr, rstd = _empty64(4, n, c)
     if not channel_moments:
         mean = m2 = None
     w, b, thr = _opt(weight), _opt(bias), _thr(act, n, c)  # (held: the kernel reads them)
@@ -90,7 +90,7 @@ def batch_forward(v: Tensor, out: Tensor, eps: float, mean_only: bool, weight: T
     Returns the per-channel mean and M2 (float64 (C,), over N L values)."""
     _, c, _ = _dims(v)
     _dims(out)
-    mean, m2 = torch.empty(2, c, dtype=torch.float64).unbind(0)
+    mean, m2 = _empty64(2, c)
     w, b = _opt(weight), _opt(bias)  # (held: the kernel reads them)
     _check(_fn("batch_fwd", "cf", v.dtype)(_ptr(v), _ptr(out), *_dims(v), float(eps), int(mean_only), *_ptrs([w, b]),
                                            *_code(act), _ptr(mean), _ptr(m2), torch.get_num_threads()), "batch_fwd")
@@ -104,9 +104,9 @@ def batch_backward(dyv: Tensor, v: Tensor, out: Tensor, mean: Tensor, rstd: Tens
     ``sum dy'`` and ``sum dy' (x - mean)`` as float64 (1, C) (the weight and bias gradients)."""
     _, c, _ = _dims(v)
     _dims(dyv), _dims(out)
-    g, h = torch.empty(2, 1, c, dtype=torch.float64).unbind(0)
+    g, h = _empty64(2, 1, c)
     w, b = _opt(weight), _opt(bias)
-    mean64, rstd64 = (t.reshape(c).to(torch.float64).contiguous() for t in (mean, rstd))
+    mean64, rstd64 = _opt(mean), _opt(rstd)  # ((1, C) or (C,): c values)
     _check(_fn("batch_bwd", "cf", v.dtype)(_ptr(dyv), _ptr(v), _ptr(out), *_dims(v), _ptr(mean64), _ptr(rstd64),
                                            int(mean_only), *_ptrs([w, b]), *_code(act), _ptr(g), _ptr(h),
                                            torch.get_num_threads()), "batch_bwd")

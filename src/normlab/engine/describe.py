@@ -153,8 +153,9 @@ class BatchStats(Description):
 
     def _sums(self, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """g and h summed over the batch, (1, C) (kept: the input's and the parameters' gradients both read them)."""
-        if getattr(self, "sums_of", None) is not g:
-            self.sums, self.sums_of = (g.sum(0, keepdim=True), h.sum(0, keepdim=True)), g
+        if getattr(self, "sums_of", None) is not g:  # (the per-channel passes give them (1, C) already)
+            sums = (g, h) if g.shape[0] == 1 else (g.sum(0, keepdim=True), h.sum(0, keepdim=True))
+            self.sums, self.sums_of = sums, g
         return self.sums
 
     def input_grad(self, g, h, weight=None, bias=None):
