@@ -162,6 +162,37 @@ def test_gradient_in_another_layout(spec, x_fmt):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", ["lnc", "rmsc"])
+@pytest.mark.parametrize("shape, cd, fmt", [((3, 5, 16), -1, None), ((2, 16, 3, 4), 1, torch.channels_last),
+                                            ((4, 16), 1, None), ((2, 3, 16), 2, None)])
+def test_norm_over_the_channels_runs_rows_as_they_are(spec, shape, cd, fmt):
+    """Layer and RMS norm over the channel axis alone, the channels innermost in memory: the
+    engine's row passes on the input as it is, so its graph holds the engine's node and no view
+    of the input or output; a gradient arriving non-contiguous (a transpose downstream) is
+    taken too. Output, input and parameter gradients equal the float64 plain path's."""
+    x = torch.randn(shape) * 3 + 1
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(shape[::-1]).permute(*range(len(shape) - 1, -1, -1))  # (non-contiguous)
+    got = []
+    for fast, dtype in ((True, torch.float32), (False, torch.float64)):
+        torch.manual_seed(0)
+        m = make_norm(spec, shape[cd], channel_dim=cd).to(dtype)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.rand(p.shape).to(dtype))
+        xx = x.detach().to(dtype).requires_grad_()
+        with fast_path(fast):
+            y = m(xx)
+            if fast:
+                assert graph_nodes(y) == {"EngineNormBackward", "AccumulateGrad"}, graph_nodes(y)
+                assert y.stride() == x.stride()
+            y.backward(dy.to(dtype))
+        got.append([y, xx.grad, *(p.grad for p in m.parameters())])
+    for a, b in zip(*got):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_instance_norm_running_statistics_from_the_engine(channels_last):
     """Instance norm tracking running statistics reads the engine's per-(n, c) moments (the one

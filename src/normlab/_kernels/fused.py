@@ -114,23 +114,30 @@ def batch_backward(dyv: Tensor, v: Tensor, out: Tensor, mean: Tensor, rstd: Tens
 
 
 def _rows(t: Tensor) -> tuple[int, int]:
-    if t.ndim != 2 or not t.is_contiguous():
-        raise ValueError(f"normlab kernels expect a contiguous (rows, C) matrix, got shape {tuple(t.shape)}")
-    return tuple(t.shape)  # type: ignore[return-value]
+    """(M, C) of a contiguous tensor taken as M rows of its last axis' C values (any shape: a
+    view to (M, C) would cost an operation a call)."""
+    if t.ndim == 0 or not t.is_contiguous():
+        raise ValueError(f"normlab kernels expect contiguous rows (channels last), got shape {tuple(t.shape)}"
+                         f"{'' if t.ndim == 0 else f' with strides {t.stride()}'}")
+    c = t.shape[-1]
+    return t.numel() // max(c, 1), c
 
 
 _COMPUTE = {torch.float64: torch.float64}  # the kernels' compute type F: float32 but for double
 
 
 def _row_param(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A row kernel's weight or bias, in its compute type (no copy for a float32 layer)."""
-    return None if param is None else param.detach().to(_COMPUTE.get(dtype, torch.float32)).contiguous()
+    """A row kernel's weight or bias, in its compute type (no operation for a float32 layer's)."""
+    want = _COMPUTE.get(dtype, torch.float32)
+    if param is None or param.dtype == want and param.is_contiguous():
+        return param
+    return param.detach().to(want).contiguous()
 
 
 def rows_forward(x: Tensor, out: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None = None,
                  center: bool = False) -> tuple[Tensor | None, Tensor]:
-    """Layer norm (``center``) or RMS norm of each row of a contiguous (M, C) matrix into ``out``;
-    returns the rows' means (None for RMS) and 1/std, float64 (M,) each, for :func:`rows_backward`."""
+    """Layer norm (``center``) or RMS norm of each row of a contiguous (M, C) matrix (or any
+    contiguous tensor, as rows of its last axis) into ``out``; returns the rows' means (None for RMS) and 1/std, float64 (M,) each, for :func:`rows_backward`."""
     m, c = _rows(x)
     _rows(out)
     mean = torch.empty(m, dtype=torch.float64) if center else None

@@ -71,6 +71,11 @@ class Description:
     # (bn on the kernels at 1M values a layer and more) took 1.03-1.06x torch's step with 8-24k page
     # faults a step, not kept 0.97-1.00x with 6-18k (batch 32 and 64, one process, alternating)
     keeps_moments = False
+    # True: statistics per position over the channel axis alone, the input's channels innermost in
+    # memory (contiguous with them last, or channels-last; the transformer's layer and RMS norm):
+    # the engine runs the row passes on it as it is, in its layout (GroupStats(1) over an (M, 1, C)
+    # view computes the same, but the views outside the Function add graph nodes, ~10 us a call)
+    per_position = False
 
     def coefficients(self, mean: Tensor, m2: Tensor, count: int, *params: Tensor | None
                      ) -> tuple[Tensor, Tensor, Tensor]:

@@ -236,7 +236,7 @@ def channel_layer_norm_call(x: Tensor, weight: Tensor | None = None, bias: Tenso
     if view is None:
         return None
     if route("lnc", view, view.ndim - 1, 1, dtypes_of(weight, bias)) == "kernels":
-        return _at_channel_axis(_rows_call(x.shape[cd], eps, center=True), cd, x.ndim)
+        return _rows_call(cd, eps, center=True)
     shape, cudnn = (x.shape[cd],), torch.backends.cudnn.enabled
     return _at_channel_axis(lambda x, w, b: torch.layer_norm(x, shape, w, b, eps, cudnn), cd, x.ndim)
 
@@ -252,7 +252,7 @@ def channel_rms_norm_call(x: Tensor, weight: Tensor | None = None, *, eps: float
     if view is None:
         return None
     if route("rmsc", view, view.ndim - 1, 1, dtypes_of(weight)) == "kernels":
-        return _at_channel_axis(_rows_call(x.shape[cd], _rms_eps(eps, x), center=False), cd, x.ndim)
+        return _rows_call(cd, _rms_eps(eps, x), center=False)
     shape = (x.shape[cd],)
     return _at_channel_axis(lambda x, w: torch.rms_norm(x, shape, w, eps), cd, x.ndim)
 
@@ -265,21 +265,22 @@ def _at_channel_axis(f: Callable[..., Tensor], cd: int, ndim: int) -> Callable[.
     return lambda x, *params: f(x.movedim(cd, -1), *params).movedim(-1, cd)
 
 
-def _rows_call(c: int, eps: float, center: bool) -> Callable[..., Tensor]:
-    """Layer norm (``center``: ``f(x, weight, bias)``) or RMS norm (``f(x, weight)``) of each row of
-    C values of a channel-last contiguous input on the engine's row passes: one read of each row
+def _rows_call(cd: int, eps: float, center: bool) -> Callable[..., Tensor]:
+    """Layer norm (``center``: ``f(x, weight, bias)``) or RMS norm (``f(x, weight)``) over the
+    channel axis ``cd`` of an input whose channels are innermost in memory (contiguous with
+    ``cd`` last, or channels-last) on the engine's row passes: one read of each row
     forward and backward (torch's CPU RMSNorm is a composite with several full-size
     temporaries; its bfloat16 layer norm is slower than its float32 one)."""
 
     def reference(r: Tensor, *params: Tensor | None) -> Tensor:
         if center:
-            return channel_layer_norm(r, *params, eps=eps, channel_dim=-1)
-        return channel_rms_norm(r, *params, eps=eps, channel_dim=-1)
+            return channel_layer_norm(r, *params, eps=eps, channel_dim=cd)
+        return channel_rms_norm(r, *params, eps=eps, channel_dim=cd)
 
     def call(x: Tensor, *params: Tensor | None) -> Tensor:
-        desc = GroupStats(1, eps, center=center)  # (positions, 1, C): one "sample" per position
-        desc.reference = reference
-        return engine.run(desc, x.view(-1, 1, c), 2, params).view(x.shape)
+        desc = GroupStats(1, eps, center=center)  # one "sample" per position: its C channels
+        desc.reference, desc.per_position = reference, True
+        return engine.run(desc, x, cd, params)
 
     return call
 
