@@ -282,7 +282,8 @@ def test_compile_traces_past_the_cache():
 
 
 @pytest.mark.parametrize("kind,dtype,shape,on_rows", [
-    ("rmsc", torch.float32, (64, 512), False), ("rmsc", torch.float32, (4, 64, 512), True),
+    ("rmsc", torch.float32, (64, 512), True), ("rmsc", torch.float32, (4, 64, 512), True),
+    ("rmsc", torch.float32, (8, 16, 64), True),
     ("lnc", torch.float32, (64, 512), False), ("lnc", torch.float32, (8, 128, 512), False),
     ("lnc", torch.bfloat16, (8, 128, 512), True), ("lnc", torch.bfloat16, (128, 64, 64), True),
     ("lnc", torch.float16, (8, 128, 512), False), ("lnc", torch.bfloat16, (8, 64, 256), False)])
@@ -309,3 +310,21 @@ def test_rows_route_torch_below_the_crossover_and_the_kernels_above(monkeypatch,
             _check_step(ours, ref, x, tol=tol)
     assert _kept(ours) == 1
     assert len(rows_calls) == (2 if on_rows and _kernels.available() else 0)
+
+
+def test_rms_norm_rows_forward_alone_below_the_crossover_on_torch(monkeypatch):
+    """RMS norm over the channels below MIN_KERNEL_ROWS_NUMEL: a forward without a graph (eval,
+    inference) takes torch's RMS-norm kernel (one call: the cheaper there), a training step the
+    engine's row passes (cheaper forward and backward together at every size measured)."""
+    rows_calls = []
+    real = _kernels.rows_forward
+    monkeypatch.setattr(_kernels, "rows_forward", lambda *a: rows_calls.append(1) or real(*a))
+    ours, ref = ChannelRMSNorm(64, channel_dim=-1), nn.RMSNorm(64, eps=1e-6)
+    randomize_affine(ref)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert rows_calls == []
+    _check_step(ours, ref, x, tol=1e-5)
+    assert len(rows_calls) == (1 if _kernels.available() else 0)

@@ -32,13 +32,15 @@ MIN_FAST_NUMEL = 1 << 15
 """Below this many values bn, ln, gn and in call torch's own kernel once: the call is the
 cost there, and one call of torch's is the cheapest (measured, 1 and 2 threads)."""
 
-MIN_KERNEL_ROWS_NUMEL = 1 << 16
+MIN_KERNEL_ROWS_NUMEL = 1 << 15
 """Below this many values rmsc (RMS norm over the channel axis alone) calls torch's RMS-norm
-kernel on the channel-last rows (with parameters of the input's dtype): the engine's row passes
-cost a fixed ~50 us a call around a kernel as fast as torch's (measured one thread, float32,
-engine / torch: forward 2.3-2.7x and forward+backward 0.96-1.17 at 32k values; forward 1.9-2.1x,
-forward+backward 0.77-1.2 at 65k; forward+backward 0.45 at 131k and 0.21-0.26 at 262k, where
-torch's RMSNorm backward is a composite of several full-size passes)."""
+kernel on the channel-last rows (with parameters of the input's dtype) for a forward without a
+graph (eval, inference); with one, the engine's row passes at every size. Measured float32,
+engine / torch, since the engine runs on the input as it is (no views around the Function):
+forward+backward 0.72-0.94 from 256 values on (0.21-0.26 from 262k on, where torch's RMSNorm
+backward is a composite of several full-size passes), forward 1.02-1.18 below 32k values, one
+and two threads, 0.81-1.02 from 32k on. (Before, with the views: forward 1.9-2.7x and
+forward+backward 0.96-1.2 at 32k-65k values, one thread.)"""
 
 MIN_HALF_LNC_NUMEL = 1 << 19
 """lnc (layer norm over the channel axis alone) runs the engine's row passes in bfloat16 from this
@@ -231,8 +233,9 @@ class fast_path:
 #                                                            thread; no compiled kernels (also when
 #                                                            forced); rmsc (torch's RMS-norm kernel on
 #                                                            the channel-last rows) below
-#                                                            MIN_KERNEL_ROWS_NUMEL, parameters of the
-#                                                            input's dtype, not forced; lnc (torch's
+#                                                            MIN_KERNEL_ROWS_NUMEL without a graph,
+#                                                            parameters of the input's dtype, not
+#                                                            forced; lnc (torch's
 #                                                            layer-norm kernel) but in bfloat16 from
 #                                                            MIN_HALF_LNC_NUMEL values with backward,
 #                                                            not forced
@@ -287,7 +290,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
                 x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
             return "torch"  # (half precision: torch's group norm was as fast at every size measured)
     if (norm == "rmsc" and mode is None and x.numel() < MIN_KERNEL_ROWS_NUMEL
-            and all(d is None or d == x.dtype for d in dtypes)):
+            and not (x.requires_grad and torch.is_grad_enabled()) and all(d is None or d == x.dtype for d in dtypes)):
         return "torch"
     if norm == "lnc" and mode is None and (x.dtype != torch.bfloat16 or x.numel() < MIN_HALF_LNC_NUMEL
                                            or not (x.requires_grad and torch.is_grad_enabled())):
