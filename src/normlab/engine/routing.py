@@ -37,9 +37,9 @@ MIN_KERNEL_ROWS_NUMEL = 1 << 15
 kernel on the channel-last rows (with parameters of the input's dtype) for a forward without a
 graph (eval, inference); with one, the engine's row passes at every size. Measured float32,
 engine / torch, since the engine runs on the input as it is (no views around the Function):
-forward+backward 0.72-0.94 from 256 values on (0.21-0.26 from 262k on, where torch's RMSNorm
-backward is a composite of several full-size passes), forward 1.02-1.18 below 32k values, one
-and two threads, 0.81-1.02 from 32k on. (Before, with the views: forward 1.9-2.7x and
+forward+backward 0.64-0.94 from 256 to 32k values (0.21-0.26 from 262k on, where torch's
+RMSNorm backward is a composite of several full-size passes), forward 0.86-1.19 below 32k values,
+0.81-1.02 at 32k, one and two threads. (Before, with the views: forward 1.9-2.7x and
 forward+backward 0.96-1.2 at 32k-65k values, one thread.)"""
 
 MIN_HALF_LNC_NUMEL = 1 << 19
