@@ -300,8 +300,7 @@ def _ptrs(ts: list) -> list:
 
 def _sums(n: int, c: int, act: tuple | None) -> list:
     """The per-(n, c) float64 sums a backward pass fills: g, h, and the threshold's e (or None)."""
-    return [torch.empty(n, c, dtype=torch.float64) for _ in range(2)] + \
-        [torch.empty(n, c, dtype=torch.float64) if threshold_of(act) is not None else None]
+    return _empty64(2, n, c) + [torch.empty(n, c, dtype=torch.float64) if threshold_of(act) is not None else None]
 
 
 def _returned(g: Tensor, h: Tensor, e: Tensor | None) -> tuple[Tensor, ...]:

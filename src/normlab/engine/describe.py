@@ -73,8 +73,8 @@ class Description:
     keeps_moments = False
     # True: statistics per position over the channel axis alone, the input's channels innermost in
     # memory (contiguous with them last, or channels-last; the transformer's layer and RMS norm):
-    # the engine runs the row passes on it as it is, in its layout (GroupStats(1) over an (M, 1, C)
-    # view computes the same, but the views outside the Function add graph nodes, ~10 us a call)
+    # the engine runs the row passes on it as it is, in its layout (an (M, 1, C) view made outside
+    # the Function would compute the same, but its view nodes cost ~10 us a call)
     per_position = False
 
     def coefficients(self, mean: Tensor, m2: Tensor, count: int, *params: Tensor | None

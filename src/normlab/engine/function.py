@@ -37,17 +37,15 @@ __all__ = ["EngineNorm", "run", "kernel_moments"]
 
 def _fused(desc: Description, x: Tensor, layout: str, n: int, c: int, length: int,
            act: tuple[int, float] | None) -> str | None:
-    """Which fused passes apply: "rows" (layer or RMS norm over the channels of each position),
-    "group" (per (sample, group) or per sample from cache: group norms and EvoNorm-S0, the
-    per-sample norms that have ``groups``), "batch" (batch norm per channel from cache, where
-    measured faster: :func:`_batch_fusable`) or None (the generic passes). The fused passes need
-    at least two work items a thread; the rows kernel has no epilogue."""
+    """Which fused passes apply (besides the row passes: :func:`_on_rows`): "group" (per (sample,
+    group) or per sample from cache: group norms and EvoNorm-S0, the per-sample norms that have
+    ``groups``), "batch" (batch norm per channel from cache, where measured faster:
+    :func:`_batch_fusable`) or None (the generic passes). The fused passes need at least two work
+    items a thread."""
     if desc.moments_given is not None:
         return None
     if desc.groups is None:
         return "batch" if _batch_fusable(desc, x, layout, c, length, act) else None
-    if isinstance(desc, GroupStats) and layout == "cl" and length == 1 and desc.groups == 1:
-        return "rows" if act is None else None
     items = n * desc.groups if layout == "cf" else n  # type: ignore[operator]
     return "group" if items >= 2 * torch.get_num_threads() else None
 
@@ -92,18 +90,16 @@ def kernel_moments(x: Tensor, cd: int) -> tuple[Tensor, Tensor, int]:
 def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] | None,
              params: Sequence[Tensor | None]) -> Tensor:
     desc.dtype = x.dtype
-    if desc.per_position:  # (the channels innermost in memory: x's rows as they are)
+    if _on_rows(desc, x, cd, act):  # (the channels innermost in memory: x's rows as they are)
+        ctx.fused, ctx.batch_backward = "rows", False
         y = torch.empty_like(x)  # (in x's memory format)
-        _rows_forward(ctx, _rows_of(x, cd), _rows_of(y, cd), desc, params)
+        desc.rows = _kernels.rows_forward(_rows_of(x, cd), _rows_of(y, cd), desc.eps, params[0],
+                                          _bias(params) if desc.center else None, desc.center)
         return y
     layout, v = kernel_views(x, cd)  # type: ignore[misc]
     n, c = x.shape[0], x.shape[cd]
     length = v.numel() // max(n * c, 1)
     ctx.fused = _fused(desc, x, layout, n, c, length, act)
-    if ctx.fused == "rows":  # (v is x's (N, 1, C) view)
-        yv = torch.empty_like(v)
-        _rows_forward(ctx, v, yv, desc, params)
-        return yv.view(x.shape)
     y = torch.empty_like(x)
     yv = view_like(y, layout, cd)
     if desc.elementwise:  # its own element map (EvoNorm): its own passes, per sample from cache or not
@@ -128,17 +124,21 @@ def _forward(ctx, x: Tensor, desc: Description, cd: int, act: tuple[int, float] 
     return y
 
 
+def _on_rows(desc: Description, x: Tensor, cd: int, act: tuple | None) -> bool:
+    """Whether the row passes run (layer or RMS norm over the channels of each position, one
+    read of each row forward and backward): a per-position description, or layer or RMS norm
+    (one group) over an input with one position a sample, whose statistics are the same, laid
+    out as rows; the row kernels have no epilogue."""
+    if desc.per_position:
+        return True
+    return (isinstance(desc, GroupStats) and desc.groups == 1 and act is None and desc.moments_given is None
+            and not desc.keeps_moments and x.numel() == x.shape[0] * x.shape[cd] and _rows_of(x, cd).is_contiguous())
+
+
 def _rows_of(t: Tensor, cd: int) -> Tensor:
-    """``t`` with its channel axis ``cd`` last: contiguous for a per-position description's input,
-    output and gradients (a view inside the Function: no graph node)."""
+    """``t`` with its channel axis ``cd`` last: contiguous for the row passes' input, output and
+    gradients (a view inside the Function: no graph node)."""
     return t if cd == t.ndim - 1 else t.movedim(cd, -1)
-
-
-def _rows_forward(ctx, rows: Tensor, out: Tensor, desc: Description, params: Sequence[Tensor | None]) -> None:
-    """Layer or RMS norm of each row of C values of ``rows`` (contiguous, the channels last) into ``out``."""
-    ctx.fused, ctx.batch_backward = "rows", False
-    desc.rows = _kernels.rows_forward(rows, out, desc.eps, params[0], _bias(params) if desc.center else None,
-                                      desc.center)
 
 
 class EngineNorm(torch.autograd.Function):
@@ -168,21 +168,20 @@ class EngineNorm(torch.autograd.Function):
             return (*_double_backward(ctx, torch.zeros_like(dy) if x is None else x, threshold, params, dy),)
         if x is None:  # (not saved: the adjoint has b = 0, so dy stands in for x)
             x = dy if kernel_views(dy, cd) is not None else dy.contiguous()
-        if desc.per_position:  # (dy read in x's memory format; the kernel writes dx also where only the
+        if ctx.fused == "rows":  # (dy read in x's memory format; the kernel writes dx also where only the
             dx = torch.empty_like(x)  # parameters' gradients are asked)
             dyr = _rows_of(dy, cd)
             dyr = dyr if dyr.is_contiguous() else _rows_of(torch.empty_like(x).copy_(dy), cd)
-            grads = _rows_backward(desc, dyr, _rows_of(x, cd), _rows_of(dx, cd), params, need_p)
-            return (dx if need_x else None, None, None, None, None, *grads)
+            grads = _kernels.rows_backward(dyr, _rows_of(x, cd), _rows_of(dx, cd), params[0], *desc.rows,
+                                           bool(need_p[0]), desc.center and bool(need_p[1]))
+            return (dx if need_x else None, None, None, None, None,
+                    *(None if g is None else g.to(p.dtype) for g, p in zip(grads, params)))
         layout, v = kernel_views(x, cd)  # type: ignore[misc]
         dyv = dy_view(dy, x, cd, layout)
         dx = torch.empty_like(x) if need_x else None
         dxv = view_like(dx, layout, cd) if need_x else None
         if desc.elementwise:
             return (dx, None, None, None, None, *desc.backward(dyv, v, dxv, layout, need_p, *params))
-        if ctx.fused == "rows":  # (the (N, 1, C) views)
-            return (dx, None, None, None, None,
-                    *_rows_backward(desc, dyv, v, dxv if need_x else torch.empty_like(v), params, need_p))
         if ctx.batch_backward and need_x:  # (weight and shift as the output pass had them: w r, w d + b in renorm)
             center, _, shift = ctx.coefs if ctx.fused is None else desc.affine_coefficients(_bias(params))
             g, h = _kernels.batch_backward(dyv, v, dxv, center, desc.rstd, desc.mean_only, desc.w, shift, act)
@@ -199,12 +198,6 @@ class EngineNorm(torch.autograd.Function):
         # the threshold's gradient: its per-(n, c) sums of dy - dy', summed to its shape
         dt = e[0].sum_to_size(threshold.shape).to(threshold.dtype) if need_t else None
         return (dx, None, None, None, dt, *desc.param_grads(g, h, need_p, *params))
-
-
-def _rows_backward(desc: Description, dy: Tensor, x: Tensor, dx: Tensor, params: list, need_p: tuple) -> tuple:
-    """The backward of :func:`_rows_forward` into ``dx`` (rows as there), and the parameters' gradients."""
-    grads = _kernels.rows_backward(dy, x, dx, params[0], *desc.rows, bool(need_p[0]), desc.center and bool(need_p[1]))
-    return tuple(None if g is None else g.to(p.dtype) for g, p in zip(grads, params))
 
 
 def _double_backward(ctx, x: Tensor, threshold: Tensor | None, params: list, dy: Tensor) -> tuple:
