@@ -292,30 +292,67 @@ def test_routing_table(name, channels_last, kernel_mode):
         assert _route_of(ENTRY[name](large)) == "plain"
 
 
-@pytest.mark.parametrize("wide", [True, False])
+@pytest.mark.parametrize("fast_cpu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_batch_norm_runs_torchs_kernel_but_bfloat16_with_avx512(dtype, wide, monkeypatch, kernel_mode):
-    """Large half-precision batch norm with backward: the engine in bfloat16 on AVX-512 CPUs
-    only; torch's own kernel in float16 and without AVX-512 (the CPU read from the flags, here
-    set); with an activation the engine either way (its output pass applies it)."""
+def test_half_batch_norm_runs_the_engine_where_its_conversions_are_fast(dtype, fast_cpu, monkeypatch, kernel_mode):
+    """Large half-precision batch norm with backward: the engine in bfloat16 on AVX-512 CPUs and
+    in float16 where the kernels convert it with F16C (both read here from a stand-in); torch's
+    own kernel otherwise; with an activation the engine either way (its output pass applies it)."""
     if kernel_mode != "c-kernels":
         pytest.skip("the choice is between the compiled kernels and torch's")
-    monkeypatch.setattr(_routing, "_wide_vectors", lambda: wide)
+    monkeypatch.setattr(_routing, "_wide_vectors", lambda: fast_cpu)
+    monkeypatch.setattr(_kernels, "f16c", lambda: fast_cpu)
     _routing._ROUTES.clear()
     x = torch.randn(8, 16, 128, 128, dtype=dtype)  # 2M values: from MIN_HALF_BN_NUMEL a thread on
     monkeypatch.setattr(_routing, "MIN_HALF_BN_NUMEL", x.numel() // 4)
-    on_kernels = dtype == torch.bfloat16 and wide
-    assert _routing.half_bn_on_kernels(dtype) == on_kernels
+    monkeypatch.setattr(_routing, "MIN_F16_BN_NUMEL", x.numel() // 4)
+    assert _routing.half_bn_on_kernels(dtype) == fast_cpu
     try:
         with fast_path(None):  # automatic (this module forces the engine on)
             y = NF.batch_norm(x.requires_grad_(), weight=torch.ones(16))
-            assert _route_of(y) == ("normlab" if on_kernels else "torch") and y.dtype == dtype
+            assert _route_of(y) == ("normlab" if fast_cpu else "torch") and y.dtype == dtype
             fused = NF.batch_norm(x, weight=torch.ones(16), act="relu")
             assert _route_of(fused) == "normlab"
         # the same values either way (torch's kernel or the engine, against the plain path)
         with fast_path(False):
             ref = NF.batch_norm(x, weight=torch.ones(16))
         torch.testing.assert_close(y.float(), ref.float(), atol=0.02, rtol=0.02)
+    finally:
+        _routing._ROUTES.clear()
+
+
+@pytest.mark.parametrize("f16c", [True, False])
+def test_float16_group_norms_run_the_engine_with_f16c_from_their_threshold(f16c, monkeypatch, kernel_mode):
+    """Channel-first float16 group, layer and instance norm with backward: the engine from
+    MIN_F16_GROUP_NUMEL values where the kernels convert with F16C, torch's group-norm kernel
+    below it and without F16C; bfloat16 stays on torch's at any size. Same values as the plain
+    path either way."""
+    if kernel_mode != "c-kernels":
+        pytest.skip("the choice is between the compiled kernels and torch's")
+    monkeypatch.setattr(_kernels, "f16c", lambda: f16c)
+    _routing._ROUTES.clear()
+    big = torch.randn(8, 16, 48, 48)  # 295k values
+    small = torch.randn(8, 16, 16, 16)  # 33k values
+    assert small.numel() >= MIN_FAST_NUMEL and small.numel() < _routing.MIN_F16_GROUP_NUMEL <= big.numel()
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            for x in (big, small):
+                x = x.to(dtype).requires_grad_()
+                g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+                engine = dtype == torch.float16 and f16c and x.numel() == big.numel()
+                for name, f in (("gn", lambda t: NF.group_norm(t, 4)), ("ln", lambda t: NF.layer_norm(t)),
+                                ("in", lambda t: NF.instance_norm(t))):
+                    with fast_path(None):
+                        y = f(x)
+                    assert _route_of(y) == ("normlab" if engine else "torch"), (name, dtype, x.shape)
+                    y.backward(g)
+                    gx, x.grad = x.grad, None
+                    with fast_path(False):
+                        ref = f(x)
+                    ref.backward(g)
+                    torch.testing.assert_close(y.float(), ref.float(), atol=0.02, rtol=0.02)
+                    torch.testing.assert_close(gx.float(), x.grad.float(), atol=0.02, rtol=0.02)
+                    x.grad = None
     finally:
         _routing._ROUTES.clear()
 

@@ -403,6 +403,17 @@ typedef uint32_t nl_pair __attribute__((aligned(2), may_alias));
 #endif
 
 #if UNIT(4)
+/* float16 on a CPU with F16C (x86 from 2012 on): the passes that matter (kernels_impl.h's
+ * ROW_OUT and channel-first row reductions, EvoNorm's sums) convert eight values with one
+ * instruction each way instead of the bit operations below; nl_f16c tells the package (its
+ * routing: float16 batch, group, layer and instance norm then run here rather than on torch's) */
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#define F16C_CHUNKS 1
+const int nl_f16c = 1;
+#else
+const int nl_f16c = 0;
+#endif
 #define LD(v) f16_ld(v)
 #define ST(v) f16_st(v)
 #define ST_PAIR(lo, hi) (f16_bits(lo) | f16_bits(hi) << 16) /* all in 32-bit lanes */

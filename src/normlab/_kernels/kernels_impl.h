@@ -85,6 +85,23 @@ static inline A S(lanes_total)(A *acc) {
             ST_PAIR(MAP(LD_LO(dw_[j_]), LD_LO(pw_[j_]), X), MAP(LD_HI(dw_[j_]), LD_HI(pw_[j_]), X));           \
         if ((k) & 1) (o)[(k) - 1] = ST(MAP(LD((d)[(k) - 1]), LD((p)[(k) - 1]), X));                            \
     } while (0)
+#elif F16C_CHUNKS
+/* float16 with the F16C instructions: eight values at a time converted by one instruction each
+ * way (vcvtph2ps, vcvtps2ph rounding to nearest even), the map computed on them as float32, the
+ * rest of the row one by one (GCC 12 does not vectorise float16 conversions: written out, a
+ * value's conversions cost about 25 operations) */
+#define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
+    do {                                                                                                       \
+        i64 i_ = 0;                                                                                            \
+        for (; i_ + 8 <= (k); i_ += 8) {                                                                       \
+            float dv_[8], pv_[8], ov_[8];                                                                      \
+            _mm256_storeu_ps(dv_, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((d) + i_))));             \
+            _mm256_storeu_ps(pv_, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((p) + i_))));             \
+            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], X);            \
+            _mm_storeu_si128((__m128i *)((o) + i_), _mm256_cvtps_ph(_mm256_loadu_ps(ov_), _MM_FROUND_TO_NEAREST_INT)); \
+        }                                                                                                      \
+        for (; i_ < (k); i_++) (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), X));                                 \
+    } while (0)
 #else
 #define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
     do {                                                                                                       \
@@ -92,6 +109,81 @@ static inline A S(lanes_total)(A *acc) {
     } while (0)
 #endif
 
+#if F16C_CHUNKS
+/* float16 with F16C: the three row reductions below on vectors of eight values, each read by one
+ * vcvtph2ps (GCC 12 neither vectorises float16 conversions nor, written out per lane, keeps these
+ * loops' accumulators in registers); value j of a step in lane j, the lanes summed by lanes_total:
+ * the same sums in the same order as the generic loops for float32 */
+typedef float nl_v8 __attribute__((vector_size(32)));
+#define V8(q) ((nl_v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q))))
+#define NV (LANES / 8)
+
+/* n values (a multiple of 8) from float16 at src into floats at dst, and back rounded to nearest even */
+static inline __attribute__((always_inline)) void S(f16c_in)(float *dst, const T *src, int n) {
+    for (int v = 0; v < n; v += 8) _mm256_storeu_ps(dst + v, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + v))));
+}
+
+static inline __attribute__((always_inline)) void S(f16c_out)(T *dst, const float *src, int n) {
+    for (int v = 0; v < n; v += 8)
+        _mm_storeu_si128((__m128i *)(dst + v), _mm256_cvtps_ph(_mm256_loadu_ps(src + v), _MM_FROUND_TO_NEAREST_INT));
+}
+
+static inline A S(v8_total)(const nl_v8 *acc) {
+    A lanes[LANES];
+    memcpy(lanes, acc, sizeof lanes);
+    return S(lanes_total)(lanes);
+}
+
+static inline A S(row_sum)(const T *p, i64 k) {
+    nl_v8 acc[NV] = {0};
+    A s = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) acc[v] += V8(p + i + 8 * v);
+    for (i64 j = i; j < k; j++) s += LD(p[j]);
+    return k < LANES ? s : s + S(v8_total)(acc);
+}
+
+static inline void S(row_dev)(const T *p, i64 k, A mu, A *e, A *q) {
+    nl_v8 ae[NV] = {0}, aq[NV] = {0};
+    A se = 0, sq = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) {
+            nl_v8 d = V8(p + i + 8 * v) - mu;
+            ae[v] += d;
+            aq[v] += d * d;
+        }
+    for (i64 j = i; j < k; j++) {
+        A d = LD(p[j]) - mu;
+        se += d;
+        sq += d * d;
+    }
+    *e = k < LANES ? se : se + S(v8_total)(ae);
+    *q = k < LANES ? sq : sq + S(v8_total)(aq);
+}
+
+static inline void S(row_dot)(const T *d, const T *p, i64 k, F m, A *g, A *h) {
+    nl_v8 ag[NV] = {0}, ah[NV] = {0};
+    A sg = 0, sh = 0;
+    i64 i = 0;
+    for (; i + LANES <= k; i += LANES)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) {
+            nl_v8 dv = V8(d + i + 8 * v);
+            ag[v] += dv;
+            ah[v] += dv * (V8(p + i + 8 * v) - m);
+        }
+    for (i64 j = i; j < k; j++) {
+        sg += LD(d[j]);
+        sh += LD(d[j]) * (LD(p[j]) - m);
+    }
+    *g = k < LANES ? sg : sg + S(v8_total)(ag);
+    *h = k < LANES ? sh : sh + S(v8_total)(ah);
+}
+#else
 static inline A S(row_sum)(const T *p, i64 k) {
     A acc[LANES] = {0}, s = 0;
     i64 i = 0;
@@ -146,6 +238,8 @@ static inline void S(row_dot)(const T *d, const T *p, i64 k, F m, A *g, A *h) {
     *h = k < LANES ? sh : sh + S(lanes_total)(ah);
 }
 
+#endif
+
 /* moments of one channel-first row, chunk by chunk (corrected two-pass, merged in double) */
 static inline void S(row_moments)(const T *row, i64 L, double *na, double *ma, double *qa) {
     *na = *ma = *qa = 0.0;
@@ -175,14 +269,28 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 static inline __attribute__((always_inline)) void S(row_dot_act_)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F t, T *kp, A *g, A *h, A *e) {
     A ag[LANES] = {0}, ah[LANES] = {0}, ae[LANES] = {0}, sg = 0, sh = 0, se = 0;
     i64 i = 0;
+/* the terms of dy, x into lane j; KEEP stores dd */
+#define TERM(dy_, x_, j, KEEP)                                                                                 \
+    {                                                                                                          \
+        F dy = (dy_), xc = (x_) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);                             \
+        KEEP;                                                                                                  \
+        ag[j] += dd;                                                                                           \
+        ah[j] += dd * xc;                                                                                      \
+        if (THRESHOLDED(act)) ae[j] += dy - dd;                                                                \
+    }
+#if F16C_CHUNKS /* (a step's values converted first: see row_sum) */
+    for (; i + LANES <= k; i += LANES) {
+        float dv[LANES], pv[LANES], kv[LANES];
+        S(f16c_in)(dv, d + i, LANES);
+        S(f16c_in)(pv, p + i, LANES);
+        for (int j = 0; j < LANES; j++) TERM(dv[j], pv[j], j, kv[j] = dd)
+        if (kp) S(f16c_out)(kp + i, kv, LANES);
+    }
+#else
     for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            F dy = LD(d[i + j]), xc = LD(p[i + j]) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);
-            if (kp) kp[i + j] = ST(dd);
-            ag[j] += dd;
-            ah[j] += dd * xc;
-            if (THRESHOLDED(act)) ae[j] += dy - dd;
-        }
+        for (int j = 0; j < LANES; j++) TERM(LD(d[i + j]), LD(p[i + j]), j, if (kp) kp[i + j] = ST(dd))
+#endif
+#undef TERM
 #pragma omp simd reduction(+ : sg, sh, se)
     for (i64 j = i; j < k; j++) {
         F dy = LD(d[j]), xc = LD(p[j]) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);

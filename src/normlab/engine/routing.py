@@ -63,19 +63,52 @@ thread 1.6 at 131k values, 0.65 at 524k, 0.53 at 1M; two threads 2.04 at 262k, 1
 0.91 at 1M)."""
 
 MIN_HALF_BN_NUMEL = 1 << 21
-"""bfloat16/float16 batch norm runs on the kernels from this many values per thread on, torch's
-kernel below (the engine's fixed cost, some 0.5 ms a step of small float64 work and calls
-around the kernels, is repaid from about 2M values a thread: measured one thread 2.9x at 131k,
-1.2x at 1M, 0.90 at 2M, 0.77 at 6.4M; two threads 1.33 at 2M, 0.99 at 4M, 1.02 at 6.4M)."""
+"""bfloat16 batch norm runs on the kernels from this many values per thread on, torch's kernel
+below (the engine's fixed cost, some 0.5 ms a step of small float64 work and calls around the
+kernels, is repaid from about 2M values a thread: measured one thread 2.9x at 131k, 1.2x at 1M,
+0.90 at 2M, 0.77 at 6.4M; two threads 1.33 at 2M, 0.99 at 4M, 1.02 at 6.4M)."""
+
+MIN_F16_BN_NUMEL = 1 << 20
+"""float16 batch norm runs on the kernels (where they convert it with F16C: :func:`half_bn_on_kernels`)
+from this many values per thread on, torch's kernel below. Measured two threads, forward+backward,
+engine / torch (the layer's float32 parameters with float16 input, as under autocast): 2.3-2.5 at
+400k values, 1.09 at 1.6M, 1.52 at 1.6M in (8, 64, 56, 56), 0.58 at 3.2M, 0.50 at 6.4M."""
+
+MIN_F16_GROUP_NUMEL = 1 << 18
+"""float16 channel-first group, layer and instance norm run on the kernels (where they convert it
+with F16C) from this many values on, torch's group-norm kernel below. Measured two threads,
+forward+backward, engine / torch: 1.6-1.9 at 65k values, 1.2-1.4 at 131k, 0.96-1.02 at 262k,
+0.55-1.10 at 401k, 0.31-0.41 at 6.4M (torch's float16 group norm, 7-8 ms there, is 2x its
+bfloat16 one)."""
 
 
 def half_bn_on_kernels(dtype: torch.dtype) -> bool:
-    """Whether half-precision batch norm may run on the kernels at all (from MIN_HALF_BN_NUMEL):
-    bfloat16 on a CPU with AVX-512 only. On AVX2 the kernels' half passes work 8 floats at a time
-    and torch's bfloat16 kernel is as fast (measured, Zen 3, (32, 64, 56, 56), engine / torch
-    forward+backward, six runs: 0.98-1.17, median 1.05); float16 on every CPU: the kernels convert
-    it by bit operations where torch uses the CPU's F16C instructions (engine 1.98-2.50x torch's)."""
+    """Whether half-precision batch norm may run on the kernels at all (from MIN_HALF_BN_NUMEL,
+    MIN_F16_BN_NUMEL): bfloat16 on a CPU with AVX-512 only (on AVX2 the kernels' bfloat16 passes
+    work 8 floats at a time and torch's kernel is as fast: measured, Zen 3, (32, 64, 56, 56),
+    engine / torch forward+backward, six runs: 0.98-1.17, median 1.05); float16 where the kernels
+    convert it with F16C (with bit operations the engine took 1.98-2.50x torch's)."""
+    if dtype == torch.float16:
+        return _kernels.f16c()
     return dtype == torch.bfloat16 and _wide_vectors()
+
+
+def _min_bn_numel(dtype: torch.dtype) -> int:
+    """Values per thread from which batch norm runs on the kernels (past the other rules)."""
+    return MIN_F16_BN_NUMEL if dtype == torch.float16 else MIN_HALF_BN_NUMEL if dtype in HALF_DTYPES \
+        else MIN_KERNEL_NUMEL
+
+
+def _group_on_torch(x: Tensor, groups: int) -> bool:
+    """Whether channel-first group, layer or instance norm of ``x`` (with a backward) stays on
+    torch's group-norm kernel: bfloat16 always, float16 below MIN_F16_GROUP_NUMEL or without F16C
+    (torch's half-precision group norm was as fast or faster there), float32/64 below
+    MIN_KERNEL_GROUP_NUMEL, and with fewer than two (sample, group) items a thread."""
+    if x.dtype == torch.float16:
+        small = not _kernels.f16c() or x.numel() < MIN_F16_GROUP_NUMEL
+    else:
+        small = x.dtype == torch.bfloat16 or x.numel() < MIN_KERNEL_GROUP_NUMEL
+    return small or x.shape[0] * groups < 2 * torch.get_num_threads()
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,14 +256,16 @@ class fast_path:
 #                                                            float32, bn 1.35x in bfloat16); bn in
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
 #                                                            channels-last, or without positions; bn
-#                                                            in half precision below
-#                                                            MIN_HALF_BN_NUMEL, in float16, and in
-#                                                            bfloat16 without AVX-512
+#                                                            in bfloat16 below MIN_HALF_BN_NUMEL and
+#                                                            without AVX-512, in float16 below
+#                                                            MIN_F16_BN_NUMEL and without F16C
 #                                                            (half_bn_on_kernels); ln/gn/in channel-
-#                                                            first in half precision, or in float32/64
-#                                                            below MIN_KERNEL_GROUP_NUMEL or with
-#                                                            fewer than two (sample, group) items a
-#                                                            thread; no compiled kernels (also when
+#                                                            first in bfloat16, in float16 below
+#                                                            MIN_F16_GROUP_NUMEL or without F16C, in
+#                                                            float32/64 below MIN_KERNEL_GROUP_NUMEL,
+#                                                            or with fewer than two (sample, group)
+#                                                            items a thread (_group_on_torch); no
+#                                                            compiled kernels (also when
 #                                                            forced); rmsc (torch's RMS-norm kernel on
 #                                                            the channel-last rows) below
 #                                                            MIN_KERNEL_ROWS_NUMEL without a graph,
@@ -284,11 +319,10 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
         if not (x.requires_grad and torch.is_grad_enabled()):
             return "torch"  # forward only (eval, inference): torch's one call is the faster there
         if norm == "bn" and (kv[0] == "cl" and not half or half and not half_bn_on_kernels(x.dtype) or  # type: ignore[index]
-                             x.numel() < (MIN_HALF_BN_NUMEL if half else MIN_KERNEL_NUMEL) * torch.get_num_threads()):
+                             x.numel() < _min_bn_numel(x.dtype) * torch.get_num_threads()):
             return "torch"
-        if norm != "bn" and kv[0] == "cf" and (half or  # type: ignore[index]
-                x.numel() < MIN_KERNEL_GROUP_NUMEL or x.shape[0] * groups < 2 * torch.get_num_threads()):
-            return "torch"  # (half precision: torch's group norm was as fast at every size measured)
+        if norm != "bn" and kv[0] == "cf" and _group_on_torch(x, groups):  # type: ignore[index]
+            return "torch"
     if (norm == "rmsc" and mode is None and x.numel() < MIN_KERNEL_ROWS_NUMEL
             and not (x.requires_grad and torch.is_grad_enabled()) and all(d is None or d == x.dtype for d in dtypes)):
         return "torch"
