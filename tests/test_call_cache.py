@@ -286,10 +286,14 @@ def test_compile_traces_past_the_cache():
     ("rmsc", torch.float32, (8, 16, 64), True),
     ("lnc", torch.float32, (64, 512), False), ("lnc", torch.float32, (8, 128, 512), False),
     ("lnc", torch.bfloat16, (8, 128, 512), True), ("lnc", torch.bfloat16, (128, 64, 64), True),
-    ("lnc", torch.float16, (8, 128, 512), False), ("lnc", torch.bfloat16, (8, 64, 256), False)])
+    ("lnc", torch.float16, (8, 128, 512), None), ("lnc", torch.float16, (8, 64, 256), False),
+    ("lnc", torch.bfloat16, (8, 64, 256), False)])
 def test_rows_route_torch_below_the_crossover_and_the_kernels_above(monkeypatch, kind, dtype, shape, on_rows):
     """Both routes keep a ready call; above the crossover it runs the engine's row passes
-    (counted), below it torch's kernel (no row pass)."""
+    (counted), below it torch's kernel (no row pass). (on_rows None: float16 takes the row passes
+    where the kernels convert it with F16C.)"""
+    if on_rows is None:
+        on_rows = _kernels.f16c()
     rows_calls = []
     real = _kernels.rows_forward
     monkeypatch.setattr(_kernels, "rows_forward", lambda *a: rows_calls.append(1) or real(*a))

@@ -1485,9 +1485,18 @@ static inline __attribute__((always_inline)) A S(rows_sum)(const T *p, i64 k, F 
     }
     if (k & 1) s += sq ? (LD(p[k - 1]) - m) * (LD(p[k - 1]) - m) : LD(p[k - 1]) - m;
 #else
+    i64 i = 0;
+#if F16C_CHUNKS /* (eight values a conversion, summed lane by lane: see row_sum) */
+    nl_v8 acc = {0};
+    for (; i + 8 <= k; i += 8) {
+        nl_v8 a = V8(p + i) - m;
+        acc += sq ? a * a : a;
+    }
+    for (int j = 0; j < 8; j++) s += acc[j];
+#endif
 #pragma omp simd reduction(+ : s)
-    for (i64 i = 0; i < k; i++) {
-        F a = LD(p[i]) - m;
+    for (i64 j = i; j < k; j++) {
+        F a = LD(p[j]) - m;
         s += sq ? a * a : a;
     }
 #endif
@@ -1528,6 +1537,19 @@ static F *S(rows_params)(const F *weight, const F *bias, i64 C) {
         } else {                                                                                               \
             _Pragma("omp simd") for (i64 c_ = 0; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_)); \
         }                                                                                                      \
+    } while (0)
+#elif F16C_CHUNKS /* (as ROW_OUT) */
+#define ROWS_MAP(o, d, p, C, MAP)                                                                              \
+    do {                                                                                                       \
+        i64 c_ = 0;                                                                                            \
+        for (; c_ + 8 <= (C); c_ += 8) {                                                                       \
+            float dv_[8], pv_[8], ov_[8];                                                                      \
+            S(f16c_in)(dv_, (d) + c_, 8);                                                                      \
+            S(f16c_in)(pv_, (p) + c_, 8);                                                                      \
+            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], c_ + j_);       \
+            S(f16c_out)((o) + c_, ov_, 8);                                                                     \
+        }                                                                                                      \
+        for (; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_));                                \
     } while (0)
 #else
 #define ROWS_MAP(o, d, p, C, MAP)                                                                              \
@@ -1604,8 +1626,26 @@ static inline __attribute__((always_inline)) void S(rows_dots)(const T *d, const
 #endif
     for (i64 c0 = 0; c0 < C; c0 += CF_CHUNK) {
         A s1 = 0, s2 = 0;
+        i64 c = c0, end = MIN(C, c0 + CF_CHUNK);
+#if F16C_CHUNKS /* (eight values a conversion, the sums lane by lane, then added) */
+        {
+            A l1[8] = {0}, l2[8] = {0};
+            for (; c + 8 <= end; c += 8) {
+                float dv[8], pv[8];
+                S(f16c_in)(dv, d + c, 8);
+                S(f16c_in)(pv, p + c, 8);
+#pragma omp simd
+                for (int j = 0; j < 8; j++) {
+                    A s1 = l1[j], s2 = l2[j]; /* (lane j's sums, which ROWS_DOT adds to) */
+                    ROWS_DOT(dv[j], pv[j], c + j);
+                    l1[j] = s1, l2[j] = s2;
+                }
+            }
+            for (int j = 0; j < 8; j++) s1 += l1[j], s2 += l2[j];
+        }
+#endif
 #pragma omp simd reduction(+ : s1, s2)
-        for (i64 c = c0; c < MIN(C, c0 + CF_CHUNK); c++) ROWS_DOT(LD(d[c]), LD(p[c]), c);
+        for (i64 j = c; j < end; j++) ROWS_DOT(LD(d[j]), LD(p[j]), j);
         t1 += s1;
         t2 += s2;
     }

@@ -43,7 +43,8 @@ RMSNorm backward is a composite of several full-size passes), forward 0.86-1.19 
 forward+backward 0.96-1.2 at 32k-65k values, one thread.)"""
 
 MIN_HALF_LNC_NUMEL = 1 << 19
-"""lnc (layer norm over the channel axis alone) runs the engine's row passes in bfloat16 from this
+"""lnc (layer norm over the channel axis alone) runs the engine's row passes in bfloat16 (float16 with
+F16C) from this
 many values on, with backward; torch's layer-norm kernel below, without backward, and in the other
 dtypes. Measured two threads, layer forward+backward, rows / torch's LayerNorm: bfloat16 1.35 at
 (8, 64, 256), 1.22 at (4, 1024, 64), 0.89 at (32, 64, 256), 0.80-0.82 at (8, 128, 768), (32, 128,
@@ -51,8 +52,15 @@ dtypes. Measured two threads, layer forward+backward, rows / torch's LayerNorm: 
 weight's gradient 0.1 relative off at (8, 56, 56, 64)); float32 1.01-1.95 at the same sizes
 (torch's float32 kernel is fast and the engine's per-call cost, some 110 us a forward+backward
 more than torch's, is not repaid);
-float16 1.10-1.45 on the kernels alone (their float16 conversions are bit operations, torch's
-the CPU's F16C instructions)."""
+float16 where the kernels convert it with F16C as bfloat16: 1.38 at (8, 64, 256), 1.12 at (4,
+1024, 64), 0.94 at (32, 64, 256), 0.85 at (8, 128, 768), 0.91 at (32, 3136, 64) (without F16C, by
+bit operations, 1.10-1.45 on the kernels alone: torch's then)."""
+
+
+def _half_rows_on_kernels(dtype: torch.dtype) -> bool:
+    """Whether lnc of ``dtype`` may take the row passes (from MIN_HALF_LNC_NUMEL): bfloat16, and
+    float16 where the kernels convert it with F16C."""
+    return dtype == torch.bfloat16 or dtype == torch.float16 and _kernels.f16c()
 
 MIN_KERNEL_NUMEL = 1 << 19
 """float32/float64 batch norm runs on normlab's kernels from this many values per thread on
@@ -271,7 +279,8 @@ class fast_path:
 #                                                            MIN_KERNEL_ROWS_NUMEL without a graph,
 #                                                            parameters of the input's dtype, not
 #                                                            forced; lnc (torch's
-#                                                            layer-norm kernel) but in bfloat16 from
+#                                                            layer-norm kernel) but in bfloat16 (and
+#                                                            float16 with F16C) from
 #                                                            MIN_HALF_LNC_NUMEL values with backward,
 #                                                            not forced
 # "kernels"  the engine (normlab.engine.function) on the     every other call the kernels can take:
@@ -326,7 +335,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
     if (norm == "rmsc" and mode is None and x.numel() < MIN_KERNEL_ROWS_NUMEL
             and not (x.requires_grad and torch.is_grad_enabled()) and all(d is None or d == x.dtype for d in dtypes)):
         return "torch"
-    if norm == "lnc" and mode is None and (x.dtype != torch.bfloat16 or x.numel() < MIN_HALF_LNC_NUMEL
+    if norm == "lnc" and mode is None and (not _half_rows_on_kernels(x.dtype) or x.numel() < MIN_HALF_LNC_NUMEL
                                            or not (x.requires_grad and torch.is_grad_enabled())):
         return "torch"
     kernels = supported
