@@ -119,17 +119,40 @@ static inline __attribute__((always_inline)) void S(ew_bwd_row)(const T *d, cons
 static inline __attribute__((always_inline)) void S(ew_bwd_run)(const T *d, const T *p, T *o, i64 L, F a, F s, F w,
                                                                 double *out, const int kind) {
     A sf = 0, sb = 0, gx = 0, gs = 0;
-#pragma omp simd reduction(+ : sf, sb, gx, gs)
-    for (i64 i = 0; i < L; i++) {
-        F xv = LD(p[i]), dv = LD(d[i]), fd;
-        F f = S(ew_fd)(a * xv + s, kind, &fd);
-        F g = dv * w * fd;
-        o[i] = ST(a * g);
-        sf += dv * f;
-        sb += dv;
-        gx += g * xv;
-        gs += g;
+/* one value's input gradient (stored by OUT(v), a macro) and its four terms into the sums S0..S3 */
+#define TERMS(xv_, dv_, OUT, S0, S1, S2, S3)                                                                   \
+    {                                                                                                          \
+        F xv = (xv_), dv = (dv_), fd;                                                                          \
+        F f = S(ew_fd)(a * xv + s, kind, &fd);                                                                 \
+        F g = dv * w * fd;                                                                                     \
+        OUT(a * g);                                                                                            \
+        S0 += dv * f;                                                                                          \
+        S1 += dv;                                                                                              \
+        S2 += g * xv;                                                                                          \
+        S3 += g;                                                                                               \
     }
+    i64 i = 0;
+#if F16C_CHUNKS /* (eight values a conversion each way, the sums lane by lane: kernels_impl.h's row_sum) */
+    {
+        A l0[8] = {0}, l1[8] = {0}, l2[8] = {0}, l3[8] = {0};
+        for (; i + 8 <= L; i += 8) {
+            float xb[8], db[8], ob[8];
+            S(f16c_in)(xb, p + i, 8);
+            S(f16c_in)(db, d + i, 8);
+#define OUT_F(v) ob[j] = (v)
+#pragma omp simd
+            for (int j = 0; j < 8; j++) TERMS(xb[j], db[j], OUT_F, l0[j], l1[j], l2[j], l3[j])
+#undef OUT_F
+            S(f16c_out)(o + i, ob, 8);
+        }
+        for (int j = 0; j < 8; j++) sf += l0[j], sb += l1[j], gx += l2[j], gs += l3[j];
+    }
+#endif
+#define OUT_T(v) o[j] = ST(v)
+#pragma omp simd reduction(+ : sf, sb, gx, gs)
+    for (i64 j = i; j < L; j++) TERMS(LD(p[j]), LD(d[j]), OUT_T, sf, sb, gx, gs)
+#undef OUT_T
+#undef TERMS
     out[0] += sf;
     out[1] += sb;
     out[2] += gx;
