@@ -296,8 +296,9 @@ def test_routing_table(name, channels_last, kernel_mode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_batch_norm_runs_the_engine_where_its_conversions_are_fast(dtype, fast_cpu, monkeypatch, kernel_mode):
     """Large half-precision batch norm with backward: the engine in bfloat16 on AVX-512 CPUs and
-    in float16 where the kernels convert it with F16C (both read here from a stand-in); torch's
-    own kernel otherwise; with an activation the engine either way (its output pass applies it)."""
+    in float16 channel-first where the kernels convert it with F16C (both read here from a
+    stand-in); torch's own kernel otherwise; with an activation the engine either way (its output
+    pass applies it)."""
     if kernel_mode != "c-kernels":
         pytest.skip("the choice is between the compiled kernels and torch's")
     monkeypatch.setattr(_routing, "_wide_vectors", lambda: fast_cpu)
@@ -313,6 +314,10 @@ def test_half_batch_norm_runs_the_engine_where_its_conversions_are_fast(dtype, f
             assert _route_of(y) == ("normlab" if fast_cpu else "torch") and y.dtype == dtype
             fused = NF.batch_norm(x, weight=torch.ones(16), act="relu")
             assert _route_of(fused) == "normlab"
+            # channels-last: float16 on torch's kernel even with F16C (the kernels' channels-last
+            # passes convert float16 by bit operations)
+            cl = NF.batch_norm(x.detach().contiguous(memory_format=CL).requires_grad_(), weight=torch.ones(16))
+            assert _route_of(cl) == ("normlab" if fast_cpu and dtype == torch.bfloat16 else "torch")
         # the same values either way (torch's kernel or the engine, against the plain path)
         with fast_path(False):
             ref = NF.batch_norm(x, weight=torch.ones(16))

@@ -56,6 +56,11 @@ def outputs():
     out["dyt_dx"], out["dyt_sums"] = y, torch.cat([w_g, b_g, torch.tensor([a_g, s_g], dtype=torch.float64)])
     rows, drows = x.view(-1, l)[:, :67].contiguous(), dy.view(-1, l)[:, :67].contiguous()  # (15, 67): C with a tail
     w = torch.randn(67, generator=g)
+    y, dx = torch.empty_like(rows), torch.empty_like(rows)  # Dynamic tanh on (M, C) rows
+    ew.squash_forward(rows, y, "cl", "tanh", 0.7, 0.1, w, None)
+    w_g, b_g, a_g, s_g = ew.squash_backward(drows, rows, dx, "cl", "tanh", 0.7, 0.1, w)
+    out["dyt_rows_fwd"], out["dyt_rows_dx"] = y, dx
+    out["dyt_rows_sums"] = torch.cat([w_g, b_g, torch.tensor([a_g, s_g], dtype=torch.float64)])
     for center in (True, False):
         y, dx = torch.empty_like(rows), torch.empty_like(rows)
         mean, rstd = _kernels.rows_forward(rows, y, 1e-5, w, None, center)

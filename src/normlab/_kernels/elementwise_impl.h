@@ -47,8 +47,18 @@ static F *S(ew_affine)(const double *weight, const double *bias, i64 C) {
 
 static inline __attribute__((always_inline)) void S(ew_fwd_row)(const T *p, T *o, i64 C, F a, F s, const F *w,
                                                                 const F *b, const int kind) {
+    i64 c = 0;
+#if F16C_CHUNKS /* (eight values a conversion each way: kernels_impl.h's ROW_OUT) */
+    for (; c + 8 <= C; c += 8) {
+        float xb[8], ob[8];
+        S(f16c_in)(xb, p + c, 8);
 #pragma omp simd
-    for (i64 c = 0; c < C; c++) o[c] = ST(w[c] * S(ew_f)(a * LD(p[c]) + s, kind) + b[c]);
+        for (int j = 0; j < 8; j++) ob[j] = w[c + j] * S(ew_f)(a * xb[j] + s, kind) + b[c + j];
+        S(f16c_out)(o + c, ob, 8);
+    }
+#endif
+#pragma omp simd
+    for (i64 j = c; j < C; j++) o[j] = ST(w[j] * S(ew_f)(a * LD(p[j]) + s, kind) + b[j]);
 }
 
 static inline __attribute__((always_inline)) void S(ew_fwd_run)(const T *p, T *o, i64 L, F a, F s, F w, F b,
@@ -101,17 +111,36 @@ int S(nl_squash_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, double 
 static inline __attribute__((always_inline)) void S(ew_bwd_row)(const T *d, const T *p, T *o, i64 C, F a, F s,
                                                                 const F *w, A *fw, A *fb, A *gx, A *gs,
                                                                 const int kind) {
-#pragma omp simd
-    for (i64 c = 0; c < C; c++) {
-        F xv = LD(p[c]), dv = LD(d[c]), fd;
-        F f = S(ew_fd)(a * xv + s, kind, &fd);
-        F g = dv * w[c] * fd;
-        o[c] = ST(a * g);
-        fw[c] += dv * f;
-        fb[c] += dv;
-        gx[c] += g * xv;
-        gs[c] += g;
+/* channel c's value: its input gradient (stored by OUT(v), a macro) and its four sums */
+#define CHANNEL(c, xv_, dv_, OUT)                                                                              \
+    {                                                                                                          \
+        F xv = (xv_), dv = (dv_), fd;                                                                          \
+        F f = S(ew_fd)(a * xv + s, kind, &fd);                                                                 \
+        F g = dv * w[c] * fd;                                                                                  \
+        OUT(a * g);                                                                                            \
+        fw[c] += dv * f;                                                                                       \
+        fb[c] += dv;                                                                                           \
+        gx[c] += g * xv;                                                                                       \
+        gs[c] += g;                                                                                            \
     }
+    i64 c = 0;
+#if F16C_CHUNKS /* (eight values a conversion each way) */
+    for (; c + 8 <= C; c += 8) {
+        float xb[8], db[8], ob[8];
+        S(f16c_in)(xb, p + c, 8);
+        S(f16c_in)(db, d + c, 8);
+#define OUT_F(v) ob[j] = (v)
+#pragma omp simd
+        for (int j = 0; j < 8; j++) CHANNEL(c + j, xb[j], db[j], OUT_F)
+#undef OUT_F
+        S(f16c_out)(o + c, ob, 8);
+    }
+#endif
+#define OUT_T(v) o[j] = ST(v)
+#pragma omp simd
+    for (i64 j = c; j < C; j++) CHANNEL(j, LD(p[j]), LD(d[j]), OUT_T)
+#undef OUT_T
+#undef CHANNEL
 }
 
 /* one channel-first run of L <= CF_CHUNK values: dx, and its four sums added to out[0..3]

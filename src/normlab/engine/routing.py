@@ -94,8 +94,10 @@ def half_bn_on_kernels(dtype: torch.dtype) -> bool:
     """Whether half-precision batch norm may run on the kernels at all (from MIN_HALF_BN_NUMEL,
     MIN_F16_BN_NUMEL): bfloat16 on a CPU with AVX-512 only (on AVX2 the kernels' bfloat16 passes
     work 8 floats at a time and torch's kernel is as fast: measured, Zen 3, (32, 64, 56, 56),
-    engine / torch forward+backward, six runs: 0.98-1.17, median 1.05); float16 where the kernels
-    convert it with F16C (with bit operations the engine took 1.98-2.50x torch's)."""
+    engine / torch forward+backward, six runs: 0.98-1.17, median 1.05); float16 channel-first
+    where the kernels convert it with F16C (with bit operations the engine took 1.98-2.50x
+    torch's, as it still does channels-last: 2.75x, the channels-last passes convert by bit
+    operations)."""
     if dtype == torch.float16:
         return _kernels.f16c()
     return dtype == torch.bfloat16 and _wide_vectors()
@@ -263,7 +265,8 @@ class fast_path:
 #                                                            1.2-1.5x torch's bn, ln, gn, in in
 #                                                            float32, bn 1.35x in bfloat16); bn in
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
-#                                                            channels-last, or without positions; bn
+#                                                            channels-last (float16 too), or without
+#                                                            positions; bn
 #                                                            in bfloat16 below MIN_HALF_BN_NUMEL and
 #                                                            without AVX-512, in float16 below
 #                                                            MIN_F16_BN_NUMEL and without F16C
@@ -327,7 +330,8 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
             return "kernels"
         if not (x.requires_grad and torch.is_grad_enabled()):
             return "torch"  # forward only (eval, inference): torch's one call is the faster there
-        if norm == "bn" and (kv[0] == "cl" and not half or half and not half_bn_on_kernels(x.dtype) or  # type: ignore[index]
+        if norm == "bn" and (kv[0] == "cl" and (not half or x.dtype == torch.float16)  # type: ignore[index]
+                             or half and not half_bn_on_kernels(x.dtype) or
                              x.numel() < _min_bn_numel(x.dtype) * torch.get_num_threads()):
             return "torch"
         if norm != "bn" and kv[0] == "cf" and _group_on_torch(x, groups):  # type: ignore[index]
