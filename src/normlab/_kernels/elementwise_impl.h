@@ -103,6 +103,23 @@ int S(nl_squash_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, double 
 
 /* ---- backward ---- */
 
+/* one value's input gradient, stored by OUT(v) (a macro: OUT_F into the float chunk ob, OUT_T
+ * into o rounded to T, at j), and its four terms dy f, dy, g x, g added to S0..S3; wv is its
+ * channel's weight */
+#define EW_TERMS(xv_, dv_, wv, OUT, S0, S1, S2, S3)                                                            \
+    {                                                                                                          \
+        F xv = (xv_), dv = (dv_), fd;                                                                          \
+        F f = S(ew_fd)(a * xv + s, kind, &fd);                                                                 \
+        F g = dv * (wv) * fd;                                                                                  \
+        OUT(a * g);                                                                                            \
+        S0 += dv * f;                                                                                          \
+        S1 += dv;                                                                                              \
+        S2 += g * xv;                                                                                          \
+        S3 += g;                                                                                               \
+    }
+#define OUT_F(v) ob[j] = (v)
+#define OUT_T(v) o[j] = ST(v)
+
 /* one row of C channels: dx, and per channel the sums dy f (fw), dy (fb), g x (gx) and g (gs),
  * added up over the rows before the scalars' two are summed over the channels (ew_flush): one
  * row's g x and g reduced across the vector at the end of each row cost more than the row's
@@ -111,36 +128,19 @@ int S(nl_squash_fwd_cf)(const T *x, T *y, i64 N, i64 C, i64 L, int kind, double 
 static inline __attribute__((always_inline)) void S(ew_bwd_row)(const T *d, const T *p, T *o, i64 C, F a, F s,
                                                                 const F *w, A *fw, A *fb, A *gx, A *gs,
                                                                 const int kind) {
-/* channel c's value: its input gradient (stored by OUT(v), a macro) and its four sums */
-#define CHANNEL(c, xv_, dv_, OUT)                                                                              \
-    {                                                                                                          \
-        F xv = (xv_), dv = (dv_), fd;                                                                          \
-        F f = S(ew_fd)(a * xv + s, kind, &fd);                                                                 \
-        F g = dv * w[c] * fd;                                                                                  \
-        OUT(a * g);                                                                                            \
-        fw[c] += dv * f;                                                                                       \
-        fb[c] += dv;                                                                                           \
-        gx[c] += g * xv;                                                                                       \
-        gs[c] += g;                                                                                            \
-    }
     i64 c = 0;
 #if F16C_CHUNKS /* (eight values a conversion each way) */
     for (; c + 8 <= C; c += 8) {
         float xb[8], db[8], ob[8];
         S(f16c_in)(xb, p + c, 8);
         S(f16c_in)(db, d + c, 8);
-#define OUT_F(v) ob[j] = (v)
 #pragma omp simd
-        for (int j = 0; j < 8; j++) CHANNEL(c + j, xb[j], db[j], OUT_F)
-#undef OUT_F
+        for (int j = 0; j < 8; j++) EW_TERMS(xb[j], db[j], w[c + j], OUT_F, fw[c + j], fb[c + j], gx[c + j], gs[c + j])
         S(f16c_out)(o + c, ob, 8);
     }
 #endif
-#define OUT_T(v) o[j] = ST(v)
 #pragma omp simd
-    for (i64 j = c; j < C; j++) CHANNEL(j, LD(p[j]), LD(d[j]), OUT_T)
-#undef OUT_T
-#undef CHANNEL
+    for (i64 j = c; j < C; j++) EW_TERMS(LD(p[j]), LD(d[j]), w[j], OUT_T, fw[j], fb[j], gx[j], gs[j])
 }
 
 /* one channel-first run of L <= CF_CHUNK values: dx, and its four sums added to out[0..3]
@@ -148,18 +148,6 @@ static inline __attribute__((always_inline)) void S(ew_bwd_row)(const T *d, cons
 static inline __attribute__((always_inline)) void S(ew_bwd_run)(const T *d, const T *p, T *o, i64 L, F a, F s, F w,
                                                                 double *out, const int kind) {
     A sf = 0, sb = 0, gx = 0, gs = 0;
-/* one value's input gradient (stored by OUT(v), a macro) and its four terms into the sums S0..S3 */
-#define TERMS(xv_, dv_, OUT, S0, S1, S2, S3)                                                                   \
-    {                                                                                                          \
-        F xv = (xv_), dv = (dv_), fd;                                                                          \
-        F f = S(ew_fd)(a * xv + s, kind, &fd);                                                                 \
-        F g = dv * w * fd;                                                                                     \
-        OUT(a * g);                                                                                            \
-        S0 += dv * f;                                                                                          \
-        S1 += dv;                                                                                              \
-        S2 += g * xv;                                                                                          \
-        S3 += g;                                                                                               \
-    }
     i64 i = 0;
 #if F16C_CHUNKS /* (eight values a conversion each way, the sums lane by lane: kernels_impl.h's row_sum) */
     {
@@ -168,25 +156,23 @@ static inline __attribute__((always_inline)) void S(ew_bwd_run)(const T *d, cons
             float xb[8], db[8], ob[8];
             S(f16c_in)(xb, p + i, 8);
             S(f16c_in)(db, d + i, 8);
-#define OUT_F(v) ob[j] = (v)
 #pragma omp simd
-            for (int j = 0; j < 8; j++) TERMS(xb[j], db[j], OUT_F, l0[j], l1[j], l2[j], l3[j])
-#undef OUT_F
+            for (int j = 0; j < 8; j++) EW_TERMS(xb[j], db[j], w, OUT_F, l0[j], l1[j], l2[j], l3[j])
             S(f16c_out)(o + i, ob, 8);
         }
         for (int j = 0; j < 8; j++) sf += l0[j], sb += l1[j], gx += l2[j], gs += l3[j];
     }
 #endif
-#define OUT_T(v) o[j] = ST(v)
 #pragma omp simd reduction(+ : sf, sb, gx, gs)
-    for (i64 j = i; j < L; j++) TERMS(LD(p[j]), LD(d[j]), OUT_T, sf, sb, gx, gs)
-#undef OUT_T
-#undef TERMS
+    for (i64 j = i; j < L; j++) EW_TERMS(LD(p[j]), LD(d[j]), w, OUT_T, sf, sb, gx, gs)
     out[0] += sf;
     out[1] += sb;
     out[2] += gx;
     out[3] += gs;
 }
+#undef EW_TERMS
+#undef OUT_F
+#undef OUT_T
 
 /* the accumulated sums into the thread's double ones (2 C per-channel, 2 scalars), and zeroed */
 static void S(ew_flush)(A *acc, double *mine, i64 C) {
