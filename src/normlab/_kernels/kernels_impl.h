@@ -87,18 +87,19 @@ static inline A S(lanes_total)(A *acc) {
     } while (0)
 #elif F16C_CHUNKS
 /* float16 with the F16C instructions: eight values at a time converted by one instruction each
- * way (vcvtph2ps, vcvtps2ph rounding to nearest even), the map computed on them as float32, the
- * rest of the row one by one (GCC 12 does not vectorise float16 conversions: written out, a
- * value's conversions cost about 25 operations) */
+ * way (f16c_in, f16c_out below: vcvtph2ps, vcvtps2ph rounding to nearest even), the map computed
+ * on them as float32 (GCC keeps the eight in a register), the rest of the row one by one (GCC 12
+ * does not vectorise float16 conversions: written out, a value's conversions cost about 25
+ * operations) */
 #define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
     do {                                                                                                       \
         i64 i_ = 0;                                                                                            \
         for (; i_ + 8 <= (k); i_ += 8) {                                                                       \
             float dv_[8], pv_[8], ov_[8];                                                                      \
-            _mm256_storeu_ps(dv_, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((d) + i_))));             \
-            _mm256_storeu_ps(pv_, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((p) + i_))));             \
+            S(f16c_in)(dv_, (d) + i_, 8);                                                                      \
+            S(f16c_in)(pv_, (p) + i_, 8);                                                                      \
             _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], X);            \
-            _mm_storeu_si128((__m128i *)((o) + i_), _mm256_cvtps_ph(_mm256_loadu_ps(ov_), _MM_FROUND_TO_NEAREST_INT)); \
+            S(f16c_out)((o) + i_, ov_, 8);                                                                     \
         }                                                                                                      \
         for (; i_ < (k); i_++) (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), X));                                 \
     } while (0)
