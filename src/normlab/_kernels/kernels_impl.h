@@ -90,19 +90,25 @@ static inline A S(lanes_total)(A *acc) {
  * way (f16c_in, f16c_out below: vcvtph2ps, vcvtps2ph rounding to nearest even), the map computed
  * on them as float32 (GCC keeps the eight in a register), the rest of the row one by one (GCC 12
  * does not vectorise float16 conversions: written out, a value's conversions cost about 25
- * operations) */
-#define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
+ * operations). F16C_ROW passes MAP the argument ARG, which may name the value's index i_ + j_
+ * (ROWS_MAP's per-channel factors) */
+#define F16C_ROW(o, d, p, k, MAP, ARG)                                                                         \
     do {                                                                                                       \
         i64 i_ = 0;                                                                                            \
         for (; i_ + 8 <= (k); i_ += 8) {                                                                       \
             float dv_[8], pv_[8], ov_[8];                                                                      \
             S(f16c_in)(dv_, (d) + i_, 8);                                                                      \
             S(f16c_in)(pv_, (p) + i_, 8);                                                                      \
-            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], X);            \
+            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], ARG);          \
             S(f16c_out)((o) + i_, ov_, 8);                                                                     \
         }                                                                                                      \
-        for (; i_ < (k); i_++) (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), X));                                 \
+        for (; i_ < (k); i_++) {                                                                               \
+            const int j_ = 0;                                                                                  \
+            (void)j_;                                                                                          \
+            (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), ARG));                                                  \
+        }                                                                                                      \
     } while (0)
+#define ROW_OUT(o, d, p, k, MAP, X) F16C_ROW(o, d, p, k, MAP, X)
 #else
 #define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
     do {                                                                                                       \
@@ -1539,19 +1545,8 @@ static F *S(rows_params)(const F *weight, const F *bias, i64 C) {
             _Pragma("omp simd") for (i64 c_ = 0; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_)); \
         }                                                                                                      \
     } while (0)
-#elif F16C_CHUNKS /* (as ROW_OUT) */
-#define ROWS_MAP(o, d, p, C, MAP)                                                                              \
-    do {                                                                                                       \
-        i64 c_ = 0;                                                                                            \
-        for (; c_ + 8 <= (C); c_ += 8) {                                                                       \
-            float dv_[8], pv_[8], ov_[8];                                                                      \
-            S(f16c_in)(dv_, (d) + c_, 8);                                                                      \
-            S(f16c_in)(pv_, (p) + c_, 8);                                                                      \
-            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], c_ + j_);       \
-            S(f16c_out)((o) + c_, ov_, 8);                                                                     \
-        }                                                                                                      \
-        for (; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_));                                \
-    } while (0)
+#elif F16C_CHUNKS /* (ROW_OUT's chunks, MAP given the channel) */
+#define ROWS_MAP(o, d, p, C, MAP) F16C_ROW(o, d, p, C, MAP, i_ + j_)
 #else
 #define ROWS_MAP(o, d, p, C, MAP)                                                                              \
     do {                                                                                                       \
