@@ -43,18 +43,17 @@ RMSNorm backward is a composite of several full-size passes), forward 0.86-1.19 
 forward+backward 0.96-1.2 at 32k-65k values, one thread.)"""
 
 MIN_HALF_LNC_NUMEL = 1 << 19
-"""lnc (layer norm over the channel axis alone) runs the engine's row passes in bfloat16 (float16 with
-F16C) from this
-many values on, with backward; torch's layer-norm kernel below, without backward, and in the other
-dtypes. Measured two threads, layer forward+backward, rows / torch's LayerNorm: bfloat16 1.35 at
-(8, 64, 256), 1.22 at (4, 1024, 64), 0.89 at (32, 64, 256), 0.80-0.82 at (8, 128, 768), (32, 128,
-768) and (8, 3136, 64) (torch's bfloat16 layer norm is slower than its float32 one, and its
-weight's gradient 0.1 relative off at (8, 56, 56, 64)); float32 1.01-1.95 at the same sizes
-(torch's float32 kernel is fast and the engine's per-call cost, some 110 us a forward+backward
-more than torch's, is not repaid);
-float16 where the kernels convert it with F16C as bfloat16: 1.38 at (8, 64, 256), 1.12 at (4,
-1024, 64), 0.94 at (32, 64, 256), 0.85 at (8, 128, 768), 0.91 at (32, 3136, 64) (without F16C, by
-bit operations, 1.10-1.45 on the kernels alone: torch's then)."""
+"""lnc (layer norm over the channel axis alone) runs the engine's row passes in bfloat16 (and
+float16 with F16C) from this many values on, with backward; torch's layer-norm kernel below,
+without backward, and in the other dtypes. Measured two threads, layer forward+backward, rows /
+torch's LayerNorm: bfloat16 1.35 at (8, 64, 256), 1.22 at (4, 1024, 64), 0.89 at (32, 64, 256),
+0.80-0.82 at (8, 128, 768), (32, 128, 768) and (8, 3136, 64) (torch's bfloat16 layer norm is
+slower than its float32 one, and its weight's gradient 0.1 relative off at (8, 56, 56, 64));
+float32 1.01-1.95 at the same sizes (torch's float32 kernel is fast and the engine's per-call
+cost, some 110 us a forward+backward more than torch's, is not repaid); float16 where the kernels
+convert it with F16C as bfloat16: 1.38 at (8, 64, 256), 1.12 at (4, 1024, 64), 0.94 at (32, 64,
+256), 0.85 at (8, 128, 768), 0.91 at (32, 3136, 64) (without F16C, by bit operations, 1.10-1.45
+on the kernels alone: torch's then)."""
 
 
 def _half_rows_on_kernels(dtype: torch.dtype) -> bool:
@@ -80,7 +79,7 @@ MIN_F16_BN_NUMEL = 1 << 20
 """float16 batch norm runs on the kernels (where they convert it with F16C: :func:`half_bn_on_kernels`)
 from this many values per thread on, torch's kernel below. Measured two threads, forward+backward,
 engine / torch (the layer's float32 parameters with float16 input, as under autocast): 2.3-2.5 at
-400k values, 1.09 at 1.6M, 1.52 at 1.6M in (8, 64, 56, 56), 0.58 at 3.2M, 0.50 at 6.4M."""
+400k values, 1.09 at 800k, 1.52-1.59 at 1.6M, 0.58 at 3.2M, 0.50 at 6.4M."""
 
 MIN_F16_GROUP_NUMEL = 1 << 18
 """float16 channel-first group, layer and instance norm run on the kernels (where they convert it
@@ -267,9 +266,9 @@ class fast_path:
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
 #                                                            channels-last (float16 too), or without
 #                                                            positions; bn
-#                                                            in bfloat16 below MIN_HALF_BN_NUMEL and
+#                                                            in bfloat16 below MIN_HALF_BN_NUMEL or
 #                                                            without AVX-512, in float16 below
-#                                                            MIN_F16_BN_NUMEL and without F16C
+#                                                            MIN_F16_BN_NUMEL or without F16C
 #                                                            (half_bn_on_kernels); ln/gn/in channel-
 #                                                            first in bfloat16, in float16 below
 #                                                            MIN_F16_GROUP_NUMEL or without F16C, in
