@@ -56,10 +56,16 @@ convert it with F16C as bfloat16: 1.38 at (8, 64, 256), 1.12 at (4, 1024, 64), 0
 on the kernels alone: torch's then)."""
 
 
+def _fast_float16(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is float16 and the kernels convert it with the CPU's F16C instructions
+    (their channel-first and row passes; otherwise, and channels-last, by bit operations)."""
+    return dtype == torch.float16 and _kernels.f16c()
+
+
 def _half_rows_on_kernels(dtype: torch.dtype) -> bool:
     """Whether lnc of ``dtype`` may take the row passes (from MIN_HALF_LNC_NUMEL): bfloat16, and
     float16 where the kernels convert it with F16C."""
-    return dtype == torch.bfloat16 or dtype == torch.float16 and _kernels.f16c()
+    return dtype == torch.bfloat16 or _fast_float16(dtype)
 
 MIN_KERNEL_NUMEL = 1 << 19
 """float32/float64 batch norm runs on normlab's kernels from this many values per thread on
@@ -89,16 +95,16 @@ forward+backward, engine / torch: 1.6-1.9 at 65k values, 1.2-1.4 at 131k, 0.96-1
 bfloat16 one)."""
 
 
-def half_bn_on_kernels(dtype: torch.dtype) -> bool:
-    """Whether half-precision batch norm may run on the kernels at all (from MIN_HALF_BN_NUMEL,
-    MIN_F16_BN_NUMEL): bfloat16 on a CPU with AVX-512 only (on AVX2 the kernels' bfloat16 passes
+def half_bn_on_kernels(dtype: torch.dtype, layout: str = "cf") -> bool:
+    """Whether half-precision batch norm in ``layout`` ("cf", "cl") may run on the kernels at all
+    (from MIN_HALF_BN_NUMEL, MIN_F16_BN_NUMEL): bfloat16 on a CPU with AVX-512 only (on AVX2 the kernels' bfloat16 passes
     work 8 floats at a time and torch's kernel is as fast: measured, Zen 3, (32, 64, 56, 56),
     engine / torch forward+backward, six runs: 0.98-1.17, median 1.05); float16 channel-first
     where the kernels convert it with F16C (with bit operations the engine took 1.98-2.50x
     torch's, as it still does channels-last: 2.75x, the channels-last passes convert by bit
     operations)."""
     if dtype == torch.float16:
-        return _kernels.f16c()
+        return _fast_float16(dtype) and layout == "cf"
     return dtype == torch.bfloat16 and _wide_vectors()
 
 
@@ -114,7 +120,7 @@ def _group_on_torch(x: Tensor, groups: int) -> bool:
     (torch's half-precision group norm was as fast or faster there), float32/64 below
     MIN_KERNEL_GROUP_NUMEL, and with fewer than two (sample, group) items a thread."""
     if x.dtype == torch.float16:
-        small = not _kernels.f16c() or x.numel() < MIN_F16_GROUP_NUMEL
+        small = not _fast_float16(x.dtype) or x.numel() < MIN_F16_GROUP_NUMEL
     else:
         small = x.dtype == torch.bfloat16 or x.numel() < MIN_KERNEL_GROUP_NUMEL
     return small or x.shape[0] * groups < 2 * torch.get_num_threads()
@@ -264,11 +270,11 @@ class fast_path:
 #                                                            1.2-1.5x torch's bn, ln, gn, in in
 #                                                            float32, bn 1.35x in bfloat16); bn in
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
-#                                                            channels-last (float16 too), or without
-#                                                            positions; bn
+#                                                            channels-last, or without positions; bn
 #                                                            in bfloat16 below MIN_HALF_BN_NUMEL or
 #                                                            without AVX-512, in float16 below
-#                                                            MIN_F16_BN_NUMEL or without F16C
+#                                                            MIN_F16_BN_NUMEL, without F16C or
+#                                                            channels-last
 #                                                            (half_bn_on_kernels); ln/gn/in channel-
 #                                                            first in bfloat16, in float16 below
 #                                                            MIN_F16_GROUP_NUMEL or without F16C, in
@@ -329,8 +335,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
             return "kernels"
         if not (x.requires_grad and torch.is_grad_enabled()):
             return "torch"  # forward only (eval, inference): torch's one call is the faster there
-        if norm == "bn" and (kv[0] == "cl" and (not half or x.dtype == torch.float16)  # type: ignore[index]
-                             or half and not half_bn_on_kernels(x.dtype) or
+        if norm == "bn" and (kv[0] == "cl" and not half or half and not half_bn_on_kernels(x.dtype, kv[0]) or  # type: ignore[index]
                              x.numel() < _min_bn_numel(x.dtype) * torch.get_num_threads()):
             return "torch"
         if norm != "bn" and kv[0] == "cf" and _group_on_torch(x, groups):  # type: ignore[index]
