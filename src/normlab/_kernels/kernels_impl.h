@@ -1483,7 +1483,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
 /* sum of x (sq = 0) or of (x - m)^2 (sq = 1) over a row of k <= CF_CHUNK values, in A */
 static inline __attribute__((always_inline)) A S(rows_sum)(const T *p, i64 k, F m, int sq) {
     A s = 0;
-#if PAIRED
+#if PAIRED && !F16C_CHUNKS
     const nl_pair *pw = (const nl_pair *)p;
 #pragma omp simd reduction(+ : s)
     for (i64 j = 0; j < k / 2; j++) {
@@ -1493,7 +1493,7 @@ static inline __attribute__((always_inline)) A S(rows_sum)(const T *p, i64 k, F 
     if (k & 1) s += sq ? (LD(p[k - 1]) - m) * (LD(p[k - 1]) - m) : LD(p[k - 1]) - m;
 #else
     i64 i = 0;
-#if F16C_CHUNKS /* (eight values a conversion, summed lane by lane: see row_sum) */
+#if F16C_CHUNKS /* (float16: eight values a conversion, summed lane by lane: see row_sum) */
     nl_v8 acc = {0};
     for (; i + 8 <= k; i += 8) {
         nl_v8 a = V8(p + i) - m;
