@@ -66,6 +66,30 @@ def outputs():
         mean, rstd = _kernels.rows_forward(rows, y, 1e-5, w, None, center)
         dw, _ = _kernels.rows_backward(drows, rows, dx, w, mean, rstd, True)
         out[f"rows{int(center)}_fwd"], out[f"rows{int(center)}_dx"], out[f"rows{int(center)}_dw"] = y, dx, dw
+    # channels-last (N, L, C) with C = 67: two blocks of 32 channels and a part one, rows of 67
+    x = (torch.randn(n, 41, 67, generator=g, dtype=torch.float64) * 3 + 1).half()
+    dy = torch.randn(n, 41, 67, generator=g, dtype=torch.float64).half()
+    m, s, b, a, k = (torch.randn(n, 67, generator=g, dtype=torch.float64) for _ in range(5))
+    v, dstd, istd = (torch.randn(67, generator=g, dtype=torch.float64),
+                     torch.rand(1, 67, generator=g, dtype=torch.float64) + 0.5,
+                     torch.rand(n, 67, generator=g, dtype=torch.float64) + 0.5)
+    out["cl_moments"] = torch.stack(_kernels.moments(x, "cl"))
+    relu, silu = _kernels.Epilogue(1, 0.0), _kernels.Epilogue(2, 0.0)
+    y = torch.empty_like(x); _kernels.affine(x, y, "cl", m, s, b); out["cl_affine"] = y
+    y = torch.empty_like(x); _kernels.affine(x, y, "cl", m, s, b, act=silu); out["cl_affine_silu"] = y
+    out["cl_reduce"] = torch.stack(_kernels.reduce(dy, x, "cl", m))
+    y = torch.empty_like(x); _kernels.dx(dy, x, y, "cl", m, a, b, k); out["cl_dx"] = y
+    y = torch.empty_like(x); _kernels.dx(dy, x, y, "cl", m, a, b, k, act=relu, scale=s, shift=b); out["cl_dx_relu"] = y
+    y = torch.empty_like(x)
+    out["cl_reduce_silu"] = torch.stack(_kernels.reduce(dy, x, "cl", m, act=silu, scale=s, shift=b, keep=y))
+    _kernels.dx(dy, x, y, "cl", m, a, b, k, act=silu, scale=s, shift=b, kept=True); out["cl_dx_silu_kept"] = y
+    for kind, d_, i_ in (("b0", dstd, istd), ("s0", None, None)):
+        y = torch.empty_like(x); ev.evonorm_forward(kind, x, y, "cl", v, d_, i_, s, b); out[f"cl_ev{kind}_fwd"] = y
+        out[f"cl_ev{kind}_red"] = ev.evonorm_reduce(kind, dy, x, "cl", v, d_, i_)
+        y = torch.empty_like(x); ev.evonorm_dx(kind, dy, x, y, "cl", v, d_, i_, a, b, m, k); out[f"cl_ev{kind}_dx"] = y
+    y = torch.empty_like(x)
+    out["cl_evs0_red_kept"] = ev.evonorm_reduce("s0", dy, x, "cl", v, None, None, keep=y)
+    ev.evonorm_dx("s0", dy, x, y, "cl", v, None, None, a, b, m, None, kept=True); out["cl_evs0_dx_kept"] = y
     return out
 """
 

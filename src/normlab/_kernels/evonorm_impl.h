@@ -378,6 +378,11 @@ static inline __attribute__((always_inline)) void S(ev_fwd_run_cl)(const int kin
         }
 #undef MAP
     }
+#elif F16C_CHUNKS /* float16: row by row, eight values a conversion (kernels_impl.h's CL_ROW) */
+#define MAP(_, xv, c) (S(ev_map)(kind, xv, vr[c], cr[c], lim, D[c], E[c]) * s[c] + b[c])
+    for (i64 l = 0; l < k; l++) CL_ROW(o + l * C, p + l * C, p + l * C, C, MAP);
+#undef MAP
+    c0 = C;
 #endif
 #define PRE(c) const F vc = vr[c], cc = cr[c], Dc = D[c], Ec = E[c], sc = s[c], bc = b[c];
 #define ROW(c, l) o[(l) * C + (c)] = ST(S(ev_map)(kind, LD(p[(l) * C + (c)]), vc, cc, lim, Dc, Ec) * sc + bc);
@@ -418,39 +423,64 @@ int S(nl_evonorm_fwd_cl)(const T *x, T *y, i64 N, i64 L, i64 C, int kind, const 
     return 0;
 }
 
+/* the five sums' loops (ev_block_red1): EV_PRE(c) loads a channel's coefficients and zeroes its
+ * sums, EV_ROW_TERMS adds one row's terms of the values xv_, dv_ (after KEEP_, a statement that
+ * may read dy slope(x) as dv * sl_), EV_POST(c) adds the sums into the block's a0 .. a4 */
+#define EV_PRE(c)                                                                                              \
+    const F vc = vr[c], cc = cr[c], Dc = D[c], Ec = E[c];                                                      \
+    A s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+#define EV_ROW_TERMS(kind, xv_, dv_, KEEP_)                                                                    \
+    {                                                                                                          \
+        const F xv = xv_, dv = dv_;                                                                            \
+        EV_TERMS(kind, xv, dv, vc, cc, lim, Dc, Ec)                                                            \
+        KEEP_;                                                                                                 \
+        s0 += t0, s1 += t1, s2 += t2;                                                                          \
+        if (kind) s3 += t3, s4 += t4;                                                                          \
+    }
+#define EV_POST(c)                                                                                             \
+    a0[c] += s0, a1[c] += s1, a2[c] += s2;                                                                     \
+    if (kind) a3[c] += s3, a4[c] += s4;
 /* the five sums of rows [0, k) of a block, channels [0, w) of a channel block, into acc (5 x CB) */
 static inline __attribute__((always_inline)) void S(ev_block_red1)(const int kind, const T *d0, const T *p0, i64 k,
                                                                   i64 C, i64 w, const F *vr, const F *cr, F lim, const F *D, const F *E,
                                                                   A *acc, T *kp) {
     A *a0 = acc, *a1 = acc + CB, *a2 = acc + 2 * CB, *a3 = acc + 3 * CB, *a4 = acc + 4 * CB;
     for (i64 c = 0; c < 5 * CB; c++) acc[c] = 0;
-#define PRE(c)                                                                                                 \
-    const F vc = vr[c], cc = cr[c], Dc = D[c], Ec = E[c];                                                      \
-    A s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-/* one row's terms into the sums, after KEEP (a statement, which may read dy slope(x) as dv * sl_) */
-#define TERMS(c, l, KEEP)                                                                                      \
-    {                                                                                                          \
-        const F xv = LD(p0[(l) * C + (c)]), dv = LD(d0[(l) * C + (c)]);                                        \
-        EV_TERMS(kind, xv, dv, vc, cc, lim, Dc, Ec)                                                            \
-        KEEP;                                                                                                  \
-        s0 += t0, s1 += t1, s2 += t2;                                                                          \
-        if (kind) s3 += t3, s4 += t4;                                                                          \
+#if F16C_CHUNKS
+    /* float16: each two rows' w channels converted to float first, eight values an instruction
+     * (kernels_impl.h's f16c_in), the sums then the same loops on them, in the same order;
+     * dy slope(x) kept as float and converted back the same way */
+    float xb[2 * CB], db[2 * CB], kb[2 * CB];
+    for (i64 l0 = 0; l0 < k; l0 += 2) {
+        const i64 kk = MIN(2, k - l0);
+        for (i64 j = 0; j < kk; j++) {
+            S(f16c_in_n)(xb + j * CB, p0 + (l0 + j) * C, w);
+            S(f16c_in_n)(db + j * CB, d0 + (l0 + j) * C, w);
+        }
+#define ROW_(c, l) EV_ROW_TERMS(kind, xb[(l) * CB + (c)], db[(l) * CB + (c)], (void)sl_)
+#define ROWK_(c, l) EV_ROW_TERMS(kind, xb[(l) * CB + (c)], db[(l) * CB + (c)], kb[(l) * CB + (c)] = dv * sl_)
+        if (kp) { /* (two loops: no branch inside the vector loop) */
+            ROW_STEPS(kind, kk, 0, w, EV_PRE, ROWK_, EV_POST);
+            for (i64 j = 0; j < kk; j++) S(f16c_out_n)(kp + (l0 + j) * C, kb + j * CB, w);
+        } else
+            ROW_STEPS(kind, kk, 0, w, EV_PRE, ROW_, EV_POST);
+#undef ROW_
+#undef ROWK_
     }
-#define ROW(c, l) TERMS(c, l, (void)sl_)
-#define ROWK(c, l) TERMS(c, l, kp[(l) * C + (c)] = ST(dv * sl_))
-#define POST(c)                                                                                                \
-    a0[c] += s0, a1[c] += s1, a2[c] += s2;                                                                     \
-    if (kind) a3[c] += s3, a4[c] += s4;
+#else
+#define ROW_(c, l) EV_ROW_TERMS(kind, LD(p0[(l) * C + (c)]), LD(d0[(l) * C + (c)]), (void)sl_)
+#define ROWK_(c, l) EV_ROW_TERMS(kind, LD(p0[(l) * C + (c)]), LD(d0[(l) * C + (c)]), kp[(l) * C + (c)] = ST(dv * sl_))
     if (kp) /* (two loops: no branch inside the vector loop) */
-        ROW_STEPS(kind, k, 0, w, PRE, ROWK, POST);
+        ROW_STEPS(kind, k, 0, w, EV_PRE, ROWK_, EV_POST);
     else
-        ROW_STEPS(kind, k, 0, w, PRE, ROW, POST);
-#undef PRE
-#undef TERMS
-#undef ROW
-#undef ROWK
-#undef POST
+        ROW_STEPS(kind, k, 0, w, EV_PRE, ROW_, EV_POST);
+#undef ROW_
+#undef ROWK_
+#endif
 }
+#undef EV_PRE
+#undef EV_ROW_TERMS
+#undef EV_POST
 
 #if PAIRED_OUT
 /* the same over CB channels as pairs, the coefficients and sums in the PAIR_AT layout */
@@ -583,6 +613,12 @@ static inline __attribute__((always_inline)) void S(ev_dx_run_cl)(const int kind
                 ow[j] = ST_PAIR(DX(p, j, LD_LO(dw[j]), LD_LO(pw[j])), DX(p, H + j, LD_HI(dw[j]), LD_HI(pw[j])));
         }
     }
+#elif F16C_CHUNKS
+    const F *fv = vr, *fc = cr, *fD = D, *fE = E, *fa = a, *fb = b, *fm = m, *fk = kc; /* (DX's names) */
+#define DXC(dv, xv, c) DX(f, c, dv, xv)
+    for (i64 l = 0; l < k; l++) CL_ROW(o + l * C, (kept ? o : d) + l * C, p + l * C, C, DXC);
+#undef DXC
+    c0 = C;
 #endif
 #undef DX
     const T *dd = kept ? o : d;

@@ -115,6 +115,17 @@ static inline A S(lanes_total)(A *acc) {
         _Pragma("omp simd") for (i64 i_ = 0; i_ < (k); i_++) (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), X));   \
     } while (0)
 #endif
+/* One channels-last row of C values in channel order, o[c] = MAP(d[c], p[c], c) rounded to T (the
+ * coefficients per channel): ROW_OUT's loop given the channel's index, F16C's chunks where there
+ * are (bfloat16's words of two channels would pair the coefficients: its callers see PAIR_AT) */
+#if F16C_CHUNKS
+#define CL_ROW(o, d, p, C, MAP) F16C_ROW(o, d, p, C, MAP, i_ + j_)
+#else
+#define CL_ROW(o, d, p, C, MAP)                                                                                \
+    do {                                                                                                       \
+        _Pragma("omp simd") for (i64 c_ = 0; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_));  \
+    } while (0)
+#endif
 
 #if F16C_CHUNKS
 /* float16 with F16C: the three row reductions below on vectors of eight values, each read by one
@@ -133,6 +144,19 @@ static inline __attribute__((always_inline)) void S(f16c_in)(float *dst, const T
 static inline __attribute__((always_inline)) void S(f16c_out)(T *dst, const float *src, int n) {
     for (int v = 0; v < n; v += 8)
         _mm_storeu_si128((__m128i *)(dst + v), _mm256_cvtps_ph(_mm256_loadu_ps(src + v), _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* the same for any n: the last n % 8 values one by one */
+static inline __attribute__((always_inline)) void S(f16c_in_n)(float *dst, const T *src, i64 n) {
+    i64 v = 0;
+    for (; v + 8 <= n; v += 8) S(f16c_in)(dst + v, src + v, 8);
+    for (; v < n; v++) dst[v] = LD(src[v]);
+}
+
+static inline __attribute__((always_inline)) void S(f16c_out_n)(T *dst, const float *src, i64 n) {
+    i64 v = 0;
+    for (; v + 8 <= n; v += 8) S(f16c_out)(dst + v, src + v, 8);
+    for (; v < n; v++) dst[v] = ST(src[v]);
 }
 
 static inline A S(v8_total)(const nl_v8 *acc) {
@@ -384,36 +408,40 @@ static inline __attribute__((always_inline)) void S(sums_row)(const T *d, const 
  * thresholds, read only for an activation that has them: THRESHOLD) */
 static inline __attribute__((always_inline)) void S(affine_row_cl)(const T *p, T *o, i64 C, const F *m, const F *s,
                                                                    const F *b, int act, F sl, const F *t) {
-    if (act) {
+    /* (the activation a literal through act_k: CL_ROW's map takes the channel, not the code) */
+#define AFF(_, v, c) (act_k ? S(act_fwd)(((v) - m[c]) * s[c] + b[c], act_k, sl, THRESHOLD(act_k, t, c)) \
+                            : ((v) - m[c]) * s[c] + b[c])
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 c = 0; c < C; c++)                                                            \
-        o[c] = ST(S(act_fwd)((LD(p[c]) - m[c]) * s[c] + b[c], K, sl, THRESHOLD(K, t, c)));
-        ACT_SWITCH(act, LOOP);
-#undef LOOP
-    } else {
-#pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ST((LD(p[c]) - m[c]) * s[c] + b[c]);
+    {                                                                                                          \
+        const int act_k = K;                                                                                   \
+        CL_ROW(o, p, p, C, AFF);                                                                               \
     }
+    if (act) {
+        ACT_SWITCH(act, LOOP);
+    } else
+        LOOP(0)
+#undef LOOP
+#undef AFF
 }
 
 static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const T *p, T *o, i64 C, const F *m,
                                                                const F *a, const F *bc, const F *k, const F *s,
                                                                const F *b, int act, F sl, const F *t, const T *kp) {
-    if (kp) {
-#pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * LD(kp[c]) + bc[c] * (LD(p[c]) - m[c]) + k[c]);
-    } else if (act) {
+    const T *dd = kp ? kp : d; /* dy' kept by the sums pass (kp may be o), or dy */
+#define DX(dv, v, c) (act_k ? a[c] * S(act_grad)(dv, ((v) - m[c]) * s[c] + b[c], act_k, sl, THRESHOLD(act_k, t, c)) \
+                                  + bc[c] * ((v) - m[c]) + k[c]                                                 \
+                            : a[c] * (dv) + bc[c] * ((v) - m[c]) + k[c])
 #define LOOP(K)                                                                                                \
-    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                                          \
-        F xc = LD(p[c]) - m[c];                                                                                \
-        o[c] = ST(a[c] * S(act_grad)(LD(d[c]), xc * s[c] + b[c], K, sl, THRESHOLD(K, t, c)) + bc[c] * xc + k[c]); \
+    {                                                                                                          \
+        const int act_k = K;                                                                                   \
+        CL_ROW(o, dd, p, C, DX);                                                                               \
     }
+    if (act && !kp) {
         ACT_SWITCH(act, LOOP);
+    } else
+        LOOP(0)
 #undef LOOP
-    } else {
-#pragma omp simd
-        for (i64 c = 0; c < C; c++) o[c] = ST(a[c] * LD(d[c]) + bc[c] * (LD(p[c]) - m[c]) + k[c]);
-    }
+#undef DX
 }
 
 /* CALL computes values [i0_, i0_ + k_) of an output run of len values into o_: written in
@@ -1545,13 +1573,8 @@ static F *S(rows_params)(const F *weight, const F *bias, i64 C) {
             _Pragma("omp simd") for (i64 c_ = 0; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_)); \
         }                                                                                                      \
     } while (0)
-#elif F16C_CHUNKS /* (ROW_OUT's chunks, MAP given the channel) */
-#define ROWS_MAP(o, d, p, C, MAP) F16C_ROW(o, d, p, C, MAP, i_ + j_)
 #else
-#define ROWS_MAP(o, d, p, C, MAP)                                                                              \
-    do {                                                                                                       \
-        _Pragma("omp simd") for (i64 c_ = 0; c_ < (C); c_++) (o)[c_] = ST(MAP(LD((d)[c_]), LD((p)[c_]), c_));  \
-    } while (0)
+#define ROWS_MAP(o, d, p, C, MAP) CL_ROW(o, d, p, C, MAP)
 #endif
 
 /* mean (center; NULL for RMS) and rstd: float64 (M,), for the backward */
