@@ -610,12 +610,60 @@ static inline __attribute__((always_inline)) void S(block_moments2)(const T *p0,
 }
 #endif
 
+#if F16C_CHUNKS
+/* float16 with F16C: block_moments and block_reduce of CB channels as CB / 8 vectors of eight
+ * (channel c in lane c % 8 of vector c / 8), a row's read by one vcvtph2ps a vector; each
+ * channel's sums over the same rows in the same order as the plain loops. Measured two threads,
+ * (32, 3136, 64) float16 from memory, over the words of two channels (block_moments2,
+ * block_reduce2): see kernels.c's unit 4 */
+#define NB8 (CB / 8)
+static inline __attribute__((always_inline)) void S(block_moments_v8)(const T *p0, i64 k, i64 C, A *mu, A *e, A *q) {
+    nl_v8 m[NB8] = {0}, ae[NB8] = {0}, aq[NB8] = {0};
+    for (i64 l = 0; l < k; l++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NB8; v++) m[v] += V8(p0 + l * C + 8 * v);
+    for (int v = 0; v < NB8; v++) m[v] /= (A)k;
+    for (i64 l = 0; l < k; l++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NB8; v++) {
+            nl_v8 d = V8(p0 + l * C + 8 * v) - m[v];
+            ae[v] += d;
+            aq[v] += d * d;
+        }
+    memcpy(mu, m, sizeof m), memcpy(e, ae, sizeof ae), memcpy(q, aq, sizeof aq);
+}
+
+static inline __attribute__((always_inline)) void S(block_reduce_v8)(const T *d0, const T *p0, i64 k, i64 C,
+                                                                     const A *m0, A *sg, A *sh) {
+    nl_v8 m[NB8], g[NB8] = {0}, h[NB8] = {0};
+    memcpy(m, m0, sizeof m);
+    for (i64 l = 0; l < k; l++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NB8; v++) {
+            nl_v8 dv = V8(d0 + l * C + 8 * v);
+            g[v] += dv;
+            h[v] += dv * (V8(p0 + l * C + 8 * v) - m[v]);
+        }
+    memcpy(sg, g, sizeof g), memcpy(sh, h, sizeof h);
+}
+#undef NB8
+#endif
+
 /* a block's exact mean and M2 per channel, in double (q is about mu; the exact mean is
  * mu + e / k): the full-width call with a literal CB is the vectorised one */
 static inline __attribute__((always_inline)) void S(block_moments_exact)(const T *p0, i64 k, i64 C, i64 w,
                                                                          double *pm, double *pq) {
     A mu[CB], e[CB], q[CB];
-#if PAIRED
+#if F16C_CHUNKS
+    if (w == CB) {
+        S(block_moments_v8)(p0, k, C, mu, e, q);
+        for (i64 c = 0; c < w; c++) {
+            pm[c] = (double)mu[c] + (double)e[c] / k;
+            pq[c] = (double)q[c] - (double)e[c] * e[c] / k;
+        }
+        return;
+    }
+#elif PAIRED
     if (w == CB) { /* pairs of channels: channel c's sums at PAIR_AT(c) */
         S(block_moments2)(p0, k, C, mu, e, q);
         for (i64 c = 0; c < w; c++) {
@@ -765,6 +813,13 @@ static inline __attribute__((always_inline)) void S(block_sums2)(const T *d0, co
 static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, const T *p0, i64 k, i64 C, i64 w,
                                                                 const A *m, const F *s, const F *b, int act, F sl,
                                                                 const F *t, T *kp, A *sg, A *sh, A *se) {
+#if F16C_CHUNKS
+    if (w == CB && !act) {
+        S(block_reduce_v8)(d0, p0, k, C, m, sg, sh);
+        for (i64 c = 0; c < CB; c++) se[c] = 0;
+        return;
+    }
+#endif
 #if PAIRED
     if (w == CB) {
         S(block_sums2)(d0, p0, k, C, m, s, b, act, sl, t, kp, sg, sh, se);
