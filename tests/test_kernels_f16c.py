@@ -83,6 +83,9 @@ def outputs():
     y = torch.empty_like(x)
     out["cl_reduce_silu"] = torch.stack(_kernels.reduce(dy, x, "cl", m, act=silu, scale=s, shift=b, keep=y))
     _kernels.dx(dy, x, y, "cl", m, a, b, k, act=silu, scale=s, shift=b, kept=True); out["cl_dx_silu_kept"] = y
+    tlu = _kernels.Epilogue(4, 0.0, torch.randn(67, generator=g, dtype=torch.float64))
+    out["cl_reduce_tlu"] = torch.stack(_kernels.reduce(dy, x, "cl", m, act=tlu, scale=s, shift=b))
+    y = torch.empty_like(x); _kernels.affine(x, y, "cl", m, s, b, act=tlu); out["cl_affine_tlu"] = y
     for kind, d_, i_ in (("b0", dstd, istd), ("s0", None, None)):
         y = torch.empty_like(x); ev.evonorm_forward(kind, x, y, "cl", v, d_, i_, s, b); out[f"cl_ev{kind}_fwd"] = y
         out[f"cl_ev{kind}_red"] = ev.evonorm_reduce(kind, dy, x, "cl", v, d_, i_)

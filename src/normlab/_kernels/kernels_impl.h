@@ -647,6 +647,29 @@ static inline __attribute__((always_inline)) void S(block_reduce_v8)(const T *d0
     memcpy(sg, g, sizeof g), memcpy(sh, h, sizeof h);
 }
 #undef NB8
+
+/* block_reduce_act_ of CB channels: each row's CB values of dy and x converted first, dy' kept
+ * as float and converted back the same way */
+static inline __attribute__((always_inline)) void S(block_reduce_act_v8)(const T *d0, const T *p0, i64 k, i64 C,
+                                                                         const A *m, const F *s, const F *b, int act,
+                                                                         F sl, const F *t, T *kp, A *sg, A *sh,
+                                                                         A *se) {
+    for (i64 c = 0; c < CB; c++) sg[c] = sh[c] = se[c] = 0;
+    for (i64 l = 0; l < k; l++) {
+        float dv[CB], xv[CB], kv[CB];
+        S(f16c_in)(dv, d0 + l * C, CB);
+        S(f16c_in)(xv, p0 + l * C, CB);
+#pragma omp simd
+        for (i64 c = 0; c < CB; c++) {
+            F xc = xv[c] - m[c], dd = S(act_grad)(dv[c], xc * s[c] + b[c], act, sl, THRESHOLD(act, t, c));
+            kv[c] = dd;
+            sg[c] += dd;
+            sh[c] += dd * xc;
+            if (THRESHOLDED(act)) se[c] += dv[c] - dd;
+        }
+        if (kp) S(f16c_out)(kp + l * C, kv, CB);
+    }
+}
 #endif
 
 /* a block's exact mean and M2 per channel, in double (q is about mu; the exact mean is
@@ -814,9 +837,15 @@ static inline __attribute__((always_inline)) void S(block_sums)(const T *d0, con
                                                                 const A *m, const F *s, const F *b, int act, F sl,
                                                                 const F *t, T *kp, A *sg, A *sh, A *se) {
 #if F16C_CHUNKS
-    if (w == CB && !act) {
-        S(block_reduce_v8)(d0, p0, k, C, m, sg, sh);
-        for (i64 c = 0; c < CB; c++) se[c] = 0;
+    if (w == CB) {
+        if (act) {
+#define RED(K) S(block_reduce_act_v8)(d0, p0, k, C, m, s, b, K, sl, t, kp, sg, sh, se);
+            ACT_SWITCH(act, RED);
+#undef RED
+        } else {
+            S(block_reduce_v8)(d0, p0, k, C, m, sg, sh);
+            for (i64 c = 0; c < CB; c++) se[c] = 0;
+        }
         return;
     }
 #endif
@@ -1457,7 +1486,11 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
         /* wider than one channel block: a row block's sums over all C channels at once, row by row
          * (the reads in order; block by block they jump a row's length every CB channels: layer
          * norm (128, 49, 512) float32 backward 4.3 -> see the commit) */
+#if F16C_CHUNKS
+        const int wide = 0; /* (float16 with F16C: its blocks are the converted ones, block_sums) */
+#else
         const int wide = C > CB;
+#endif
         A *wg = wide ? malloc(sizeof(A) * C * 3) : NULL, *wh = wg ? wg + C : NULL, *we = wg ? wg + 2 * C : NULL;
         if (!ca || !ab || (wide && !wg)) failed = 1;
 #pragma omp for schedule(static)
