@@ -403,18 +403,22 @@ typedef uint32_t nl_pair __attribute__((aligned(2), may_alias));
 #endif
 
 #if UNIT(4)
-/* float16 on a CPU with F16C (x86 from 2012 on): the channel-first passes (kernels_impl.h's
- * ROW_OUT, the row reductions and activation sums, EvoNorm's sums), the row passes of layer and
- * RMS norm over the channels and Dynamic tanh/erf's convert eight values with one instruction
- * each way instead of the bit operations below, which the channels-last statistics passes keep
- * (their words of two channels, kernels_impl.h's PAIR_AT). nl_f16c tells the package (its
- * routing: float16 batch, group, layer and instance norm channel-first and layer norm over the
- * channels then run here rather than on torch's kernels). Measured two threads, (32, 64, 3136)
- * float16 from memory, over the bit operations: affine 0.20, input gradient 0.25, moments 0.49,
- * sums 0.52, group norm's fused passes 0.27-0.29, EvoNorm's 0.26-0.50. */
+/* float16 on a CPU with F16C (x86 from 2012 on): every pass converts eight values with one
+ * instruction each way (kernels_impl.h's F16C_ROW and CL_ROW for the outputs, vectors of eight for
+ * the sums: row_sum, block_moments_v8, ..., EvoNorm's and Dynamic tanh/erf's own) instead of the
+ * bit operations below, which stay for a CPU without it (with bfloat16's words of two values,
+ * PAIRED). nl_f16c tells the package (its routing: float16 batch norm channel-first, group, layer
+ * and instance norm channel-first and layer norm over the channels then run here rather than on
+ * torch's kernels). Measured two threads, (32, 64, 3136) float16 from memory, over the bit
+ * operations: channel-first affine 0.20, input gradient 0.25, moments 0.49, sums 0.52, group
+ * norm's fused passes 0.27-0.29, EvoNorm's 0.26-0.50; channels-last (32, 3136, 64) affine and
+ * input gradient 0.28, moments 0.54, sums 0.68, group and layer norm's per-sample passes 0.41-0.47,
+ * EvoNorm's 0.28-0.60. */
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
 #define F16C_CHUNKS 1
+#undef PAIRED
+#define PAIRED 0 /* (every pass's float16 loops convert eight values at a time instead) */
 const int nl_f16c = 1;
 #else
 const int nl_f16c = 0;

@@ -577,7 +577,8 @@ static inline __attribute__((always_inline)) void S(block_moments)(const T *p0, 
 }
 
 #if PAIRED
-/* The same for the 16-bit types, CB channels read as CB / 2 32-bit words of two channels each:
+/* The same for the 16-bit types (bfloat16, float16 without F16C), CB channels read as CB / 2
+ * 32-bit words of two channels each:
  * a word's low half (channel 2j) converted by a shift, its high half (2j + 1) by a mask, no
  * shuffles (widening 16 values to 32 bits is a lane-crossing shuffle, which bounds these
  * loops). The sums of channel c are kept at PAIR_AT(c): even channels first, then odd ones;
@@ -613,9 +614,8 @@ static inline __attribute__((always_inline)) void S(block_moments2)(const T *p0,
 #if F16C_CHUNKS
 /* float16 with F16C: block_moments and block_reduce of CB channels as CB / 8 vectors of eight
  * (channel c in lane c % 8 of vector c / 8), a row's read by one vcvtph2ps a vector; each
- * channel's sums over the same rows in the same order as the plain loops. Measured two threads,
- * (32, 3136, 64) float16 from memory, over the words of two channels (block_moments2,
- * block_reduce2): see kernels.c's unit 4 */
+ * channel's sums over the same rows in the same order as the plain loops (measured: kernels.c's
+ * unit 4) */
 #define NB8 (CB / 8)
 static inline __attribute__((always_inline)) void S(block_moments_v8)(const T *p0, i64 k, i64 C, A *mu, A *e, A *q) {
     nl_v8 m[NB8] = {0}, ae[NB8] = {0}, aq[NB8] = {0};
@@ -1599,7 +1599,7 @@ int S(nl_group_bwd_cl)(const T *dy, const T *x, T *dx, i64 N, i64 L, i64 C, i64 
 /* sum of x (sq = 0) or of (x - m)^2 (sq = 1) over a row of k <= CF_CHUNK values, in A */
 static inline __attribute__((always_inline)) A S(rows_sum)(const T *p, i64 k, F m, int sq) {
     A s = 0;
-#if PAIRED && !F16C_CHUNKS
+#if PAIRED
     const nl_pair *pw = (const nl_pair *)p;
 #pragma omp simd reduction(+ : s)
     for (i64 j = 0; j < k / 2; j++) {
