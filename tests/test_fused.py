@@ -261,7 +261,7 @@ def test_engine_keeps_the_per_nc_moments(kernel_mode):
 
 def test_process_group_without_torch_distributed_is_local_and_correct():
     # a process group that is not active (torch.distributed not initialized) keeps the
-    # moments local, and the fused path is taken (tests/test_fused_variants.py checks routing)
+    # moments local, and the fused path is taken (tests/test_routing.py checks routing)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     y = NF.batch_norm(x, process_group=object())
     ref = torch.nn.functional.batch_norm(x, None, None, training=True)
