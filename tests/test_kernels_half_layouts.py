@@ -1,7 +1,9 @@
 """The half-precision kernels (bfloat16, float16) in channels-last against their channel-first
-twins on the same values. The channels-last passes read (and in bfloat16 write) two channels
-per 32-bit word with the channels' coefficients kept in a permuted order (kernels_impl.h:
-PAIR_AT); the channel-first ones go one row at a time. Every element-wise output (the affine
+twins on the same values. The channels-last passes read two channels per 32-bit word with the
+channels' coefficients kept in a permuted order (kernels_impl.h: PAIR_AT), or (float16 where F16C
+converts it, bfloat16's output rows on AVX2) eight values at a time converted by other
+instructions than the channel-first passes'; the channel-first ones go one row at a time. Every
+element-wise output (the affine
 pass with each activation epilogue, dy' kept by the reduce pass, the input gradient) is computed
 by the same formula from the same values, so the two layouts must agree bit for bit: a channel
 paired with another's coefficients, or a word's halves swapped, shows. Sums and moments are
@@ -122,3 +124,39 @@ def test_channels_last_evonorm_maps_equal_channel_first(dtype, shape, kind):
     for u, w in zip(outs["cf"][:4], outs["cl"][:4]):
         _same(u, w)
     torch.testing.assert_close(outs["cl"][4], outs["cf"][4], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c", [67, 24])  # whole rows with a tail of three; one part block
+def test_output_rounding_equals_torchs_on_ties_overflow_and_specials(dtype, c):
+    """x - center through the affine pass (scale 1, shift 0: one float32 rounding) then rounded to
+    the type as torch rounds float32 (nearest even, NaN kept, past the largest value infinite),
+    in both layouts: the conversions of every loop (words of two values, eight-value chunks, one
+    value at a time) on halfway cases, overflow, infinities, NaN and subnormal results."""
+    fi = torch.finfo(dtype)
+    half = fi.eps / 2  # half a unit in the last place at 1
+    n, length = 2, 9
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(n, c, length, generator=g, dtype=torch.float64)
+    center = torch.randn(n, c, generator=g, dtype=torch.float64)
+    # channel 0: 1 + half, (1 + ulp) + half, 2 + half: ties to even, down, up, and not a tie
+    x[:, 0, :4] = torch.tensor([1.0, 1.0 + 2 * half, 3.0, -1.0 - 2 * half], dtype=torch.float64)
+    center[:, 0] = -half
+    x[:, 1, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), fi.max, -fi.max], dtype=torch.float64)
+    center[:, 1] = 0.0
+    x[:, 2, :2] = torch.tensor([fi.max, fi.max / 2], dtype=torch.float64)
+    center[:, 2] = -fi.max  # x - center past the largest value: infinite
+    x[:, 3, :3] = torch.tensor([fi.tiny, 2 * fi.tiny, -fi.tiny], dtype=torch.float64)
+    center[:, 3] = 0.75 * fi.tiny  # results below the smallest normal
+    x = x.to(dtype)
+    center = center.float().double()  # (the kernels take the centre as float32)
+    want = (x.float() - center.float()[..., None]).to(dtype)
+    ones, zeros = torch.ones(n, c, dtype=torch.float64), torch.zeros(n, c, dtype=torch.float64)
+    xf, xl = _views(x)
+    for lay, v in (("cf", xf), ("cl", xl)):
+        y = torch.empty_like(v)
+        _kernels.affine(v, y, lay, center, ones, zeros)
+        got = y if lay == "cf" else y.transpose(1, 2)
+        assert torch.equal(got.isnan(), want.isnan()), lay
+        ok = (got.view(torch.int16) == want.view(torch.int16)) | want.isnan()
+        assert ok.all(), f"{lay}: {(~ok).sum().item()} values differ, first at {(~ok).nonzero()[0].tolist()}"

@@ -51,10 +51,10 @@ static inline __attribute__((always_inline)) void S(ew_fwd_row)(const T *p, T *o
 #if F16C_CHUNKS /* (eight values a conversion each way: kernels_impl.h's ROW_OUT) */
     for (; c + 8 <= C; c += 8) {
         float xb[8], ob[8];
-        S(f16c_in)(xb, p + c, 8);
+        S(chunk_in)(xb, p + c, 8);
 #pragma omp simd
         for (int j = 0; j < 8; j++) ob[j] = w[c + j] * S(ew_f)(a * xb[j] + s, kind) + b[c + j];
-        S(f16c_out)(o + c, ob, 8);
+        S(chunk_out)(o + c, ob, 8);
     }
 #endif
 #pragma omp simd
@@ -132,11 +132,11 @@ static inline __attribute__((always_inline)) void S(ew_bwd_row)(const T *d, cons
 #if F16C_CHUNKS /* (eight values a conversion each way) */
     for (; c + 8 <= C; c += 8) {
         float xb[8], db[8], ob[8];
-        S(f16c_in)(xb, p + c, 8);
-        S(f16c_in)(db, d + c, 8);
+        S(chunk_in)(xb, p + c, 8);
+        S(chunk_in)(db, d + c, 8);
 #pragma omp simd
         for (int j = 0; j < 8; j++) EW_TERMS(xb[j], db[j], w[c + j], OUT_F, fw[c + j], fb[c + j], gx[c + j], gs[c + j])
-        S(f16c_out)(o + c, ob, 8);
+        S(chunk_out)(o + c, ob, 8);
     }
 #endif
 #pragma omp simd
@@ -154,11 +154,11 @@ static inline __attribute__((always_inline)) void S(ew_bwd_run)(const T *d, cons
         A l0[8] = {0}, l1[8] = {0}, l2[8] = {0}, l3[8] = {0};
         for (; i + 8 <= L; i += 8) {
             float xb[8], db[8], ob[8];
-            S(f16c_in)(xb, p + i, 8);
-            S(f16c_in)(db, d + i, 8);
+            S(chunk_in)(xb, p + i, 8);
+            S(chunk_in)(db, d + i, 8);
 #pragma omp simd
             for (int j = 0; j < 8; j++) EW_TERMS(xb[j], db[j], w, OUT_F, l0[j], l1[j], l2[j], l3[j])
-            S(f16c_out)(o + i, ob, 8);
+            S(chunk_out)(o + i, ob, 8);
         }
         for (int j = 0; j < 8; j++) sf += l0[j], sb += l1[j], gx += l2[j], gs += l3[j];
     }
@@ -278,7 +278,7 @@ int S(nl_squash_bwd_cf)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 L, int
  * (9) and erf (10) in the unit's type (float32: unrounded; in the half types' units 1 and 2 are
  * 9 and 10): the math functions alone (in the same vectorised loops as the kernels), for
  * tests */
-#define EW_MAP(fn)                                                                                                    \
+#define EW_MAP(fn)                                                                                             \
     _Pragma("omp simd") for (i64 i = 0; i < n; i++) y[i] = ST(fn(LD(x[i])))
 void S(nl_mathfn)(const T *x, T *y, i64 n, int which) {
     if (which == 0)

@@ -91,10 +91,10 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 /* the five terms of one element (see above), and sl_ = slope(x). S0 with w_ = x s (1 - s):
  * t0 = dy x s, t2 = dy x w_, slope s + v w_. B0 with q_ = dy x u^2: t2, t3 = q_ on the left,
  * right side, t4 = x t3, slope u (left) or E u^2 (right). */
-#define EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)                                                                 \
+#define EV_TERMS(kind, xv, dv, vc, cc, lim, D, E)                                                              \
     F t0, t1 = (dv), t2, t3, t4, sl_;                                                                          \
     if ((kind) == 0) {                                                                                         \
-        F s_ = EV_SIGMOID(xv, vc, cc, lim);                                                                         \
+        F s_ = EV_SIGMOID(xv, vc, cc, lim);                                                                    \
         F xs_ = (xv) * s_, w_ = xs_ - xs_ * s_, dx_ = (dv) * (xv);                                             \
         t0 = (dv) * xs_;                                                                                       \
         t2 = dx_ * w_;                                                                                         \
@@ -114,9 +114,9 @@ static inline __attribute__((always_inline)) F S(ev_slope)(const int kind, F xv,
 
 /* the input gradient of one value xv (dv: dy, or with kept dy slope(x)) for the map's coefficients
  * vc, cc, D, E and the gradient's a, b, m and (with_k, a literal) kc */
-#define EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m)                                                  \
+#define EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m)                                                 \
     ((kept ? (a) * (dv) : (a) * (dv) * S(ev_slope)(kind, xv, vc, cc, lim, D, E)) + (b) * ((xv) - (m)))
-#define EV_DX(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m, kc, with_k)                                          \
+#define EV_DX(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m, kc, with_k)                                      \
     ((with_k) ? EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m) + (kc)                                  \
               : EV_DX0(kind, kept, dv, xv, vc, cc, lim, D, E, a, b, m))
 
@@ -201,8 +201,8 @@ static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, 
 #define CHUNKS(KEEP, OUT)                                                                                      \
     for (; i + 8 <= k; i += 8) {                                                                               \
         float xv[8], dv[8], kv[8];                                                                             \
-        S(f16c_in)(xv, p + i, 8);                                                                              \
-        S(f16c_in)(dv, d + i, 8);                                                                              \
+        S(chunk_in)(xv, p + i, 8);                                                                             \
+        S(chunk_in)(dv, d + i, 8);                                                                             \
         _Pragma("omp simd") for (int j = 0; j < 8; j++) {                                                      \
             EV_TERMS(kind, xv[j], dv[j], vc, cc, lim, D, E)                                                    \
             KEEP;                                                                                              \
@@ -212,7 +212,7 @@ static inline __attribute__((always_inline)) void S(ev_run_red)(const int kind, 
         OUT;                                                                                                   \
     }
         if (kp)
-            CHUNKS(kv[j] = dv[j] * sl_, S(f16c_out)(kp + i, kv, 8))
+            CHUNKS(kv[j] = dv[j] * sl_, S(chunk_out)(kp + i, kv, 8))
         else
             CHUNKS((void)sl_, (void)kv)
 #undef CHUNKS
@@ -449,20 +449,20 @@ static inline __attribute__((always_inline)) void S(ev_block_red1)(const int kin
     for (i64 c = 0; c < 5 * CB; c++) acc[c] = 0;
 #if F16C_CHUNKS
     /* float16: each two rows' w channels converted to float first, eight values an instruction
-     * (kernels_impl.h's f16c_in), the sums then the same loops on them, in the same order;
+     * (kernels_impl.h's chunk_in), the sums then the same loops on them, in the same order;
      * dy slope(x) kept as float and converted back the same way */
     float xb[2 * CB], db[2 * CB], kb[2 * CB];
     for (i64 l0 = 0; l0 < k; l0 += 2) {
         const i64 kk = MIN(2, k - l0);
         for (i64 j = 0; j < kk; j++) {
-            S(f16c_in_n)(xb + j * CB, p0 + (l0 + j) * C, w);
-            S(f16c_in_n)(db + j * CB, d0 + (l0 + j) * C, w);
+            S(chunk_in_n)(xb + j * CB, p0 + (l0 + j) * C, w);
+            S(chunk_in_n)(db + j * CB, d0 + (l0 + j) * C, w);
         }
 #define ROW_(c, l) EV_ROW_TERMS(kind, xb[(l) * CB + (c)], db[(l) * CB + (c)], (void)sl_)
 #define ROWK_(c, l) EV_ROW_TERMS(kind, xb[(l) * CB + (c)], db[(l) * CB + (c)], kb[(l) * CB + (c)] = dv * sl_)
         if (kp) { /* (two loops: no branch inside the vector loop) */
             ROW_STEPS(kind, kk, 0, w, EV_PRE, ROWK_, EV_POST);
-            for (i64 j = 0; j < kk; j++) S(f16c_out_n)(kp + (l0 + j) * C, kb + j * CB, w);
+            for (i64 j = 0; j < kk; j++) S(chunk_out_n)(kp + (l0 + j) * C, kb + j * CB, w);
         } else
             ROW_STEPS(kind, kk, 0, w, EV_PRE, ROW_, EV_POST);
 #undef ROW_

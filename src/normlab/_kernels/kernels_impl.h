@@ -71,6 +71,40 @@ static inline A S(lanes_total)(A *acc) {
 #define WORD_AT(a, at, half) LD((a)[at])
 #endif
 
+#ifdef CHUNK_IN
+/* n values (a multiple of 8) from T at src into floats at dst, and back rounded to nearest even */
+static inline __attribute__((always_inline)) void S(chunk_in)(float *dst, const T *src, int n) {
+    for (int v = 0; v < n; v += 8) _mm256_storeu_ps(dst + v, CHUNK_IN(src + v));
+}
+
+static inline __attribute__((always_inline)) void S(chunk_out)(T *dst, const float *src, int n) {
+    for (int v = 0; v < n; v += 8) CHUNK_OUT(dst + v, _mm256_loadu_ps(src + v));
+}
+
+/* A row of k values eight at a time, each eight converted by CHUNK_IN and CHUNK_OUT (kernels.c:
+ * float16 with F16C, one instruction each way, vcvtph2ps and vcvtps2ph rounding to nearest even;
+ * bfloat16 on AVX2, a widening and a rounding on eight lanes), o = MAP(d, p, ARG) computed on them
+ * as float32 (GCC keeps the eight in a register), the rest of the row one by one (GCC 12 does not
+ * vectorise float16 conversions: written out, a value's conversions cost about 25 operations).
+ * ARG may name the value's index i_ + j_ (CL_ROW's per-channel factors) */
+#define CHUNK_ROW(o, d, p, k, MAP, ARG)                                                                        \
+    do {                                                                                                       \
+        i64 i_ = 0;                                                                                            \
+        for (; i_ + 8 <= (k); i_ += 8) {                                                                       \
+            float dv_[8], pv_[8], ov_[8];                                                                      \
+            S(chunk_in)(dv_, (d) + i_, 8);                                                                     \
+            S(chunk_in)(pv_, (p) + i_, 8);                                                                     \
+            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], ARG);           \
+            S(chunk_out)((o) + i_, ov_, 8);                                                                    \
+        }                                                                                                      \
+        for (; i_ < (k); i_++) {                                                                               \
+            const int j_ = 0;                                                                                  \
+            (void)j_;                                                                                          \
+            (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), ARG));                                                  \
+        }                                                                                                      \
+    } while (0)
+#endif
+
 /* One output row of k values, o[i] = MAP(dv, pv, X) rounded to T with dv = d[i], pv = p[i] as F (MAP
  * a macro; one of p alone passes p as d and ignores dv; X is passed through, e.g. an activation
  * code as a literal): bfloat16 (PAIRED_OUT) reads and writes 32-bit words of two values (see
@@ -86,29 +120,7 @@ static inline A S(lanes_total)(A *acc) {
         if ((k) & 1) (o)[(k) - 1] = ST(MAP(LD((d)[(k) - 1]), LD((p)[(k) - 1]), X));                            \
     } while (0)
 #elif F16C_CHUNKS
-/* float16 with the F16C instructions: eight values at a time converted by one instruction each
- * way (f16c_in, f16c_out below: vcvtph2ps, vcvtps2ph rounding to nearest even), the map computed
- * on them as float32 (GCC keeps the eight in a register), the rest of the row one by one (GCC 12
- * does not vectorise float16 conversions: written out, a value's conversions cost about 25
- * operations). F16C_ROW passes MAP the argument ARG, which may name the value's index i_ + j_
- * (ROWS_MAP's per-channel factors) */
-#define F16C_ROW(o, d, p, k, MAP, ARG)                                                                         \
-    do {                                                                                                       \
-        i64 i_ = 0;                                                                                            \
-        for (; i_ + 8 <= (k); i_ += 8) {                                                                       \
-            float dv_[8], pv_[8], ov_[8];                                                                      \
-            S(f16c_in)(dv_, (d) + i_, 8);                                                                      \
-            S(f16c_in)(pv_, (p) + i_, 8);                                                                      \
-            _Pragma("omp simd") for (int j_ = 0; j_ < 8; j_++) ov_[j_] = MAP(dv_[j_], pv_[j_], ARG);          \
-            S(f16c_out)((o) + i_, ov_, 8);                                                                     \
-        }                                                                                                      \
-        for (; i_ < (k); i_++) {                                                                               \
-            const int j_ = 0;                                                                                  \
-            (void)j_;                                                                                          \
-            (o)[i_] = ST(MAP(LD((d)[i_]), LD((p)[i_]), ARG));                                                  \
-        }                                                                                                      \
-    } while (0)
-#define ROW_OUT(o, d, p, k, MAP, X) F16C_ROW(o, d, p, k, MAP, X)
+#define ROW_OUT(o, d, p, k, MAP, X) CHUNK_ROW(o, d, p, k, MAP, X)
 #else
 #define ROW_OUT(o, d, p, k, MAP, X)                                                                            \
     do {                                                                                                       \
@@ -116,10 +128,10 @@ static inline A S(lanes_total)(A *acc) {
     } while (0)
 #endif
 /* One channels-last row of C values in channel order, o[c] = MAP(d[c], p[c], c) rounded to T (the
- * coefficients per channel): ROW_OUT's loop given the channel's index, F16C's chunks where there
- * are (bfloat16's words of two channels would pair the coefficients: its callers see PAIR_AT) */
-#if F16C_CHUNKS
-#define CL_ROW(o, d, p, C, MAP) F16C_ROW(o, d, p, C, MAP, i_ + j_)
+ * coefficients per channel): ROW_OUT's loop given the channel's index, in chunks of eight where
+ * the type has them (CHUNK_IN: also bfloat16 on AVX2, whose ROW_OUT reads words of two values) */
+#ifdef CHUNK_IN
+#define CL_ROW(o, d, p, C, MAP) CHUNK_ROW(o, d, p, C, MAP, i_ + j_)
 #else
 #define CL_ROW(o, d, p, C, MAP)                                                                                \
     do {                                                                                                       \
@@ -133,29 +145,19 @@ static inline A S(lanes_total)(A *acc) {
  * loops' accumulators in registers); value j of a step in lane j, the lanes summed by lanes_total:
  * the same sums in the same order as the generic loops for float32 */
 typedef float nl_v8 __attribute__((vector_size(32)));
-#define V8(q) ((nl_v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q))))
+#define V8(q) ((nl_v8)CHUNK_IN(q))
 #define NV (LANES / 8)
 
-/* n values (a multiple of 8) from float16 at src into floats at dst, and back rounded to nearest even */
-static inline __attribute__((always_inline)) void S(f16c_in)(float *dst, const T *src, int n) {
-    for (int v = 0; v < n; v += 8) _mm256_storeu_ps(dst + v, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + v))));
-}
-
-static inline __attribute__((always_inline)) void S(f16c_out)(T *dst, const float *src, int n) {
-    for (int v = 0; v < n; v += 8)
-        _mm_storeu_si128((__m128i *)(dst + v), _mm256_cvtps_ph(_mm256_loadu_ps(src + v), _MM_FROUND_TO_NEAREST_INT));
-}
-
 /* the same for any n: the last n % 8 values one by one */
-static inline __attribute__((always_inline)) void S(f16c_in_n)(float *dst, const T *src, i64 n) {
+static inline __attribute__((always_inline)) void S(chunk_in_n)(float *dst, const T *src, i64 n) {
     i64 v = 0;
-    for (; v + 8 <= n; v += 8) S(f16c_in)(dst + v, src + v, 8);
+    for (; v + 8 <= n; v += 8) S(chunk_in)(dst + v, src + v, 8);
     for (; v < n; v++) dst[v] = LD(src[v]);
 }
 
-static inline __attribute__((always_inline)) void S(f16c_out_n)(T *dst, const float *src, i64 n) {
+static inline __attribute__((always_inline)) void S(chunk_out_n)(T *dst, const float *src, i64 n) {
     i64 v = 0;
-    for (; v + 8 <= n; v += 8) S(f16c_out)(dst + v, src + v, 8);
+    for (; v + 8 <= n; v += 8) S(chunk_out)(dst + v, src + v, 8);
     for (; v < n; v++) dst[v] = ST(src[v]);
 }
 
@@ -312,10 +314,10 @@ static inline __attribute__((always_inline)) void S(row_dot_act_)(const T *d, co
 #if F16C_CHUNKS /* (a step's values converted first: see row_sum) */
     for (; i + LANES <= k; i += LANES) {
         float dv[LANES], pv[LANES], kv[LANES];
-        S(f16c_in)(dv, d + i, LANES);
-        S(f16c_in)(pv, p + i, LANES);
+        S(chunk_in)(dv, d + i, LANES);
+        S(chunk_in)(pv, p + i, LANES);
         for (int j = 0; j < LANES; j++) TERM(dv[j], pv[j], j, kv[j] = dd)
-        if (kp) S(f16c_out)(kp + i, kv, LANES);
+        if (kp) S(chunk_out)(kp + i, kv, LANES);
     }
 #else
     for (; i + LANES <= k; i += LANES)
@@ -377,7 +379,7 @@ static inline __attribute__((always_inline)) void S(affine_row)(const T *p, T *o
 static inline __attribute__((always_inline)) void S(dx_row)(const T *d, const T *p, T *o, i64 L, F m, F a, F bc, F k,
                                                             F s, F b, int act, F sl, F t, const T *kp) {
     const T *dd = kp ? kp : d; /* dy' kept by the sums pass (kp may be o), or dy */
-#define DX(dv, v, K) (K ? a * S(act_grad)(dv, ((v) - m) * s + b, K, sl, t) + bc * ((v) - m) + k \
+#define DX(dv, v, K) (K ? a * S(act_grad)(dv, ((v) - m) * s + b, K, sl, t) + bc * ((v) - m) + k                \
                         : a * (dv) + bc * ((v) - m) + k)
 #define LOOP(K) ROW_OUT(o, dd, p, L, DX, K);
     if (act && !kp) {
@@ -409,7 +411,7 @@ static inline __attribute__((always_inline)) void S(sums_row)(const T *d, const 
 static inline __attribute__((always_inline)) void S(affine_row_cl)(const T *p, T *o, i64 C, const F *m, const F *s,
                                                                    const F *b, int act, F sl, const F *t) {
     /* (the activation a literal through act_k: CL_ROW's map takes the channel, not the code) */
-#define AFF(_, v, c) (act_k ? S(act_fwd)(((v) - m[c]) * s[c] + b[c], act_k, sl, THRESHOLD(act_k, t, c)) \
+#define AFF(_, v, c) (act_k ? S(act_fwd)(((v) - m[c]) * s[c] + b[c], act_k, sl, THRESHOLD(act_k, t, c))        \
                             : ((v) - m[c]) * s[c] + b[c])
 #define LOOP(K)                                                                                                \
     {                                                                                                          \
@@ -429,7 +431,7 @@ static inline __attribute__((always_inline)) void S(dx_row_cl)(const T *d, const
                                                                const F *b, int act, F sl, const F *t, const T *kp) {
     const T *dd = kp ? kp : d; /* dy' kept by the sums pass (kp may be o), or dy */
 #define DX(dv, v, c) (act_k ? a[c] * S(act_grad)(dv, ((v) - m[c]) * s[c] + b[c], act_k, sl, THRESHOLD(act_k, t, c)) \
-                                  + bc[c] * ((v) - m[c]) + k[c]                                                 \
+                                  + bc[c] * ((v) - m[c]) + k[c]                                                \
                             : a[c] * (dv) + bc[c] * ((v) - m[c]) + k[c])
 #define LOOP(K)                                                                                                \
     {                                                                                                          \
@@ -657,8 +659,8 @@ static inline __attribute__((always_inline)) void S(block_reduce_act_v8)(const T
     for (i64 c = 0; c < CB; c++) sg[c] = sh[c] = se[c] = 0;
     for (i64 l = 0; l < k; l++) {
         float dv[CB], xv[CB], kv[CB];
-        S(f16c_in)(dv, d0 + l * C, CB);
-        S(f16c_in)(xv, p0 + l * C, CB);
+        S(chunk_in)(dv, d0 + l * C, CB);
+        S(chunk_in)(xv, p0 + l * C, CB);
 #pragma omp simd
         for (i64 c = 0; c < CB; c++) {
             F xc = xv[c] - m[c], dd = S(act_grad)(dv[c], xc * s[c] + b[c], act, sl, THRESHOLD(act, t, c));
@@ -667,7 +669,7 @@ static inline __attribute__((always_inline)) void S(block_reduce_act_v8)(const T
             sh[c] += dd * xc;
             if (THRESHOLDED(act)) se[c] += dv[c] - dd;
         }
-        if (kp) S(f16c_out)(kp + l * C, kv, CB);
+        if (kp) S(chunk_out)(kp + l * C, kv, CB);
     }
 }
 #endif
@@ -988,7 +990,7 @@ static F *S(coef_rows)(const double *const *src, int count, i64 N, i64 C, int ro
  * per-(n, c) coefficients are fixed (no division per row) */
 #define SAMPLE_RUNS(N, L, RB, SEG)                                                                             \
     do {                                                                                                       \
-        const i64 nr_ = (N) * (L), tn_ = omp_get_num_threads(), ti_ = omp_get_thread_num();                   \
+        const i64 nr_ = (N) * (L), tn_ = omp_get_num_threads(), ti_ = omp_get_thread_num();                    \
         const i64 q_ = nr_ / tn_, x_ = nr_ % tn_, r0_ = ti_ * q_ + MIN(ti_, x_), r1_ = r0_ + q_ + (ti_ < x_);  \
         for (i64 r_ = r0_; r_ < r1_;) {                                                                        \
             const i64 n_ = r_ / (L), l_ = r_ - n_ * (L), k_ = MIN(MIN(r1_ - r_, (L) - l_), (RB));              \
@@ -1129,7 +1131,7 @@ int S(nl_affine_cl)(const T *x, T *y, i64 N, i64 L, i64 C, const double *center,
 #define ROW(r, o, i0, k)                                                                                       \
     {                                                                                                          \
         const F *cn = co + (r) / L * C + (i0);                                                                 \
-        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, sl,                     \
+        S(affine_row_cl)(x + (r) * C + (i0), o, k, cn, cn + N * C, cn + 2 * N * C, act, sl,                    \
                          THRESHOLDED(act) ? cn + 3 * N * C : NULL);                                            \
     }
 #pragma omp parallel num_threads(nt)
@@ -1177,7 +1179,7 @@ static inline __attribute__((always_inline)) void S(dx_run_cl)(const T *d, const
         return;
     }
 #define BLOCK(W, K)                                                                                            \
-    S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,          \
+    S(dx_rows_cl)(d + c0, p + c0, o + c0, k, C, W, m + c0, a + c0, bc + c0, kc + c0, K ? s + c0 : NULL,        \
                   K ? b + c0 : NULL, K, sl, THRESHOLDED(K) ? t + c0 : NULL, kept)
     CHANNEL_BLOCKS(C, act);
 #undef BLOCK
@@ -1698,7 +1700,7 @@ int S(nl_rows_fwd)(const T *x, T *y, i64 M, i64 C, double eps, const F *weight, 
 /* the row's A1 = sum w dy and A2 = sum w dy (x - m) (w in the rows' channel order), CF_CHUNK
  * values at a time in A, the chunks in double; with SUMS (a literal) it also adds each
  * channel's dy (x - m) rs and dy to them, the weight's and bias's gradients, in the same read */
-#define ROWS_DOT(dv, pv, c)                                                                                 \
+#define ROWS_DOT(dv, pv, c)                                                                                    \
     do {                                                                                                       \
         F g_ = w[c] * (dv), e_ = (pv) - m;                                                                     \
         s1 += g_;                                                                                              \
@@ -1739,8 +1741,8 @@ static inline __attribute__((always_inline)) void S(rows_dots)(const T *d, const
             A l1[8] = {0}, l2[8] = {0};
             for (; c + 8 <= end; c += 8) {
                 float dv[8], pv[8];
-                S(f16c_in)(dv, d + c, 8);
-                S(f16c_in)(pv, p + c, 8);
+                S(chunk_in)(dv, d + c, 8);
+                S(chunk_in)(pv, p + c, 8);
 #pragma omp simd
                 for (int j = 0; j < 8; j++) {
                     A s1 = l1[j], s2 = l2[j]; /* (lane j's sums, which ROWS_DOT adds to) */
