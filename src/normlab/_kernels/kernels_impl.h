@@ -1086,15 +1086,22 @@ static inline __attribute__((always_inline)) void S(affine_rows_cl)(const T *p, 
  * (32, 784, 128) and (128, 49, 512), layer norm's per-sample backward 0.84; bfloat16, whose blocks
  * copy their coefficients in pair order (to_pairs), 0.73-0.85 in the passes from memory at (128, 49,
  * 512), (32, 3136, 64), (32, 196, 256), but 1.03-1.10 in the per-sample passes from cache (group and
- * layer norm at (32, 3136, 64)): so bfloat16 takes whole rows from memory only, and with AVX-512 (no
- * such host to measure on this time) not at all. */
+ * layer norm at (32, 3136, 64)): so bfloat16 took whole rows from memory only, and with AVX-512 (no
+ * such host to measure on this time) not at all. With its rows in chunks of eight (CHUNK_IN, AVX2)
+ * the per-sample passes from cache take whole rows too: group and layer norm 0.89-0.97 at (128, 49,
+ * 512) and (32, 784, 256) (forward 0.94-1.00, backward 0.89-0.96), 0.88-1.19 at (32, 3136, 64) over
+ * three runs on a loaded host (backward 0.88-1.01, forward 0.96-1.19). */
 #define WIDE_ROW 64
 #if !PAIRED_OUT || !defined(__AVX512F__)
 #define WHOLE_FROM_MEMORY 1
 #else
 #define WHOLE_FROM_MEMORY 0
 #endif
-#define WHOLE_FROM_CACHE (!PAIRED_OUT)
+#if !PAIRED_OUT || defined(CHUNK_IN)
+#define WHOLE_FROM_CACHE 1
+#else
+#define WHOLE_FROM_CACHE 0
+#endif
 
 /* rows [0, k) of C channels at p of nl_affine_cl into o, CB channels at a time, the coefficients
  * m, s, b (t: the thresholds, with one) of those channels held */
