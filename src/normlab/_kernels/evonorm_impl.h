@@ -299,15 +299,15 @@ static F *S(ev_coefs)(const double *const *src, int count, i64 N, i64 C, int row
     return co;
 }
 
-/* The 16-bit types' channels-last passes (float16 where F16C converts it: row by row, eight values
- * a conversion, below) take runs of rows within one sample (SAMPLE_RUNS) and
- * read them CB channels at a time as 32-bit words of two channels (kernels_impl.h:
- * block_moments2), the block's coefficients held once a run in the PAIR_AT layout (to_pairs_n):
- * without the lane-crossing shuffles that widen 16-bit values, the division per row and the
- * row loop's setup over C. Measured bfloat16 (32, 3136, 64), two threads, over the row-by-row
- * loops (which took 1.3-1.4x their channel-first passes): forward B0 0.62, S0 0.77; sums B0
- * 0.82, S0 0.90; input gradient B0 0.78, S0 (kept) 0.63-0.70; S0 per sample 0.84-0.90.
- * float32, float64 and float16 without F16C go over plain rows of F coefficients in the same runs, B0's passes
+/* The 16-bit types' channels-last passes (but float16 where F16C converts it: row by row, eight
+ * values a conversion, below) take runs of rows within one sample (SAMPLE_RUNS) and read them CB
+ * channels at a time as 32-bit words of two channels (kernels_impl.h: block_moments2), the
+ * block's coefficients held once a run in the PAIR_AT layout (to_pairs_n): without the
+ * lane-crossing shuffles that widen 16-bit values, the division per row and the row loop's setup
+ * over C. Measured bfloat16 (32, 3136, 64), two threads, over the row-by-row loops (which took
+ * 1.3-1.4x their channel-first passes): forward B0 0.62, S0 0.77; sums B0 0.82, S0 0.90; input
+ * gradient B0 0.78, S0 (kept) 0.63-0.70; S0 per sample 0.84-0.90. float32, float64 and float16
+ * without F16C go over plain rows of F coefficients in the same runs, B0's passes
  * and S0's forward two rows a step (ROW_STEPS): each channel's five to eight coefficients are
  * loaded once for both rows, which halves the loads that bound these loops (a vector of
  * output took one load of every coefficient besides its one or two of data). Measured float32

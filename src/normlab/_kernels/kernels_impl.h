@@ -148,7 +148,7 @@ typedef float nl_v8 __attribute__((vector_size(32)));
 #define V8(q) ((nl_v8)CHUNK_IN(q))
 #define NV (LANES / 8)
 
-/* the same for any n: the last n % 8 values one by one */
+/* chunk_in and chunk_out for any n: the last n % 8 values one by one */
 static inline __attribute__((always_inline)) void S(chunk_in_n)(float *dst, const T *src, i64 n) {
     i64 v = 0;
     for (; v + 8 <= n; v += 8) S(chunk_in)(dst + v, src + v, 8);
