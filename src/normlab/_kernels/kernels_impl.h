@@ -680,12 +680,15 @@ static inline __attribute__((always_inline)) void S(block_moments_exact)(const T
                                                                          double *pm, double *pq) {
     A mu[CB], e[CB], q[CB];
 #if F16C_CHUNKS
-    if (w == CB)
+    if (w == CB) {
         S(block_moments_v8)(p0, k, C, mu, e, q);
-    else
-        S(block_moments)(p0, k, C, w, mu, e, q);
-#else
-#if PAIRED
+        for (i64 c = 0; c < w; c++) {
+            pm[c] = (double)mu[c] + (double)e[c] / k;
+            pq[c] = (double)q[c] - (double)e[c] * e[c] / k;
+        }
+        return;
+    }
+#elif PAIRED
     if (w == CB) { /* pairs of channels: channel c's sums at PAIR_AT(c) */
         S(block_moments2)(p0, k, C, mu, e, q);
         for (i64 c = 0; c < w; c++) {
@@ -700,7 +703,6 @@ static inline __attribute__((always_inline)) void S(block_moments_exact)(const T
         S(block_moments)(p0, k, C, CB, mu, e, q);
     else
         S(block_moments)(p0, k, C, w, mu, e, q);
-#endif
     for (i64 c = 0; c < w; c++) {
         pm[c] = (double)mu[c] + (double)e[c] / k;
         pq[c] = (double)q[c] - (double)e[c] * e[c] / k;
