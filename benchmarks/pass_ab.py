@@ -45,6 +45,9 @@ def passes(x, dy, out, layout: str) -> dict:
         # the per-(n, c) moments (as both libraries take them), and its backward
         **{f"{name}_{step}": _group(step, groups, x, dy, out, layout, d[0], b[0])
            for name, groups in (("gn", 32 if c % 32 == 0 else 1), ("ln", 1)) for step in ("fwd", "bwd")},
+        # the sums and the input gradient with an activation's derivative (norm + act, FRN's TLU)
+        **{f"{pas}_{name}": _act(pas, name, x, dy, out, layout, m, a, b, e) for name in ("relu", "silu", "tlu")
+           for pas in ("reduce", "dx")},
         "evob0_fwd": lambda: ev.evonorm_forward("b0", x, out, layout, v[0], d, e, a, b),
         "evob0_red": lambda: ev.evonorm_reduce("b0", dy, x, layout, v[0], d, e),
         "evob0_dx": lambda: ev.evonorm_dx("b0", dy, x, out, layout, v[0], d, e, a, b, m, e),
@@ -68,6 +71,20 @@ def _group(step: str, groups: int, x, dy, out, layout: str, w, bias):
         return lambda: _kernels.group_forward(x, out, layout, groups, 1e-5, True, w, bias)
     ctr, rstd = _kernels.group_forward(x, torch.empty_like(x), layout, groups, 1e-5, True, w, bias)[2:]
     return lambda: _kernels.group_backward(dy, x, out, layout, groups, True, w, ctr, rstd, bias)[:2]
+
+
+def _act(pas: str, name: str, x, dy, out, layout: str, m, a, b, e):
+    """``reduce`` or ``dx`` with the activation ``name`` on ``(x - m) * e + b``; SiLU's sums keep
+    ``dy'`` in ``out``, and its input gradient reads it back (as the layers run them)."""
+    from normlab import _kernels
+
+    c = x.shape[1] if layout == "cf" else x.shape[2]
+    code = _kernels.EPILOGUES["leaky_relu" if name == "relu" else name]
+    act = _kernels.Epilogue(code, 0.0, torch.linspace(-0.5, 0.5, c) if name == "tlu" else None)
+    keep = name == "silu"
+    if pas == "reduce":
+        return lambda: _kernels.reduce(dy, x, layout, m, act, e, b, keep=out if keep else None)
+    return lambda: _kernels.dx(dy, x, out, layout, m, a, b, e, act, e, b, kept=keep)
 
 
 def _rows(step: str, center: bool, x, dy, out, w, bias):

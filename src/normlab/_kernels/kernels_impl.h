@@ -300,41 +300,68 @@ static inline void S(row_sums)(const T *d, const T *p, i64 L, F m, double *sg, d
 /* the same with the activation's gradient applied to dy: d = dy * act'((p - m) * s + b); with
  * a threshold (THRESHOLDED(act)), *e = sum (dy - d), the threshold's part */
 static inline __attribute__((always_inline)) void S(row_dot_act_)(const T *d, const T *p, i64 k, F m, F s, F b, int act, F sl, F t, T *kp, A *g, A *h, A *e) {
-    A ag[LANES] = {0}, ah[LANES] = {0}, ae[LANES] = {0}, sg = 0, sh = 0, se = 0;
+    A sg = 0, sh = 0, se = 0;
     i64 i = 0;
-/* the terms of dy, x into lane j; KEEP stores dd */
-#define TERM(dy_, x_, j, KEEP)                                                                                 \
+/* the terms of dy, x into the sums G, H, E; KEEP stores dd */
+#define TERM(dy_, x_, G, H, E, KEEP)                                                                           \
     {                                                                                                          \
         F dy = (dy_), xc = (x_) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);                             \
         KEEP;                                                                                                  \
-        ag[j] += dd;                                                                                           \
-        ah[j] += dd * xc;                                                                                      \
-        if (THRESHOLDED(act)) ae[j] += dy - dd;                                                                \
+        G += dd;                                                                                               \
+        H += dd * xc;                                                                                          \
+        if (THRESHOLDED(act)) E += dy - dd;                                                                    \
     }
+#if PAIRED_OUT
+    /* bfloat16: 32-bit words of two values as ev_run_red's (no LANES accumulators: the three
+     * arrays of them, 24 vector registers, spilled, and the values were widened one by one;
+     * the TLU's sums took twice the plain ones) */
+    const nl_pair *dw = (const nl_pair *)d, *pw = (const nl_pair *)p;
+    nl_pair *kw = (nl_pair *)kp;
+    if (kp) {
+#pragma omp simd reduction(+ : sg, sh, se)
+        for (i64 j = 0; j < k / 2; j++) {
+            F lo, hi;
+            TERM(LD_LO(dw[j]), LD_LO(pw[j]), sg, sh, se, lo = dd)
+            TERM(LD_HI(dw[j]), LD_HI(pw[j]), sg, sh, se, hi = dd)
+            kw[j] = ST_PAIR(lo, hi);
+        }
+    } else {
+#pragma omp simd reduction(+ : sg, sh, se)
+        for (i64 j = 0; j < k / 2; j++) {
+            TERM(LD_LO(dw[j]), LD_LO(pw[j]), sg, sh, se, (void)0)
+            TERM(LD_HI(dw[j]), LD_HI(pw[j]), sg, sh, se, (void)0)
+        }
+    }
+    i = k & ~(i64)1; /* (an odd last value below) */
+#else
+    A ag[LANES] = {0}, ah[LANES] = {0}, ae[LANES] = {0};
 #if F16C_CHUNKS /* (a step's values converted first: see row_sum) */
     for (; i + LANES <= k; i += LANES) {
         float dv[LANES], pv[LANES], kv[LANES];
         S(chunk_in)(dv, d + i, LANES);
         S(chunk_in)(pv, p + i, LANES);
-        for (int j = 0; j < LANES; j++) TERM(dv[j], pv[j], j, kv[j] = dd)
+        for (int j = 0; j < LANES; j++) TERM(dv[j], pv[j], ag[j], ah[j], ae[j], kv[j] = dd)
         if (kp) S(chunk_out)(kp + i, kv, LANES);
     }
 #else
     for (; i + LANES <= k; i += LANES)
-        for (int j = 0; j < LANES; j++) TERM(LD(d[i + j]), LD(p[i + j]), j, if (kp) kp[i + j] = ST(dd))
+        for (int j = 0; j < LANES; j++)
+            TERM(LD(d[i + j]), LD(p[i + j]), ag[j], ah[j], ae[j], if (kp) kp[i + j] = ST(dd))
 #endif
-#undef TERM
+#endif
 #pragma omp simd reduction(+ : sg, sh, se)
-    for (i64 j = i; j < k; j++) {
-        F dy = LD(d[j]), xc = LD(p[j]) - m, dd = S(act_grad)(dy, xc * s + b, act, sl, t);
-        if (kp) kp[j] = ST(dd);
-        sg += dd;
-        sh += dd * xc;
-        if (THRESHOLDED(act)) se += dy - dd;
+    for (i64 j = i; j < k; j++) TERM(LD(d[j]), LD(p[j]), sg, sh, se, if (kp) kp[j] = ST(dd))
+#undef TERM
+#if !PAIRED_OUT
+    if (i) { /* (the lanes after the rest, the order of before) */
+        sg += S(lanes_total)(ag);
+        sh += S(lanes_total)(ah);
+        se += S(lanes_total)(ae);
     }
-    *g = k < LANES ? sg : sg + S(lanes_total)(ag);
-    *h = k < LANES ? sh : sh + S(lanes_total)(ah);
-    *e = !THRESHOLDED(act) ? 0 : k < LANES ? se : se + S(lanes_total)(ae);
+#endif
+    *g = sg;
+    *h = sh;
+    *e = THRESHOLDED(act) ? se : 0;
 }
 
 /* (kp tested once, outside the loops: a store under a condition inside them stays scalar where
