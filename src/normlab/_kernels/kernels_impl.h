@@ -335,13 +335,15 @@ static inline __attribute__((always_inline)) void S(row_dot_act_)(const T *d, co
     i = k & ~(i64)1; /* (an odd last value below) */
 #else
     A ag[LANES] = {0}, ah[LANES] = {0}, ae[LANES] = {0};
-#if F16C_CHUNKS /* (a step's values converted first: see row_sum) */
-    for (; i + LANES <= k; i += LANES) {
-        float dv[LANES], pv[LANES], kv[LANES];
-        S(chunk_in)(dv, d + i, LANES);
-        S(chunk_in)(pv, p + i, LANES);
-        for (int j = 0; j < LANES; j++) TERM(dv[j], pv[j], ag[j], ah[j], ae[j], kv[j] = dd)
-        if (kp) S(chunk_out)(kp + i, kv, LANES);
+#if F16C_CHUNKS /* (eight values a step converted first, into the first eight lanes: with all LANES, the
+                * three arrays spilled; reduce with the TLU 0.83x, ReLU 0.87x, SiLU kept 0.80x) */
+    for (; i + 8 <= k; i += 8) {
+        float dv[8], pv[8], kv[8];
+        S(chunk_in)(dv, d + i, 8);
+        S(chunk_in)(pv, p + i, 8);
+#pragma omp simd
+        for (int j = 0; j < 8; j++) TERM(dv[j], pv[j], ag[j], ah[j], ae[j], kv[j] = dd)
+        if (kp) S(chunk_out)(kp + i, kv, 8);
     }
 #else
     for (; i + LANES <= k; i += LANES)
