@@ -427,10 +427,10 @@ static inline __attribute__((always_inline)) void bf16x8_out(uint16_t *dst, __m2
 
 #if UNIT(4)
 /* float16 on a CPU with F16C (x86 from 2012 on): every pass converts eight values with one
- * instruction each way (kernels_impl.h's F16C_ROW and CL_ROW for the outputs, vectors of eight for
- * the sums: row_sum, block_moments_v8, ..., EvoNorm's and Dynamic tanh/erf's own) instead of the
- * bit operations below, which stay for a CPU without it (with bfloat16's words of two values,
- * PAIRED). nl_f16c tells the package (its routing: float16 batch norm channel-first, group, layer
+ * instruction each way (kernels_impl.h's CHUNK_ROW, through ROW_OUT and CL_ROW, for the outputs;
+ * vectors of eight for the sums: row_sum, block_moments_v8, ..., EvoNorm's and Dynamic tanh/erf's
+ * own) instead of the bit operations below, which stay for a CPU without it (with bfloat16's
+ * words of two values, PAIRED). nl_f16c tells the package (its routing: float16 batch norm channel-first, group, layer
  * and instance norm channel-first and layer norm over the channels then run here rather than on
  * torch's kernels). Measured two threads, (32, 64, 3136) float16 from memory, over the bit
  * operations: channel-first affine 0.20, input gradient 0.25, moments 0.49, sums 0.52, group
