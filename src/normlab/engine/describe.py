@@ -24,6 +24,7 @@ A description is made per call (it holds the call's settings and what its backwa
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -239,10 +240,20 @@ class GroupStats(Description):
 
 def _mix(weights: list[float], stats: list[Tensor]) -> Tensor:
     """sum_k weights[k] stats[k], the statistics broadcast to one (N, C) tensor."""
-    out = stats[0] * weights[0] + stats[1] * weights[1]
+    out = torch.add(stats[0] * weights[0], stats[1], alpha=weights[1])
     for w, s in zip(weights[2:], stats[2:]):
         out.add_(s, alpha=w)
     return out
+
+
+def _softmax(t: Tensor, k: int) -> list[float]:
+    """The softmax of the last ``k`` values of ``t`` as Python numbers (a handful of values: no
+    tensor operations, each of which costs 10 us or more between the passes)."""
+    v = t.tolist()[-k:]
+    top = max(v)
+    e = [math.exp(a - top) for a in v]
+    total = math.fsum(e)
+    return [a / total for a in e]
 
 
 class SwitchableStats(Description):
@@ -252,7 +263,7 @@ class SwitchableStats(Description):
     ``G_var = -w rstd^3 h / 2`` per (n, c), each statistic k receiving ``a_k G_mu`` and
     ``b_k G_var`` summed over the values that share it (K_k of them)::
 
-        dx = w rstd dy + sum_k [ G_mu,k / K_k + 2 G_var,k (x - mu_k) / K_k ]
+        dx = w rstd dy + sum_k [ a_k G_mu,k / K_k + 2 b_k G_var,k (x - mu_k) / K_k ]
         dL/da_k = sum G_mu mu_k,  dL/db_k = sum G_var var_k  (then the softmax's Jacobian)
 
     An input without positions mixes the layer and batch moments only. ``fixed``: the running
@@ -264,51 +275,56 @@ class SwitchableStats(Description):
     def coefficients(self, mean, m2, count, mean_weight, var_weight, weight=None, bias=None):
         n, c = mean.shape
         ln = _moments.reduce_moments(Moments(count, mean, m2), 1)
-        stats = [(ln.mean, ln.var, c, 1)]  # (mean, var, how many (n, c) share it, the axis they span)
+        # each statistic k: its mean, its M2 (or variance) and the factor that makes that its
+        # variance, how many values share it (K_k; None: the running statistics, constants), and
+        # the axis of (N, C) it spans (sums of the (N, C) gradients to its shape)
+        stats = [(ln.mean, ln.m2, 1.0 / max(count * c, 1), count * c, 1)]
         if self.fixed is None:
             self.batch_moments = bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
-            stats.append((bn.mean, bn.var, n, 0))
+            stats.append((bn.mean, bn.m2, 1.0 / max(count * n, 1), count * n, 0))
         else:
-            stats.append((self.fixed[0], self.fixed[1], None, None))
+            stats.append((self.fixed[0], self.fixed[1], 1.0, None, 0))
         if self.positions:
-            stats.insert(0, (mean, m2 / count, 1, None))
+            stats.insert(0, (mean, m2, 1.0 / max(count, 1), count, None))
         k = len(stats)
-        self.wm = torch.softmax(mean_weight.detach()[-k:].double(), 0)
-        self.wv = torch.softmax(var_weight.detach()[-k:].double(), 0)
+        self.wm, self.wv = _softmax(mean_weight, k), _softmax(var_weight, k)
         # each mixture a weighted sum with Python-number weights, broadcast to (N, C): fewer
-        # operations than stacking the statistics and contracting (each costs about 10 us here)
-        mu = _mix(self.wm.tolist(), [s[0] for s in stats])
-        self.rstd = _mix(self.wv.tolist(), [s[1] for s in stats]).add_(self.eps).rsqrt_()
-        self.w, self.stats, self.count, self.mu = _row(weight, c, 1.0), stats, count, mu
-        return mu, self.w * self.rstd, _row(bias, c, 0.0)
+        # operations than stacking the statistics and contracting
+        mu = _mix(self.wm, [s[0] for s in stats])
+        self.rstd = _mix([w * s[2] for w, s in zip(self.wv, stats)], [s[1] for s in stats]).add_(self.eps).rsqrt_()
+        self.w, self.stats, self.mu = _row(weight, c, 1.0), stats, mu
+        self.scale = self.w * self.rstd
+        return mu, self.scale, _row(bias, c, 0.0)
 
     def input_grad(self, g, h, *params):
-        a = self.w * self.rstd
-        self.g_mu, self.g_var = -a * g, (-0.5 * a) * (self.rstd * self.rstd) * h
-        wm, wv = self.wm.tolist(), self.wv.tolist()  # (Python numbers: each product below is one op)
-        b_coef = k_coef = 0.0
-        for i, (m_k, _v, share, dim) in enumerate(self.stats):
-            if share is None:  # running statistics: constants
+        a = self.scale
+        # A = -G_mu and V = -2 G_var per (n, c), and summed to each statistic's shape (kept: the
+        # mixing weights' gradients read them)
+        big_a, big_v = a * g, (a * self.rstd).mul_(self.rstd).mul_(h)
+        self.sums = [(big_a, big_v) if dim is None else (big_a.sum(dim, keepdim=True), big_v.sum(dim, keepdim=True))
+                     for *_, dim in self.stats]
+        b_coef = k_coef = None
+        for (m_k, _s, _f, n_k, _d), (a_k, v_k), wm, wv in zip(self.stats, self.sums, self.wm, self.wv):
+            if n_k is None:  # running statistics: constants
                 continue
-            gm_k, gv_k = self.g_mu, self.g_var
-            if dim is not None:
-                gm_k, gv_k = gm_k.sum(dim, keepdim=True), gv_k.sum(dim, keepdim=True)
-            n_k = self.count * share
-            gv_k = gv_k * (2 * wv[i] / n_k)  # 2 G_var,k / K_k
-            b_coef = b_coef + gv_k
-            k_coef = k_coef + gm_k * (wm[i] / n_k) + gv_k * (self.mu - m_k)
+            # b += 2 b_k G_var,k / K_k;  k += a_k G_mu,k / K_k + 2 b_k G_var,k (mu - mu_k) / K_k
+            p_k = v_k * (-wv / n_k)
+            b_coef = p_k if b_coef is None else b_coef + p_k
+            k_coef = a_k * (-wm / n_k) if k_coef is None else torch.add(k_coef, a_k, alpha=-wm / n_k)
+            k_coef = torch.addcmul(k_coef, p_k, self.mu - m_k)
         return a, b_coef, k_coef
 
     def param_grads(self, g, h, need, mean_weight, var_weight, weight=None, bias=None):
-        if not hasattr(self, "g_mu"):
+        if not hasattr(self, "sums"):
             self.input_grad(g, h)
         grads: list = [None, None]
-        for i, (mix, param, gsum) in enumerate(((self.wm, mean_weight, self.g_mu), (self.wv, var_weight, self.g_var))):
-            if need[i]:  # dL/d(mixed statistic k) = sum G s_k, then the softmax's Jacobian
-                ga = torch.stack([(s[i] * gsum).sum() for s in self.stats])
-                d = torch.zeros(param.shape, dtype=torch.float64)
-                d[-len(self.stats):] = mix * (ga - (mix * ga).sum())
-                grads[i] = d.to(param.dtype)
+        for i, (mix, param) in enumerate(((self.wm, mean_weight), (self.wv, var_weight))):
+            if need[i]:  # dL/d(mixed statistic k) = sum G s_k (G_mu = -A, G_var = -V / 2), then the softmax's Jacobian
+                dots = torch.stack([(sums[i] * s[i]).sum() for sums, s in zip(self.sums, self.stats)]).tolist()
+                ga = [-d if i == 0 else -0.5 * s[2] * d for d, s in zip(dots, self.stats)]
+                inner = math.fsum(m * v for m, v in zip(mix, ga))
+                d = [m * (v - inner) for m, v in zip(mix, ga)]
+                grads[i] = torch.tensor([0.0] * (param.numel() - len(d)) + d, dtype=param.dtype).reshape(param.shape)
         dw = _out((self.rstd * h).sum(0), weight) if need[2] else None
         db = _out(g.sum(0), bias) if need[3] else None
         return grads[0], grads[1], dw, db
@@ -330,42 +346,45 @@ class BatchInstanceStats(Description):
 
     def coefficients(self, mean, m2, count, rho, weight=None, bias=None):
         n, c = mean.shape
-        v_i = m2 / count
         if self.fixed is None:
             self.batch_moments = bn = _moments.reduce_moments(Moments(count, mean, m2), 0)
             mu_b, v_b = bn.mean, bn.var
         else:
             mu_b, v_b = self.fixed
-        self.r_b, self.r_i = torch.rsqrt(v_b + self.eps), torch.rsqrt(v_i + self.eps)
-        self.p, self.w = rho.detach().double().view(1, c), _row(weight, c, 1.0)
-        self.mu_i, self.mu_b, self.count = mean, mu_b, count
-        shift = self.w * self.p * self.r_b * (mean - mu_b) + _row(bias, c, 0.0)
-        return mean, self.w * (self.p * self.r_b + (1 - self.p) * self.r_i), shift
+        self.r_b = torch.rsqrt(v_b + self.eps)
+        self.r_i = (m2 * (1.0 / max(count, 1))).add_(self.eps).rsqrt_()
+        self.p, self.w = rho.detach().to(torch.float64).view(1, c), _row(weight, c, 1.0)
+        # the two branches' scales w rho r_B and w (1 - rho) r_I (kept for the adjoint), and mu_I - mu_B
+        self.a_b, self.a_i = self.w * self.p * self.r_b, (self.w - self.w * self.p) * self.r_i
+        self.diff, self.count = mean - mu_b, count
+        self.scale = self.a_b + self.a_i
+        return mean, self.scale, torch.addcmul(_row(bias, c, 0.0), self.a_b, self.diff)
 
     def _sums(self, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """G, H and sum_n r_I h (kept: the input's and the parameters' gradients both read them)."""
         if getattr(self, "sums_of", None) is not g:
-            big_g = g.sum(0, keepdim=True)
-            big_h = (h + (self.mu_i - self.mu_b) * g).sum(0, keepdim=True)
-            self.sums, self.sums_of = (big_g, big_h, (self.r_i * h).sum(0, keepdim=True)), g
+            big_h = torch.addcmul(h, self.diff, g).sum(0, keepdim=True)
+            self.sums, self.sums_of = (g.sum(0, keepdim=True), big_h, (self.r_i * h).sum(0, keepdim=True)), g
         return self.sums
 
     def input_grad(self, g, h, *params):
         big_g, big_h, _ = self._sums(g, h)
-        a_b, a_i = self.w * self.p * self.r_b, self.w * (1 - self.p) * self.r_i
         length = self.count
-        b_coef = -a_i * self.r_i ** 2 / length * h
-        k_coef = -a_i * g / length
+        b_coef = (self.a_i * self.r_i).mul_(self.r_i).mul_(h).mul_(-1.0 / length)
+        k_coef = (self.a_i * g).mul_(-1.0 / length)
         if self.fixed is None:  # the batch branch's statistics depend on x too
             nl = g.shape[0] * length
-            b_coef = b_coef - a_b * self.r_b ** 2 * big_h / nl
-            k_coef = k_coef - a_b * big_g / nl - a_b * self.r_b ** 2 * big_h * (self.mu_i - self.mu_b) / nl
-        return a_b + a_i, b_coef, k_coef
+            c_b = (self.a_b * self.r_b).mul_(self.r_b).mul_(big_h)  # w rho r_B^3 H
+            b_coef.add_(c_b, alpha=-1.0 / nl)
+            k_coef.add_(self.a_b * big_g, alpha=-1.0 / nl).addcmul_(c_b, self.diff, value=-1.0 / nl)
+        return self.scale, b_coef, k_coef
 
     def param_grads(self, g, h, need, rho, weight=None, bias=None):
         big_g, big_h, sum_ih = self._sums(g, h)
-        d_rho = _out(self.w * (self.r_b * big_h - sum_ih), rho) if need[0] else None
-        dw = _out(self.p * self.r_b * big_h + (1 - self.p) * sum_ih, weight) if need[1] else None
+        if need[0] or need[1]:
+            branches = self.r_b * big_h - sum_ih  # r_B H - sum_n r_I h
+        d_rho = _out(self.w * branches, rho) if need[0] else None
+        dw = _out(torch.addcmul(sum_ih, self.p, branches), weight) if need[1] else None
         db = _out(big_g, bias) if need[2] else None
         return d_rho, dw, db
 
