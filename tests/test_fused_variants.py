@@ -273,6 +273,43 @@ def test_online_fast_path_equals_plain_path(layout, ecm, affine):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["cf", "cl", "seq"])
+@pytest.mark.parametrize("ecm", ["ls", None])
+def test_online_fast_path_equals_plain_path_in_the_float_types(dtype, layout, ecm):
+    """The layer as users train it: float32 weights and streams (a half-precision input as under
+    autocast), two steps. The kernel path keeps its per-(n, c) math in float64 and the plain
+    path in float32, so both are compared with a float64 run of the plain path on the same
+    (rounded) input and state, each within the input's precision."""
+    x, cd = _input(layout, torch.float32)
+    x = x.to(dtype)
+    c = x.shape[cd]
+
+    def run(enabled: bool, work: torch.dtype) -> list:
+        g = torch.Generator().manual_seed(3)
+        w = (torch.rand(c, generator=g) + 0.5).to(work).requires_grad_()
+        b = torch.randn(c, generator=g).to(work).requires_grad_()
+        bufs = [(torch.randn(c, generator=g) * 0.3).to(work), (torch.rand(c, generator=g) + 0.5).to(work),
+                (torch.randn(c, generator=g) * 0.1).to(work), (torch.randn(c, generator=g) * 0.1).to(work)]
+        xx = (x if work == torch.float32 else x.to(work)).detach().clone().requires_grad_()
+        out = []
+        for _ in range(2):
+            with fast_path(enabled):
+                y = _online(xx, cd, bufs, w, b, ecm)
+            assert ("OnlineTrainBackward" in _nodes(y)) == (enabled and _kernels.available())
+            y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+            out.append(y.detach().clone())
+        return out + [xx.grad] + [t.clone() for t in bufs] + [w.grad, b.grad]
+
+    exact = run(False, torch.float64)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for got in (run(True, torch.float32), run(False, torch.float32)):
+        for i, (a, r) in enumerate(zip(got, exact)):
+            assert a.dtype == (dtype if i < 3 else torch.float32)
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * scale, msg=lambda m: f"result {i}: {m}")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_online_saves_one_input_plus_statistics(channels_last):
     layer = normlab.OnlineNorm(8)  # affine + layer scaling, the paper's default

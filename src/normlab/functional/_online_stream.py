@@ -28,9 +28,6 @@ from ..engine.routing import dy_view, kernel_views
 __all__ = ["OnlineTrain", "control_scan", "decayed_cumsum"]
 
 
-def _moments_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
 _BLOCK = 256  # samples per block of decayed_cumsum: the (block x block) weight matrix stays small
 _WEIGHTS: dict[tuple, tuple[Tensor, Tensor]] = {}
 _MAX_WEIGHTS = 64
@@ -100,10 +97,12 @@ class OnlineTrain(torch.autograd.Function):
                 ls_eps):
         layout, v = kernel_views(x, cd)
         n = x.shape[0]
-        work = torch.promote_types(_moments_dtype(x.dtype), stream_mean.dtype)
+        # the (N, C) math in float64, the moments' dtype, in every input dtype: no conversions
+        # to and from the kernels (each small operation costs 10 us or more between the passes)
         mu, m2 = _kernels.moments(v, layout)  # float64 (N, C)
+        work = mu.dtype
         length = v.numel() // max(mu.numel(), 1)
-        mu, var = mu.to(work), (m2 / length).to(work)
+        var = m2 / length
         a = alpha_fwd
         means, mean_after = decayed_cumsum(stream_mean.to(work), (1 - a) * mu, a)
         delta = mu - means
@@ -138,7 +137,7 @@ class OnlineTrain(torch.autograd.Function):
         work = mu.dtype
         v = kernel_views(x, cd)[1]
         dv = dy_view(dout, x, cd, layout)
-        g_sum, h_sum = (t.to(work) for t in _kernels.reduce(dv, v, layout, mu))  # sum(dout), sum(dout (x - mu))
+        g_sum, h_sum = _kernels.reduce(dv, v, layout, mu)  # sum(dout), sum(dout (x - mu)), float64
         if rms is not None:
             # layer scaling: dz = (dout - proj o) / rms with o = s (x - mu) + t0, proj = mean(dout o)
             proj = (s * h_sum + t0 * g_sum).mean(1, keepdim=True) / length
