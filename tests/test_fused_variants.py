@@ -180,6 +180,32 @@ def test_large_mean_small_spread_matches_float64_reference(name, channels_last):
     np.testing.assert_allclose(_np(y), ref, rtol=0, atol=1.5e-2)
 
 
+@pytest.mark.parametrize("name", ["bin", "sn"])
+@pytest.mark.parametrize("training", [True, False])
+def test_mixed_norms_gradients_far_from_zero_equal_the_plain_path(name, training):
+    """The mixed norms' adjoints (centred differences such as mu - mu_k, not E[..] - E[..]) where
+    the mean is 1e4 x the spread, the running mean too: the engine's output, input and parameter
+    gradients and running statistics equal float64 autograd through the plain path."""
+    out = []
+    for fast in (True, False):
+        torch.manual_seed(1)
+        m = normlab.make_norm(name, 6).double().train(training)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.rand(p.shape, dtype=p.dtype))
+            m.running_mean.add_(1e4)
+            m.running_var.mul_(1.7)
+        x = (torch.randn(4, 6, 5, 5, dtype=torch.float64) + 1e4).requires_grad_()
+        dy = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+        with fast_path(fast):
+            y = m(x)
+            assert _fast(y) == (fast and _kernels.available())
+            y.backward(dy)
+        out.append([y, x.grad, *(p.grad for p in m.parameters()), m.running_mean, m.running_var])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
+
+
 # ---------------------------------------------------------------------- memory and strides
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("channels_last", [False, True])
