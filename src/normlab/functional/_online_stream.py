@@ -90,7 +90,9 @@ class OnlineTrain(torch.autograd.Function):
     on a channel-first or channels-last dense CPU input; see :func:`online_norm` for the
     equations. ``apply(x, weight, bias, stream_mean, stream_var, control_u, control_v,
     alpha_fwd, alpha_bkw, eps, cd, ls_eps)``; updates the stream buffers in forward and the
-    control buffers in backward, in place, exactly as the plain path does."""
+    control buffers in backward, in place, as the plain path does. Its (N, C) statistics math is
+    float64 in every input dtype (the plain path's is float32 for half-precision inputs): the
+    same equations, rounded less."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stream_mean, stream_var, control_u, control_v, alpha_fwd, alpha_bkw, eps, cd,
