@@ -38,7 +38,7 @@ from act_ab import other_library
 
 
 def _is_function(value) -> bool:
-    return callable(value) and hasattr(value, "__code__") or isinstance(value, (staticmethod, classmethod, property))
+    return (callable(value) and hasattr(value, "__code__")) or isinstance(value, (staticmethod, classmethod, property))
 
 
 def python_swaps(rev: str, modules: list[str]) -> tuple[list, list]:
