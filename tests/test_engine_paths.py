@@ -76,6 +76,44 @@ def test_every_path_equals_the_plain_path(spec, dtype, n, c, spatial, layout, se
                 assert err <= 2 * ref_err + tol * scale, (i, err, ref_err)
 
 
+@pytest.mark.parametrize("spec", NORMS + ("on", "frn", "grn"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["first", "last", "channels_last"])
+def test_every_path_far_from_zero_equals_the_float64_plain_path(spec, dtype, layout):
+    """Inputs whose mean is 1e4 x their spread (where a variance taken as E[x^2] - E[x]^2 keeps no
+    digit in float32 and half of them in float64): every fast path's outputs, input and parameter
+    gradients and running statistics, two training steps, against the plain path run in float64
+    on the same values. (The per-channel batch pass, switchable and batch-instance norm have their
+    own tests of this, above and in test_mixed.py.)"""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) + 1e4
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    cd = 1
+    if layout == "last":
+        x, dy, cd = x.movedim(1, -1).contiguous(), dy.movedim(1, -1).contiguous(), -1
+    elif layout == "channels_last":
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype).double()  # (the values the fast path sees, exactly)
+    want = _run(spec, x, dy, cd, False)
+    # float32: the mean is rounded to 1e-3 of the spread and an affine form x a + b rounds |mean| a
+    # once more (torch's BatchNorm2d: the same), errors of a few 1e-3 of a result's size; where a
+    # result is ill-conditioned (layer norm's input gradient over 4 channels: a cancellation scaled
+    # by 1 / var) the float32 plain path is itself further off, and the fast path may be up to
+    # twice as far (E[x^2] - E[x]^2 would be off by the whole spread)
+    tol = 1e-9 if dtype == torch.float64 else 1.5e-2  # (of the result's largest size, and of each value)
+    plain = _run(spec, x.to(dtype), dy.to(dtype), cd, False) if dtype == torch.float32 else want
+    for fast in (True, None):
+        got = _run(spec, x.to(dtype), dy.to(dtype), cd, fast)
+        for i, (a, b, p) in enumerate(zip(got, want, plain)):
+            assert a.dtype == dtype
+            scale = max(1.0, b.abs().max().item())
+            off = (a.double() - b).abs()
+            if (off <= tol * (scale + b.abs())).all():
+                continue
+            err, plain_err = off.max().item(), (p.double() - b).abs().max().item()
+            assert err <= 2 * plain_err, (f"result {i} (fast={fast})", err, plain_err, scale)
+
+
 @pytest.mark.parametrize("spec", NORMS)
 def test_meta_device_runs_the_plain_path(spec):
     """A device the engine does not cover (meta here, CUDA on a GPU machine) takes plain autograd."""
