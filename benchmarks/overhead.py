@@ -8,7 +8,10 @@ calls) and, between them, small float64 math in torch: the description's merge a
 the running statistics, handing the coefficients over, autograd. For each norm (forced onto the
 engine) and each spatial size (input (32, 64, S, S)) this times the whole step and the calls
 into the kernel library within it (timed at the ctypes boundary), and prints the rest and the
-number of torch operations a step makes. The allocator is kept steady (``normlab.bench``'s
+number of torch operations a step makes; beside them, torch's BatchNorm2d's whole step on the
+same input, timed in the same rounds (the order alternating), and the kernel calls' time over it:
+a norm whose kernels alone take longer than torch's whole step cannot reach 1.0x it by any cut of
+the rest. The allocator is kept steady (``normlab.bench``'s
 ``steady_malloc``), so that no page faults land in either share.
 
 The last lines time one fixed sequence of small torch operations with nothing before it and
@@ -97,29 +100,44 @@ def main() -> None:
     timed = _Timed(_kernels._state["lib"])
     dtype = getattr(torch, args.dtype)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    print(f"{'norm':8s} {'S':>3s} {'step ms':>8s} {'kernels':>8s} {'rest':>7s} {'ops':>5s}")
+    print(f"{'norm':8s} {'S':>3s} {'step ms':>8s} {'kernels':>8s} {'rest':>7s} {'ops':>5s} {'torch BN':>9s} "
+          f"{'kernels/BN':>10s}")
     try:
         _kernels._state["lib"] = timed
         for name in args.norms.split(","):
             for s in (int(v) for v in args.sizes.split(",")):
                 layer = normlab.make_norm(name, 64).to(dtype)
+                native = torch.nn.BatchNorm2d(64).to(dtype)
                 x = torch.randn(32, 64, s, s).to(dtype).contiguous(memory_format=fmt).requires_grad_()
                 dy = torch.randn_like(x)
-                steps, kernels = [], []
+                steps, kernels, natives = [], [], []
+
+                def step_of(m) -> float:
+                    x.grad = None
+                    t0 = time.perf_counter()
+                    m(x).backward(dy)
+                    return time.perf_counter() - t0
+
                 with fast_path(True):
                     for r in range(args.rounds + 2):
-                        x.grad = None
+                        if r % 2:  # (torch's BatchNorm2d in the same rounds, the order alternating)
+                            t_native = step_of(native)
                         object.__setattr__(timed, "total", 0.0)
-                        t0 = time.perf_counter()
-                        layer(x).backward(dy)
-                        if r >= 2:  # (two warm-up steps)
-                            steps.append(time.perf_counter() - t0)
-                            kernels.append(timed.total)
+                        t_step = step_of(layer)
+                        t_kernels = timed.total
+                        if not r % 2:
+                            t_native = step_of(native)
+                        if r >= 2:  # (two warm-up rounds)
+                            steps.append(t_step)
+                            kernels.append(t_kernels)
+                            natives.append(t_native)
                     count = _Count()
                     with count:
                         layer(x).backward(dy)
                 step, kern = statistics.median(steps) * 1e3, statistics.median(kernels) * 1e3
-                print(f"{name:8s} {s:3d} {step:8.3f} {kern:8.3f} {step - kern:7.3f} {count.ops:5d}", flush=True)
+                bn = statistics.median(natives) * 1e3
+                print(f"{name:8s} {s:3d} {step:8.3f} {kern:8.3f} {step - kern:7.3f} {count.ops:5d} {bn:9.3f} "
+                      f"{kern / bn:10.2f}", flush=True)
     finally:
         _kernels._state["lib"] = timed.lib
 
