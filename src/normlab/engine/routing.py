@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _kernels
 
-__all__ = ["HALF_DTYPES", "MAX_HALF_CL_BN_CHANNELS", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_IN_KERNEL_NUMEL", "MIN_HALF_LNC_NUMEL",
+__all__ = ["HALF_DTYPES", "MIN_FAST_NUMEL", "MIN_HALF_BN_NUMEL", "MIN_HALF_IN_KERNEL_NUMEL", "MIN_HALF_LNC_NUMEL",
            "MIN_KERNEL_GROUP_NUMEL",
            "MIN_KERNEL_NUMEL", "MIN_KERNEL_POSITIONS", "MIN_KERNEL_ROWS_NUMEL", "MIN_PN_NUMEL",
            "dy_view", "fast_path", "half_bn_on_kernels", "instance_by_batch_norm", "is_half", "kernel_views", "route",
@@ -95,32 +95,18 @@ forward+backward, engine / torch: 1.6-1.9 at 65k values, 1.2-1.4 at 131k, 0.96-1
 bfloat16 one)."""
 
 
-MAX_HALF_CL_BN_CHANNELS = 64
-"""On a CPU without AVX-512, bfloat16 channels-last batch norm with at most this many channels
-runs on the kernels (from MIN_HALF_BN_NUMEL values a thread), where torch's channels-last kernel
-is slow: measured, Zen 3, engine / torch forward+backward, paired, median of 61 rounds: two
-threads 0.79 and 0.83 at (32, 64, 56, 56), 0.91 at (16, 64, 56, 56); one thread 0.89 at (16, 64,
-56, 56), 0.95 at (8, 64, 56, 56). With more channels torch's is as fast or faster: 0.93 at (32,
-128, 56, 56), 1.01-1.03 at (32, 128, 28, 28) (one and two threads), 0.95 at (32, 256, 28, 28),
-1.16 at (64, 512, 14, 14) (two threads). The layer in ``normlab bench --channels-last --dtype
-bfloat16 --norms bn`` (default allocator) with this rule, three runs on a loaded host: 0.92, 0.91,
-1.06 of torch's BatchNorm2d (the A/A controls 1.02, 0.97, 1.02)."""
-
-
-def half_bn_on_kernels(dtype: torch.dtype, layout: str = "cf", channels: int = 0) -> bool:
-    """Whether half-precision batch norm in ``layout`` ("cf", "cl") with ``channels`` channels may
-    run on the kernels at all (from MIN_HALF_BN_NUMEL, MIN_F16_BN_NUMEL): bfloat16 on a CPU with
-    AVX-512, and channels-last with at most MAX_HALF_CL_BN_CHANNELS channels on the others (on
-    AVX2 the kernels' bfloat16 passes work 8 floats at a time and torch's channel-first kernel is
-    as fast: measured, Zen 3, (32, 64, 56, 56), engine / torch forward+backward, six runs:
-    0.98-1.17, median 1.05; in a later session 0.94-0.95, three runs); float16 channel-first
+def half_bn_on_kernels(dtype: torch.dtype, layout: str = "cf") -> bool:
+    """Whether half-precision batch norm in ``layout`` ("cf", "cl") may run on the kernels at all
+    (from MIN_HALF_BN_NUMEL, MIN_F16_BN_NUMEL): bfloat16 on a CPU with AVX-512 only (on AVX2 the kernels' bfloat16 passes
+    work 8 floats at a time and torch's kernel is as fast: measured, Zen 3, (32, 64, 56, 56),
+    engine / torch forward+backward, six runs: 0.98-1.17, median 1.05); float16 channel-first
     where the kernels convert it with F16C (with bit operations the engine took 1.98-2.50x
     torch's). Channels-last float16 stays on torch's kernel, also with F16C: engine / torch 1.04
     at (32, 64, 56, 56), 1.19-1.35 at (32, 64, 28, 28) and (32, 256, 14, 14), 1.72 at (8, 64,
     28, 28)."""
     if dtype == torch.float16:
         return _fast_float16(dtype) and layout == "cf"
-    return dtype == torch.bfloat16 and (_wide_vectors() or layout == "cl" and 0 < channels <= MAX_HALF_CL_BN_CHANNELS)
+    return dtype == torch.bfloat16 and _wide_vectors()
 
 
 def _min_bn_numel(dtype: torch.dtype) -> int:
@@ -287,9 +273,7 @@ class fast_path:
 #                                                            float32/64 below MIN_KERNEL_NUMEL, or
 #                                                            channels-last, or without positions; bn
 #                                                            in bfloat16 below MIN_HALF_BN_NUMEL or
-#                                                            without AVX-512 (but channels-last with
-#                                                            at most MAX_HALF_CL_BN_CHANNELS
-#                                                            channels), in float16 below
+#                                                            without AVX-512, in float16 below
 #                                                            MIN_F16_BN_NUMEL, without F16C or
 #                                                            channels-last
 #                                                            (half_bn_on_kernels); ln/gn/in channel-
@@ -352,7 +336,7 @@ def _decide(norm: str, x: Tensor, cd: int, groups: int, dtypes: tuple, flags: tu
             return "kernels"
         if not (x.requires_grad and torch.is_grad_enabled()):
             return "torch"  # forward only (eval, inference): torch's one call is the faster there
-        if norm == "bn" and (kv[0] == "cl" and not half or half and not half_bn_on_kernels(x.dtype, kv[0], x.shape[cd]) or  # type: ignore[index]
+        if norm == "bn" and (kv[0] == "cl" and not half or half and not half_bn_on_kernels(x.dtype, kv[0]) or  # type: ignore[index]
                              x.numel() < _min_bn_numel(x.dtype) * torch.get_num_threads()):
             return "torch"
         if norm != "bn" and kv[0] == "cf" and _group_on_torch(x, groups):  # type: ignore[index]
