@@ -9,9 +9,9 @@ gradient) with fixed per-(n, c) coefficients and nothing else (no statistics mer
 no running statistics, no checks: it computes nothing useful); and torch's BatchNorm2d. The
 engine minus the floor is what the description's small math, the layer's Python and autograd
 around the Function cost; no implementation that keeps these four passes (a compiled
-description included) can go below the floor. For half-precision inputs: large float32 and
+description included) can go below the floor. Half-precision inputs only: large float32 and
 float64 ones take the per-channel fused pair instead (``batch_forward``/``batch_backward``, from
-``normlab.engine.function.BATCH_FUSED_MIN_BYTES``), whose floor this is not.
+``normlab.engine.function.BATCH_FUSED_MIN_BYTES`` on), whose floor this is not.
 """
 
 from __future__ import annotations
