@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from overhead import steady_engine
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -32,14 +34,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import normlab
-    from normlab import _kernels
-    from normlab.bench_measure import steady_malloc
     from normlab.engine import fast_path
 
-    torch.set_num_threads(args.threads)
-    steady_malloc()
-    if _kernels._lib() is None:
-        raise SystemExit(f"the kernels are not loaded: {_kernels._state['reason']}")
+    _kernels = steady_engine(args.threads)
     dtype = getattr(torch, args.dtype)
     n, c = 32, 64
     ones = torch.ones(n, c, dtype=torch.float64)

@@ -78,6 +78,19 @@ def _small_ops(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.cat([a, b]).mean()
 
 
+def steady_engine(threads: int):
+    """Set the threads, keep the allocator steady, and return ``normlab._kernels`` with its library
+    loaded (else exit with the reason): the setup of the engine's timing scripts."""
+    from normlab import _kernels
+    from normlab.bench_measure import steady_malloc
+
+    torch.set_num_threads(threads)
+    steady_malloc()
+    if _kernels._lib() is None:
+        raise SystemExit(f"the kernels are not loaded: {_kernels._state['reason']}")
+    return _kernels
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--norms", default="bn,sn,bin,evob0")
@@ -89,14 +102,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import normlab
-    from normlab import _kernels
-    from normlab.bench_measure import steady_malloc
     from normlab.engine import fast_path
 
-    torch.set_num_threads(args.threads)
-    steady_malloc()
-    if _kernels._lib() is None:
-        raise SystemExit(f"the kernels are not loaded: {_kernels._state['reason']}")
+    _kernels = steady_engine(args.threads)
     timed = _Timed(_kernels._state["lib"])
     dtype = getattr(torch, args.dtype)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
