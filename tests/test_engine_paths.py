@@ -84,7 +84,7 @@ def test_every_path_far_from_zero_equals_the_float64_plain_path(spec, dtype, lay
     digit in float32 and half of them in float64): every fast path's outputs, input and parameter
     gradients and running statistics, two training steps, against the plain path run in float64
     on the same values. (The per-channel batch pass, switchable and batch-instance norm have their
-    own tests of this, above and in test_mixed.py.)"""
+    own tests of this, above and in test_fused_variants.py, the latter in eval too.)"""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) + 1e4
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
