@@ -70,6 +70,43 @@ def test_evonorm_s0_kernel_paths_equal_the_plain_path(dtype, layout, n, groups, 
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=f"result {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["first", "channels_last"])
+@pytest.mark.parametrize("wide", [True, False])
+def test_evonorm_b0_backward_with_and_without_the_kept_slope_equals_the_plain_path(dtype, layout, wide, monkeypatch):
+    # B0's backward keeps dy slope(x) between its sums and its input gradient only for channels-last
+    # bfloat16 on AVX-512 (engine/describe_modern.py); both choices, forced here on any CPU, equal
+    # the plain path, and the test checks which one ran
+    from normlab.engine import describe_modern
+
+    monkeypatch.setattr(describe_modern, "wide_vectors", lambda: wide)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 8, 6, 7, generator=g, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, dy = x.to(dtype).contiguous(memory_format=fmt), dy.to(dtype).contiguous(memory_format=fmt)
+    m = normlab.make_norm("evob0", 8)
+    with torch.no_grad():
+        m.v.copy_(torch.linspace(-1.5, 1.5, 8))  # (both sides of max(D, v x + E) taken)
+        m.weight.uniform_(0.5, 1.5, generator=g)
+        m.bias.uniform_(-0.5, 0.5, generator=g)
+    kept = []
+    reduce = kernels.evonorm_reduce
+
+    def recorded(*a, **k):
+        kept.append(k.get("keep") is not None)
+        return reduce(*a, **k)
+
+    monkeypatch.setattr(kernels, "evonorm_reduce", recorded)
+    got = _step(m, x, dy, True)
+    assert kept == [wide and layout == "channels_last" and dtype == torch.bfloat16]
+    ref = _step(m, x, dy, False)
+    tol = TOL[dtype]
+    for i, (a, b) in enumerate(zip(got, ref)):
+        scale = max(1.0, b.double().abs().max().item())
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=f"result {i}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_evonorm_s0_sigmoid_against_float64(dtype):
     # f(x) = x sigmoid(v x) from the forward pass with scale 1 and shift 0, over v x in [-130, 130]

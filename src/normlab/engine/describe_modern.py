@@ -11,6 +11,7 @@ from .. import _kernels, _moments
 from .._kernels import evonorm as _evonorm
 from .._moments import Moments
 from .describe import Description, _out, _row
+from .routing import wide_vectors
 
 __all__ = ["EvoB0Stats", "EvoS0Stats", "PowerStats"]
 
@@ -188,12 +189,15 @@ class EvoB0Stats(_ElementMapStats):
     def backward(self, dy: Tensor, x: Tensor, dx: Tensor | None, layout: str, need: tuple[bool, ...],
                  weight: Tensor | None = None, bias: Tensor | None = None, v: Tensor | None = None) -> tuple:
         """The input gradient into ``dx`` (None: not asked) and the parameters' gradients."""
-        # dy slope(x) is kept between the passes (as S0 does) only for channels-last bfloat16: the slope, one
-        # division, costs less than writing and reading it back elsewhere (measured two threads, (32, 64, 56,
-        # 56), both passes kept / not: bfloat16 channels-last 0.85-0.97 (the layer's step 0.85-0.92),
-        # channel-first 1.11-1.12; float16 channels-last, the layer 1.03; float32 channels-last 0.97-1.10,
-        # channel-first 1.16)
-        keep = dx if dx is not None and layout == "cl" and x.dtype == torch.bfloat16 else None
+        # dy slope(x) is kept between the passes (as S0 does) only for channels-last bfloat16 on AVX-512: the
+        # slope, one division, costs less than writing and reading it back elsewhere (measured two threads,
+        # (32, 64, 56, 56), both passes kept / not: AVX-512, bfloat16 channels-last 0.85-0.97 (the layer's step
+        # 0.85-0.92), channel-first 1.11-1.12; float16 channels-last, the layer 1.03; float32 channels-last
+        # 0.97-1.10, channel-first 1.16). On AVX2 (Zen 3), bfloat16 channels-last, the layer's step not kept /
+        # kept 0.89, 0.95, 1.01, 0.97, 0.97 in five paired runs (40-60 rounds), 0.99 at (32, 64, 28, 28): the
+        # bfloat16 rounding store of the kept value costs what the division saves. Not kept, the input
+        # gradient also skips that rounding (0.03 apart here at most, values of order 1).
+        keep = dx if dx is not None and layout == "cl" and x.dtype == torch.bfloat16 and wide_vectors() else None
         p, g, s_l, s_r, s_v = _evonorm.evonorm_reduce("b0", dy, x, layout, v, self.d_std, self.e_std,
                                                       keep=keep).unbind(0)
         if dx is not None:

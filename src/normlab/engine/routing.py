@@ -106,7 +106,7 @@ def half_bn_on_kernels(dtype: torch.dtype, layout: str = "cf") -> bool:
     28, 28)."""
     if dtype == torch.float16:
         return _fast_float16(dtype) and layout == "cf"
-    return dtype == torch.bfloat16 and _wide_vectors()
+    return dtype == torch.bfloat16 and wide_vectors()
 
 
 def _min_bn_numel(dtype: torch.dtype) -> int:
@@ -128,7 +128,7 @@ def _group_on_torch(x: Tensor, groups: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _wide_vectors() -> bool:
+def wide_vectors() -> bool:
     """Whether the kernels are built for AVX-512 (read once from /proc/cpuinfo)."""
     from .._kernels._build import cpu_vectors
 
