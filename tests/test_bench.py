@@ -10,7 +10,7 @@ import torch
 
 from normlab._kernels._build import cpu_vectors
 from normlab.bench import paired_ratio_interval
-from normlab.bench_cli import LOADED_SPREAD, faults_warning, loaded_warning
+from normlab.bench_cli import LOADED_SPREAD, faults_warning, loaded_warning, slower_line
 from normlab.bench_models import build_model
 from normlab.cli import main
 
@@ -45,6 +45,7 @@ def test_layer_table_has_a_legend_and_spreads(tmp_path, capsys):
     assert "columns: fwd ms" in captured.out and "bench: round 3/3" in captured.err
     data = json.loads(out.read_text())
     assert data["dtype"] == "bfloat16" and data["copy_spread"] >= 0 and data["baseline_spread"] >= 0
+    assert data["verdict"].startswith("verdict: ") and data["verdict"] in captured.out  # (its rule: the test below)
     # the header says which vector extension the kernels run on (their speed depends on it)
     assert data["cpu"] == cpu_vectors() and captured.out.startswith(f"torch {torch.__version__}, 1 threads, {data['cpu']}, ")
 
@@ -132,6 +133,33 @@ def test_loaded_warning_names_the_baseline():
     assert loaded_warning({"copy": 0.1}) is None
     w = loaded_warning({"copy": 0.1, "torch BatchNorm": LOADED_SPREAD + 0.2})
     assert w is not None and "torch BatchNorm 50%" in w and "copy" not in w.split("(")[1].split(";")[0]
+
+
+def test_verdict_names_the_layers_slower_than_torch_and_over_their_goal():
+    def row(name, bn, bn_iv, cp=None, cp_iv=None, counterpart=None, goal=None, native=False):
+        return {"name": name, "native": native, "ratio_to_native_bn": bn, "ratio_to_native_bn_interval": bn_iv,
+                "ratio_to_counterpart": cp, "ratio_to_counterpart_interval": cp_iv, "counterpart": counterpart,
+                "goal": goal}
+    rows = [
+        row("BatchNorm2d", 1.0, None, native=True),
+        row("gn", 1.3, [1.2, 1.4], 1.1, [1.05, 1.2], "GroupNorm(32)"),  # over its own torch layer
+        row("lnc", 1.3, [1.2, 1.4], 0.6, [0.55, 0.65], "LayerNorm"),    # over BN, under its own layer: fine
+        row("sn", 1.1, [1.02, 1.3]),                                    # no torch layer: against BN
+        row("on", 1.1, [0.98, 1.3]),                                    # cannot tell: not named
+        row("pn", 1.01, [1.004, 1.1]),                                  # low end reads 1.00: not named
+        row("dyt", 1.3, [1.2, 1.4], 1.6, [1.55, 1.7], "tanh", 1.5),     # over its goal
+        row("derf", 1.3, [1.2, 1.4], 1.4, [1.3, 1.6], "tanh", 1.5),     # within its goal
+        row("bn then relu", 2.0, [1.9, 2.1], 1.2, [1.1, 1.3], "BatchNorm2d then relu"),
+        row("sn (contiguous)", 1.5, [1.4, 1.6]),
+    ]
+    line = slower_line(rows)
+    assert line.startswith("verdict: slower than torch's in this run")
+    slower, over = line.split("; over their goal: ")
+    assert "gn 1.10 (1.05-1.20) of torch GroupNorm(32)" in slower and "sn 1.10 (1.02-1.30) of torch's BatchNorm" in slower
+    for quiet in ("lnc", " on ", "pn", "derf", "then", "contiguous", "BatchNorm2d 1"):
+        assert quiet not in line, quiet
+    assert over == "dyt 1.60 (1.55-1.70) of tanh"
+    assert slower_line([rows[0], rows[4]]).startswith("verdict: no layer is slower")
 
 
 def test_faults_note_names_the_layers_that_took_page_faults():

@@ -144,6 +144,31 @@ def faults_warning(rows: list[dict[str, Any]], allocator: str) -> str | None:
             f"--malloc steady keeps it and times the layers alone")
 
 
+def slower_line(rows: list[dict[str, Any]]) -> str:
+    """The run's verdict in one line: the normlab layers it shows slower than torch (the 95%
+    interval of the per-round ratio wholly above 1.00, against torch's own layer where torch has
+    one, else torch's BatchNorm of the same dtype and layout), and those over their goal (the
+    fused and element-wise rows, against their own baselines); "cannot tell" rows are neither."""
+    slower, over = [], []
+    for r in rows:
+        if r["native"] or " then " in r["name"] or r["name"].endswith("(contiguous)"):
+            continue
+        own = r.get("ratio_to_counterpart") is not None
+        ratio = r["ratio_to_counterpart"] if own else r["ratio_to_native_bn"]
+        bounds = r.get("ratio_to_counterpart_interval" if own else "ratio_to_native_bn_interval")
+        limit = r.get("goal") or 1.0
+        if not bounds or round(bounds[0], 2) <= limit:  # (as printed: a low end of 1.004 reads 1.00)
+            continue
+        ref = f"torch {r['counterpart']}" if own and r.get("goal") is None else r["counterpart"] if own else \
+            "torch's BatchNorm"
+        (over if r.get("goal") else slower).append(f"{r['name']} {ratio:.2f} ({_interval(bounds)}) of {ref}")
+    if not slower and not over:
+        return "verdict: no layer is slower than torch's in this run (no 95% interval wholly above 1.00 or its goal)"
+    parts = [f"slower than torch's in this run (the 95% interval above 1.00): {', '.join(slower)}"] if slower else []
+    parts += [f"over their goal: {', '.join(over)}"] if over else []
+    return "verdict: " + "; ".join(parts)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .bench import DEFAULT_NORMS, run_bench
     from .bench_models import format_models, format_small, run_models, run_small
@@ -166,6 +191,8 @@ def _run(args: argparse.Namespace) -> int:
                            args.threads, args.compile, repeats, warmup=1 if args.quick else 3, malloc=args.malloc,
                            progress=progress)
         print(format_table(result))
+        result["verdict"] = slower_line(result["rows"])
+        print(result["verdict"])
         print(LEGEND)
         spreads = {"copy": result["copy_spread"], "torch BatchNorm": result["baseline_spread"]}
         note = faults_warning(result["rows"], result["allocator"])
