@@ -3,10 +3,10 @@ against their torch baselines, in one process, alternating (order reversed every
 
     PYTHONPATH=src python3 examples/modern_speed.py [threads] [rounds]
 
-Reports medians of training forward+backward and ratios. The "at most 1.5x a torch.tanh
-forward+backward" goal of dyt/derf and the fused-activation goals belong in
-``normlab bench`` (whose norm list the engine's bench owns); this script measures them
-until they are there.
+Reports medians of training forward+backward and ratios. ``normlab bench`` times the same
+rows with their goals ("at most 1.5x a torch.tanh forward+backward" for dyt/derf, 0.8x the
+norm then the activation for the fused pairs: ``normlab bench --norms dyt,derf,bn+relu,gn+silu``),
+with paired intervals and an A/A control; this script is the short standalone version.
 """
 
 from __future__ import annotations
