@@ -159,8 +159,8 @@ def slower_line(rows: list[dict[str, Any]]) -> str:
         limit = r.get("goal") or 1.0
         if not bounds or round(bounds[0], 2) <= limit:  # (as printed: a low end of 1.004 reads 1.00)
             continue
-        ref = f"torch {r['counterpart']}" if own and r.get("goal") is None else r["counterpart"] if own else \
-            "torch's BatchNorm"
+        # (a goal row's baseline is named as the table names it: "tanh", "bn then relu")
+        ref = "torch's BatchNorm" if not own else r["counterpart"] if r.get("goal") else f"torch {r['counterpart']}"
         (over if r.get("goal") else slower).append(f"{r['name']} {ratio:.2f} ({_interval(bounds)}) of {ref}")
     if not slower and not over:
         return "verdict: no layer is slower than torch's in this run (no 95% interval wholly above 1.00 or its goal)"
