@@ -77,9 +77,7 @@ def test_evonorm_b0_backward_with_and_without_the_kept_slope_equals_the_plain_pa
     # B0's backward keeps dy slope(x) between its sums and its input gradient only for channels-last
     # bfloat16 on AVX-512 (engine/describe_modern.py); both choices, forced here on any CPU, equal
     # the plain path, and the test checks which one ran
-    from normlab.engine import describe_modern
-
-    monkeypatch.setattr(describe_modern, "wide_vectors", lambda: wide)
+    monkeypatch.setattr(normlab._kernels, "wide_vectors", lambda: wide)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(4, 8, 6, 7, generator=g, dtype=torch.float64) * 2 + 0.5
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)

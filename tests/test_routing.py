@@ -104,7 +104,7 @@ def test_half_batch_norm_runs_the_engine_where_its_conversions_are_fast(dtype, f
     pass applies it)."""
     if kernel_mode != "c-kernels":
         pytest.skip("the choice is between the compiled kernels and torch's")
-    monkeypatch.setattr(_routing, "wide_vectors", lambda: fast_cpu)
+    monkeypatch.setattr(_kernels, "wide_vectors", lambda: fast_cpu)
     monkeypatch.setattr(_kernels, "f16c", lambda: fast_cpu)
     _routing._ROUTES.clear()
     x = torch.randn(8, 16, 128, 128, dtype=dtype)  # 2M values: from MIN_HALF_BN_NUMEL a thread on

@@ -39,6 +39,7 @@ fast paths fall back to torch's kernels; ``NORMLAB_KERNELS=0`` turns them off, a
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from contextlib import contextmanager
@@ -119,6 +120,14 @@ def f16c() -> bool:
     instruction; otherwise by bit operations, about 25 a value, where torch's kernels are faster)."""
     lib = _lib()
     return lib is not None and ctypes.c_int.in_dll(lib, "nl_f16c").value == 1
+
+
+@functools.lru_cache(maxsize=None)
+def wide_vectors() -> bool:
+    """Whether the kernels are built for AVX-512 (``-march=native`` on this CPU; read once from
+    /proc/cpuinfo): 16 floats a vector, where AVX2 has 8, which some routing and pass choices
+    depend on (``engine/routing.py``'s half-precision batch norm, EvoNorm-B0's kept slope)."""
+    return _build.cpu_vectors().startswith("AVX-512")
 
 
 def supports(dtype: torch.dtype) -> bool:

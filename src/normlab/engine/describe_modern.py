@@ -11,7 +11,6 @@ from .. import _kernels, _moments
 from .._kernels import evonorm as _evonorm
 from .._moments import Moments
 from .describe import Description, _out, _row
-from .routing import wide_vectors
 
 __all__ = ["EvoB0Stats", "EvoS0Stats", "PowerStats"]
 
@@ -197,7 +196,7 @@ class EvoB0Stats(_ElementMapStats):
         # kept 0.89, 0.95, 1.01, 0.97, 0.97 in five paired runs (40-60 rounds), 0.99 at (32, 64, 28, 28): the
         # bfloat16 rounding store of the kept value costs what the division saves. Not kept, the input
         # gradient also skips that rounding (0.03 apart here at most, values of order 1).
-        keep = dx if dx is not None and layout == "cl" and x.dtype == torch.bfloat16 and wide_vectors() else None
+        keep = dx if dx is not None and layout == "cl" and x.dtype == torch.bfloat16 and _kernels.wide_vectors() else None
         p, g, s_l, s_r, s_v = _evonorm.evonorm_reduce("b0", dy, x, layout, v, self.d_std, self.e_std,
                                                       keep=keep).unbind(0)
         if dx is not None:

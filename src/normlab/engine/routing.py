@@ -9,7 +9,6 @@ kernels work on, and :class:`fast_path` to force the engine on or off (tests, be
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor
@@ -106,7 +105,7 @@ def half_bn_on_kernels(dtype: torch.dtype, layout: str = "cf") -> bool:
     28, 28)."""
     if dtype == torch.float16:
         return _fast_float16(dtype) and layout == "cf"
-    return dtype == torch.bfloat16 and wide_vectors()
+    return dtype == torch.bfloat16 and _kernels.wide_vectors()
 
 
 def _min_bn_numel(dtype: torch.dtype) -> int:
@@ -126,13 +125,6 @@ def _group_on_torch(x: Tensor, groups: int) -> bool:
         small = x.dtype == torch.bfloat16 or x.numel() < MIN_KERNEL_GROUP_NUMEL
     return small or x.shape[0] * groups < 2 * torch.get_num_threads()
 
-
-@functools.lru_cache(maxsize=None)
-def wide_vectors() -> bool:
-    """Whether the kernels are built for AVX-512 (read once from /proc/cpuinfo)."""
-    from .._kernels._build import cpu_vectors
-
-    return cpu_vectors().startswith("AVX-512")
 
 MIN_HALF_IN_KERNEL_NUMEL = 1 << 17
 """From this many values a float16 instance norm on the "torch" route calls torch's instance-norm
